@@ -1,0 +1,602 @@
+"""DarajaClient: OAuth token, STK Push and STK Push Query over HTTP.
+
+Rules that keep money safe:
+- everything is validated before anything is sent (see stk.py);
+- a push is sent again only after Daraja refused its access token (HTTP 401 / 404.001.03), which
+  Daraja does before processing; after any other failure it is never resent automatically
+  (failure mode 8): a read timeout raises DarajaConnectionError(request_may_have_reached=True);
+- a query answered "being processed" is PENDING, not a failure (failure mode 11);
+- every HTTP exchange is reported, redacted, to an optional observer for the audit log;
+- no secret (consumer secret, passkey, Password, token) reaches a log, an error or a repr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import requests
+import urllib3.exceptions
+
+from .codes import (
+    INVALID_TOKEN_CODES,
+    Outcome,
+    ResultCode,
+    classify_result,
+    describe_api_error,
+    is_being_processed,
+)
+from .errors import (
+    DarajaApiError,
+    DarajaAuthError,
+    DarajaConnectionError,
+    DarajaError,
+    DarajaProtocolError,
+    InvalidConfiguration,
+)
+from .money import DEFAULT_MAX_AMOUNT, MIN_AMOUNT, check_amount
+from .phone import mask_msisdn
+from .stk import (
+    SANDBOX_URL,
+    ShortcodeConfig,
+    build_stk_push_payload,
+    build_stk_query_payload,
+    redact,
+)
+from .tokens import (
+    DEFAULT_TOKEN_MARGIN,
+    UTC,
+    AccessToken,
+    MemoryTokenStore,
+    TokenStore,
+    token_cache_key,
+)
+
+__all__ = [
+    "DarajaClient",
+    "DarajaCredentials",
+    "Exchange",
+    "StkPushResult",
+    "StkQueryResult",
+]
+
+_log = logging.getLogger(__name__)
+
+TOKEN_PATH = "/oauth/v1/generate?grant_type=client_credentials"
+STK_PUSH_PATH = "/mpesa/stkpush/v1/processrequest"
+STK_QUERY_PATH = "/mpesa/stkpushquery/v1/query"
+
+_MAX_TEXT = 2000  # characters of a non-JSON answer kept for the audit log
+
+_T = TypeVar("_T")
+_E = TypeVar("_E", bound=DarajaApiError)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class DarajaCredentials:
+    """The Daraja app's consumer key and secret, and which Daraja (sandbox, production, simulator)."""
+
+    consumer_key: str
+    consumer_secret: str = field(repr=False)
+    base_url: str = SANDBOX_URL
+
+    def __post_init__(self) -> None:
+        for name, label in (("consumer_key", "consumer key"), ("consumer_secret", "consumer secret")):
+            value = getattr(self, name)
+            value = value.strip() if isinstance(value, str) else ""
+            if not value:
+                raise InvalidConfiguration(f"The Daraja {label} is missing.", field=name)
+            object.__setattr__(self, name, value)
+        base = self.base_url.strip().rstrip("/") if isinstance(self.base_url, str) else ""
+        parts = urlsplit(base)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise InvalidConfiguration(
+                "The Daraja base URL must be an absolute http:// or https:// address "
+                f"(got {str(self.base_url)[:60]!r}).",
+                field="base_url",
+            )
+        object.__setattr__(self, "base_url", base)
+
+    @property
+    def cache_key(self) -> str:
+        """The token store key of these credentials (a hash: the secret never shows)."""
+        return token_cache_key(self.base_url, self.consumer_key, self.consumer_secret)
+
+
+@dataclass(frozen=True)
+class StkPushResult:
+    """Daraja accepted the push.  Accepted is not paid: the callback or a query says if it was."""
+
+    merchant_request_id: str
+    checkout_request_id: str
+    response_code: str
+    response_description: str
+    customer_message: str
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StkQueryResult:
+    """What Daraja knows about one push; ``result_code`` is None while it is being processed."""
+
+    checkout_request_id: str
+    merchant_request_id: str | None
+    result_code: str | None
+    result_desc: str
+    outcome: Outcome
+    raw: dict[str, Any]
+    result: ResultCode | None = None
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One HTTP exchange with Daraja, redacted, for the audit log."""
+
+    operation: str  # "token" | "stk_push" | "stk_query"
+    method: str
+    url: str
+    request_body: dict[str, Any] | None
+    status: int | None
+    response_body: dict[str, Any] | str | None
+    duration_ms: float
+    error: str | None
+
+
+class _TokenRejected(DarajaAuthError):
+    """Daraja refused the bearer token (before processing the request): refresh once and resend."""
+
+
+_ACTION = {
+    "token": "the access token request",
+    "stk_push": "the STK push",
+    "stk_query": "the STK push query",
+}
+
+
+def _may_have_reached(exc: requests.RequestException) -> bool:
+    """False only when the request surely never left: refused, unreachable, DNS, TLS, proxy."""
+    if isinstance(exc, (requests.exceptions.ConnectTimeout, requests.exceptions.SSLError,
+                        requests.exceptions.ProxyError)):
+        return False
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        reason = exc.args[0] if exc.args else None
+        if isinstance(reason, urllib3.exceptions.MaxRetryError):
+            reason = reason.reason
+        if isinstance(
+            reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
+        ):
+            return False
+    return True
+
+
+def _connection_error(operation: str, exc: requests.RequestException) -> DarajaConnectionError:
+    action = _ACTION[operation]
+    kind = type(exc).__name__
+    if _may_have_reached(exc):
+        return DarajaConnectionError(
+            f"The connection to Daraja failed after {action} was sent ({kind}): Daraja may have "
+            "received and processed it.",
+            request_may_have_reached=True,
+        )
+    return DarajaConnectionError(
+        f"Could not connect to Daraja ({kind}): {action} was not sent.",
+        request_may_have_reached=False,
+    )
+
+
+def _text(value: Any) -> str | None:
+    """A non-empty string from a JSON value, or None."""
+    if value is None or isinstance(value, (dict, list, bool)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _detail(status: int | None, code: str | None, daraja_message: str | None) -> str:
+    """What Daraja said, as a suffix for people and logs: " (HTTP 401, 404.001.03: Invalid ...)"."""
+    said = ": ".join(part for part in (code, daraja_message) if part)
+    return f" (HTTP {status}{', ' + said if said else ''})"
+
+
+def _refusal(
+    cls: type[_E], message: str, status: int, body: dict[str, Any] | None, *, retryable: bool
+) -> _E:
+    """A ``cls`` error carrying Daraja's {requestId, errorCode, errorMessage} answer."""
+    body = body or {}
+    code = _text(body.get("errorCode"))
+    daraja_message = _text(body.get("errorMessage"))
+    return cls(
+        message + _detail(status, code, daraja_message),
+        http_status=status,
+        error_code=code,
+        error_message=daraja_message,
+        request_id=_text(body.get("requestId")),
+        retryable=retryable,
+    )
+
+
+def _api_error(
+    operation: str, status: int, body: dict[str, Any], *, unknown_retryable: bool
+) -> DarajaApiError:
+    """Daraja refused: the catalogue says what it means and whether to try again later."""
+    entry = describe_api_error(_text(body.get("errorCode")), _text(body.get("errorMessage")))
+    if entry is None:
+        message, retryable = f"Daraja refused {_ACTION[operation]}.", unknown_retryable
+    else:
+        message, retryable = entry.message, entry.retryable
+    return _refusal(DarajaApiError, message, status, body, retryable=retryable)
+
+
+def _token_rejected(status: int, body: dict[str, Any] | None) -> bool:
+    code = _text(body.get("errorCode")) if body else None
+    return status == 401 or code in INVALID_TOKEN_CODES
+
+
+def _rejected_token(status: int, body: dict[str, Any] | None) -> _TokenRejected:
+    return _refusal(
+        _TokenRejected, "Daraja refused the access token; a new token is needed.", status, body,
+        retryable=True,
+    )
+
+
+def _refused_fresh_token(rejected: _TokenRejected) -> DarajaAuthError:
+    return DarajaAuthError(
+        "Daraja refused a freshly fetched access token. Check that the Daraja app has the "
+        "M-Pesa Express product and that the credentials belong to this environment "
+        "(sandbox or production)."
+        + _detail(rejected.http_status, rejected.error_code, rejected.error_message),
+        http_status=rejected.http_status,
+        error_code=rejected.error_code,
+        error_message=rejected.error_message,
+        request_id=rejected.request_id,
+        retryable=False,
+    )
+
+
+def _expires_in(value: Any) -> int | None:
+    """Seconds from Daraja's ``expires_in`` (often the string "3599"), or None if unusable."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        seconds = Decimal(str(value).strip())
+    except InvalidOperation:
+        return None
+    if not seconds.is_finite() or seconds <= 0:
+        return None
+    return int(seconds)
+
+
+class DarajaClient:
+    """Talks to one Daraja environment for one shortcode.
+
+    Share ``token_store`` between clients (and, in Odoo, between workers) that use the same
+    credentials: Daraja may invalidate a token when another one is fetched.  The default store
+    belongs to this client only.  Give a ``session`` that never retries POST requests by itself.
+    """
+
+    def __init__(
+        self,
+        credentials: DarajaCredentials,
+        shortcode: ShortcodeConfig,
+        *,
+        session: requests.Session | None = None,
+        token_store: TokenStore | None = None,
+        timeout: tuple[float, float] = (5.0, 30.0),
+        max_amount: int = DEFAULT_MAX_AMOUNT,
+        observer: Callable[[Exchange], None] | None = None,
+        clock: Callable[[], datetime] | None = None,
+        token_margin: timedelta = DEFAULT_TOKEN_MARGIN,
+    ) -> None:
+        check_amount(MIN_AMOUNT, max_amount)  # refuses an unusable limit now, not at payment time
+        self.credentials = credentials
+        self.shortcode = shortcode
+        self.session = session if session is not None else requests.Session()
+        self.clock = clock or _utc_now
+        self.token_margin = token_margin
+        self.token_store: TokenStore = (
+            token_store
+            if token_store is not None
+            else MemoryTokenStore(clock=self.clock, margin=token_margin)
+        )
+        self.timeout = timeout
+        self.max_amount = max_amount
+        self.observer = observer
+        self._token_key = credentials.cache_key
+
+    def __repr__(self) -> str:
+        return (
+            f"DarajaClient(base_url={self.credentials.base_url!r}, "
+            f"shortcode={self.shortcode.business_shortcode!r})"
+        )
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def _url(self, path: str) -> str:
+        return self.credentials.base_url + path
+
+    def _report(self, exchange: Exchange) -> None:
+        if self.observer is None:
+            return
+        try:
+            self.observer(exchange)
+        except Exception:  # noqa: BLE001 - the audit log must never break a payment
+            _log.warning("The Daraja exchange observer failed; the exchange goes on.", exc_info=True)
+
+    def _exchange(
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        interpret: Callable[[int, dict[str, Any] | None], _T],
+        *,
+        body: dict[str, Any] | None = None,
+        token: AccessToken | None = None,
+    ) -> _T:
+        """Send one request (never retried here), interpret the answer, report the exchange."""
+        url = self._url(path)
+        headers = {"Accept": "application/json"}
+        auth = None
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token.value}"
+        else:
+            auth = (self.credentials.consumer_key, self.credentials.consumer_secret)
+        status: int | None = None
+        shown: dict[str, Any] | str | None = None
+        error: str | None = None
+        started = time.monotonic()
+        try:
+            try:
+                response = self.session.request(
+                    method, url, json=body, headers=headers, auth=auth,
+                    timeout=self.timeout, allow_redirects=False,
+                )
+            except requests.RequestException as exc:
+                raise _connection_error(operation, exc) from exc
+            status = response.status_code
+            text = response.content.decode("utf-8", "replace")
+            try:
+                parsed = json.loads(text) if text.strip() else None
+            except ValueError:
+                parsed = None
+            data = parsed if isinstance(parsed, dict) else None
+            shown = redact(data) if data is not None else (text[:_MAX_TEXT] or None)
+            return interpret(status, data)
+        except DarajaError as exc:
+            error = str(exc)
+            raise
+        finally:
+            self._report(
+                Exchange(
+                    operation=operation,
+                    method=method,
+                    url=url,
+                    request_body=redact(body) if body is not None else None,
+                    status=status,
+                    response_body=shown,
+                    duration_ms=(time.monotonic() - started) * 1000.0,
+                    error=error,
+                )
+            )
+
+    def _with_token(self, send: Callable[[AccessToken], _T]) -> _T:
+        """Send with the shared token; if Daraja refuses it, refresh it once and send again."""
+        token = self.access_token()
+        try:
+            return send(token)
+        except _TokenRejected as rejected:
+            _log.info("Daraja refused the access token (%s); fetching a new one.", rejected.error_code)
+            fresh = self.access_token(stale=token)
+        try:
+            return send(fresh)
+        except _TokenRejected as again:
+            raise _refused_fresh_token(again) from None
+
+    # -- token ---------------------------------------------------------------------------------
+
+    def fetch_token(self) -> AccessToken:
+        """Ask Daraja for a new access token (TokenStore.refresh calls this under its lock)."""
+        # Counted from before the request, in whole seconds (databases may drop microseconds).
+        requested_at = self.clock().replace(microsecond=0)
+
+        def interpret(status: int, data: dict[str, Any] | None) -> AccessToken:
+            if status in (400, 401, 403):
+                raise _refusal(
+                    DarajaAuthError,
+                    "Daraja refused the consumer key and secret. Check the M-Pesa credentials and "
+                    "that they belong to this environment (sandbox or production).",
+                    status,
+                    data,
+                    retryable=False,
+                )
+            if data is not None and _text(data.get("errorCode")):
+                raise _api_error("token", status, data, unknown_retryable=status >= 500)
+            if status != 200 or data is None:
+                raise DarajaProtocolError(
+                    f"Daraja answered the access token request with HTTP {status} and a body that "
+                    "is not Daraja's JSON.",
+                    http_status=status,
+                )
+            value = data.get("access_token")
+            seconds = _expires_in(data.get("expires_in"))
+            if not isinstance(value, str) or not value.strip() or seconds is None:
+                raise DarajaProtocolError(
+                    "Daraja's access token answer has no usable access_token and expires_in.",
+                    http_status=status,
+                )
+            return AccessToken(value.strip(), requested_at + timedelta(seconds=seconds))
+
+        token = self._exchange("token", "GET", TOKEN_PATH, interpret)
+        _log.info("Fetched a Daraja access token valid until %s.", token.expires_at.isoformat())
+        return token
+
+    def access_token(self, *, stale: AccessToken | None = None) -> AccessToken:
+        """The shared token if it is fresh (and not ``stale``), else a refreshed one."""
+        token = self.token_store.load(self._token_key)
+        if (
+            token is not None
+            and token != stale
+            and token.is_fresh(self.clock(), self.token_margin)
+        ):
+            return token
+        return self.token_store.refresh(self._token_key, self.fetch_token, stale)
+
+    # -- STK push ------------------------------------------------------------------------------
+
+    def stk_push(
+        self,
+        *,
+        phone: str | int,
+        amount: Decimal | float | str,
+        reference: str,
+        description: str | None,
+        callback_url: str,
+    ) -> StkPushResult:
+        """Send one STK push.  Accepted is not paid.
+
+        Raises DarajaValidationError (nothing sent), DarajaApiError (refused; see ``retryable``),
+        DarajaConnectionError (``request_may_have_reached`` True: outcome unknown) or
+        DarajaProtocolError (an answer came but not Daraja's: outcome unknown).
+        """
+        payload = build_stk_push_payload(
+            self.shortcode,
+            phone=phone,
+            amount=amount,
+            reference=reference,
+            description=description,
+            callback_url=callback_url,
+            max_amount=self.max_amount,
+            now=self.clock(),
+        )
+        shown = (
+            f"{mask_msisdn(payload['PartyA'])}, KES {payload['Amount']:,}, "
+            f"reference {payload['AccountReference']}"
+        )
+
+        def interpret(status: int, data: dict[str, Any] | None) -> StkPushResult:
+            if _token_rejected(status, data):
+                raise _rejected_token(status, data)
+            if data is not None and _text(data.get("errorCode")):
+                raise _api_error("stk_push", status, data, unknown_retryable=False)
+            response_code = _text(data.get("ResponseCode")) if data is not None else None
+            if status != 200 or data is None or response_code is None:
+                raise DarajaProtocolError(
+                    f"Daraja answered the STK push with HTTP {status} and a body that is not "
+                    "Daraja's; the push may or may not have been accepted.",
+                    http_status=status,
+                )
+            description_text = _text(data.get("ResponseDescription")) or ""
+            if response_code != "0":
+                raise DarajaApiError(
+                    f"Daraja did not accept the STK push (ResponseCode {response_code}"
+                    f"{': ' + description_text if description_text else ''}).",
+                    http_status=status,
+                    error_code=response_code,
+                    error_message=description_text or None,
+                    retryable=False,
+                )
+            merchant = _text(data.get("MerchantRequestID"))
+            checkout = _text(data.get("CheckoutRequestID"))
+            if merchant is None or checkout is None:
+                raise DarajaProtocolError(
+                    "Daraja accepted the STK push but did not say its MerchantRequestID and "
+                    "CheckoutRequestID.",
+                    http_status=status,
+                )
+            return StkPushResult(
+                merchant_request_id=merchant,
+                checkout_request_id=checkout,
+                response_code=response_code,
+                response_description=description_text,
+                customer_message=_text(data.get("CustomerMessage")) or "",
+                raw=data,
+            )
+
+        def send(token: AccessToken) -> StkPushResult:
+            return self._exchange(
+                "stk_push", "POST", STK_PUSH_PATH, interpret, body=payload, token=token
+            )
+
+        try:
+            result = self._with_token(send)
+        except DarajaError as exc:
+            _log.warning("STK push to %s failed: %s", shown, exc)
+            raise
+        _log.info("STK push to %s accepted: CheckoutRequestID %s.", shown,
+                  result.checkout_request_id)
+        return result
+
+    # -- STK query -----------------------------------------------------------------------------
+
+    def stk_query(self, checkout_request_id: str) -> StkQueryResult:
+        """Ask Daraja where one push stands.  "Being processed" returns PENDING, it does not raise."""
+        payload = build_stk_query_payload(self.shortcode, checkout_request_id, now=self.clock())
+        checkout = payload["CheckoutRequestID"]
+
+        def interpret(status: int, data: dict[str, Any] | None) -> StkQueryResult:
+            if _token_rejected(status, data):
+                raise _rejected_token(status, data)
+            if data is not None and _text(data.get("errorCode")):
+                code = _text(data.get("errorCode"))
+                daraja_message = _text(data.get("errorMessage"))
+                if is_being_processed(code, daraja_message):
+                    return StkQueryResult(
+                        checkout_request_id=checkout,
+                        merchant_request_id=None,
+                        result_code=None,
+                        result_desc=daraja_message or "",
+                        outcome=Outcome.PENDING,
+                        raw=data,
+                    )
+                raise _api_error("stk_query", status, data, unknown_retryable=status >= 500)
+            if status != 200 or data is None:
+                raise DarajaProtocolError(
+                    f"Daraja answered the STK push query with HTTP {status} and a body that is not "
+                    "Daraja's.",
+                    http_status=status,
+                )
+            result_code = _text(data.get("ResultCode"))
+            if result_code is None:
+                response_code = _text(data.get("ResponseCode"))
+                if response_code not in (None, "0"):
+                    description_text = _text(data.get("ResponseDescription"))
+                    raise DarajaApiError(
+                        f"Daraja did not accept the STK push query (ResponseCode {response_code}"
+                        f"{': ' + description_text if description_text else ''}).",
+                        http_status=status,
+                        error_code=response_code,
+                        error_message=description_text,
+                        retryable=False,
+                    )
+                raise DarajaProtocolError(
+                    "Daraja's STK push query answer has no ResultCode.", http_status=status
+                )
+            result = classify_result(result_code)
+            return StkQueryResult(
+                checkout_request_id=_text(data.get("CheckoutRequestID")) or checkout,
+                merchant_request_id=_text(data.get("MerchantRequestID")),
+                result_code=result_code,
+                result_desc=_text(data.get("ResultDesc")) or "",
+                outcome=result.outcome,
+                raw=data,
+                result=result,
+            )
+
+        def send(token: AccessToken) -> StkQueryResult:
+            return self._exchange(
+                "stk_query", "POST", STK_QUERY_PATH, interpret, body=payload, token=token
+            )
+
+        result = self._with_token(send)
+        _log.info("STK push %s: %s (%s).", checkout, result.outcome.value, result.result_code)
+        return result
