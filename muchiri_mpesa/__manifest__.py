@@ -1,0 +1,35 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+{
+    "name": "Payment Provider: M-Pesa (Daraja STK Push)",
+    "version": "18.0.1.0.0",
+    "category": "Accounting/Payment Providers",
+    "sequence": 350,
+    "summary": "Take M-Pesa payments from distributors by STK Push (Lipa Na M-Pesa Online).",
+    "author": "Muchiri Warehouse",
+    "website": "https://github.com/muchiri/muchiri_mpesa",
+    "license": "LGPL-3",
+    "depends": ["payment", "account_payment", "sale", "portal", "mail"],
+    "external_dependencies": {"python": ["requests"]},
+    "data": [
+        "security/muchiri_mpesa_security.xml",
+        "security/ir.model.access.csv",
+        "views/payment_provider_views.xml",
+        "views/payment_mpesa_templates.xml",
+        "views/payment_transaction_views.xml",
+        "views/mpesa_event_views.xml",
+        "views/sale_order_views.xml",
+        "views/res_partner_views.xml",
+        "data/mail_templates.xml",
+        # Refers to the inline form of payment_mpesa_templates.xml.
+        "data/payment_provider_data.xml",
+    ],
+    "assets": {
+        "web.assets_frontend": [
+            "muchiri_mpesa/static/src/js/payment_form.js",
+        ],
+    },
+    "post_init_hook": "post_init_hook",
+    "uninstall_hook": "uninstall_hook",
+    "installable": True,
+    "application": False,
+}

@@ -1,0 +1,65 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+"""The catalogue of the provider's codes, limits and defaults (Daraja's own codes live in daraja/)."""
+
+PROVIDER_CODE = 'mpesa'
+
+# M-Pesa takes Kenyan shillings only.
+SUPPORTED_CURRENCIES = ['KES']
+
+# Odoo's own payment method (payment.payment_method_mpesa), activated with the provider.
+DEFAULT_PAYMENT_METHOD_CODES = {'mpesa'}
+
+# Safaricom's published callback source addresses (DESIGN.md section 3); some lists add the last two.
+SAFARICOM_CALLBACK_IPS = [
+    '196.201.214.200', '196.201.214.206', '196.201.213.114', '196.201.214.207',
+    '196.201.214.208', '196.201.213.44', '196.201.212.127', '196.201.212.138',
+    '196.201.212.129', '196.201.212.136', '196.201.212.74', '196.201.212.69',
+    '196.201.212.128', '196.201.212.132',
+]
+
+IP_CHECK_MODES = [
+    ('off', "Off"),
+    ('log', "Log unknown addresses"),
+    ('enforce', "Refuse unknown addresses"),
+]
+
+SHORTCODE_TYPES = [
+    ('paybill', "Paybill"),
+    ('till', "Buy Goods (till)"),
+]
+
+# Seconds during which a second prompt for the same order is refused: a phone's prompt expires after
+# about a minute, and Safaricom refuses the same amount to the same customer within two (code 17).
+DEFAULT_PUSH_COOLDOWN = 120
+
+# Payment status shown on a sale order, computed from its M-Pesa transactions.
+ORDER_PAYMENT_STATUSES = [
+    ('unpaid', "Unpaid"),
+    ('pending', "Pending"),
+    ('paid', "Paid"),
+    ('failed', "Failed"),
+]
+
+# What a kept Daraja exchange is (the audit log and the callback inbox).
+EVENT_KINDS = [
+    ('token', "Access token"),
+    ('stk_push', "STK Push"),
+    ('stk_query', "STK Query"),
+    ('callback', "Callback"),
+]
+
+# What became of a received callback.  'unmatched' callbacks wait in the inbox for their transaction.
+CALLBACK_STATES = [
+    ('received', "Received"),
+    ('processed', "Processed"),
+    ('unmatched', "Waiting for its transaction"),
+    ('ignored', "Ignored (already final)"),
+    ('rejected', "Rejected"),
+    ('error', "Error"),
+]
+
+# Where a transaction's final M-Pesa answer came from (monitoring: callbacks versus reconciliation).
+SETTLEMENT_SOURCES = [
+    ('callback', "Callback"),
+    ('query', "STK Query"),
+]

@@ -1,0 +1,339 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+import ipaddress
+import logging
+import secrets
+from datetime import datetime, timezone
+from urllib.parse import urlsplit
+
+from odoo import _, api, fields, models
+from odoo.exceptions import UserError, ValidationError
+
+from odoo.addons.muchiri_mpesa import const, daraja
+from odoo.addons.payment import utils as payment_utils
+
+_logger = logging.getLogger(__name__)
+
+# Hosts of tunnelling services: Safaricom refuses them as production callback URLs.
+TUNNEL_HOST_SUFFIXES = (
+    'ngrok.io', 'ngrok-free.app', 'ngrok.app', 'trycloudflare.com', 'loca.lt', 'serveo.net',
+    'localhost.run',
+)
+
+
+def _new_callback_secret():
+    return secrets.token_urlsafe(24)
+
+
+class ProviderTokenStore:
+    """Daraja's token store on the provider row: one token per provider for every Odoo worker.
+
+    Daraja may invalidate a token when another one is issued for the same app, so workers must share
+    one.  The refresh runs on its own cursor, under a row lock, and commits at once: a second worker
+    waits for the lock, then finds the fresh token instead of fetching another.
+    """
+
+    def __init__(self, provider):
+        self._provider = provider
+
+    def load(self, key):
+        # The caller's snapshot may be older than the stored token; refresh() re-reads under the lock.
+        self._provider.env.cr.execute(
+            "SELECT mpesa_token_value, mpesa_token_expiry, mpesa_token_key"
+            " FROM payment_provider WHERE id = %s",
+            [self._provider.id],
+        )
+        return self._to_token(self._provider.env.cr.fetchone(), key)
+
+    def refresh(self, key, fetch, stale):
+        with self._provider.env.registry.cursor() as cr:
+            cr.execute(
+                "SELECT mpesa_token_value, mpesa_token_expiry, mpesa_token_key"
+                " FROM payment_provider WHERE id = %s FOR UPDATE",
+                [self._provider.id],
+            )
+            current = self._to_token(cr.fetchone(), key)
+            if current and current != stale and current.is_fresh(datetime.now(timezone.utc)):
+                return current
+            token = fetch()
+            cr.execute(
+                "UPDATE payment_provider SET mpesa_token_value = %s, mpesa_token_expiry = %s,"
+                " mpesa_token_key = %s WHERE id = %s",
+                [token.value, token.expires_at.astimezone(timezone.utc).replace(tzinfo=None), key,
+                 self._provider.id],
+            )
+        self._provider.invalidate_recordset(['mpesa_token_value', 'mpesa_token_expiry', 'mpesa_token_key'])
+        return token
+
+    @staticmethod
+    def _to_token(row, key):
+        if not row or not row[0] or not row[1] or row[2] != key:
+            return None
+        return daraja.AccessToken(value=row[0], expires_at=row[1].replace(tzinfo=timezone.utc))
+
+
+class PaymentProvider(models.Model):
+    _inherit = 'payment.provider'
+
+    code = fields.Selection(
+        selection_add=[('mpesa', "M-Pesa")], ondelete={'mpesa': 'set default'}
+    )
+
+    # === CREDENTIALS (system administrators only) === #
+    mpesa_consumer_key = fields.Char(
+        string="Consumer Key", required_if_provider='mpesa', groups='base.group_system', copy=False,
+    )
+    mpesa_consumer_secret = fields.Char(
+        string="Consumer Secret", required_if_provider='mpesa', groups='base.group_system',
+        copy=False,
+    )
+    mpesa_passkey = fields.Char(
+        string="Passkey", required_if_provider='mpesa', groups='base.group_system', copy=False,
+    )
+    mpesa_shortcode = fields.Char(
+        string="Business Shortcode", required_if_provider='mpesa', groups='base.group_system',
+        help="The paybill number, or the store number of a till.",
+    )
+    mpesa_shortcode_type = fields.Selection(
+        string="Shortcode Type", selection=const.SHORTCODE_TYPES, default='paybill',
+        required_if_provider='mpesa', groups='base.group_system',
+    )
+    mpesa_till_number = fields.Char(
+        string="Till Number", groups='base.group_system',
+        help="For Buy Goods: the till that receives the money (PartyB).",
+    )
+    mpesa_api_url = fields.Char(
+        string="API URL", groups='base.group_system',
+        help="Leave empty to use Safaricom's sandbox in test mode and production when enabled. Set it"
+             " to a local Daraja simulator (e.g. http://127.0.0.1:8089) to work offline.",
+    )
+
+    # === CALLBACKS === #
+    mpesa_callback_base_url = fields.Char(
+        string="Callback Base URL", groups='base.group_system',
+        help="Where Safaricom reaches this Odoo; the web base URL when empty.  Production needs a"
+             " public HTTPS address.",
+    )
+    mpesa_callback_secret = fields.Char(
+        string="Callback Secret", groups='base.group_system', copy=False,
+        default=lambda self: _new_callback_secret(),
+        help="Part of the callback URL: a callback to any other path is refused.",
+    )
+    mpesa_ip_check = fields.Selection(
+        string="Callback Source Check", selection=const.IP_CHECK_MODES, default='log',
+        groups='base.group_system',
+    )
+    mpesa_allowed_ips = fields.Text(
+        string="Allowed Callback Addresses", groups='base.group_system',
+        default=lambda self: '\n'.join(const.SAFARICOM_CALLBACK_IPS),
+        help="One address or network per line.",
+    )
+    mpesa_confirm_by_query = fields.Boolean(
+        string="Confirm Callbacks by STK Query", default=True, groups='base.group_system',
+        help="Daraja does not sign its callbacks: ask Daraja itself before a payment is marked done.",
+    )
+    mpesa_push_cooldown = fields.Integer(
+        string="Prompt Cooldown (s)", default=const.DEFAULT_PUSH_COOLDOWN,
+        groups='base.group_system',
+        help="While a prompt sent for an order is younger than this, another one is refused.",
+    )
+    mpesa_distributors_only = fields.Boolean(
+        string="Distributors Only", default=True,
+        help="Offer M-Pesa only to customers marked as distributors.",
+    )
+
+    # === SHARED ACCESS TOKEN (see ProviderTokenStore) === #
+    mpesa_token_value = fields.Char(groups='base.group_system', copy=False)
+    mpesa_token_expiry = fields.Datetime(groups='base.group_system', copy=False)
+    mpesa_token_key = fields.Char(groups='base.group_system', copy=False)
+
+    # === CONSTRAINTS === #
+
+    @api.constrains('state', 'code', 'mpesa_callback_base_url')
+    def _check_mpesa_production_callback_url(self):
+        for provider in self.filtered(lambda p: p.code == 'mpesa' and p.state == 'enabled'):
+            url = provider._mpesa_callback_base_url()
+            parts = urlsplit(url)
+            host = (parts.hostname or '').lower()
+            if parts.scheme != 'https':
+                raise ValidationError(_(
+                    "M-Pesa production needs a public HTTPS callback URL; %(url)s is not one.",
+                    url=url,
+                ))
+            if host.endswith(TUNNEL_HOST_SUFFIXES) or host == 'localhost' or _is_private(host):
+                raise ValidationError(_(
+                    "Safaricom refuses tunnels and private addresses as production callback URLs"
+                    " (%(host)s).", host=host,
+                ))
+
+    @api.constrains('mpesa_allowed_ips')
+    def _check_mpesa_allowed_ips(self):
+        for provider in self:
+            provider._mpesa_allowed_networks()  # Raises on a bad line.
+
+    @api.constrains('mpesa_shortcode', 'mpesa_shortcode_type', 'mpesa_till_number')
+    def _check_mpesa_shortcode(self):
+        for provider in self.filtered(lambda p: p.code == 'mpesa' and p.mpesa_shortcode):
+            try:
+                provider._mpesa_shortcode_config()
+            except daraja.DarajaValidationError as error:
+                raise ValidationError(str(error)) from error
+
+    # === BUSINESS METHODS - PAYMENT FLOW === #
+
+    def _get_supported_currencies(self):
+        supported_currencies = super()._get_supported_currencies()
+        if self.code == 'mpesa':
+            supported_currencies = supported_currencies.filtered(
+                lambda c: c.name in const.SUPPORTED_CURRENCIES
+            )
+        return supported_currencies
+
+    def _get_default_payment_method_codes(self):
+        default_codes = super()._get_default_payment_method_codes()
+        if self.code != 'mpesa':
+            return default_codes
+        return const.DEFAULT_PAYMENT_METHOD_CODES
+
+    @api.model
+    def _get_compatible_providers(self, *args, is_validation=False, report=None, **kwargs):
+        """M-Pesa pays orders of distributors; it cannot save a payment method (validation)."""
+        providers = super()._get_compatible_providers(
+            *args, is_validation=is_validation, report=report, **kwargs
+        )
+        partner_id = kwargs.get('partner_id', args[1] if len(args) > 1 else None)
+        partner = self.env['res.partner'].browse(partner_id).exists()
+        unfit = providers.filtered(lambda p: p.code == 'mpesa' and (
+            is_validation
+            or (p.mpesa_distributors_only and not (partner and partner._mpesa_is_distributor()))
+        ))
+        if unfit:
+            payment_utils.add_to_report(
+                report, unfit, available=False, reason=_("M-Pesa is offered to distributors only"),
+            )
+        return providers - unfit
+
+    # === BUSINESS METHODS - DARAJA === #
+
+    def _mpesa_api_base_url(self):
+        self.ensure_one()
+        if self.sudo().mpesa_api_url:
+            return self.sudo().mpesa_api_url.rstrip('/')
+        return daraja.PRODUCTION_URL if self.state == 'enabled' else daraja.SANDBOX_URL
+
+    def _mpesa_callback_base_url(self):
+        self.ensure_one()
+        return (self.sudo().mpesa_callback_base_url or self.get_base_url()).rstrip('/')
+
+    def _mpesa_callback_url(self):
+        """The URL given to Daraja as CallBackURL; the secret path authenticates the callback."""
+        self.ensure_one()
+        return f"{self._mpesa_callback_base_url()}/payment/mpesa/callback/{self.sudo().mpesa_callback_secret}"
+
+    def _mpesa_shortcode_config(self):
+        self.ensure_one()
+        provider = self.sudo()
+        return daraja.ShortcodeConfig(
+            business_shortcode=(provider.mpesa_shortcode or '').strip(),
+            passkey=provider.mpesa_passkey or '',
+            transaction_type=daraja.TILL if provider.mpesa_shortcode_type == 'till' else daraja.PAYBILL,
+            till_number=(provider.mpesa_till_number or '').strip() or None
+            if provider.mpesa_shortcode_type == 'till' else None,
+        )
+
+    def _mpesa_max_amount(self):
+        """Odoo's maximum amount, capped by what Daraja accepts for one payment."""
+        self.ensure_one()
+        maximum = int(self.maximum_amount or daraja.DEFAULT_MAX_AMOUNT)
+        return min(maximum, daraja.DARAJA_MAX_AMOUNT)
+
+    def _mpesa_client(self, transaction=None):
+        """A Daraja client whose token is shared through the database and whose every HTTP exchange
+        lands in the audit log (linked to `transaction` when given)."""
+        self.ensure_one()
+        provider = self.sudo()
+        if not (provider.mpesa_consumer_key and provider.mpesa_consumer_secret):
+            raise UserError(_("Set the M-Pesa consumer key and secret on %s first.", self.name))
+        return daraja.DarajaClient(
+            daraja.DarajaCredentials(
+                consumer_key=provider.mpesa_consumer_key.strip(),
+                consumer_secret=provider.mpesa_consumer_secret.strip(),
+                base_url=self._mpesa_api_base_url(),
+            ),
+            self._mpesa_shortcode_config(),
+            token_store=ProviderTokenStore(provider),
+            max_amount=self._mpesa_max_amount(),
+            observer=lambda exchange: self.env['muchiri.mpesa.event']._record_exchange(
+                provider, exchange, transaction
+            ),
+        )
+
+    def action_mpesa_test_connection(self):
+        """Fetch a token and tell the administrator in plain words what is wrong, if anything."""
+        self.ensure_one()
+        try:
+            self._mpesa_client().fetch_token()
+        except daraja.DarajaAuthError as error:
+            raise UserError(_(
+                "Daraja refused the consumer key and secret (%(detail)s).  Check that they belong to"
+                " this environment (%(env)s) and that the app has Lipa Na M-Pesa Online enabled.",
+                detail=error, env=self._mpesa_api_base_url(),
+            )) from error
+        except daraja.DarajaConnectionError as error:
+            raise UserError(_(
+                "Daraja could not be reached at %(url)s: %(detail)s",
+                url=self._mpesa_api_base_url(), detail=error,
+            )) from error
+        except daraja.DarajaError as error:
+            raise UserError(_("Daraja answered with an error: %s", error)) from error
+        return {
+            'type': 'ir.actions.client',
+            'tag': 'display_notification',
+            'params': {
+                'type': 'success',
+                'message': _("Connected to Daraja at %s: the credentials work.",
+                             self._mpesa_api_base_url()),
+                'next': {'type': 'ir.actions.act_window_close'},
+            },
+        }
+
+    def action_mpesa_regenerate_callback_secret(self):
+        self.ensure_one()
+        self.sudo().mpesa_callback_secret = _new_callback_secret()
+
+    # === BUSINESS METHODS - CALLBACK SOURCE === #
+
+    def _mpesa_allowed_networks(self):
+        self.ensure_one()
+        networks = []
+        for line in (self.sudo().mpesa_allowed_ips or '').splitlines():
+            line = line.split('#')[0].strip()
+            if not line:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(line, strict=False))
+            except ValueError as error:
+                raise ValidationError(_("%s is not an IP address or network.", line)) from error
+        return networks
+
+    def _mpesa_is_allowed_source(self, remote_addr):
+        """Whether a callback from `remote_addr` passes the provider's source check."""
+        self.ensure_one()
+        mode = self.sudo().mpesa_ip_check
+        if mode == 'off':
+            return True
+        try:
+            address = ipaddress.ip_address(remote_addr or '')
+        except ValueError:
+            allowed = False
+        else:
+            allowed = any(address in network for network in self._mpesa_allowed_networks())
+        if not allowed:
+            _logger.warning("M-Pesa callback from %s, which is not an allowed address.", remote_addr)
+        return allowed or mode == 'log'
+
+
+def _is_private(host):
+    try:
+        return not ipaddress.ip_address(host).is_global
+    except ValueError:
+        return False

@@ -1,0 +1,354 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+import logging
+from datetime import timedelta, timezone
+from decimal import Decimal
+
+from odoo import _, api, fields, models
+from odoo.exceptions import ValidationError
+
+from odoo.addons.muchiri_mpesa import const, daraja
+from odoo.addons.payment import utils as payment_utils
+
+_logger = logging.getLogger(__name__)
+
+SUCCESS, CANCELED, PENDING = daraja.Outcome.SUCCESS, daraja.Outcome.CANCELED, daraja.Outcome.PENDING
+
+
+class PaymentTransaction(models.Model):
+    _inherit = 'payment.transaction'
+
+    # provider_reference holds Daraja's CheckoutRequestID, the key of callbacks and queries.
+    mpesa_merchant_request_id = fields.Char(string="MerchantRequestID", readonly=True, copy=False)
+    mpesa_phone = fields.Char(string="M-Pesa Phone", readonly=True, copy=False)
+    mpesa_requested_amount = fields.Integer(
+        string="Amount Requested (KES)", readonly=True, copy=False,
+        help="The whole-shilling amount of the STK Push: a payment must match it exactly.",
+    )
+    mpesa_push_sent_at = fields.Datetime(string="Prompt Sent", readonly=True, copy=False)
+    mpesa_receipt_number = fields.Char(
+        string="M-Pesa Receipt", readonly=True, copy=False, index='btree_not_null',
+    )
+    mpesa_paid_amount = fields.Float(string="Amount Paid (KES)", readonly=True, copy=False)
+    mpesa_paid_at = fields.Datetime(string="Paid On", readonly=True, copy=False)
+    mpesa_result_code = fields.Char(string="M-Pesa Result Code", readonly=True, copy=False)
+    mpesa_result_desc = fields.Char(string="M-Pesa Result", readonly=True, copy=False)
+    mpesa_settled_by = fields.Selection(
+        string="Settled By", selection=const.SETTLEMENT_SOURCES, readonly=True, copy=False,
+    )
+    mpesa_settled_at = fields.Datetime(string="Settled On", readonly=True, copy=False)
+    mpesa_event_ids = fields.One2many(
+        'muchiri.mpesa.event', 'transaction_id', string="M-Pesa Exchanges", readonly=True,
+    )
+
+    _sql_constraints = [(
+        'mpesa_receipt_number_unique', 'UNIQUE(mpesa_receipt_number)',
+        "This M-Pesa receipt number is already recorded on another transaction.",
+    )]
+
+    # === BUSINESS METHODS - PROCESSING VALUES === #
+
+    def _get_specific_processing_values(self, processing_values):
+        """Sign the values our STK Push route will be called with (as payment_adyen does)."""
+        values = super()._get_specific_processing_values(processing_values)
+        if self.provider_code != 'mpesa':
+            return values
+        values['mpesa_access_token'] = payment_utils.generate_access_token(
+            processing_values['reference'], processing_values['amount'],
+            processing_values['currency_id'], processing_values['partner_id'],
+        )
+        return values
+
+    def _mpesa_check_access_token(self, access_token):
+        self.ensure_one()
+        return payment_utils.check_access_token(
+            access_token, self.reference, self.amount, self.currency_id.id, self.partner_id.id,
+        )
+
+    # === BUSINESS METHODS - STK PUSH === #
+
+    def _mpesa_send_stk_push(self, phone):
+        """Send the STK Push of this draft transaction to `phone` and set it pending.
+
+        Bad input raises a ValidationError before anything leaves and changes nothing.  A refusal by
+        Daraja sets the transaction in error (it is a real, audited attempt) and is returned as the
+        message to show.
+
+        :return: None when the prompt was sent, else the message explaining why not.
+        :rtype: str | None
+        """
+        self.ensure_one()
+        if self.provider_code != 'mpesa' or self.state != 'draft':
+            raise ValidationError(_("This payment can no longer be sent to M-Pesa."))
+        if self.currency_id.name not in const.SUPPORTED_CURRENCIES:
+            raise ValidationError(_("M-Pesa takes payments in Kenyan shillings (KES) only."))
+        provider = self.provider_id
+        if provider.mpesa_distributors_only and not self.partner_id._mpesa_is_distributor():
+            raise ValidationError(_("M-Pesa is offered to distributors only."))
+        try:
+            msisdn = daraja.normalize_msisdn(phone or '')
+            # Rounded to the currency first: float noise must not round up a whole shilling.
+            amount = daraja.check_amount(
+                Decimal(str(self.currency_id.round(self.amount))), provider._mpesa_max_amount(),
+            )
+        except daraja.DarajaValidationError as error:
+            raise ValidationError(str(error)) from error
+        self._mpesa_check_no_prompt_waiting()
+
+        client = self.provider_id._mpesa_client(transaction=self)
+        try:
+            result = client.stk_push(
+                phone=msisdn, amount=amount, reference=self.reference,
+                description=self.company_id.name or 'Payment',
+                callback_url=self.provider_id._mpesa_callback_url(),
+            )
+        except daraja.DarajaValidationError as error:
+            raise ValidationError(str(error)) from error
+        except daraja.DarajaError as error:
+            message = self._mpesa_push_error_message(error)
+            self.write({'mpesa_phone': msisdn, 'mpesa_requested_amount': amount})
+            self._set_error(message)
+            return message
+
+        self.write({
+            'provider_reference': result.checkout_request_id,
+            'mpesa_merchant_request_id': result.merchant_request_id,
+            'mpesa_phone': msisdn,
+            'mpesa_requested_amount': amount,
+            'mpesa_push_sent_at': fields.Datetime.now(),
+        })
+        self.sale_order_ids.write({'mpesa_phone': msisdn})
+        self._set_pending()
+        # The callback may have beaten this commit: it waits in the inbox.
+        self.env['muchiri.mpesa.event']._match_unmatched([result.checkout_request_id])
+        return None
+
+    def _mpesa_push_error_message(self, error):
+        if isinstance(error, daraja.DarajaConnectionError):
+            if error.request_may_have_reached:
+                return _(
+                    "M-Pesa did not answer in time, so we cannot tell whether the prompt reached"
+                    " your phone.  If you paid, your payment will be matched; otherwise try again"
+                    " in two minutes."
+                )
+            return _("M-Pesa cannot be reached right now.  Please try again in a few minutes.")
+        if isinstance(error, daraja.DarajaApiError):
+            known = daraja.describe_api_error(error.error_code, error.error_message)
+            if known:
+                return known.message
+        return _("M-Pesa refused the payment request: %s", error)
+
+    def _mpesa_check_no_prompt_waiting(self):
+        """At most one prompt per order: refuse while another one is young, or the order is paid.
+
+        The orders' rows are locked so that two clicks cannot both pass this check.
+        """
+        orders = self.sale_order_ids
+        if not orders:
+            return
+        self.env.cr.execute(
+            "SELECT id FROM sale_order WHERE id IN %s FOR UPDATE", [tuple(orders.ids)]
+        )
+        for order in orders:
+            if order.currency_id.compare_amounts(order.amount_paid, order.amount_total) >= 0:
+                raise ValidationError(_("Order %s is already paid.", order.name))
+        cooldown = self.provider_id.sudo().mpesa_push_cooldown or 0
+        waiting = self.search([
+            ('id', '!=', self.id),
+            ('provider_code', '=', 'mpesa'),
+            ('sale_order_ids', 'in', orders.ids),
+            ('state', '=', 'pending'),
+            ('mpesa_push_sent_at', '>', fields.Datetime.now() - timedelta(seconds=cooldown)),
+        ], limit=1)
+        if waiting:
+            raise ValidationError(_(
+                "An M-Pesa prompt for this order was already sent to %(phone)s.  Complete it on"
+                " that phone, or try again in a couple of minutes.",
+                phone=daraja.mask_msisdn(waiting.mpesa_phone or ''),
+            ))
+
+    # === BUSINESS METHODS - STK QUERY === #
+
+    def _mpesa_query(self):
+        """Ask Daraja for the state of this transaction's STK Push.
+
+        :rtype: daraja.StkQueryResult
+        :raise daraja.DarajaError: when Daraja cannot answer now.
+        """
+        self.ensure_one()
+        client = self.provider_id._mpesa_client(transaction=self)
+        return client.stk_query(self.provider_reference)
+
+    def _mpesa_settle_by_query(self):
+        """Query Daraja and settle the transaction with its answer, as a callback would."""
+        self.ensure_one()
+        result = self._mpesa_query()
+        if result.outcome != PENDING:
+            self._mpesa_settle_with_query_result(result)
+        return result
+
+    # === BUSINESS METHODS - NOTIFICATIONS === #
+
+    @api.model
+    def _mpesa_find_by_checkout_request(self, checkout_request_id, lock=True):
+        """The M-Pesa transaction of a CheckoutRequestID, row-locked so that racing callbacks and
+        queries handle it one after the other."""
+        if not checkout_request_id:
+            return self.browse()
+        tx = self.sudo().search([
+            ('provider_code', '=', 'mpesa'), ('provider_reference', '=', checkout_request_id),
+        ], limit=1)
+        if tx and lock:
+            self.env.cr.execute(
+                "SELECT id FROM payment_transaction WHERE id = %s FOR UPDATE", [tx.id]
+            )
+            tx.invalidate_recordset()
+        return tx
+
+    def _get_tx_from_notification_data(self, provider_code, notification_data):
+        tx = super()._get_tx_from_notification_data(provider_code, notification_data)
+        if provider_code != 'mpesa' or len(tx) == 1:
+            return tx
+        tx = self._mpesa_find_by_checkout_request(notification_data.get('checkout_request_id'))
+        if not tx:
+            raise ValidationError(_(
+                "M-Pesa: no transaction matches CheckoutRequestID %s.",
+                notification_data.get('checkout_request_id'),
+            ))
+        return tx
+
+    def _process_notification_data(self, notification_data):
+        """Settle the transaction with a final M-Pesa answer; the one place for the guards.
+
+        `notification_data` comes from a callback (`source` 'callback', with the amount and the
+        receipt) or from an STK Query (`source` 'query': Daraja answered us directly, for our own
+        CheckoutRequestID, so the amount is the one we asked).
+        """
+        super()._process_notification_data(notification_data)
+        if self.provider_code != 'mpesa':
+            return
+        result = daraja.classify_result(notification_data.get('result_code'))
+        self.write({
+            'mpesa_result_code': result.code,
+            'mpesa_result_desc': notification_data.get('result_desc') or result.message,
+        })
+        if result.outcome == PENDING or self.state in ('done', 'cancel'):
+            return  # Unknown codes wait for a final answer; a final transaction never changes.
+        if self.state == 'error' and result.outcome != SUCCESS:
+            return  # Only a late success may change an error.
+
+        source = notification_data.get('source', 'callback')
+        if result.outcome == SUCCESS:
+            values = {'mpesa_settled_by': source, 'mpesa_settled_at': fields.Datetime.now()}
+            if source == 'callback':
+                values.update(self._mpesa_check_paid_amount_and_receipt(notification_data))
+            else:
+                values['mpesa_paid_amount'] = self.mpesa_requested_amount
+            self.write(values)
+            self._set_done()
+            self._mpesa_send_mail('muchiri_mpesa.mail_template_mpesa_payment_confirmed')
+            return
+
+        self.write({'mpesa_settled_by': source, 'mpesa_settled_at': fields.Datetime.now()})
+        if result.outcome == CANCELED:
+            self._set_canceled(state_message=result.message)
+        else:
+            self._set_error(result.message)
+        self._mpesa_send_mail('muchiri_mpesa.mail_template_mpesa_payment_failed')
+
+    def _mpesa_check_paid_amount_and_receipt(self, notification_data):
+        """A success callback must carry a new receipt and exactly the amount asked."""
+        receipt = (notification_data.get('receipt_number') or '').strip()
+        amount = notification_data.get('amount')
+        if not receipt:
+            raise ValidationError(_("M-Pesa: a success without a receipt number is refused."))
+        if amount is None or Decimal(str(amount)) != Decimal(self.mpesa_requested_amount or 0):
+            raise ValidationError(_(
+                "M-Pesa: the callback says KES %(paid)s was paid, but KES %(asked)s was asked.",
+                paid=amount, asked=self.mpesa_requested_amount,
+            ))
+        if self.search_count([('mpesa_receipt_number', '=', receipt), ('id', '!=', self.id)]):
+            raise ValidationError(_(
+                "M-Pesa: receipt %s is already recorded on another transaction.", receipt,
+            ))
+        return {
+            'mpesa_receipt_number': receipt,
+            'mpesa_paid_amount': float(amount),
+            'mpesa_paid_at': notification_data.get('paid_at') or fields.Datetime.now(),
+        }
+
+    # === BUSINESS METHODS - CALLBACKS === #
+
+    @api.model
+    def _mpesa_handle_callback(self, callback, event):
+        """Handle a parsed callback kept as `event`: match it, or keep it for later matching."""
+        tx = self._mpesa_find_by_checkout_request(callback.checkout_request_id)
+        if not tx:
+            event._mark('unmatched', _("No transaction has this CheckoutRequestID yet."))
+            return tx
+        tx._mpesa_process_callback(callback, event)
+        return tx
+
+    def _mpesa_process_callback(self, callback, event):
+        """Apply a callback to this (locked) transaction, after the checks a forged one fails."""
+        self.ensure_one()
+        outcome = callback.outcome
+        if self.state in ('done', 'cancel') or (self.state == 'error' and outcome != SUCCESS):
+            if outcome == SUCCESS and callback.receipt_number != self.mpesa_receipt_number:
+                self._mpesa_flag_unexpected_payment(callback)
+            event._mark('ignored', _("The transaction is already %s.", self.state), self)
+            return
+        if outcome == SUCCESS and self.provider_id.sudo().mpesa_confirm_by_query:
+            query = self._mpesa_query()
+            if query.outcome == PENDING:
+                event._mark('unmatched', _("Daraja has not confirmed this payment yet."), self)
+                return
+            if query.outcome != SUCCESS:
+                event._mark('rejected', _(
+                    "Daraja's query answers %(code)s (%(desc)s): the success callback is not trusted.",
+                    code=query.result_code, desc=query.result_desc,
+                ), self)
+                self._mpesa_settle_with_query_result(query)
+                return
+        try:
+            with self.env.cr.savepoint():
+                self._handle_notification_data('mpesa', {
+                    'checkout_request_id': callback.checkout_request_id,
+                    'result_code': callback.result_code,
+                    'result_desc': callback.result_desc,
+                    'amount': callback.amount,
+                    'receipt_number': callback.receipt_number,
+                    'paid_at': callback.transaction_date
+                    and callback.transaction_date.astimezone(timezone.utc).replace(tzinfo=None),
+                    'source': 'callback',
+                })
+        except ValidationError as error:
+            _logger.warning("Refused M-Pesa callback for %s: %s", self.reference, error)
+            event._mark('rejected', str(error), self)
+            return
+        event._mark('processed', _("Transaction %s.", self.state), self)
+
+    def _mpesa_settle_with_query_result(self, query):
+        self._handle_notification_data('mpesa', {
+            'checkout_request_id': self.provider_reference,
+            'result_code': query.result_code,
+            'result_desc': query.result_desc,
+            'source': 'query',
+        })
+
+    def _mpesa_flag_unexpected_payment(self, callback):
+        """Money came in for a transaction that is already settled: record it, never hide it."""
+        self.ensure_one()
+        message = _(
+            "M-Pesa reports another payment of KES %(amount)s (receipt %(receipt)s) for %(ref)s,"
+            " which is already %(state)s.  Check it and refund the customer if needed.",
+            amount=callback.amount, receipt=callback.receipt_number, ref=self.reference,
+            state=self.state,
+        )
+        _logger.warning(message)
+        for order in self.sale_order_ids:
+            order._mpesa_flag_for_refund(message)
+
+    def _mpesa_send_mail(self, template_xmlid):
+        template = self.env.ref(template_xmlid, raise_if_not_found=False)
+        if template and self.partner_id.email:
+            template.sudo().send_mail(self.id)  # Queued: sent by the mail queue's cron.

@@ -1,0 +1,95 @@
+/** @odoo-module **/
+
+import { _t } from '@web/core/l10n/translation';
+import { rpc, RPCError } from '@web/core/network/rpc';
+
+import paymentForm from '@payment/js/payment_form';
+
+// Safaricom numbers, as the server checks them: 07.., 01.., 7.., 1.., 254.., +254.. (spaces allowed).
+const MPESA_PHONE = /^(?:\+?254|0)?(?:7\d{8}|1[01]\d{7})$/;
+
+paymentForm.include({
+
+    // #=== DOM MANIPULATION ===#
+
+    /**
+     * Use the direct flow: the phone number is read from the inline form.
+     *
+     * @override method from @payment/js/payment_form
+     */
+    async _prepareInlineForm(providerId, providerCode, paymentOptionId, paymentMethodCode, flow) {
+        if (providerCode !== 'mpesa') {
+            this._super(...arguments);
+            return;
+        }
+        this._setPaymentFlow('direct');
+    },
+
+    // #=== PAYMENT FLOW ===#
+
+    /**
+     * Check the phone number before Odoo creates the transaction.
+     *
+     * @override method from @payment/js/payment_form
+     */
+    async _initiatePaymentFlow(providerCode, paymentOptionId, paymentMethodCode, flow) {
+        if (providerCode !== 'mpesa') {
+            await this._super(...arguments);
+            return;
+        }
+        const input = this._mpesaGetPhoneInput();
+        input.setCustomValidity('');
+        if (!MPESA_PHONE.test(this._mpesaGetPhone())) {
+            input.setCustomValidity(_t("Enter a Safaricom number, such as 0712 345 678."));
+        }
+        if (!input.reportValidity()) {
+            this._enableButton(); // The submit button is disabled at this point, enable it.
+            return;
+        }
+        await this._super(...arguments);
+    },
+
+    /**
+     * Ask the server to send the STK Push, then follow the transaction on the status page.
+     *
+     * @override method from @payment/js/payment_form
+     */
+    async _processDirectFlow(providerCode, paymentOptionId, paymentMethodCode, processingValues) {
+        if (providerCode !== 'mpesa') {
+            this._super(...arguments);
+            return;
+        }
+        try {
+            const result = await rpc('/payment/mpesa/stk_push', {
+                reference: processingValues.reference,
+                phone: this._mpesaGetPhone(),
+                access_token: processingValues.mpesa_access_token,
+            });
+            if (result.error) {
+                this._displayErrorDialog(_t("M-Pesa payment not started"), result.error);
+                this._enableButton();
+                return;
+            }
+            window.location = '/payment/status';
+        } catch (error) {
+            if (error instanceof RPCError) {
+                this._displayErrorDialog(_t("M-Pesa payment not started"), error.data.message);
+                this._enableButton();
+            } else {
+                throw error;
+            }
+        }
+    },
+
+    // #=== GETTERS ===#
+
+    _mpesaGetPhoneInput() {
+        const radio = document.querySelector('input[name="o_payment_radio"]:checked');
+        return this._getInlineForm(radio).querySelector('#o_mpesa_phone');
+    },
+
+    _mpesaGetPhone() {
+        return this._mpesaGetPhoneInput().value.replace(/[\s\-().]/g, '');
+    },
+
+});

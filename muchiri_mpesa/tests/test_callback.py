@@ -1,0 +1,161 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+from datetime import datetime
+
+from odoo.tests import tagged
+from odoo.tools import mute_logger
+
+from odoo.addons.muchiri_mpesa import daraja
+
+from .common import PHONE_CALLBACK_LOST, PHONE_NO_ANSWER, MpesaCommon
+
+
+@tagged('post_install', '-at_install')
+@mute_logger('odoo.addons.muchiri_mpesa.models.payment_transaction',
+             'odoo.addons.muchiri_mpesa.controllers.main')
+class TestCallback(MpesaCommon):
+    """Callbacks posted by hand to Odoo's HTTP server, for prompts the simulator really sent with
+    its callback switched off (PHONE_CALLBACK_LOST): the query then tells the truth."""
+
+    def _pending_tx(self, phone=PHONE_CALLBACK_LOST):
+        tx, _result = self._pay_from_portal(phone)
+        self.assertEqual(tx.state, 'pending')
+        return tx
+
+    def _settled_at_simulator(self, tx):
+        self._wait(lambda: self._result_known(tx),
+                   message="the simulator to know the result")
+
+    def _success_body(self, tx, amount=4500, receipt='SIM1234567', checkout_request_id=None):
+        return daraja.stk_callback_body(
+            tx.mpesa_merchant_request_id or '1-2-3', checkout_request_id or tx.provider_reference,
+            0, "The service request is processed successfully.",
+            amount=amount, receipt=receipt, transaction_date=datetime(2026, 11, 26, 12, 0, 0),
+            phone=tx.mpesa_phone,
+        )
+
+    def test_accepted_answer_is_dajara_shaped(self):
+        tx = self._pending_tx()
+        self._settled_at_simulator(tx)
+        response = self._post_callback(self._success_body(tx))
+        self.assertEqual(response.status_code, 200)
+        self.assertEqual(response.json(), {'ResultCode': 0, 'ResultDesc': 'Accepted'})
+        self.env.invalidate_all()
+        self.assertEqual(tx.state, 'done')
+        self.assertEqual(tx.mpesa_receipt_number, 'SIM1234567')
+
+    def test_wrong_secret_changes_nothing(self):
+        tx = self._pending_tx()
+        self._settled_at_simulator(tx)
+        events_before = self.env['muchiri.mpesa.event'].search_count([])
+        response = self._post_callback(self._success_body(tx), secret='guessed-secret')
+        self.assertEqual(response.status_code, 404)
+        self.env.invalidate_all()
+        self.assertEqual(tx.state, 'pending')
+        self.assertEqual(self.env['muchiri.mpesa.event'].search_count([]), events_before)
+
+    def test_short_amount_is_refused(self):
+        tx = self._pending_tx()
+        self._settled_at_simulator(tx)
+        response = self._post_callback(self._success_body(tx, amount=1))
+        self.assertEqual(response.status_code, 200, "Daraja is still acknowledged")
+        self.env.invalidate_all()
+        self.assertEqual(tx.state, 'pending')
+        self.assertFalse(tx.mpesa_receipt_number)
+        event = self._events(kind='callback', transaction_id=tx.id)
+        self.assertEqual(event.callback_state, 'rejected')
+        self.assertIn('KES 1', event.message)
+
+    def test_success_without_receipt_is_refused(self):
+        tx = self._pending_tx()
+        self._settled_at_simulator(tx)
+        self._post_callback(self._success_body(tx, receipt=None))
+        self.env.invalidate_all()
+        self.assertEqual(tx.state, 'pending')
+
+    def test_reused_receipt_is_refused(self):
+        paid = self._pending_tx()
+        self._settled_at_simulator(paid)
+        self._post_callback(self._success_body(paid, receipt='REUSED0001'))
+        self.env.invalidate_all()
+        self.assertEqual(paid.state, 'done')
+
+        other_order = self.quotation.copy()
+        values = self._start_portal_payment(other_order)
+        self._stk_push(values, '254700000005')
+        tx = self._get_tx(values['reference'])
+        self._settled_at_simulator(tx)
+        self._post_callback(self._success_body(tx, receipt='REUSED0001'))
+        self.env.invalidate_all()
+        self.assertEqual(tx.state, 'pending')
+        self.assertEqual(self._events(kind='callback', transaction_id=tx.id).callback_state, 'rejected')
+
+    def test_success_not_confirmed_by_the_query_is_refused(self):
+        tx = self._pending_tx(PHONE_NO_ANSWER)
+        self._wait(lambda: self._result_known(tx), message="timeout")
+        # Keep the simulator's own 1037 callback from settling it first.
+        self._post_callback(self._success_body(tx, receipt='FORGED0001'))
+        self._wait_callbacks(tx)
+        self.assertNotEqual(tx.state, 'done')
+        self.assertFalse(tx.mpesa_receipt_number)
+        forged = self._events(kind='callback', receipt_number='FORGED0001')
+        self.assertIn(forged.callback_state, ('rejected', 'ignored'))
+
+    def test_success_while_daraja_still_processing_waits(self):
+        self.simulator.callback_delay = 60  # The customer has not answered: "being processed".
+        self.addCleanup(setattr, self.simulator, 'callback_delay', 0.2)
+        tx = self._pending_tx()
+        self._post_callback(self._success_body(tx))
+        self.env.invalidate_all()
+        self.assertEqual(tx.state, 'pending')
+        event = self._events(kind='callback', transaction_id=tx.id)
+        self.assertEqual(event.callback_state, 'unmatched', "kept for the cron to try again")
+
+    def test_unknown_checkout_request_is_kept_then_matched(self):
+        tx = self._pending_tx()
+        self._settled_at_simulator(tx)
+        real_id = tx.provider_reference
+        tx.provider_reference = 'ws_CO_not_yet_known'  # As if the push answer were not committed.
+        self._post_callback(self._success_body(tx, checkout_request_id=real_id))
+        event = self._events(kind='callback', checkout_request_id=real_id)
+        self.assertEqual(event.callback_state, 'unmatched')
+        self.env.invalidate_all()
+        self.assertEqual(tx.state, 'pending')
+
+        tx.provider_reference = real_id
+        self.env['muchiri.mpesa.event']._match_unmatched([real_id])
+        self.assertEqual(tx.state, 'done')
+        self.assertEqual(event.callback_state, 'processed')
+
+    def test_malformed_bodies_get_400_and_change_nothing(self):
+        tx = self._pending_tx()
+        for raw in ('not json', '[]', '{}', '{"Body": {}}',
+                    '{"Body": {"stkCallback": {"ResultCode": 0}}}'):
+            response = self._post_callback(None, raw=raw)
+            self.assertEqual(response.status_code, 400, raw)
+        self.env.invalidate_all()
+        self.assertEqual(tx.state, 'pending')
+        self.assertEqual(set(self._events(kind='callback').mapped('callback_state')), {'rejected'})
+
+    def test_enforced_source_check_refuses_unknown_addresses(self):
+        tx = self._pending_tx()
+        self._settled_at_simulator(tx)
+        self.provider.mpesa_ip_check = 'enforce'
+        response = self._post_callback(self._success_body(tx))
+        self.assertEqual(response.status_code, 403)
+        self.env.invalidate_all()
+        self.assertEqual(tx.state, 'pending')
+        self.provider.mpesa_allowed_ips = '127.0.0.0/8'
+        response = self._post_callback(self._success_body(tx))
+        self.assertEqual(response.status_code, 200)
+        self.env.invalidate_all()
+        self.assertEqual(tx.state, 'done')
+
+    def test_second_payment_of_a_paid_order_is_flagged(self):
+        tx = self._pending_tx()
+        self._settled_at_simulator(tx)
+        self._post_callback(self._success_body(tx, receipt='FIRST00001'))
+        self._post_callback(self._success_body(tx, receipt='SECOND0001'))
+        self.env.invalidate_all()
+        self.assertEqual(tx.mpesa_receipt_number, 'FIRST00001')
+        self.assertTrue(self.quotation.mpesa_needs_refund)
+        self.assertTrue(self.quotation.activity_ids)

@@ -1,0 +1,167 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+from odoo.tests import JsonRpcException, tagged
+from odoo.tools import mute_logger
+
+from .common import (
+    PHONE_CALLBACK_EARLY,
+    PHONE_CALLBACK_LATE,
+    PHONE_CALLBACK_LOST,
+    PHONE_CALLBACK_TWICE,
+    PHONE_CANCELLED,
+    PHONE_LOCKED,
+    PHONE_NO_ANSWER,
+    PHONE_NO_FUNDS,
+    PHONE_SUCCESS,
+    PHONE_WRONG_PIN,
+    MpesaCommon,
+)
+
+
+@tagged('post_install', '-at_install')
+class TestPortalPayment(MpesaCommon):
+
+    def _assert_paid(self, tx, by='callback'):
+        self.assertEqual(tx.state, 'done')
+        self.assertEqual(tx.mpesa_settled_by, by)
+        if by == 'callback':
+            self.assertTrue(tx.mpesa_receipt_number)
+        self.assertEqual(tx.mpesa_paid_amount, 4500)
+        tx._post_process()  # What /payment/status polling and Odoo's cron do.
+        order = self.quotation
+        self.assertEqual(order.state, 'sale', "a paid quotation is confirmed")
+        self.assertEqual(order.mpesa_payment_status, 'paid')
+        self.assertEqual(order.mpesa_receipt_number, tx.mpesa_receipt_number)
+        self.assertTrue(tx.payment_id, "Odoo's post-processing creates the account.payment")
+        self.assertEqual(tx.payment_id.amount, 4500)
+        self.assertEqual(tx.payment_id.journal_id, self.provider.journal_id)
+
+    def test_success_confirms_the_quotation_and_creates_the_payment(self):
+        tx, result = self._pay_from_portal('0708 374 149')
+        self.assertEqual(result, {})
+        self.assertEqual(tx.state, 'pending')
+        self.assertTrue(tx.provider_reference.startswith('ws_CO_'))
+        self.assertEqual(tx.mpesa_phone, PHONE_SUCCESS)
+        self.assertEqual(self.quotation.mpesa_payment_status, 'pending')
+        self._wait_final(tx)
+        self._assert_paid(tx)
+        callbacks = self._events(kind='callback', transaction_id=tx.id)
+        self.assertEqual(callbacks.mapped('callback_state'), ['processed'])
+        mail = self.env['mail.mail'].search([('model', '=', 'payment.transaction'), ('res_id', '=', tx.id)])
+        self.assertIn(tx.mpesa_receipt_number, mail.body_html, "the confirmation mail is queued")
+
+    def _assert_failed(self, phone, state, message_part):
+        tx, _result = self._pay_from_portal(phone)
+        self.assertEqual(tx.state, 'pending')
+        self._wait_final(tx)
+        self.assertEqual(tx.state, state)
+        self.assertIn(message_part, tx.state_message)
+        self.assertEqual(self.quotation.state, 'draft')
+        self.assertEqual(self.quotation.mpesa_payment_status, 'failed')
+        self.assertFalse(tx.mpesa_receipt_number)
+        mail = self.env['mail.mail'].search([('model', '=', 'payment.transaction'), ('res_id', '=', tx.id)])
+        self.assertTrue(mail, "the failure mail is queued")
+        return tx
+
+    def test_cancelled_by_the_user(self):
+        tx = self._assert_failed(PHONE_CANCELLED, 'cancel', 'cancel')
+        self.assertEqual(tx.mpesa_result_code, '1032')
+
+    def test_no_answer(self):
+        tx = self._assert_failed(PHONE_NO_ANSWER, 'error', '')
+        self.assertEqual(tx.mpesa_result_code, '1037')
+
+    def test_insufficient_funds(self):
+        self.assertEqual(self._assert_failed(PHONE_NO_FUNDS, 'error', '').mpesa_result_code, '1')
+
+    def test_wrong_pin(self):
+        self.assertEqual(self._assert_failed(PHONE_WRONG_PIN, 'error', '').mpesa_result_code, '2001')
+
+    def test_retry_after_a_cancelled_payment(self):
+        self._assert_failed(PHONE_CANCELLED, 'cancel', 'cancel')
+        tx, result = self._pay_from_portal(PHONE_SUCCESS)
+        self.assertEqual(result, {})
+        self._wait_final(tx)
+        self._assert_paid(tx)
+
+    def test_callback_sent_twice_is_counted_once(self):
+        tx, _result = self._pay_from_portal(PHONE_CALLBACK_TWICE)
+        self._wait_final(tx, callbacks=2)
+        self._assert_paid(tx)
+        states = sorted(self._events(kind='callback', transaction_id=tx.id).mapped('callback_state'))
+        self.assertEqual(states, ['ignored', 'processed'])
+        self.assertEqual(len(self.quotation.transaction_ids.payment_id), 1)
+
+    def test_lost_callback_is_recovered_by_the_query(self):
+        tx, _result = self._pay_from_portal(PHONE_CALLBACK_LOST)
+        self._wait(lambda: self._result_known(tx),
+                   message="the simulator to know the result")
+        self.assertEqual(tx.state, 'pending', "no callback came")
+        tx._mpesa_settle_by_query()
+        self._assert_paid(tx, by='query')
+
+    def test_query_before_the_late_callback(self):
+        tx, _result = self._pay_from_portal(PHONE_CALLBACK_LATE)
+        self._wait(lambda: self._result_known(tx),
+                   message="the simulator to know the result")
+        with self.registry.test_lock:  # The late callback may come in meanwhile.
+            tx._mpesa_settle_by_query()
+            self.env.flush_all()  # What the cron's commit does: the callback's request reads it.
+        self.assertEqual(tx.state, 'done')
+        self._wait_callbacks(tx)
+        self.assertEqual(self._events(kind='callback', transaction_id=tx.id).callback_state, 'ignored')
+        self.assertEqual(tx.state, 'done')
+
+    def test_callback_before_the_push_answer(self):
+        """Odoo's test server handles one request at a time, so here the early callback waits for
+        the push's request to end; with real workers it finds no transaction and waits in the
+        inbox (test_callback.test_unknown_checkout_request_is_kept_then_matched)."""
+        tx, _result = self._pay_from_portal(PHONE_CALLBACK_EARLY)
+        self._wait(lambda: tx.state == 'done', message="the early callback")
+        self._wait_callbacks(tx)
+        self._assert_paid(tx)
+
+    def test_subscriber_locked_leaves_nothing_pending(self):
+        tx, result = self._pay_from_portal(PHONE_LOCKED)
+        self.assertIn('already waiting', result['error'])
+        self.assertEqual(tx.state, 'error')
+        self.assertFalse(tx.provider_reference)
+        self.assertEqual(self.quotation.state, 'draft')
+
+    @mute_logger('odoo.http')
+    def test_one_pending_prompt_per_order(self):
+        tx, _result = self._pay_from_portal(PHONE_CALLBACK_LOST)
+        self.assertEqual(tx.state, 'pending')
+        values = self._start_portal_payment()
+        self.assertIn('already sent', self._stk_push_refusal(values, PHONE_SUCCESS))
+        self.assertEqual(self._get_tx(values['reference']).state, 'draft')
+        self.assertEqual(len(self.simulator.pushes), 1, "no second prompt reached Daraja")
+
+    @mute_logger('odoo.http')
+    def test_bad_phone_is_refused_before_anything_leaves(self):
+        values = self._start_portal_payment()
+        for phone in ('0812 345 678', '12345', '+255712345678', ''):
+            with self.assertRaises(JsonRpcException):
+                self._stk_push(values, phone)
+        self.assertEqual(self._get_tx(values['reference']).state, 'draft')
+        self.assertEqual(len(self.simulator.pushes), 0)
+
+    @mute_logger('odoo.http')
+    def test_tampered_access_token_is_refused(self):
+        values = self._start_portal_payment()
+        values['mpesa_access_token'] = 'x' * 64
+        with self.assertRaises(JsonRpcException):
+            self._stk_push(values, PHONE_SUCCESS)
+        self.assertEqual(len(self.simulator.pushes), 0)
+
+    @mute_logger('odoo.http')
+    def test_portal_user_cannot_pay_another_partners_order(self):
+        other_order = self.quotation.copy({'partner_id': self.partner_a.id})
+        self.authenticate('distributor', 'distributor')
+        with self.assertRaises(JsonRpcException):
+            self.make_jsonrpc_request(self._build_url(f'/my/orders/{other_order.id}/transaction'), {
+                'provider_id': self.provider.id, 'payment_method_id': self.payment_method_id,
+                'token_id': None, 'amount': other_order.amount_total, 'flow': 'direct',
+                'tokenization_requested': False, 'landing_route': '/my',
+                'access_token': 'not-the-token',
+            })
+        self.assertFalse(other_order.transaction_ids)

@@ -1,0 +1,1 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
