@@ -36,6 +36,10 @@ class PaymentTransaction(models.Model):
         string="Settled By", selection=const.SETTLEMENT_SOURCES, readonly=True, copy=False,
     )
     mpesa_settled_at = fields.Datetime(string="Settled On", readonly=True, copy=False)
+    mpesa_callback_at = fields.Datetime(
+        string="First Callback", readonly=True, copy=False,
+        help="When Daraja's first callback for this prompt arrived.",
+    )
     mpesa_event_ids = fields.One2many(
         'muchiri.mpesa.event', 'transaction_id', string="M-Pesa Exchanges", readonly=True,
     )
@@ -285,6 +289,8 @@ class PaymentTransaction(models.Model):
         if not tx:
             event._mark('unmatched', _("No transaction has this CheckoutRequestID yet."))
             return tx
+        if not tx.mpesa_callback_at:
+            tx.mpesa_callback_at = event.create_date
         tx._mpesa_process_callback(callback, event)
         return tx
 
