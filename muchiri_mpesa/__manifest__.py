@@ -20,6 +20,7 @@
         "views/sale_order_views.xml",
         "views/res_partner_views.xml",
         "data/mail_templates.xml",
+        "data/ir_cron_data.xml",
         # Refers to the inline form of payment_mpesa_templates.xml.
         "data/payment_provider_data.xml",
     ],

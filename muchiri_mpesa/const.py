@@ -36,6 +36,7 @@ DEFAULT_PUSH_COOLDOWN = 120
 ORDER_PAYMENT_STATUSES = [
     ('unpaid', "Unpaid"),
     ('pending', "Pending"),
+    ('partial', "Partially paid"),
     ('paid', "Paid"),
     ('failed', "Failed"),
 ]
@@ -62,4 +63,19 @@ CALLBACK_STATES = [
 SETTLEMENT_SOURCES = [
     ('callback', "Callback"),
     ('query', "STK Query"),
+    ('cutoff', "No answer by the cut-off"),
 ]
+
+# Reconciliation by STK Query (DESIGN.md section 2): the first check once the customer has had time
+# to answer, then about every minute for five minutes, then rarely until the cut-off.
+RECONCILE_FIRST_CHECK = 35
+RECONCILE_FAST_INTERVAL = 45
+RECONCILE_FAST_PERIOD = 5 * 60
+RECONCILE_SLOW_INTERVAL = 30 * 60
+DEFAULT_RECONCILE_CUTOFF_HOURS = 24
+# Transactions (and kept callbacks) handled by one cron run; the rest wait for the next run.
+RECONCILE_BATCH_SIZE = 200
+# After Daraja's spike arrest or quota errors, or when it cannot be reached, the run stops and the
+# transaction is checked again after this many seconds.
+RECONCILE_THROTTLE_DELAY = 60
+THROTTLE_ERROR_CODES = ('500.003.02', '500.003.03')

@@ -598,5 +598,5 @@ class DarajaClient:
             )
 
         result = self._with_token(send)
-        _log.info("STK push %s: %s (%s).", checkout, result.outcome.value, result.result_code)
+        _log.info("STK query of %s: %s (%s).", checkout, result.outcome.value, result.result_code)
         return result

@@ -1,12 +1,18 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 import json
 import logging
+from datetime import timedelta
+
+from psycopg2 import OperationalError
 
 from odoo import api, fields, models
 
 from odoo.addons.muchiri_mpesa import const, daraja
 
 _logger = logging.getLogger(__name__)
+
+# Kept callbacks are retried this long: past it, an accountant looks at them in the log.
+KEEP_RETRYING = timedelta(days=7)
 
 
 def _as_text(body):
@@ -64,23 +70,25 @@ class MpesaEvent(models.Model):
         request_text = _as_text(exchange.request_body)
         if secret and request_text:
             request_text = request_text.replace(secret, '***')
-        return self.sudo().create({
-            'kind': exchange.operation,
-            'provider_id': provider.id,
-            'transaction_id': transaction.id if transaction else False,
-            'checkout_request_id': response_body.get('CheckoutRequestID')
-            or request_body.get('CheckoutRequestID'),
-            'merchant_request_id': response_body.get('MerchantRequestID'),
-            'phone': request_body.get('PhoneNumber'),
-            'result_code': response_body.get('ResultCode') or response_body.get('errorCode')
-            or response_body.get('ResponseCode'),
-            'http_status': exchange.status or 0,
-            'url': exchange.url,
-            'request_body': request_text,
-            'response_body': _as_text(exchange.response_body),
-            'duration_ms': exchange.duration_ms,
-            'error': exchange.error or False,
-        })
+        # In a savepoint: a failed insert must not leave the payment's transaction aborted.
+        with self.env.cr.savepoint():
+            return self.sudo().create({
+                'kind': exchange.operation,
+                'provider_id': provider.id,
+                'transaction_id': transaction.id if transaction else False,
+                'checkout_request_id': response_body.get('CheckoutRequestID')
+                or request_body.get('CheckoutRequestID'),
+                'merchant_request_id': response_body.get('MerchantRequestID'),
+                'phone': request_body.get('PhoneNumber'),
+                'result_code': response_body.get('ResultCode') or response_body.get('errorCode')
+                or response_body.get('ResponseCode'),
+                'http_status': exchange.status or 0,
+                'url': exchange.url,
+                'request_body': request_text,
+                'response_body': _as_text(exchange.response_body),
+                'duration_ms': exchange.duration_ms,
+                'error': exchange.error or False,
+            })
 
     # === INBOUND === #
 
@@ -120,21 +128,41 @@ class MpesaEvent(models.Model):
         return daraja.parse_stk_callback(self.request_body or '')
 
     @api.model
-    def _match_unmatched(self, checkout_request_ids=None):
+    def _match_unmatched(self, checkout_request_ids=None, limit=None, commit=False):
         """Process again the kept callbacks whose transaction is now known.
 
-        :return: the transactions that were settled or changed by a kept callback.
+        Callbacks wait here when their transaction was not committed yet, when Daraja had not yet
+        confirmed a success, or when processing failed; each is retried on its own.
+
+        :return: the number of callbacks processed again
         """
-        domain = [('kind', '=', 'callback'), ('callback_state', 'in', ('unmatched', 'error'))]
+        domain = [
+            ('kind', '=', 'callback'),
+            ('callback_state', 'in', ('unmatched', 'error')),
+            ('checkout_request_id', '!=', False),
+        ]
         if checkout_request_ids is not None:
             domain.append(('checkout_request_id', 'in', list(checkout_request_ids)))
+        else:
+            domain.append(('create_date', '>=', fields.Datetime.now() - KEEP_RETRYING))
         events = self.sudo().search(domain, order='id')
-        txs = self.env['payment.transaction']
+        # Only those whose transaction exists now: the others would fill every batch for nothing.
+        Transaction = self.env['payment.transaction'].sudo()
+        known = set(Transaction.search([
+            ('provider_code', '=', 'mpesa'),
+            ('provider_reference', 'in', list(set(events.mapped('checkout_request_id')))),
+        ]).mapped('provider_reference'))
+        events = events.filtered(lambda e: e.checkout_request_id in known)[:limit]
         for event in events:
-            tx = self.env['payment.transaction'].sudo()._mpesa_find_by_checkout_request(
-                event.checkout_request_id
-            )
-            if tx:
-                tx._mpesa_process_callback(event._parse(), event)
-                txs |= tx
-        return txs
+            try:
+                with self.env.cr.savepoint():
+                    tx = Transaction._mpesa_find_by_checkout_request(event.checkout_request_id)
+                    tx._mpesa_process_callback(event._parse(), event)
+            except OperationalError:
+                continue  # A concurrent worker has it: the next run sees the result.
+            except Exception as error:
+                _logger.exception("Kept M-Pesa callback %s could not be processed.", event.id)
+                event._mark('error', str(error))
+            if commit:
+                Transaction._mpesa_commit()
+        return len(events)

@@ -2,13 +2,13 @@
 import ipaddress
 import logging
 import secrets
-from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 from odoo import _, api, fields, models
 from odoo.exceptions import UserError, ValidationError
 
 from odoo.addons.muchiri_mpesa import const, daraja
+from odoo.addons.muchiri_mpesa.models.mpesa_token import DatabaseTokenStore
 from odoo.addons.payment import utils as payment_utils
 
 _logger = logging.getLogger(__name__)
@@ -22,53 +22,6 @@ TUNNEL_HOST_SUFFIXES = (
 
 def _new_callback_secret():
     return secrets.token_urlsafe(24)
-
-
-class ProviderTokenStore:
-    """Daraja's token store on the provider row: one token per provider for every Odoo worker.
-
-    Daraja may invalidate a token when another one is issued for the same app, so workers must share
-    one.  The refresh runs on its own cursor, under a row lock, and commits at once: a second worker
-    waits for the lock, then finds the fresh token instead of fetching another.
-    """
-
-    def __init__(self, provider):
-        self._provider = provider
-
-    def load(self, key):
-        # The caller's snapshot may be older than the stored token; refresh() re-reads under the lock.
-        self._provider.env.cr.execute(
-            "SELECT mpesa_token_value, mpesa_token_expiry, mpesa_token_key"
-            " FROM payment_provider WHERE id = %s",
-            [self._provider.id],
-        )
-        return self._to_token(self._provider.env.cr.fetchone(), key)
-
-    def refresh(self, key, fetch, stale):
-        with self._provider.env.registry.cursor() as cr:
-            cr.execute(
-                "SELECT mpesa_token_value, mpesa_token_expiry, mpesa_token_key"
-                " FROM payment_provider WHERE id = %s FOR UPDATE",
-                [self._provider.id],
-            )
-            current = self._to_token(cr.fetchone(), key)
-            if current and current != stale and current.is_fresh(datetime.now(timezone.utc)):
-                return current
-            token = fetch()
-            cr.execute(
-                "UPDATE payment_provider SET mpesa_token_value = %s, mpesa_token_expiry = %s,"
-                " mpesa_token_key = %s WHERE id = %s",
-                [token.value, token.expires_at.astimezone(timezone.utc).replace(tzinfo=None), key,
-                 self._provider.id],
-            )
-        self._provider.invalidate_recordset(['mpesa_token_value', 'mpesa_token_expiry', 'mpesa_token_key'])
-        return token
-
-    @staticmethod
-    def _to_token(row, key):
-        if not row or not row[0] or not row[1] or row[2] != key:
-            return None
-        return daraja.AccessToken(value=row[0], expires_at=row[1].replace(tzinfo=timezone.utc))
 
 
 class PaymentProvider(models.Model):
@@ -136,15 +89,16 @@ class PaymentProvider(models.Model):
         groups='base.group_system',
         help="While a prompt sent for an order is younger than this, another one is refused.",
     )
+    mpesa_reconcile_cutoff_hours = fields.Integer(
+        string="Give Up After (hours)", default=const.DEFAULT_RECONCILE_CUTOFF_HOURS,
+        groups='base.group_system',
+        help="A prompt that neither a callback nor a query settles by then ends in error; a later"
+             " success still confirms it.",
+    )
     mpesa_distributors_only = fields.Boolean(
         string="Distributors Only", default=True,
         help="Offer M-Pesa only to customers marked as distributors.",
     )
-
-    # === SHARED ACCESS TOKEN (see ProviderTokenStore) === #
-    mpesa_token_value = fields.Char(groups='base.group_system', copy=False)
-    mpesa_token_expiry = fields.Datetime(groups='base.group_system', copy=False)
-    mpesa_token_key = fields.Char(groups='base.group_system', copy=False)
 
     # === CONSTRAINTS === #
 
@@ -165,6 +119,18 @@ class PaymentProvider(models.Model):
                     " (%(host)s).", host=host,
                 ))
 
+    @api.constrains('state', 'code', 'mpesa_api_url')
+    def _check_mpesa_production_api_url(self):
+        """An enabled provider talks to Safaricom: a simulator would confirm orders without money."""
+        for provider in self.filtered(lambda p: p.code == 'mpesa' and p.state == 'enabled'):
+            url = (provider.sudo().mpesa_api_url or '').rstrip('/')
+            if url and url != daraja.PRODUCTION_URL:
+                raise ValidationError(_(
+                    "An enabled M-Pesa provider talks to Safaricom's production API (%(prod)s), not"
+                    " to %(url)s: use test mode for the sandbox or a simulator.",
+                    prod=daraja.PRODUCTION_URL, url=url,
+                ))
+
     @api.constrains('mpesa_allowed_ips')
     def _check_mpesa_allowed_ips(self):
         for provider in self:
@@ -172,7 +138,8 @@ class PaymentProvider(models.Model):
 
     @api.constrains('mpesa_shortcode', 'mpesa_shortcode_type', 'mpesa_till_number')
     def _check_mpesa_shortcode(self):
-        for provider in self.filtered(lambda p: p.code == 'mpesa' and p.mpesa_shortcode):
+        # Checked once the passkey is there too (a duplicated provider has none yet).
+        for provider in self.filtered(lambda p: p.code == 'mpesa' and p.mpesa_shortcode and p.mpesa_passkey):
             try:
                 provider._mpesa_shortcode_config()
             except daraja.DarajaValidationError as error:
@@ -246,9 +213,12 @@ class PaymentProvider(models.Model):
         maximum = int(self.maximum_amount or daraja.DEFAULT_MAX_AMOUNT)
         return min(maximum, daraja.DARAJA_MAX_AMOUNT)
 
-    def _mpesa_client(self, transaction=None):
+    def _mpesa_client(self, transaction=None, session=None):
         """A Daraja client whose token is shared through the database and whose every HTTP exchange
-        lands in the audit log (linked to `transaction` when given)."""
+        lands in the audit log (linked to `transaction` when given).
+
+        :param requests.Session session: reuse its connections (the cron's many queries)
+        """
         self.ensure_one()
         provider = self.sudo()
         if not (provider.mpesa_consumer_key and provider.mpesa_consumer_secret):
@@ -260,7 +230,8 @@ class PaymentProvider(models.Model):
                 base_url=self._mpesa_api_base_url(),
             ),
             self._mpesa_shortcode_config(),
-            token_store=ProviderTokenStore(provider),
+            session=session,
+            token_store=DatabaseTokenStore(self.env),
             max_amount=self._mpesa_max_amount(),
             observer=lambda exchange: self.env['muchiri.mpesa.event']._record_exchange(
                 provider, exchange, transaction
@@ -270,8 +241,10 @@ class PaymentProvider(models.Model):
     def action_mpesa_test_connection(self):
         """Fetch a token and tell the administrator in plain words what is wrong, if anything."""
         self.ensure_one()
+        client = self._mpesa_client()
         try:
-            self._mpesa_client().fetch_token()
+            # Through the shared store: a token fetched aside could invalidate the workers' one.
+            client.access_token(stale=client.token_store.load(client.credentials.cache_key))
         except daraja.DarajaAuthError as error:
             raise UserError(_(
                 "Daraja refused the consumer key and secret (%(detail)s).  Check that they belong to"

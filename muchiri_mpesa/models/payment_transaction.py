@@ -3,7 +3,11 @@ import logging
 from datetime import timedelta, timezone
 from decimal import Decimal
 
-from odoo import _, api, fields, models
+import requests
+from psycopg2 import OperationalError
+from psycopg2.errors import LockNotAvailable
+
+from odoo import _, api, fields, models, modules
 from odoo.exceptions import ValidationError
 
 from odoo.addons.muchiri_mpesa import const, daraja
@@ -40,6 +44,16 @@ class PaymentTransaction(models.Model):
         string="First Callback", readonly=True, copy=False,
         help="When Daraja's first callback for this prompt arrived.",
     )
+    mpesa_next_check_at = fields.Datetime(
+        string="Next Status Check", readonly=True, copy=False, index='btree_not_null',
+        help="When the reconciliation cron asks Daraja about this pending prompt next.",
+    )
+    mpesa_check_count = fields.Integer(string="Status Checks", readonly=True, copy=False)
+    mpesa_outcome_unknown = fields.Boolean(
+        string="Prompt Outcome Unknown", readonly=True, copy=False,
+        help="Daraja gave no answer we could read to the STK Push: the prompt may be on the phone,"
+             " and only its callback can tell.",
+    )
     mpesa_event_ids = fields.One2many(
         'muchiri.mpesa.event', 'transaction_id', string="M-Pesa Exchanges", readonly=True,
     )
@@ -75,13 +89,16 @@ class PaymentTransaction(models.Model):
 
         Bad input raises a ValidationError before anything leaves and changes nothing.  A refusal by
         Daraja sets the transaction in error (it is a real, audited attempt) and is returned as the
-        message to show.
+        message to show.  The attempt is committed before the request leaves and its answer right
+        after: a retried or repeated request never sends a second prompt, and a failure later in the
+        request never loses the CheckoutRequestID of a prompt that is on the phone.
 
         :return: None when the prompt was sent, else the message explaining why not.
         :rtype: str | None
         """
         self.ensure_one()
-        if self.provider_code != 'mpesa' or self.state != 'draft':
+        self._mpesa_lock_for_push()
+        if self.provider_code != 'mpesa' or self.state != 'draft' or self.mpesa_push_sent_at:
             raise ValidationError(_("This payment can no longer be sent to M-Pesa."))
         if self.currency_id.name not in const.SUPPORTED_CURRENCIES:
             raise ValidationError(_("M-Pesa takes payments in Kenyan shillings (KES) only."))
@@ -98,42 +115,72 @@ class PaymentTransaction(models.Model):
             raise ValidationError(str(error)) from error
         self._mpesa_check_no_prompt_waiting()
 
-        client = self.provider_id._mpesa_client(transaction=self)
+        values = {
+            'mpesa_phone': msisdn,
+            'mpesa_requested_amount': amount,
+            'mpesa_push_sent_at': fields.Datetime.now(),
+        }
+        if self.currency_id.compare_amounts(amount, self.amount):
+            # M-Pesa takes whole shillings, rounded up: record what the phone is really asked.
+            values['amount'] = amount
+        self.write(values)
+        self.sale_order_ids.write({'mpesa_phone': msisdn})
+        self.env.cr.execute(  # See _mpesa_check_no_prompt_waiting: the orders must change.
+            "UPDATE sale_order SET write_date = now() at time zone 'UTC' WHERE id = ANY(%s)",
+            [self.sale_order_ids.ids],
+        )
+        self._mpesa_commit()
+
+        client = provider._mpesa_client(transaction=self)
         try:
             result = client.stk_push(
                 phone=msisdn, amount=amount, reference=self.reference,
                 description=self.company_id.name or 'Payment',
-                callback_url=self.provider_id._mpesa_callback_url(),
+                callback_url=provider._mpesa_callback_url(),
             )
-        except daraja.DarajaValidationError as error:
-            raise ValidationError(str(error)) from error
         except daraja.DarajaError as error:
             message = self._mpesa_push_error_message(error)
-            self.write({'mpesa_phone': msisdn, 'mpesa_requested_amount': amount})
+            self.mpesa_outcome_unknown = self._mpesa_push_may_have_reached(error)
             self._set_error(message)
+            self._mpesa_commit()
             return message
 
         self.write({
             'provider_reference': result.checkout_request_id,
             'mpesa_merchant_request_id': result.merchant_request_id,
-            'mpesa_phone': msisdn,
-            'mpesa_requested_amount': amount,
-            'mpesa_push_sent_at': fields.Datetime.now(),
+            'mpesa_next_check_at': fields.Datetime.now()
+            + timedelta(seconds=const.RECONCILE_FIRST_CHECK),
         })
-        self.sale_order_ids.write({'mpesa_phone': msisdn})
         self._set_pending()
-        # The callback may have beaten this commit: it waits in the inbox.
-        self.env['muchiri.mpesa.event']._match_unmatched([result.checkout_request_id])
+        self._mpesa_commit()
         return None
 
-    def _mpesa_push_error_message(self, error):
-        if isinstance(error, daraja.DarajaConnectionError):
-            if error.request_may_have_reached:
-                return _(
-                    "M-Pesa did not answer in time, so we cannot tell whether the prompt reached"
-                    " your phone.  If you paid, your payment will be matched; otherwise try again"
-                    " in two minutes."
+    def _mpesa_lock_for_push(self):
+        """Lock the transaction: a second click or a replayed request waits for nothing, it fails."""
+        try:
+            with self.env.cr.savepoint(flush=False):
+                self.env.cr.execute(
+                    "SELECT id FROM payment_transaction WHERE id = %s FOR UPDATE NOWAIT", [self.id]
                 )
+        except LockNotAvailable as error:
+            raise ValidationError(_("This payment is already being sent to M-Pesa.")) from error
+        self.invalidate_recordset()
+
+    @staticmethod
+    def _mpesa_push_may_have_reached(error):
+        """Whether Daraja may have taken the push although we saw no answer we could read."""
+        if isinstance(error, daraja.DarajaConnectionError):
+            return error.request_may_have_reached
+        return isinstance(error, daraja.DarajaProtocolError)
+
+    def _mpesa_push_error_message(self, error):
+        if self._mpesa_push_may_have_reached(error):
+            return _(
+                "M-Pesa did not answer in time, so we cannot tell whether the prompt reached"
+                " your phone.  If you paid, your payment will be matched; otherwise try again"
+                " in two minutes."
+            )
+        if isinstance(error, daraja.DarajaConnectionError):
             return _("M-Pesa cannot be reached right now.  Please try again in a few minutes.")
         if isinstance(error, daraja.DarajaApiError):
             known = daraja.describe_api_error(error.error_code, error.error_message)
@@ -144,7 +191,9 @@ class PaymentTransaction(models.Model):
     def _mpesa_check_no_prompt_waiting(self):
         """At most one prompt per order: refuse while another one is young, or the order is paid.
 
-        The orders' rows are locked so that two clicks cannot both pass this check.
+        The orders' rows are locked, and the push then updates them before it commits: a concurrent
+        push for the same order fails its lock with a serialization error, and Odoo replays it on a
+        fresh snapshot that sees this prompt.
         """
         orders = self.sale_order_ids
         if not orders:
@@ -156,12 +205,13 @@ class PaymentTransaction(models.Model):
             if order.currency_id.compare_amounts(order.amount_paid, order.amount_total) >= 0:
                 raise ValidationError(_("Order %s is already paid.", order.name))
         cooldown = self.provider_id.sudo().mpesa_push_cooldown or 0
+        # A prompt being sent, waiting on the phone, or whose fate we could not read.
         waiting = self.search([
             ('id', '!=', self.id),
             ('provider_code', '=', 'mpesa'),
             ('sale_order_ids', 'in', orders.ids),
-            ('state', '=', 'pending'),
             ('mpesa_push_sent_at', '>', fields.Datetime.now() - timedelta(seconds=cooldown)),
+            '|', ('state', 'in', ('draft', 'pending')), ('mpesa_outcome_unknown', '=', True),
         ], limit=1)
         if waiting:
             raise ValidationError(_(
@@ -172,20 +222,21 @@ class PaymentTransaction(models.Model):
 
     # === BUSINESS METHODS - STK QUERY === #
 
-    def _mpesa_query(self):
+    def _mpesa_query(self, session=None):
         """Ask Daraja for the state of this transaction's STK Push.
 
         :rtype: daraja.StkQueryResult
         :raise daraja.DarajaError: when Daraja cannot answer now.
         """
         self.ensure_one()
-        client = self.provider_id._mpesa_client(transaction=self)
+        client = self.provider_id._mpesa_client(transaction=self, session=session)
         return client.stk_query(self.provider_reference)
 
-    def _mpesa_settle_by_query(self):
+    def _mpesa_settle_by_query(self, session=None):
         """Query Daraja and settle the transaction with its answer, as a callback would."""
         self.ensure_one()
-        result = self._mpesa_query()
+        self._mpesa_find_by_checkout_request(self.provider_reference)  # Locks it as a callback does.
+        result = self._mpesa_query(session=session)
         if result.outcome != PENDING:
             self._mpesa_settle_with_query_result(result)
         return result
@@ -231,28 +282,36 @@ class PaymentTransaction(models.Model):
         if self.provider_code != 'mpesa':
             return
         result = daraja.classify_result(notification_data.get('result_code'))
-        self.write({
+        if self.state in ('done', 'cancel') or (self.state == 'error' and result.outcome != SUCCESS):
+            return  # A final transaction never changes; only a late success may change an error.
+        last_result = {
             'mpesa_result_code': result.code,
             'mpesa_result_desc': notification_data.get('result_desc') or result.message,
-        })
-        if result.outcome == PENDING or self.state in ('done', 'cancel'):
-            return  # Unknown codes wait for a final answer; a final transaction never changes.
-        if self.state == 'error' and result.outcome != SUCCESS:
-            return  # Only a late success may change an error.
+        }
+        if result.outcome == PENDING:
+            self.write(last_result)  # Unknown codes wait for a final answer.
+            return
 
         source = notification_data.get('source', 'callback')
+        settled = {
+            **last_result,
+            'mpesa_settled_by': source,
+            'mpesa_settled_at': fields.Datetime.now(),
+            'mpesa_next_check_at': False,
+            'mpesa_outcome_unknown': False,
+        }
         if result.outcome == SUCCESS:
-            values = {'mpesa_settled_by': source, 'mpesa_settled_at': fields.Datetime.now()}
             if source == 'callback':
-                values.update(self._mpesa_check_paid_amount_and_receipt(notification_data))
+                settled.update(self._mpesa_check_paid_amount_and_receipt(notification_data))
             else:
-                values['mpesa_paid_amount'] = self.mpesa_requested_amount
-            self.write(values)
+                settled['mpesa_paid_amount'] = self.mpesa_requested_amount
+            self.write(settled)
             self._set_done()
+            self._mpesa_flag_overpaid_orders()
             self._mpesa_send_mail('muchiri_mpesa.mail_template_mpesa_payment_confirmed')
             return
 
-        self.write({'mpesa_settled_by': source, 'mpesa_settled_at': fields.Datetime.now()})
+        self.write(settled)
         if result.outcome == CANCELED:
             self._set_canceled(state_message=result.message)
         else:
@@ -298,40 +357,69 @@ class PaymentTransaction(models.Model):
         """Apply a callback to this (locked) transaction, after the checks a forged one fails."""
         self.ensure_one()
         outcome = callback.outcome
+        if self.state == 'done' and outcome == SUCCESS:
+            self._mpesa_record_late_receipt(callback, event)
+            return
         if self.state in ('done', 'cancel') or (self.state == 'error' and outcome != SUCCESS):
-            if outcome == SUCCESS and callback.receipt_number != self.mpesa_receipt_number:
-                self._mpesa_flag_unexpected_payment(callback)
             event._mark('ignored', _("The transaction is already %s.", self.state), self)
             return
-        if outcome == SUCCESS and self.provider_id.sudo().mpesa_confirm_by_query:
+        if self.provider_id.sudo().mpesa_confirm_by_query:
+            # Daraja does not sign callbacks: its own answer to our query is the truth.
             query = self._mpesa_query()
             if query.outcome == PENDING:
-                event._mark('unmatched', _("Daraja has not confirmed this payment yet."), self)
+                event._mark('unmatched', _("Daraja has not confirmed this result yet."), self)
                 return
-            if query.outcome != SUCCESS:
+            if daraja.classify_result(query.result_code).code != callback.result.code:
                 event._mark('rejected', _(
-                    "Daraja's query answers %(code)s (%(desc)s): the success callback is not trusted.",
+                    "Daraja's query answers %(code)s (%(desc)s): the callback is not trusted.",
                     code=query.result_code, desc=query.result_desc,
                 ), self)
                 self._mpesa_settle_with_query_result(query)
                 return
         try:
             with self.env.cr.savepoint():
-                self._handle_notification_data('mpesa', {
-                    'checkout_request_id': callback.checkout_request_id,
-                    'result_code': callback.result_code,
-                    'result_desc': callback.result_desc,
-                    'amount': callback.amount,
-                    'receipt_number': callback.receipt_number,
-                    'paid_at': callback.transaction_date
-                    and callback.transaction_date.astimezone(timezone.utc).replace(tzinfo=None),
-                    'source': 'callback',
-                })
+                self._handle_notification_data('mpesa', self._mpesa_callback_notification(callback))
         except ValidationError as error:
             _logger.warning("Refused M-Pesa callback for %s: %s", self.reference, error)
             event._mark('rejected', str(error), self)
             return
         event._mark('processed', _("Transaction %s.", self.state), self)
+
+    @staticmethod
+    def _mpesa_callback_notification(callback):
+        return {
+            'checkout_request_id': callback.checkout_request_id,
+            'result_code': callback.result_code,
+            'result_desc': callback.result_desc,
+            'amount': callback.amount,
+            'receipt_number': callback.receipt_number,
+            'paid_at': callback.transaction_date
+            and callback.transaction_date.astimezone(timezone.utc).replace(tzinfo=None),
+            'source': 'callback',
+        }
+
+    def _mpesa_record_late_receipt(self, callback, event):
+        """A success callback for a payment already done: the receipt of a payment settled by STK
+        Query (which carries none), or a duplicate; never a second payment of the same prompt."""
+        if self.mpesa_receipt_number:
+            if callback.receipt_number == self.mpesa_receipt_number:
+                event._mark('ignored', _("This receipt is already recorded."), self)
+            else:
+                event._mark('rejected', _(
+                    "A second receipt (%(new)s) for a prompt already paid with %(old)s: Daraja sends"
+                    " one per prompt, so this callback is not trusted.",
+                    new=callback.receipt_number, old=self.mpesa_receipt_number,
+                ), self)
+            return
+        try:
+            with self.env.cr.savepoint():
+                self.write(self._mpesa_check_paid_amount_and_receipt(
+                    self._mpesa_callback_notification(callback)
+                ))
+        except ValidationError as error:
+            event._mark('rejected', str(error), self)
+            return
+        event._mark('processed', _("Receipt recorded for a payment settled by STK Query."), self)
 
     def _mpesa_settle_with_query_result(self, query):
         self._handle_notification_data('mpesa', {
@@ -341,20 +429,124 @@ class PaymentTransaction(models.Model):
             'source': 'query',
         })
 
-    def _mpesa_flag_unexpected_payment(self, callback):
-        """Money came in for a transaction that is already settled: record it, never hide it."""
-        self.ensure_one()
-        message = _(
-            "M-Pesa reports another payment of KES %(amount)s (receipt %(receipt)s) for %(ref)s,"
-            " which is already %(state)s.  Check it and refund the customer if needed.",
-            amount=callback.amount, receipt=callback.receipt_number, ref=self.reference,
-            state=self.state,
-        )
-        _logger.warning(message)
+    def _mpesa_flag_overpaid_orders(self):
+        """Money beyond an order's total is recorded, never hidden: ask for a refund."""
         for order in self.sale_order_ids:
-            order._mpesa_flag_for_refund(message)
+            paid = sum(order.transaction_ids.filtered(lambda tx: tx.state == 'done').mapped('amount'))
+            # Less than a shilling over is M-Pesa's whole-shilling rounding, not a second payment.
+            if paid - order.amount_total >= 1:
+                order._mpesa_flag_for_refund(_(
+                    "M-Pesa payments of %(paid)s %(currency)s exceed the order total of %(total)s"
+                    " (last: %(ref)s, receipt %(receipt)s).  Check them and refund the customer.",
+                    paid=paid, currency=order.currency_id.name, total=order.amount_total,
+                    ref=self.reference, receipt=self.mpesa_receipt_number or '-',
+                ))
 
     def _mpesa_send_mail(self, template_xmlid):
         template = self.env.ref(template_xmlid, raise_if_not_found=False)
         if template and self.partner_id.email:
             template.sudo().send_mail(self.id)  # Queued: sent by the mail queue's cron.
+
+    # === BUSINESS METHODS - RECONCILIATION === #
+
+    @api.model
+    def _cron_mpesa_reconcile(self, batch_size=const.RECONCILE_BATCH_SIZE):
+        """Settle pending M-Pesa transactions whose callback is late or lost, by STK Query.
+
+        Each transaction is handled under its own row lock (skipped when another worker holds it)
+        and committed on its own, so that a crash loses nothing and one failure blocks nothing.
+        """
+        self.env['muchiri.mpesa.event']._match_unmatched(limit=batch_size, commit=True)
+        now = fields.Datetime.now()
+        due = self.sudo().search([
+            ('provider_code', '=', 'mpesa'),
+            ('state', '=', 'pending'),
+            ('provider_reference', '!=', False),
+            ('mpesa_next_check_at', '<=', now),
+        ], order='mpesa_next_check_at, id', limit=batch_size)
+        session = requests.Session()  # One connection to Daraja for the whole run.
+        checked = 0
+        try:
+            for tx in due:
+                outcome = tx._mpesa_reconcile(session)
+                checked += outcome != 'skipped'
+                if outcome == 'stop':
+                    break
+        finally:
+            session.close()
+        self.env['ir.cron']._notify_progress(done=checked, remaining=len(due) - checked)
+        return checked
+
+    def _mpesa_reconcile(self, session=None):
+        """Query one due transaction and settle or reschedule it; committed on its own.
+
+        :return: 'settled', 'pending', 'failed', 'skipped' (another worker has it, or it is no
+                 longer due), or 'stop' (Daraja throttles us or cannot be reached: end the run)
+        """
+        self.ensure_one()
+        try:
+            with self.env.cr.savepoint():
+                outcome = self._mpesa_reconcile_locked(session)
+        except OperationalError:
+            outcome = 'skipped'  # Changed by a concurrent worker meanwhile: the next run sees it.
+        except Exception:
+            _logger.exception("M-Pesa reconciliation of %s failed.", self.reference)
+            outcome = 'failed'
+            with self.env.cr.savepoint():
+                self._mpesa_schedule_next_check(const.RECONCILE_FAST_INTERVAL)
+        self._mpesa_commit()
+        return outcome
+
+    def _mpesa_reconcile_locked(self, session):
+        self.env.cr.execute(
+            "SELECT id FROM payment_transaction WHERE id = %s FOR UPDATE SKIP LOCKED", [self.id]
+        )
+        if not self.env.cr.fetchone():
+            return 'skipped'
+        self.invalidate_recordset()
+        now = fields.Datetime.now()
+        if self.state != 'pending' or not self.mpesa_next_check_at or self.mpesa_next_check_at > now:
+            return 'skipped'
+        self.mpesa_check_count += 1
+        try:
+            result = self._mpesa_settle_by_query(session=session)
+        except (daraja.DarajaConnectionError, daraja.DarajaProtocolError):
+            self._mpesa_schedule_next_check(const.RECONCILE_THROTTLE_DELAY)
+            return 'stop'
+        except daraja.DarajaApiError as error:
+            if error.error_code in const.THROTTLE_ERROR_CODES:
+                self._mpesa_schedule_next_check(const.RECONCILE_THROTTLE_DELAY)
+                return 'stop'
+            _logger.warning("M-Pesa query of %s refused: %s", self.reference, error)
+            result = None
+        if result is not None and result.outcome != PENDING:
+            return 'settled'
+        if self._mpesa_is_past_cutoff(now):
+            self.write({'mpesa_next_check_at': False, 'mpesa_settled_by': 'cutoff',
+                        'mpesa_settled_at': now})
+            self._set_error(_(
+                "M-Pesa gave no final answer within %(hours)s hours; a late payment will still be"
+                " matched.", hours=self.provider_id.sudo().mpesa_reconcile_cutoff_hours,
+            ))
+            return 'failed'
+        self._mpesa_schedule_next_check(self._mpesa_next_check_delay(now))
+        return 'pending'
+
+    def _mpesa_next_check_delay(self, now):
+        """Seconds until the next query: often while the customer may still answer, then rarely."""
+        age = (now - (self.mpesa_push_sent_at or now)).total_seconds()
+        if age < const.RECONCILE_FAST_PERIOD:
+            return const.RECONCILE_FAST_INTERVAL
+        return const.RECONCILE_SLOW_INTERVAL
+
+    def _mpesa_is_past_cutoff(self, now):
+        hours = self.provider_id.sudo().mpesa_reconcile_cutoff_hours or const.DEFAULT_RECONCILE_CUTOFF_HOURS
+        return (now - (self.mpesa_push_sent_at or now)) >= timedelta(hours=hours)
+
+    def _mpesa_schedule_next_check(self, seconds):
+        self.mpesa_next_check_at = fields.Datetime.now() + timedelta(seconds=seconds)
+
+    def _mpesa_commit(self):
+        """Keep each transaction's progress: a later crash must not lose it (not inside tests)."""
+        if not modules.module.current_test:
+            self.env.cr.commit()

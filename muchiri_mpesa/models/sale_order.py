@@ -30,16 +30,21 @@ class SaleOrder(models.Model):
     )
 
     @api.depends(
-        'transaction_ids.state', 'transaction_ids.mpesa_receipt_number',
-        'transaction_ids.mpesa_result_desc', 'transaction_ids.mpesa_paid_at',
+        'amount_total', 'transaction_ids.state', 'transaction_ids.amount',
+        'transaction_ids.mpesa_receipt_number', 'transaction_ids.mpesa_result_desc',
+        'transaction_ids.mpesa_paid_at',
     )
     def _compute_mpesa_payment(self):
         for order in self:
             txs = order.transaction_ids.filtered(lambda tx: tx.provider_code == 'mpesa').sorted('id')
             paid = txs.filtered(lambda tx: tx.state == 'done')
             last = txs[-1:]
-            if paid:
+            if paid and order.currency_id.compare_amounts(
+                sum(paid.mapped('amount')), order.amount_total
+            ) >= 0:
                 status = 'paid'
+            elif paid:
+                status = 'partial'
             elif txs.filtered(lambda tx: tx.state == 'pending'):
                 status = 'pending'
             elif last.state in ('cancel', 'error'):

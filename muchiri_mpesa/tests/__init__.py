@@ -1,2 +1,7 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
-from . import test_callback, test_portal_payment, test_provider_security
+from . import (
+    test_callback,
+    test_portal_payment,
+    test_provider_security,
+    test_reconciliation,
+)

@@ -1,8 +1,7 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from odoo.tests import tagged
-from odoo.tools import mute_logger
 
 from odoo.addons.muchiri_mpesa import daraja
 
@@ -10,8 +9,6 @@ from .common import PHONE_CALLBACK_LOST, PHONE_NO_ANSWER, MpesaCommon
 
 
 @tagged('post_install', '-at_install')
-@mute_logger('odoo.addons.muchiri_mpesa.models.payment_transaction',
-             'odoo.addons.muchiri_mpesa.controllers.main')
 class TestCallback(MpesaCommon):
     """Callbacks posted by hand to Odoo's HTTP server, for prompts the simulator really sent with
     its callback switched off (PHONE_CALLBACK_LOST): the query then tells the truth."""
@@ -150,12 +147,43 @@ class TestCallback(MpesaCommon):
         self.env.invalidate_all()
         self.assertEqual(tx.state, 'done')
 
-    def test_second_payment_of_a_paid_order_is_flagged(self):
+    def test_second_receipt_for_one_prompt_is_not_trusted(self):
         tx = self._pending_tx()
         self._settled_at_simulator(tx)
         self._post_callback(self._success_body(tx, receipt='FIRST00001'))
         self._post_callback(self._success_body(tx, receipt='SECOND0001'))
         self.env.invalidate_all()
         self.assertEqual(tx.mpesa_receipt_number, 'FIRST00001')
+        second = self._events(kind='callback', receipt_number='SECOND0001')
+        self.assertEqual(second.callback_state, 'rejected')
+        self.assertFalse(self.quotation.mpesa_needs_refund, "Daraja sends one receipt per prompt")
+
+    def test_second_paid_prompt_for_a_paid_order_is_flagged_for_refund(self):
+        first = self._pending_tx()
+        self._settled_at_simulator(first)
+        # The first prompt looks abandoned: a second one is allowed after the cooldown.
+        first.mpesa_push_sent_at = first.mpesa_push_sent_at - timedelta(minutes=10)
+        second = self._pending_tx()
+        self._settled_at_simulator(second)
+        self._post_callback(self._success_body(second, receipt='SECOND0001'))
+        self.env.invalidate_all()
+        self.assertEqual(second.state, 'done')
+        self.assertFalse(self.quotation.mpesa_needs_refund)
+        # The customer had paid the first prompt too: both payments are recorded.
+        self._post_callback(self._success_body(first, receipt='FIRST00001'))
+        self.env.invalidate_all()
+        self.assertEqual(first.state, 'done')
         self.assertTrue(self.quotation.mpesa_needs_refund)
         self.assertTrue(self.quotation.activity_ids)
+
+    def test_forged_failure_does_not_cancel_a_paid_prompt(self):
+        tx = self._pending_tx()
+        self._settled_at_simulator(tx)  # Daraja's query says: paid.
+        body = daraja.stk_callback_body(
+            tx.mpesa_merchant_request_id, tx.provider_reference, 1032, "Request cancelled by user",
+        )
+        self._post_callback(body)
+        self.env.invalidate_all()
+        self.assertEqual(tx.state, 'done', "Daraja's own answer wins over the forged callback")
+        self.assertEqual(tx.mpesa_settled_by, 'query')
+        self.assertEqual(self._events(kind='callback', transaction_id=tx.id).callback_state, 'rejected')

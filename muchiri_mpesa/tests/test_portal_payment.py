@@ -108,8 +108,12 @@ class TestPortalPayment(MpesaCommon):
             self.env.flush_all()  # What the cron's commit does: the callback's request reads it.
         self.assertEqual(tx.state, 'done')
         self._wait_callbacks(tx)
-        self.assertEqual(self._events(kind='callback', transaction_id=tx.id).callback_state, 'ignored')
+        late = self._events(kind='callback', transaction_id=tx.id)
+        self.assertEqual(late.callback_state, 'processed')
         self.assertEqual(tx.state, 'done')
+        self.assertEqual(tx.mpesa_settled_by, 'query')
+        self.assertEqual(tx.mpesa_receipt_number, late.receipt_number, "the late receipt is kept")
+        self.assertFalse(self.quotation.mpesa_needs_refund, "one payment, not two")
 
     def test_callback_before_the_push_answer(self):
         """Odoo's test server handles one request at a time, so here the early callback waits for

@@ -6,7 +6,7 @@ from odoo.tools import mute_logger
 from .common import PHONE_SUCCESS, MpesaCommon
 
 SECRET_FIELDS = ('mpesa_consumer_key', 'mpesa_consumer_secret', 'mpesa_passkey',
-                 'mpesa_callback_secret', 'mpesa_token_value')
+                 'mpesa_callback_secret')
 
 
 @tagged('post_install', '-at_install')
@@ -71,7 +71,10 @@ class TestProviderAndSecurity(MpesaCommon):
         for _i in range(3):
             self.provider._mpesa_client().access_token()
         self.assertLessEqual(self.simulator.tokens_issued - before, 1)
-        self.assertTrue(self.provider.sudo().mpesa_token_value)
+        tokens = self.env['muchiri.mpesa.token'].sudo().search([])
+        self.assertEqual(len(tokens), 1)
+        with self.assertRaises(AccessError):
+            tokens.with_user(self.internal_user).read(['value'])
 
     def test_test_connection_explains_bad_credentials(self):
         self.provider.mpesa_consumer_secret = 'wrong'
@@ -90,8 +93,12 @@ class TestProviderAndSecurity(MpesaCommon):
             self.provider.write({'state': 'enabled', 'mpesa_callback_base_url': 'http://shop.example.com'})
         with self.assertRaises(ValidationError):
             self.provider.write({'state': 'enabled', 'mpesa_callback_base_url': 'https://abc.ngrok-free.app'})
-        self.provider.write({'state': 'enabled', 'mpesa_callback_base_url': 'https://shop.example.com'})
-        self.assertEqual(self.provider._mpesa_api_base_url(), self.simulator.base_url.rstrip('/'))
+        with self.assertRaises(ValidationError, msg="production never talks to a simulator"):
+            self.provider.write({'state': 'enabled', 'mpesa_callback_base_url': 'https://shop.example.com'})
+        self.provider.write({
+            'state': 'enabled', 'mpesa_callback_base_url': 'https://shop.example.com', 'mpesa_api_url': False,
+        })
+        self.assertEqual(self.provider._mpesa_api_base_url(), 'https://api.safaricom.co.ke')
 
     def test_till_needs_a_till_number(self):
         with self.assertRaises(ValidationError):

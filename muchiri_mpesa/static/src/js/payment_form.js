@@ -5,8 +5,9 @@ import { rpc, RPCError } from '@web/core/network/rpc';
 
 import paymentForm from '@payment/js/payment_form';
 
-// Safaricom numbers, as the server checks them: 07.., 01.., 7.., 1.., 254.., +254.. (spaces allowed).
-const MPESA_PHONE = /^(?:\+?254|0)?(?:7\d{8}|1[01]\d{7})$/;
+// A Kenyan mobile number in any usual form (07.., 01.., 7.., 254.., +254.., 00254.., +254 (0)7..);
+// the server says which ranges are Safaricom's.
+const MPESA_PHONE = /^(?:(?:\+|00)?254(?:\(0\))?|0)?[17]\d{8}$/;
 
 paymentForm.include({
 
@@ -89,7 +90,7 @@ paymentForm.include({
     },
 
     _mpesaGetPhone() {
-        return this._mpesaGetPhoneInput().value.replace(/[\s\-().]/g, '');
+        return this._mpesaGetPhoneInput().value.replace(/[\s\-.]/g, '');
     },
 
 });
