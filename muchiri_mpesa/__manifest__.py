@@ -19,6 +19,7 @@
         "views/mpesa_event_views.xml",
         "views/sale_order_views.xml",
         "views/res_partner_views.xml",
+        "wizards/mpesa_payment_request_views.xml",
         "data/mail_templates.xml",
         "data/ir_cron_data.xml",
         # Refers to the inline form of payment_mpesa_templates.xml.

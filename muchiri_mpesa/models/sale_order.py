@@ -1,7 +1,17 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
-from odoo import api, fields, models
+import logging
+from decimal import Decimal
 
-from odoo.addons.muchiri_mpesa import const
+from psycopg2 import OperationalError
+
+from odoo import api, fields, models
+from odoo.exceptions import UserError, ValidationError
+from odoo.fields import Command
+from odoo.tools.misc import formatLang
+
+from odoo.addons.muchiri_mpesa import const, daraja
+
+_logger = logging.getLogger(__name__)
 
 
 class SaleOrder(models.Model):
@@ -67,3 +77,245 @@ class SaleOrder(models.Model):
             note=message,
             user_id=self.user_id.id or self.env.ref('base.user_admin').id,
         )
+
+    # === BACK OFFICE: M-PESA PAYMENT REQUESTS AND STATUS CHECKS === #
+
+    mpesa_can_request_payment = fields.Boolean(
+        string="Can Request M-Pesa Payment", compute='_compute_mpesa_back_office',
+    )
+    mpesa_has_pending_payment = fields.Boolean(
+        string="M-Pesa Payment Pending", compute='_compute_mpesa_back_office',
+    )
+
+    @api.depends(
+        'state', 'company_id', 'currency_id', 'amount_total', 'partner_id', 'partner_invoice_id',
+        'transaction_ids.state',
+    )
+    def _compute_mpesa_back_office(self):
+        for order in self:
+            order.mpesa_has_pending_payment = bool(order._mpesa_pending_transactions())
+            order.mpesa_can_request_payment = not order._mpesa_payment_request_blocker()
+
+    def _mpesa_payment_request_blocker(self):
+        """Why no M-Pesa payment can be requested for this order, or None when one can."""
+        self.ensure_one()
+        provider = self._mpesa_provider()
+        partner = self.partner_invoice_id or self.partner_id
+        if not provider:
+            return self.env._("No M-Pesa payment provider is enabled for %s.", self.company_id.name)
+        if self.state == 'cancel':
+            return self.env._("%s is cancelled.", self.name)
+        if self.currency_id.name not in const.SUPPORTED_CURRENCIES:
+            return self.env._("M-Pesa takes payments in Kenyan shillings (KES) only.")
+        if provider.mpesa_distributors_only and partner and not partner._mpesa_is_distributor():
+            return self.env._("M-Pesa is offered to distributors only.")
+        if self.currency_id.compare_amounts(self._mpesa_amount_due(), 0) <= 0:
+            return self.env._("%s has nothing left to pay.", self.name)
+        return None
+
+    def _mpesa_provider(self):
+        """The M-Pesa provider (sudo) that takes this order's payments: an enabled one before one in
+        test mode; empty when there is none."""
+        self.ensure_one()
+        Provider = self.env['payment.provider'].sudo()
+        return Provider.search([
+            ('code', '=', 'mpesa'), ('state', 'in', ('enabled', 'test')),
+            *Provider._check_company_domain(self.company_id),
+        ], order='state, sequence, id', limit=1)
+
+    def _mpesa_pending_transactions(self):
+        """The order's M-Pesa transactions (sudo) whose prompt waits for Daraja's final answer."""
+        self.ensure_one()
+        return self.sudo().transaction_ids.filtered(
+            lambda tx: tx.provider_code == 'mpesa' and tx.state == 'pending' and tx.provider_reference
+        )
+
+    def _mpesa_amount_due(self):
+        """What is still to pay: the total less Odoo's paid (done or authorized) transactions."""
+        self.ensure_one()
+        # Odoo computes amount_paid from transaction_ids only: a state change leaves it stale.
+        self.invalidate_recordset(['amount_paid'])
+        return self.currency_id.round(self.amount_total - self.amount_paid)
+
+    def _mpesa_format_amount(self, amount):
+        return formatLang(self.env, amount, currency_obj=self.currency_id)
+
+    def action_mpesa_request_payment(self):
+        """Open the wizard that sends an M-Pesa prompt for this order."""
+        self.ensure_one()
+        blocker = self._mpesa_payment_request_blocker()
+        if blocker:
+            raise UserError(blocker)
+        return {
+            'type': 'ir.actions.act_window',
+            'name': self.env._("Request M-Pesa payment"),
+            'res_model': 'muchiri.mpesa.payment.request',
+            'view_mode': 'form',
+            'target': 'new',
+            'context': {'default_sale_order_id': self.id},
+        }
+
+    def _mpesa_check_payment_request(self, phone, amount):
+        """Validate a payment request made from the back office, before anything is created or sent.
+
+        :return: the provider (sudo), the normalised MSISDN and the amount rounded to the currency
+        :raise ValidationError: saying what to correct
+        """
+        self.ensure_one()
+        blocker = self._mpesa_payment_request_blocker()
+        if blocker:
+            raise ValidationError(blocker)
+        provider = self._mpesa_provider()
+        try:
+            msisdn = daraja.normalize_msisdn(phone or '')
+        except daraja.DarajaValidationError as error:
+            raise ValidationError(str(error)) from error
+        currency = self.currency_id
+        amount = currency.round(amount or 0.0)
+        due = self._mpesa_amount_due()
+        if currency.compare_amounts(amount, 0) <= 0:
+            raise ValidationError(self.env._("The amount to request must be above zero."))
+        if currency.compare_amounts(amount, due) > 0:
+            raise ValidationError(self.env._(
+                "%(amount)s is more than the %(due)s still due on %(order)s.",
+                amount=self._mpesa_format_amount(amount), due=self._mpesa_format_amount(due),
+                order=self.name,
+            ))
+        try:
+            daraja.check_amount(Decimal(str(amount)), provider._mpesa_max_amount())
+        except daraja.DarajaValidationError as error:
+            raise ValidationError(str(error)) from error
+        return provider, msisdn, amount
+
+    def _mpesa_request_payment(self, phone, amount):
+        """Send an M-Pesa prompt of `amount` for this order to `phone`, and note it in the chatter.
+
+        The transaction is made as Odoo's payment form makes one for a sales order.  Bad input and
+        the rules of the transaction (one young prompt per order, distributors only) raise a
+        ValidationError: the caller's rollback then leaves nothing created and nothing was sent.  A
+        refusal by Daraja leaves the transaction in error and is returned.
+
+        :return: the transaction (sudo), and None or the message of Daraja's refusal
+        """
+        self.ensure_one()
+        provider, msisdn, amount = self._mpesa_check_payment_request(phone, amount)
+        Transaction = self.env['payment.transaction'].sudo()
+        order_command = [Command.set([self.id])]
+        tx = Transaction.create({
+            'provider_id': provider.id,
+            'payment_method_id': self.env.ref('payment.payment_method_mpesa').id,
+            'reference': Transaction._compute_reference(provider.code, sale_order_ids=order_command),
+            'amount': amount,
+            'currency_id': self.currency_id.id,
+            'partner_id': (self.partner_invoice_id or self.partner_id).id,
+            'sale_order_ids': order_command,
+            'operation': 'online_direct',
+        })
+        error = tx._mpesa_send_stk_push(msisdn)
+        values = {
+            'amount': f"{tx.mpesa_requested_amount:,}",
+            'phone': daraja.mask_msisdn(tx.mpesa_phone or msisdn),
+            'checkout': tx.provider_reference,
+            'reason': error,
+        }
+        if error:
+            note = self.env._(
+                "M-Pesa prompt of KES %(amount)s to %(phone)s was refused: %(reason)s", **values,
+            )
+        else:
+            note = self.env._(
+                "M-Pesa prompt of KES %(amount)s sent to %(phone)s (CheckoutRequestID %(checkout)s).",
+                **values,
+            )
+        self.message_post(body=note, subtype_xmlid='mail.mt_note')
+        return tx, error
+
+    def action_mpesa_check_status(self):
+        """Ask Daraja now where each pending M-Pesa prompt of the order stands, settle what it
+        answers (as a callback would) and note the answers in the chatter.
+
+        Daraja's errors are shown, not raised: what was already settled and noted stays.
+        """
+        self.ensure_one()
+        pending = self._mpesa_pending_transactions()
+        if not pending:
+            raise UserError(self.env._("No M-Pesa payment of %s is waiting for an answer.", self.name))
+        answers, errors = [], []
+        for tx in pending:
+            # The row lock the callback takes: a callback or the cron handling it meanwhile waits.
+            tx = tx._mpesa_find_by_checkout_request(tx.provider_reference)
+            if tx.state != 'pending':
+                note = self._mpesa_status_note(tx, None)  # Settled meanwhile.
+            else:
+                try:
+                    result = tx._mpesa_settle_by_query()
+                except daraja.DarajaError as error:
+                    errors.append(self.env._("%(reference)s: %(error)s", reference=tx.reference, error=error))
+                    continue
+                note = self._mpesa_status_note(tx, result)
+            self.message_post(body=note, subtype_xmlid='mail.mt_note')
+            answers.append(note)
+        self._mpesa_post_process(pending)
+
+        if errors:
+            kind = 'danger'
+            title = self.env._("M-Pesa could not answer now")
+        elif self._mpesa_pending_transactions():
+            kind = 'info'
+            title = self.env._("No final answer from M-Pesa yet")
+        else:
+            kind = 'success'
+            title = self.env._("M-Pesa answered")
+        return {
+            'type': 'ir.actions.client',
+            'tag': 'display_notification',
+            'params': {
+                'type': kind,
+                'title': title,
+                'message': '\n'.join(errors + answers),
+                'sticky': bool(errors),
+                'next': {'type': 'ir.actions.client', 'tag': 'soft_reload'},
+            },
+        }
+
+    def _mpesa_status_note(self, tx, result):
+        """What Daraja says of `tx`, for the chatter (`result`: the query's answer, if one was asked)."""
+        values = {
+            'amount': f"{tx.mpesa_requested_amount:,}",
+            'phone': daraja.mask_msisdn(tx.mpesa_phone or ''),
+            'checkout': tx.provider_reference,
+        }
+        if tx.state == 'done':
+            return self.env._(
+                "M-Pesa confirms the payment of KES %(amount)s from %(phone)s (CheckoutRequestID"
+                " %(checkout)s).", **values,
+            )
+        if tx.state == 'pending':
+            return self.env._(
+                "M-Pesa has no final answer yet for the prompt of KES %(amount)s sent to %(phone)s"
+                " (CheckoutRequestID %(checkout)s): %(answer)s", **values,
+                answer=(result and result.result_desc) or self.env._("the customer has not answered."),
+            )
+        states = dict(tx._fields['state']._description_selection(self.env))
+        return self.env._(
+            "M-Pesa answers for the prompt of KES %(amount)s sent to %(phone)s (CheckoutRequestID"
+            " %(checkout)s): %(answer)s (the payment is now %(state)s).", **values,
+            answer=(tx.state_message or (result and result.result_desc) or '').rstrip('.'),
+            state=states[tx.state],
+        )
+
+    def _mpesa_post_process(self, transactions):
+        """Post-process the settled transactions now, as Odoo's payment status page does (the order
+        is confirmed, the payment created); a failure is left to Odoo's post-processing cron."""
+        # Odoo computes amount_paid from transaction_ids only: the new states must be seen.
+        transactions.sale_order_ids.invalidate_recordset(['amount_paid'])
+        for tx in transactions.filtered(
+            lambda tx: tx.state in ('done', 'cancel', 'error') and not tx.is_post_processed
+        ):
+            try:
+                with self.env.cr.savepoint():
+                    tx._post_process()
+            except OperationalError:
+                raise  # A concurrency failure: Odoo retries the whole request.
+            except Exception:
+                _logger.exception("Post-processing of %s failed; Odoo's cron tries again.", tx.reference)

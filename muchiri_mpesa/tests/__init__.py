@@ -1,5 +1,6 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 from . import (
+    test_back_office,
     test_callback,
     test_portal_payment,
     test_provider_security,

@@ -1,0 +1,89 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+from odoo import api, fields, models
+
+from odoo.addons.muchiri_mpesa import daraja
+
+
+class MpesaPaymentRequest(models.TransientModel):
+    """Staff send an M-Pesa prompt for a sales order to the distributor's phone."""
+
+    _name = 'muchiri.mpesa.payment.request'
+    _description = "M-Pesa Payment Request"
+
+    sale_order_id = fields.Many2one(
+        'sale.order', string="Order", required=True, readonly=True, ondelete='cascade',
+    )
+    currency_id = fields.Many2one(related='sale_order_id.currency_id')
+    partner_id = fields.Many2one(
+        'res.partner', string="Customer", compute='_compute_partner_id',
+        help="The partner of the payment: the order's invoice address.",
+    )
+    amount_due = fields.Monetary(
+        string="Still Due", compute='_compute_amount_due', currency_field='currency_id',
+    )
+    phone = fields.Char(
+        string="Phone", compute='_compute_phone', store=True, readonly=False, required=True,
+        help="The Safaricom number that receives the prompt, e.g. 0712 345 678.",
+    )
+    amount = fields.Monetary(
+        string="Amount", compute='_compute_amount', store=True, readonly=False, required=True,
+        currency_field='currency_id',
+        help="Whole shillings are sent to M-Pesa; a fraction is rounded up.",
+    )
+
+    @api.depends('sale_order_id')
+    def _compute_partner_id(self):
+        for wizard in self:
+            order = wizard.sale_order_id
+            wizard.partner_id = order.partner_invoice_id or order.partner_id
+
+    @api.depends('sale_order_id')
+    def _compute_amount_due(self):
+        for wizard in self:
+            wizard.amount_due = wizard.sale_order_id._mpesa_amount_due() if wizard.sale_order_id else 0.0
+
+    @api.depends('sale_order_id')
+    def _compute_phone(self):
+        for wizard in self:
+            order = wizard.sale_order_id
+            partner = order.partner_invoice_id or order.partner_id
+            wizard.phone = order.mpesa_phone or partner.mobile or partner.phone or False
+
+    @api.depends('sale_order_id')
+    def _compute_amount(self):
+        for wizard in self:
+            wizard.amount = max(wizard.amount_due, 0.0)
+
+    def action_send(self):
+        """Send the prompt.  A refusal is noted in the order's chatter and shown.
+
+        Bad input and the transaction's rules raise a ValidationError (nothing is created or sent).
+        Daraja's refusal is returned as a notification rather than raised, as Odoo's wizards report
+        an outcome (account.move.send's batch wizard): raising would roll back the chatter note and
+        the transaction, whose error state records a real, audited attempt.
+        """
+        self.ensure_one()
+        tx, error = self.sale_order_id._mpesa_request_payment(self.phone, self.amount)
+        if error:
+            params = {
+                'type': 'danger',
+                'title': self.env._("M-Pesa refused the payment request"),
+                'message': error,
+                'sticky': True,
+            }
+        else:
+            params = {
+                'type': 'success',
+                'title': self.env._("M-Pesa prompt sent"),
+                'message': self.env._(
+                    "The customer confirms KES %(amount)s on %(phone)s with their M-Pesa PIN; the"
+                    " order is updated when M-Pesa answers.",
+                    amount=f"{tx.mpesa_requested_amount:,}", phone=daraja.mask_msisdn(tx.mpesa_phone),
+                ),
+                'sticky': False,
+            }
+        return {
+            'type': 'ir.actions.client',
+            'tag': 'display_notification',
+            'params': {**params, 'next': {'type': 'ir.actions.act_window_close'}},
+        }
