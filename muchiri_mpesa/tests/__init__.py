@@ -2,6 +2,7 @@
 from . import (
     test_back_office,
     test_callback,
+    test_monitoring,
     test_portal_payment,
     test_provider_security,
     test_reconciliation,

@@ -1,0 +1,360 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+"""Alerts on the health of M-Pesa payments, raised by a cron and sent as activities.
+
+One record per alerting condition, identified by a key (what it is about: a provider's success
+rate, a provider's missing callbacks, one order's failures).  While the condition holds, the
+same record stays open and is updated in place; it is closed when a check no longer finds the
+condition.  Users are notified when the alert opens, and again only when the condition brings
+transactions they were not told about and the provider's quiet period has passed since the last
+notification: a condition that merely persists never repeats.
+
+The notification is an activity for each user of the provider's alert group (Odoo e-mails the
+assignee): it lands in their to-do list, links to the alert with its chatter, and is removed when
+the condition clears on its own.
+"""
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
+
+from odoo import api, fields, models
+from odoo.fields import Command
+from odoo.tools import plaintext2html
+
+from odoo.addons.muchiri_mpesa import const, daraja
+
+_logger = logging.getLogger(__name__)
+
+ALERT_KINDS = [
+    ('success_rate', "Low success rate"),
+    ('pending_callback', "Callbacks missing"),
+    ('order_failures', "Repeated failures on an order"),
+]
+
+ALERT_STATES = [
+    ('open', "Open"),
+    ('closed', "Closed"),
+]
+
+# Transactions listed in a message; the alert links them all.
+MAX_LISTED = 30
+
+
+@dataclass
+class AlertCondition:
+    """What a check found: an alert to open or keep open."""
+    kind: str
+    key: str
+    name: str
+    message: str
+    transactions: models.BaseModel  # payment.transaction
+    orders: models.BaseModel  # sale.order
+
+
+def _format_age(env, seconds):
+    seconds = max(int(seconds), 0)
+    if seconds < 120:
+        return env._("%s s", seconds)
+    minutes = seconds // 60
+    if minutes < 120:
+        return env._("%s min", minutes)
+    return env._("%(hours)s h %(minutes)s min", hours=minutes // 60, minutes=minutes % 60)
+
+
+def _listed(env, lines):
+    if len(lines) > MAX_LISTED:
+        lines = [*lines[:MAX_LISTED], env._("... and %s more.", len(lines) - MAX_LISTED)]
+    return '\n'.join(lines)
+
+
+class MpesaAlert(models.Model):
+    _name = 'muchiri.mpesa.alert'
+    _description = "M-Pesa Alert"
+    _inherit = ['mail.thread', 'mail.activity.mixin']
+    _order = 'state desc, last_seen_at desc, id desc'
+
+    name = fields.Char(string="Alert", required=True, readonly=True)
+    kind = fields.Selection(string="Kind", selection=ALERT_KINDS, required=True, readonly=True)
+    key = fields.Char(
+        string="Key", required=True, readonly=True, index=True,
+        help="What the alert is about: a condition that persists keeps its key, and its alert.",
+    )
+    state = fields.Selection(
+        string="Status", selection=ALERT_STATES, default='open', required=True, readonly=True,
+        tracking=True,
+    )
+    provider_id = fields.Many2one(
+        'payment.provider', string="Provider", required=True, readonly=True, ondelete='cascade',
+    )
+    company_id = fields.Many2one(related='provider_id.company_id', store=True, index=True)
+    message = fields.Text(string="Details", readonly=True)
+    transaction_ids = fields.Many2many(
+        'payment.transaction', 'muchiri_mpesa_alert_transaction_rel', 'alert_id', 'transaction_id',
+        string="Transactions", readonly=True, help="The transactions of the last check.",
+    )
+    reported_transaction_ids = fields.Many2many(
+        'payment.transaction', 'muchiri_mpesa_alert_reported_transaction_rel', 'alert_id',
+        'transaction_id', string="Reported Transactions", readonly=True,
+        help="The transactions users were notified about.",
+    )
+    sale_order_ids = fields.Many2many(
+        'sale.order', 'muchiri_mpesa_alert_sale_order_rel', 'alert_id', 'order_id',
+        string="Orders", readonly=True,
+    )
+    last_seen_at = fields.Datetime(string="Last Seen", readonly=True)
+    notified_at = fields.Datetime(string="Last Notified", readonly=True)
+    notification_count = fields.Integer(string="Notifications", readonly=True)
+    closed_at = fields.Datetime(string="Closed On", readonly=True)
+
+    def init(self):
+        # One open alert per key, even if a check is started by hand while the cron runs.
+        self.env.cr.execute(
+            "CREATE UNIQUE INDEX IF NOT EXISTS muchiri_mpesa_alert_open_key_uniq"
+            " ON muchiri_mpesa_alert (key) WHERE state = 'open'"
+        )
+
+    # === ACTIONS === #
+
+    def action_close(self):
+        """Acknowledge: if the condition persists, the next check reopens the alert, quietly
+        within the quiet period."""
+        self.filtered(lambda alert: alert.state == 'open')._close(
+            self.env._("Closed by %s.", self.env.user.name)
+        )
+
+    # === CRON === #
+
+    @api.model
+    def _cron_check_alerts(self):
+        """Check every active M-Pesa provider; one failing check never blocks the others."""
+        alerts = self.sudo()
+        providers = self.env['payment.provider'].sudo().search([
+            ('code', '=', const.PROVIDER_CODE), ('state', '!=', 'disabled'),
+        ])
+        for provider in providers:
+            try:
+                with self.env.cr.savepoint():
+                    alerts._check_provider(provider)
+            except Exception:
+                _logger.exception("M-Pesa monitoring: the checks of provider %s failed.", provider.id)
+        alerts.search([
+            ('state', '=', 'open'), ('provider_id', 'not in', providers.ids),
+        ])._close(self.env._("The provider is disabled."))
+
+    def _check_provider(self, provider):
+        """Run the checks of `provider`: raise what they find, close what they no longer find.
+
+        :return: the open alerts of the provider
+        """
+        now = fields.Datetime.now()
+        conditions = [
+            *self._check_success_rate(provider, now),
+            *self._check_pending_callbacks(provider, now),
+            *self._check_order_failures(provider, now),
+        ]
+        alerts = self.browse()
+        for condition in conditions:
+            alerts |= self._raise_condition(provider, condition, now)
+        self.search([
+            ('provider_id', '=', provider.id), ('state', '=', 'open'), ('id', 'not in', alerts.ids),
+        ])._close(self.env._("The condition has cleared."))
+        return alerts
+
+    # === CHECKS === #
+
+    def _check_success_rate(self, provider, now):
+        """The share of payments settled in the window that succeeded, against the threshold.
+
+        Read through the report, so that the alert and the analysis agree on what a payment
+        attempt, a success and a failure are.
+        """
+        report = self.env['muchiri.mpesa.report']
+        domain = [
+            ('provider_id', '=', provider.id),
+            ('outcome', 'in', ('success', 'failure')),
+            ('final_at', '>=', now - timedelta(minutes=provider.mpesa_alert_window)),
+        ]
+        counts = dict(report._read_group(domain, ['outcome'], ['__count']))
+        total = sum(counts.values())
+        if not total or total < provider.mpesa_alert_min_sample:
+            return []
+        succeeded = counts.get('success', 0)
+        rate = 100.0 * succeeded / total
+        if rate >= provider.mpesa_alert_min_rate:
+            return []
+        failures = report.search([*domain, ('outcome', '=', 'failure')]).transaction_id
+        by_code = Counter(
+            (tx.mpesa_result_code or '-', tx.mpesa_result_desc or tx.state_message or tx.state)
+            for tx in failures
+        )
+        lines = [
+            self.env._("- %(code)s %(desc)s: %(count)s", code=code, desc=desc, count=count)
+            for (code, desc), count in by_code.most_common()
+        ]
+        return [AlertCondition(
+            kind='success_rate',
+            key=f'success_rate:{provider.id}',
+            name=self.env._("%(provider)s: success rate %(rate)s%%", provider=provider.name,
+                   rate=f'{rate:.0f}'),
+            message=self.env._(
+                "Only %(rate)s%% of the M-Pesa payments settled in the last %(window)s minutes"
+                " succeeded (%(succeeded)s of %(total)s), under the %(threshold)s%% threshold."
+                "\nFailures by result code:\n%(lines)s",
+                rate=f'{rate:.1f}', window=provider.mpesa_alert_window, succeeded=succeeded,
+                total=total, threshold=f'{provider.mpesa_alert_min_rate:g}', lines=_listed(self.env, lines),
+            ),
+            transactions=failures,
+            orders=failures.sale_order_ids,
+        )]
+
+    def _check_pending_callbacks(self, provider, now):
+        """Payments still pending with no callback at all long after their prompt: one alert."""
+        txs = self.env['payment.transaction'].search([
+            ('provider_id', '=', provider.id),
+            ('state', '=', 'pending'),
+            ('mpesa_callback_at', '=', False),
+            ('mpesa_push_sent_at', '!=', False),
+            ('mpesa_push_sent_at', '<=', now - timedelta(seconds=provider.mpesa_alert_pending_delay)),
+        ], order='mpesa_push_sent_at, id')
+        if not txs:
+            return []
+        lines = [
+            self.env._(
+                "- %(reference)s: %(currency)s %(amount)s to %(phone)s%(orders)s, prompt sent"
+                " %(age)s ago",
+                reference=tx.reference, currency=tx.currency_id.name, amount=f'{tx.amount:,.2f}',
+                phone=daraja.mask_msisdn(tx.mpesa_phone or ''),
+                orders=f" ({', '.join(tx.sale_order_ids.mapped('name'))})" if tx.sale_order_ids else '',
+                age=_format_age(self.env, (now - tx.mpesa_push_sent_at).total_seconds()),
+            )
+            for tx in txs
+        ]
+        return [AlertCondition(
+            kind='pending_callback',
+            key=f'pending_callback:{provider.id}',
+            name=self.env._("%(provider)s: %(count)s payments without a callback",
+                   provider=provider.name, count=len(txs)),
+            message=self.env._(
+                "%(count)s M-Pesa payments are still pending without any callback more than"
+                " %(delay)s seconds after their prompt.  The reconciliation queries Daraja for"
+                " them; if this persists, check that Safaricom can reach the callback URL.\n%(lines)s",
+                count=len(txs), delay=provider.mpesa_alert_pending_delay, lines=_listed(self.env, lines),
+            ),
+            transactions=txs,
+            orders=txs.sale_order_ids,
+        )]
+
+    def _check_order_failures(self, provider, now):
+        """Orders with several failed payments in the look-back: one alert per order."""
+        groups = self.env['muchiri.mpesa.report']._read_group(
+            [
+                ('provider_id', '=', provider.id),
+                ('outcome', '=', 'failure'),
+                ('sale_order_id', '!=', False),
+                ('final_at', '>=', now - timedelta(hours=provider.mpesa_alert_order_window)),
+            ],
+            groupby=['sale_order_id'],
+            aggregates=['transaction_id:recordset'],
+            having=[('__count', '>=', provider.mpesa_alert_order_failures)],
+        )
+        conditions = []
+        for order, txs in groups:
+            txs = txs.sorted('id')
+            lines = [
+                self.env._("- %(reference)s: %(code)s %(desc)s", reference=tx.reference,
+                  code=tx.mpesa_result_code or '-',
+                  desc=tx.mpesa_result_desc or tx.state_message or tx.state)
+                for tx in txs
+            ]
+            conditions.append(AlertCondition(
+                kind='order_failures',
+                key=f'order_failures:{provider.id}:{order.id}',
+                name=self.env._("%(order)s: %(count)s failed M-Pesa payments", order=order.name,
+                       count=len(txs)),
+                message=self.env._(
+                    "Order %(order)s of %(partner)s has %(count)s failed M-Pesa payments in the last"
+                    " %(hours)s hours.  The customer may need help to pay.\n%(lines)s",
+                    order=order.name, partner=order.partner_id.display_name, count=len(txs),
+                    hours=provider.mpesa_alert_order_window, lines=_listed(self.env, lines),
+                ),
+                transactions=txs,
+                orders=order,
+            ))
+        return conditions
+
+    # === RAISING, NOTIFYING, CLOSING === #
+
+    def _raise_condition(self, provider, condition, now):
+        """Open or update the alert of `condition`; notify only what is new, at most once per
+        quiet period."""
+        alert = self.search([('key', '=', condition.key)], order='id desc', limit=1)
+        quiet_since = now - timedelta(minutes=provider.mpesa_alert_quiet_period)
+        recently_notified = bool(alert.notified_at and alert.notified_at > quiet_since)
+        values = {
+            'name': condition.name,
+            'message': condition.message,
+            'last_seen_at': now,
+            'transaction_ids': [Command.set(condition.transactions.ids)],
+            'sale_order_ids': [Command.set(condition.orders.ids)],
+        }
+        if alert.state == 'open' or (alert and recently_notified):
+            if alert.state == 'closed':
+                # The condition came back soon after it cleared: the users know it already.
+                values.update(state='open', closed_at=False)
+                alert.message_post(body=self.env._("The condition is back; reopened without notifying."))
+            alert.write(values)
+            if not recently_notified and condition.transactions - alert.reported_transaction_ids:
+                alert._notify(condition.transactions, now)
+            return alert
+        alert = self.create({
+            **values, 'kind': condition.kind, 'key': condition.key, 'provider_id': provider.id,
+        })
+        alert._notify(condition.transactions, now)
+        return alert
+
+    def _notify(self, transactions, now):
+        """One activity for each recipient: created, or updated if the last one is still open."""
+        self.ensure_one()
+        note = plaintext2html(self.message or '')
+        recipients = self._get_recipients()
+        if not recipients:
+            _logger.warning(
+                "M-Pesa alert %s (%s): nobody to notify; set the alert recipients of provider %s.",
+                self.id, self.name, self.provider_id.id,
+            )
+        open_activities = self.activity_ids
+        for user in recipients:
+            activity = open_activities.filtered(lambda act, user=user: act.user_id == user)[:1]
+            if activity:
+                activity.write({
+                    'summary': self.name, 'note': note, 'date_deadline': fields.Date.context_today(self),
+                })
+            else:
+                self.activity_schedule(
+                    'mail.mail_activity_data_todo', summary=self.name, note=note, user_id=user.id,
+                )
+        self.message_post(body=note, subtype_xmlid='mail.mt_note')
+        self.write({
+            'notified_at': now,
+            'notification_count': self.notification_count + 1,
+            'reported_transaction_ids': [Command.link(tx_id) for tx_id in transactions.ids],
+        })
+
+    def _get_recipients(self):
+        """Active internal users of the provider's alert group who can open this alert."""
+        self.ensure_one()
+        users = self.provider_id.mpesa_alert_group_id.users.filtered(
+            lambda user: user.active and not user.share
+        )
+        return users.filtered(lambda user: self.with_user(user).with_context(
+            allowed_company_ids=user.company_ids.ids
+        ).has_access('read'))
+
+    def _close(self, reason):
+        if not self:
+            return
+        for alert in self:
+            alert.message_post(body=reason)
+        # Their to-do lists no longer hold a condition that is gone; the chatter keeps the story.
+        self.activity_ids.unlink()
+        self.write({'state': 'closed', 'closed_at': fields.Datetime.now()})
