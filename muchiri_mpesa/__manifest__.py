@@ -34,6 +34,9 @@
         "web.assets_frontend": [
             "muchiri_mpesa/static/src/js/payment_form.js",
         ],
+        "web.assets_tests": [
+            "muchiri_mpesa/static/tests/tours/**/*",
+        ],
     },
     "post_init_hook": "post_init_hook",
     "uninstall_hook": "uninstall_hook",

@@ -4,6 +4,7 @@ from . import (
     test_callback,
     test_monitoring,
     test_portal_payment,
+    test_portal_tour,
     test_provider_security,
     test_reconciliation,
 )

@@ -1,0 +1,139 @@
+/** @odoo-module **/
+
+import { registry } from "@web/core/registry";
+
+// These tours rely on the data of muchiri_mpesa/tests/test_portal_tour.py: one sent quotation of the
+// portal user "distributor", payable with M-Pesa only, and a Daraja simulator that answers the
+// prompt after a couple of seconds (the outcome is chosen by the phone number).
+
+function loginAndOpenQuotation() {
+    return [
+        {
+            content: "Enter the distributor's login",
+            trigger: ".oe_login_form input[name='login']",
+            run: "edit distributor",
+        },
+        {
+            content: "Enter the distributor's password",
+            trigger: ".oe_login_form input[name='password']",
+            run: "edit distributor",
+        },
+        {
+            content: "Log in",
+            trigger: ".oe_login_form button[type='submit']",
+            run: "click",
+        },
+        {
+            content: "Open the quotations from the portal home",
+            trigger: "a[href='/my/quotes']",
+            run: "click",
+        },
+        {
+            content: "Open the quotation",
+            trigger: ".o_portal_my_doc_table a[href^='/my/orders/']",
+            run: "click",
+        },
+        {
+            // Odoo's test server answers one request at a time: the chatter's lazy bundles, still
+            // loading when Pay is clicked, would delay the status page by seconds.
+            content: "The quotation is fully loaded, its chatter included",
+            trigger: "#chatterRoot:shadow .o-mail-Thread",
+        },
+        {
+            content: "Accept and pay the quotation",
+            trigger: "#o_sale_portal_paynow",
+            run: "click",
+        },
+        {
+            content: "Choose M-Pesa",
+            trigger: "#modalaccept input[name='o_payment_radio'][data-provider-code='mpesa']",
+            run: "click",
+        },
+        {
+            content: "The phone number is filled in with the distributor's mobile",
+            trigger: "#modalaccept #o_mpesa_phone:value(0708 374 149)",
+        },
+    ];
+}
+
+function payWith(phone) {
+    return [
+        {
+            content: `Enter the M-Pesa phone number ${phone}`,
+            trigger: "#modalaccept #o_mpesa_phone",
+            run: `edit ${phone}`,
+        },
+        {
+            content: "Pay",
+            trigger: "#modalaccept button[name='o_payment_submit_button']:enabled",
+            run: "click",
+        },
+        {
+            content: "The status page tells to complete the payment on the phone",
+            trigger:
+                "div[name='o_payment_status'] div[name='o_payment_status_alert']" +
+                ":contains(We sent an M-Pesa prompt to your phone)",
+        },
+    ];
+}
+
+registry.category("web_tour.tours").add("muchiri_mpesa_portal_pay_success", {
+    url: "/web/login",
+    steps: () => [
+        ...loginAndOpenQuotation(),
+        {
+            content: "Enter a number that is not a Safaricom one",
+            trigger: "#modalaccept #o_mpesa_phone",
+            run: "edit 0812345678",
+        },
+        {
+            content: "Try to pay",
+            trigger: "#modalaccept button[name='o_payment_submit_button']:enabled",
+            run: "click",
+        },
+        {
+            content: "The browser refuses the number before anything is sent",
+            trigger: "#modalaccept #o_mpesa_phone:invalid",
+            run() {
+                const message = this.anchor.validationMessage;
+                if (!message.includes("Safaricom number")) {
+                    throw new Error(`Unexpected validity message: "${message}"`);
+                }
+            },
+        },
+        ...payWith("0708374149"),
+        {
+            content: "Back on the order: the payment is confirmed",
+            trigger:
+                "#quote_content div[name='o_payment_status_alert']" +
+                ":contains(Your M-Pesa payment has been received)",
+            timeout: 30000,
+        },
+        {
+            content: "The quotation became a sales order",
+            trigger: "#quote_content h2:contains(Sales Order)",
+        },
+    ],
+});
+
+registry.category("web_tour.tours").add("muchiri_mpesa_portal_pay_cancelled", {
+    url: "/web/login",
+    steps: () => [
+        ...loginAndOpenQuotation(),
+        ...payWith("254700000001"),
+        {
+            content: "Back on the quotation: the payment is cancelled",
+            trigger:
+                "#quote_content div[name='o_payment_status_alert']" +
+                ":contains(The M-Pesa payment was cancelled)",
+            timeout: 30000,
+        },
+        {
+            content: "The order is still a quotation, that can be paid again",
+            trigger: "#quote_content h2:contains(Quotation)",
+        },
+        {
+            trigger: "#o_sale_portal_paynow",
+        },
+    ],
+});
