@@ -40,6 +40,4 @@
     },
     "post_init_hook": "post_init_hook",
     "uninstall_hook": "uninstall_hook",
-    "installable": True,
-    "application": False,
 }

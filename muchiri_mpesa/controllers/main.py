@@ -4,12 +4,12 @@ import logging
 from psycopg2 import OperationalError
 from werkzeug.exceptions import NotFound
 
-from odoo import _, http
+from odoo import http
 from odoo.exceptions import ValidationError
 from odoo.http import request
 from odoo.tools import consteq
 
-from odoo.addons.muchiri_mpesa import daraja
+from .. import daraja
 
 _logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class MpesaController(http.Controller):
             ('reference', '=', reference), ('provider_code', '=', 'mpesa'),
         ], limit=1)
         if not tx_sudo or not tx_sudo._mpesa_check_access_token(access_token):
-            raise ValidationError(_("M-Pesa: this payment request is not valid."))
+            raise ValidationError(request.env._("M-Pesa: this payment request is not valid."))
         error = tx_sudo._mpesa_send_stk_push(phone)
         return {'error': error} if error else {}
 
@@ -53,7 +53,7 @@ class MpesaController(http.Controller):
         Event = request.env['muchiri.mpesa.event'].sudo()
         event = Event._record_callback(provider_sudo, raw_body, remote_addr)
         if not provider_sudo._mpesa_is_allowed_source(remote_addr):
-            event._mark('rejected', _("The source address %s is not allowed.", remote_addr))
+            event._mark('rejected', request.env._("The source address %s is not allowed.", remote_addr))
             return request.make_json_response(
                 {'ResultCode': 1, 'ResultDesc': "Rejected"}, status=403
             )

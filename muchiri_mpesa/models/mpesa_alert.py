@@ -21,7 +21,7 @@ from odoo import api, fields, models
 from odoo.fields import Command
 from odoo.tools import plaintext2html
 
-from odoo.addons.muchiri_mpesa import const, daraja
+from .. import const, daraja
 
 _logger = logging.getLogger(__name__)
 
@@ -74,9 +74,9 @@ class MpesaAlert(models.Model):
     _order = 'state desc, last_seen_at desc, id desc'
 
     name = fields.Char(string="Alert", required=True, readonly=True)
-    kind = fields.Selection(string="Kind", selection=ALERT_KINDS, required=True, readonly=True)
+    kind = fields.Selection(selection=ALERT_KINDS, required=True, readonly=True)
     key = fields.Char(
-        string="Key", required=True, readonly=True, index=True,
+        required=True, readonly=True, index=True,
         help="What the alert is about: a condition that persists keeps its key, and its alert.",
     )
     state = fields.Selection(
@@ -84,7 +84,7 @@ class MpesaAlert(models.Model):
         tracking=True,
     )
     provider_id = fields.Many2one(
-        'payment.provider', string="Provider", required=True, readonly=True, ondelete='cascade',
+        'payment.provider', required=True, readonly=True, ondelete='cascade',
     )
     company_id = fields.Many2one(related='provider_id.company_id', store=True, index=True)
     message = fields.Text(string="Details", readonly=True)

@@ -7,7 +7,7 @@ from psycopg2 import OperationalError
 
 from odoo import api, fields, models
 
-from odoo.addons.muchiri_mpesa import const, daraja
+from .. import const, daraja
 
 _logger = logging.getLogger(__name__)
 

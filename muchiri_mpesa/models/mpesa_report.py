@@ -9,7 +9,7 @@ every provider shares.  ``_depends`` makes Odoo flush pending transaction writes
 from odoo import fields, models
 from odoo.tools import SQL
 
-from odoo.addons.muchiri_mpesa import const
+from .. import const
 
 FINAL_STATES = ('done', 'cancel', 'error')
 
@@ -41,15 +41,15 @@ class MpesaReport(models.Model):
     }
 
     # === DIMENSIONS === #
-    transaction_id = fields.Many2one('payment.transaction', string="Transaction", readonly=True)
-    provider_id = fields.Many2one('payment.provider', string="Provider", readonly=True)
-    company_id = fields.Many2one('res.company', string="Company", readonly=True)
+    transaction_id = fields.Many2one('payment.transaction', readonly=True)
+    provider_id = fields.Many2one('payment.provider', readonly=True)
+    company_id = fields.Many2one('res.company', readonly=True)
     partner_id = fields.Many2one('res.partner', string="Customer", readonly=True)
     sale_order_id = fields.Many2one(
         'sale.order', string="Order", readonly=True,
         help="The order the payment is for (the first one if it pays several).",
     )
-    currency_id = fields.Many2one('res.currency', string="Currency", readonly=True)
+    currency_id = fields.Many2one('res.currency', readonly=True)
     date = fields.Datetime(
         string="Prompt Sent", readonly=True,
         help="When the STK Push was sent (when the payment was created if Daraja refused it).",
@@ -59,14 +59,14 @@ class MpesaReport(models.Model):
         string="Status", readonly=True,
         selection=lambda self: self.env['payment.transaction']._fields['state'].selection,
     )
-    outcome = fields.Selection(string="Outcome", selection=OUTCOMES, readonly=True)
-    result_code = fields.Char(string="Result Code", readonly=True)
+    outcome = fields.Selection(selection=OUTCOMES, readonly=True)
+    result_code = fields.Char(readonly=True)
     result_desc = fields.Char(string="Result", readonly=True)
-    settled_by = fields.Selection(string="Settled By", selection=SETTLED_BY, readonly=True)
+    settled_by = fields.Selection(selection=SETTLED_BY, readonly=True)
     has_callback = fields.Boolean(string="Callback Received", readonly=True)
 
     # === MEASURES === #
-    amount = fields.Monetary(string="Amount", readonly=True, aggregator='sum')
+    amount = fields.Monetary(readonly=True, aggregator='sum')
     success_count = fields.Integer(string="Paid", readonly=True, aggregator='sum')
     failure_count = fields.Integer(string="Failed", readonly=True, aggregator='sum')
     pending_count = fields.Integer(string="Pending", readonly=True, aggregator='sum')

@@ -3,7 +3,7 @@ from datetime import datetime, timezone
 
 from odoo import fields, models
 
-from odoo.addons.muchiri_mpesa import daraja
+from .. import daraja
 
 
 class MpesaToken(models.Model):

@@ -4,12 +4,13 @@ import logging
 import secrets
 from urllib.parse import urlsplit
 
-from odoo import _, api, fields, models
+from odoo import api, fields, models
 from odoo.exceptions import UserError, ValidationError
 
-from odoo.addons.muchiri_mpesa import const, daraja
-from odoo.addons.muchiri_mpesa.models.mpesa_token import DatabaseTokenStore
 from odoo.addons.payment import utils as payment_utils
+
+from .. import const, daraja
+from .mpesa_token import DatabaseTokenStore
 
 _logger = logging.getLogger(__name__)
 
@@ -109,12 +110,12 @@ class PaymentProvider(models.Model):
             parts = urlsplit(url)
             host = (parts.hostname or '').lower()
             if parts.scheme != 'https':
-                raise ValidationError(_(
+                raise ValidationError(self.env._(
                     "M-Pesa production needs a public HTTPS callback URL; %(url)s is not one.",
                     url=url,
                 ))
             if host.endswith(TUNNEL_HOST_SUFFIXES) or host == 'localhost' or _is_private(host):
-                raise ValidationError(_(
+                raise ValidationError(self.env._(
                     "Safaricom refuses tunnels and private addresses as production callback URLs"
                     " (%(host)s).", host=host,
                 ))
@@ -125,7 +126,7 @@ class PaymentProvider(models.Model):
         for provider in self.filtered(lambda p: p.code == 'mpesa' and p.state == 'enabled'):
             url = (provider.sudo().mpesa_api_url or '').rstrip('/')
             if url and url != daraja.PRODUCTION_URL:
-                raise ValidationError(_(
+                raise ValidationError(self.env._(
                     "An enabled M-Pesa provider talks to Safaricom's production API (%(prod)s), not"
                     " to %(url)s: use test mode for the sandbox or a simulator.",
                     prod=daraja.PRODUCTION_URL, url=url,
@@ -175,7 +176,7 @@ class PaymentProvider(models.Model):
         ))
         if unfit:
             payment_utils.add_to_report(
-                report, unfit, available=False, reason=_("M-Pesa is offered to distributors only"),
+                report, unfit, available=False, reason=self.env._("M-Pesa is offered to distributors only"),
             )
         return providers - unfit
 
@@ -222,7 +223,7 @@ class PaymentProvider(models.Model):
         self.ensure_one()
         provider = self.sudo()
         if not (provider.mpesa_consumer_key and provider.mpesa_consumer_secret):
-            raise UserError(_("Set the M-Pesa consumer key and secret on %s first.", self.name))
+            raise UserError(self.env._("Set the M-Pesa consumer key and secret on %s first.", self.name))
         return daraja.DarajaClient(
             daraja.DarajaCredentials(
                 consumer_key=provider.mpesa_consumer_key.strip(),
@@ -246,24 +247,24 @@ class PaymentProvider(models.Model):
             # Through the shared store: a token fetched aside could invalidate the workers' one.
             client.access_token(stale=client.token_store.load(client.credentials.cache_key))
         except daraja.DarajaAuthError as error:
-            raise UserError(_(
+            raise UserError(self.env._(
                 "Daraja refused the consumer key and secret (%(detail)s).  Check that they belong to"
                 " this environment (%(env)s) and that the app has Lipa Na M-Pesa Online enabled.",
                 detail=error, env=self._mpesa_api_base_url(),
             )) from error
         except daraja.DarajaConnectionError as error:
-            raise UserError(_(
+            raise UserError(self.env._(
                 "Daraja could not be reached at %(url)s: %(detail)s",
                 url=self._mpesa_api_base_url(), detail=error,
             )) from error
         except daraja.DarajaError as error:
-            raise UserError(_("Daraja answered with an error: %s", error)) from error
+            raise UserError(self.env._("Daraja answered with an error: %s", error)) from error
         return {
             'type': 'ir.actions.client',
             'tag': 'display_notification',
             'params': {
                 'type': 'success',
-                'message': _("Connected to Daraja at %s: the credentials work.",
+                'message': self.env._("Connected to Daraja at %s: the credentials work.",
                              self._mpesa_api_base_url()),
                 'next': {'type': 'ir.actions.act_window_close'},
             },
@@ -285,7 +286,7 @@ class PaymentProvider(models.Model):
             try:
                 networks.append(ipaddress.ip_network(line, strict=False))
             except ValueError as error:
-                raise ValidationError(_("%s is not an IP address or network.", line)) from error
+                raise ValidationError(self.env._("%s is not an IP address or network.", line)) from error
         return networks
 
     def _mpesa_is_allowed_source(self, remote_addr):

@@ -1,5 +1,5 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
-from odoo import _, api, fields, models
+from odoo import api, fields, models
 from odoo.exceptions import ValidationError
 
 
@@ -50,12 +50,12 @@ class PaymentProvider(models.Model):
     def _check_mpesa_alert_settings(self):
         for provider in self.filtered(lambda p: p.code == 'mpesa'):
             if not 0 <= provider.mpesa_alert_min_rate <= 100:
-                raise ValidationError(_("The minimum success rate is a percentage, 0 to 100."))
+                raise ValidationError(self.env._("The minimum success rate is a percentage, 0 to 100."))
             if min(provider.mpesa_alert_window, provider.mpesa_alert_min_sample,
                    provider.mpesa_alert_order_failures, provider.mpesa_alert_order_window) < 1:
-                raise ValidationError(_(
+                raise ValidationError(self.env._(
                     "The alert window, minimum sample, failures per order and look-back must be"
                     " at least 1."
                 ))
             if provider.mpesa_alert_pending_delay < 0 or provider.mpesa_alert_quiet_period < 0:
-                raise ValidationError(_("Alert delays cannot be negative."))
+                raise ValidationError(self.env._("Alert delays cannot be negative."))

@@ -7,11 +7,12 @@ import requests
 from psycopg2 import OperationalError
 from psycopg2.errors import LockNotAvailable
 
-from odoo import _, api, fields, models, modules
+from odoo import api, fields, models, modules
 from odoo.exceptions import ValidationError
 
-from odoo.addons.muchiri_mpesa import const, daraja
 from odoo.addons.payment import utils as payment_utils
+
+from .. import const, daraja
 
 _logger = logging.getLogger(__name__)
 
@@ -99,12 +100,12 @@ class PaymentTransaction(models.Model):
         self.ensure_one()
         self._mpesa_lock_for_push()
         if self.provider_code != 'mpesa' or self.state != 'draft' or self.mpesa_push_sent_at:
-            raise ValidationError(_("This payment can no longer be sent to M-Pesa."))
+            raise ValidationError(self.env._("This payment can no longer be sent to M-Pesa."))
         if self.currency_id.name not in const.SUPPORTED_CURRENCIES:
-            raise ValidationError(_("M-Pesa takes payments in Kenyan shillings (KES) only."))
+            raise ValidationError(self.env._("M-Pesa takes payments in Kenyan shillings (KES) only."))
         provider = self.provider_id
         if provider.mpesa_distributors_only and not self.partner_id._mpesa_is_distributor():
-            raise ValidationError(_("M-Pesa is offered to distributors only."))
+            raise ValidationError(self.env._("M-Pesa is offered to distributors only."))
         try:
             msisdn = daraja.normalize_msisdn(phone or '')
             # Rounded to the currency first: float noise must not round up a whole shilling.
@@ -163,7 +164,7 @@ class PaymentTransaction(models.Model):
                     "SELECT id FROM payment_transaction WHERE id = %s FOR UPDATE NOWAIT", [self.id]
                 )
         except LockNotAvailable as error:
-            raise ValidationError(_("This payment is already being sent to M-Pesa.")) from error
+            raise ValidationError(self.env._("This payment is already being sent to M-Pesa.")) from error
         self.invalidate_recordset()
 
     @staticmethod
@@ -175,18 +176,18 @@ class PaymentTransaction(models.Model):
 
     def _mpesa_push_error_message(self, error):
         if self._mpesa_push_may_have_reached(error):
-            return _(
+            return self.env._(
                 "M-Pesa did not answer in time, so we cannot tell whether the prompt reached"
                 " your phone.  If you paid, your payment will be matched; otherwise try again"
                 " in two minutes."
             )
         if isinstance(error, daraja.DarajaConnectionError):
-            return _("M-Pesa cannot be reached right now.  Please try again in a few minutes.")
+            return self.env._("M-Pesa cannot be reached right now.  Please try again in a few minutes.")
         if isinstance(error, daraja.DarajaApiError):
             known = daraja.describe_api_error(error.error_code, error.error_message)
             if known:
                 return known.message
-        return _("M-Pesa refused the payment request: %s", error)
+        return self.env._("M-Pesa refused the payment request: %s", error)
 
     def _mpesa_check_no_prompt_waiting(self):
         """At most one prompt per order: refuse while another one is young, or the order is paid.
@@ -203,7 +204,7 @@ class PaymentTransaction(models.Model):
         )
         for order in orders:
             if order.currency_id.compare_amounts(order.amount_paid, order.amount_total) >= 0:
-                raise ValidationError(_("Order %s is already paid.", order.name))
+                raise ValidationError(self.env._("Order %s is already paid.", order.name))
         cooldown = self.provider_id.sudo().mpesa_push_cooldown or 0
         # A prompt being sent, waiting on the phone, or whose fate we could not read.
         waiting = self.search([
@@ -214,7 +215,7 @@ class PaymentTransaction(models.Model):
             '|', ('state', 'in', ('draft', 'pending')), ('mpesa_outcome_unknown', '=', True),
         ], limit=1)
         if waiting:
-            raise ValidationError(_(
+            raise ValidationError(self.env._(
                 "An M-Pesa prompt for this order was already sent to %(phone)s.  Complete it on"
                 " that phone, or try again in a couple of minutes.",
                 phone=daraja.mask_msisdn(waiting.mpesa_phone or ''),
@@ -265,7 +266,7 @@ class PaymentTransaction(models.Model):
             return tx
         tx = self._mpesa_find_by_checkout_request(notification_data.get('checkout_request_id'))
         if not tx:
-            raise ValidationError(_(
+            raise ValidationError(self.env._(
                 "M-Pesa: no transaction matches CheckoutRequestID %s.",
                 notification_data.get('checkout_request_id'),
             ))
@@ -323,14 +324,14 @@ class PaymentTransaction(models.Model):
         receipt = (notification_data.get('receipt_number') or '').strip()
         amount = notification_data.get('amount')
         if not receipt:
-            raise ValidationError(_("M-Pesa: a success without a receipt number is refused."))
+            raise ValidationError(self.env._("M-Pesa: a success without a receipt number is refused."))
         if amount is None or Decimal(str(amount)) != Decimal(self.mpesa_requested_amount or 0):
-            raise ValidationError(_(
+            raise ValidationError(self.env._(
                 "M-Pesa: the callback says KES %(paid)s was paid, but KES %(asked)s was asked.",
                 paid=amount, asked=self.mpesa_requested_amount,
             ))
         if self.search_count([('mpesa_receipt_number', '=', receipt), ('id', '!=', self.id)]):
-            raise ValidationError(_(
+            raise ValidationError(self.env._(
                 "M-Pesa: receipt %s is already recorded on another transaction.", receipt,
             ))
         return {
@@ -346,7 +347,7 @@ class PaymentTransaction(models.Model):
         """Handle a parsed callback kept as `event`: match it, or keep it for later matching."""
         tx = self._mpesa_find_by_checkout_request(callback.checkout_request_id)
         if not tx:
-            event._mark('unmatched', _("No transaction has this CheckoutRequestID yet."))
+            event._mark('unmatched', self.env._("No transaction has this CheckoutRequestID yet."))
             return tx
         if not tx.mpesa_callback_at:
             tx.mpesa_callback_at = event.create_date
@@ -361,16 +362,16 @@ class PaymentTransaction(models.Model):
             self._mpesa_record_late_receipt(callback, event)
             return
         if self.state in ('done', 'cancel') or (self.state == 'error' and outcome != SUCCESS):
-            event._mark('ignored', _("The transaction is already %s.", self.state), self)
+            event._mark('ignored', self.env._("The transaction is already %s.", self.state), self)
             return
         if self.provider_id.sudo().mpesa_confirm_by_query:
             # Daraja does not sign callbacks: its own answer to our query is the truth.
             query = self._mpesa_query()
             if query.outcome == PENDING:
-                event._mark('unmatched', _("Daraja has not confirmed this result yet."), self)
+                event._mark('unmatched', self.env._("Daraja has not confirmed this result yet."), self)
                 return
             if daraja.classify_result(query.result_code).code != callback.result.code:
-                event._mark('rejected', _(
+                event._mark('rejected', self.env._(
                     "Daraja's query answers %(code)s (%(desc)s): the callback is not trusted.",
                     code=query.result_code, desc=query.result_desc,
                 ), self)
@@ -383,7 +384,7 @@ class PaymentTransaction(models.Model):
             _logger.warning("Refused M-Pesa callback for %s: %s", self.reference, error)
             event._mark('rejected', str(error), self)
             return
-        event._mark('processed', _("Transaction %s.", self.state), self)
+        event._mark('processed', self.env._("Transaction %s.", self.state), self)
 
     @staticmethod
     def _mpesa_callback_notification(callback):
@@ -403,9 +404,9 @@ class PaymentTransaction(models.Model):
         Query (which carries none), or a duplicate; never a second payment of the same prompt."""
         if self.mpesa_receipt_number:
             if callback.receipt_number == self.mpesa_receipt_number:
-                event._mark('ignored', _("This receipt is already recorded."), self)
+                event._mark('ignored', self.env._("This receipt is already recorded."), self)
             else:
-                event._mark('rejected', _(
+                event._mark('rejected', self.env._(
                     "A second receipt (%(new)s) for a prompt already paid with %(old)s: Daraja sends"
                     " one per prompt, so this callback is not trusted.",
                     new=callback.receipt_number, old=self.mpesa_receipt_number,
@@ -419,7 +420,7 @@ class PaymentTransaction(models.Model):
         except ValidationError as error:
             event._mark('rejected', str(error), self)
             return
-        event._mark('processed', _("Receipt recorded for a payment settled by STK Query."), self)
+        event._mark('processed', self.env._("Receipt recorded for a payment settled by STK Query."), self)
 
     def _mpesa_settle_with_query_result(self, query):
         self._handle_notification_data('mpesa', {
@@ -435,7 +436,7 @@ class PaymentTransaction(models.Model):
             paid = sum(order.transaction_ids.filtered(lambda tx: tx.state == 'done').mapped('amount'))
             # Less than a shilling over is M-Pesa's whole-shilling rounding, not a second payment.
             if paid - order.amount_total >= 1:
-                order._mpesa_flag_for_refund(_(
+                order._mpesa_flag_for_refund(self.env._(
                     "M-Pesa payments of %(paid)s %(currency)s exceed the order total of %(total)s"
                     " (last: %(ref)s, receipt %(receipt)s).  Check them and refund the customer.",
                     paid=paid, currency=order.currency_id.name, total=order.amount_total,
@@ -524,7 +525,7 @@ class PaymentTransaction(models.Model):
         if self._mpesa_is_past_cutoff(now):
             self.write({'mpesa_next_check_at': False, 'mpesa_settled_by': 'cutoff',
                         'mpesa_settled_at': now})
-            self._set_error(_(
+            self._set_error(self.env._(
                 "M-Pesa gave no final answer within %(hours)s hours; a late payment will still be"
                 " matched.", hours=self.provider_id.sudo().mpesa_reconcile_cutoff_hours,
             ))
@@ -549,4 +550,5 @@ class PaymentTransaction(models.Model):
     def _mpesa_commit(self):
         """Keep each transaction's progress: a later crash must not lose it (not inside tests)."""
         if not modules.module.current_test:
-            self.env.cr.commit()
+            # Per transaction, on purpose: see _cron_mpesa_reconcile and _mpesa_send_stk_push.
+            self.env.cr.commit()  # pylint: disable=invalid-commit

@@ -9,7 +9,7 @@ from odoo.exceptions import UserError, ValidationError
 from odoo.fields import Command
 from odoo.tools.misc import formatLang
 
-from odoo.addons.muchiri_mpesa import const, daraja
+from .. import const, daraja
 
 _logger = logging.getLogger(__name__)
 

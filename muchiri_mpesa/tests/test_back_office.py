@@ -30,7 +30,7 @@ class TestBackOffice(MpesaCommon):
     def _wizard(self, **values):
         """The wizard as the order's "Request M-Pesa payment" button opens it, filled with `values`."""
         action = self._order().action_mpesa_request_payment()
-        wizard_model = self.env[action['res_model']].with_user(self.sale_user).with_context(action['context'])
+        wizard_model = self.env[action['res_model']].with_user(self.sale_user).with_context(**action['context'])
         with Form(wizard_model) as form:
             for name, value in values.items():
                 setattr(form, name, value)

@@ -1,7 +1,7 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 from odoo import api, fields, models
 
-from odoo.addons.muchiri_mpesa import daraja
+from .. import daraja
 
 
 class MpesaPaymentRequest(models.TransientModel):
@@ -22,11 +22,11 @@ class MpesaPaymentRequest(models.TransientModel):
         string="Still Due", compute='_compute_amount_due', currency_field='currency_id',
     )
     phone = fields.Char(
-        string="Phone", compute='_compute_phone', store=True, readonly=False, required=True,
+        compute='_compute_phone', store=True, readonly=False, required=True,
         help="The Safaricom number that receives the prompt, e.g. 0712 345 678.",
     )
     amount = fields.Monetary(
-        string="Amount", compute='_compute_amount', store=True, readonly=False, required=True,
+        compute='_compute_amount', store=True, readonly=False, required=True,
         currency_field='currency_id',
         help="Whole shillings are sent to M-Pesa; a fraction is rounded up.",
     )
