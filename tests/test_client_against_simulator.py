@@ -445,6 +445,9 @@ def test_demo_against_a_running_simulator(daraja_sim):
 def test_demo_in_process_returns_the_exit_code(capsys):
     assert demo.main(["--callback-delay", "0.1", "--phone", "254700000003"]) == 1
     assert demo.main(["--callback-delay", "0.1", "--phone", "254700000008"]) == 0
+    # A lost callback: only the query knows (4, not argparse's 2 for a bad command line).
+    lost = demo.main(["--callback-delay", "0.1", "--phone", "254700000005", "--timeout", "0.5"])
+    assert lost == demo.NO_CALLBACK == 4
     out = capsys.readouterr().out
     assert "insufficient" in out.lower()
 

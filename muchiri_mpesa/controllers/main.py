@@ -1,5 +1,6 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 import logging
+import re
 
 from psycopg2 import OperationalError
 from werkzeug.exceptions import NotFound
@@ -12,6 +13,25 @@ from odoo.tools import consteq
 from .. import daraja
 
 _logger = logging.getLogger(__name__)
+
+_CALLBACK_SECRET = re.compile(r'(/payment/mpesa/callback/)[^/\s?"]+')
+
+
+class _MaskCallbackSecret(logging.Filter):
+    """The callback secret is part of the URL: keep it out of the HTTP access log."""
+
+    def filter(self, record):
+        if isinstance(record.args, tuple) and any(
+            isinstance(arg, str) and '/payment/mpesa/callback/' in arg for arg in record.args
+        ):
+            record.args = tuple(
+                _CALLBACK_SECRET.sub(r'\1***', arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        return True
+
+
+logging.getLogger('werkzeug').addFilter(_MaskCallbackSecret())
 
 
 class MpesaController(http.Controller):

@@ -129,40 +129,55 @@ class MpesaEvent(models.Model):
 
     @api.model
     def _match_unmatched(self, checkout_request_ids=None, limit=None, commit=False):
-        """Process again the kept callbacks whose transaction is now known.
+        """Process again the kept callbacks whose transaction can now take them.
 
         Callbacks wait here when their transaction was not committed yet, when Daraja had not yet
-        confirmed a success, or when processing failed; each is retried on its own.
+        confirmed them, or when processing failed.  Without `checkout_request_ids` (the cron), only
+        those whose transaction is no longer pending are taken: a pending one is settled by its own
+        scheduled query first, which this leaves to the reconciliation, and then gets its receipt
+        here without a second query.
 
         :return: the number of callbacks processed again
         """
-        domain = [
-            ('kind', '=', 'callback'),
-            ('callback_state', 'in', ('unmatched', 'error')),
-            ('checkout_request_id', '!=', False),
-        ]
         if checkout_request_ids is not None:
-            domain.append(('checkout_request_id', 'in', list(checkout_request_ids)))
+            events = self.sudo().search([
+                ('kind', '=', 'callback'),
+                ('callback_state', 'in', ('unmatched', 'error')),
+                ('checkout_request_id', 'in', list(checkout_request_ids)),
+            ], order='id', limit=limit)
         else:
-            domain.append(('create_date', '>=', fields.Datetime.now() - KEEP_RETRYING))
-        events = self.sudo().search(domain, order='id')
-        # Only those whose transaction exists now: the others would fill every batch for nothing.
+            self.env.flush_all()
+            self.env.cr.execute("""
+                SELECT event.id
+                  FROM muchiri_mpesa_event event
+                  JOIN payment_transaction tx ON tx.provider_reference = event.checkout_request_id
+                  JOIN payment_provider provider ON provider.id = tx.provider_id
+                 WHERE event.kind = 'callback'
+                   AND event.callback_state IN ('unmatched', 'error')
+                   AND event.create_date >= %s
+                   AND provider.code = 'mpesa'
+                   AND tx.state NOT IN ('draft', 'pending')
+                 ORDER BY event.id
+                 LIMIT %s
+            """, [fields.Datetime.now() - KEEP_RETRYING, limit])
+            events = self.sudo().browse([row[0] for row in self.env.cr.fetchall()])
         Transaction = self.env['payment.transaction'].sudo()
-        known = set(Transaction.search([
-            ('provider_code', '=', 'mpesa'),
-            ('provider_reference', 'in', list(set(events.mapped('checkout_request_id')))),
-        ]).mapped('provider_reference'))
-        events = events.filtered(lambda e: e.checkout_request_id in known)[:limit]
+        processed = 0
         for event in events:
             try:
                 with self.env.cr.savepoint():
                     tx = Transaction._mpesa_find_by_checkout_request(event.checkout_request_id)
-                    tx._mpesa_process_callback(event._parse(), event)
+                    if tx:
+                        tx._mpesa_process_callback(event._parse(), event)
+                        processed += 1
             except OperationalError:
                 continue  # A concurrent worker has it: the next run sees the result.
+            except daraja.DarajaError as error:
+                _logger.warning("Kept M-Pesa callback %s waits: %s", event.id, error)
+                break  # Daraja cannot answer now: the next run tries again.
             except Exception as error:
                 _logger.exception("Kept M-Pesa callback %s could not be processed.", event.id)
                 event._mark('error', str(error))
             if commit:
                 Transaction._mpesa_commit()
-        return len(events)
+        return processed

@@ -99,6 +99,8 @@ class PaymentTransaction(models.Model):
         """
         self.ensure_one()
         self._mpesa_lock_for_push()
+        if self.provider_code == 'mpesa' and self.state == 'pending' and self.provider_reference:
+            return None  # A replay of a request whose prompt is already on the phone.
         if self.provider_code != 'mpesa' or self.state != 'draft' or self.mpesa_push_sent_at:
             raise ValidationError(self.env._("This payment can no longer be sent to M-Pesa."))
         if self.currency_id.name not in const.SUPPORTED_CURRENCIES:
@@ -140,12 +142,16 @@ class PaymentTransaction(models.Model):
                 callback_url=provider._mpesa_callback_url(),
             )
         except daraja.DarajaError as error:
+            self._mpesa_commit()  # The audit of the attempt; the writes below start afresh.
             message = self._mpesa_push_error_message(error)
             self.mpesa_outcome_unknown = self._mpesa_push_may_have_reached(error)
             self._set_error(message)
             self._mpesa_commit()
             return message
 
+        # A fresh snapshot for the answer's writes: the request's one began before the HTTP call,
+        # and a serialization failure now would replay the request and lose the CheckoutRequestID.
+        self._mpesa_commit()
         self.write({
             'provider_reference': result.checkout_request_id,
             'mpesa_merchant_request_id': result.merchant_request_id,
@@ -154,6 +160,7 @@ class PaymentTransaction(models.Model):
         })
         self._set_pending()
         self._mpesa_commit()
+        self._mpesa_trigger_reconciliation(self.mpesa_next_check_at)
         return None
 
     def _mpesa_lock_for_push(self):
@@ -190,7 +197,11 @@ class PaymentTransaction(models.Model):
         return self.env._("M-Pesa refused the payment request: %s", error)
 
     def _mpesa_check_no_prompt_waiting(self):
-        """At most one prompt per order: refuse while another one is young, or the order is paid.
+        """One prompt per order at a time, and none for a paid order.
+
+        A prompt younger than the provider's cooldown refuses the new one.  An older one that is
+        still pending is asked about first (STK Query): the new prompt goes only once Daraja says
+        the old one is over, and not at all if the customer paid it.
 
         The orders' rows are locked, and the push then updates them before it commits: a concurrent
         push for the same order fails its lock with a serialization error, and Odoo replays it on a
@@ -202,23 +213,49 @@ class PaymentTransaction(models.Model):
         self.env.cr.execute(
             "SELECT id FROM sale_order WHERE id IN %s FOR UPDATE", [tuple(orders.ids)]
         )
-        for order in orders:
-            if order.currency_id.compare_amounts(order.amount_paid, order.amount_total) >= 0:
-                raise ValidationError(self.env._("Order %s is already paid.", order.name))
-        cooldown = self.provider_id.sudo().mpesa_push_cooldown or 0
-        # A prompt being sent, waiting on the phone, or whose fate we could not read.
-        waiting = self.search([
+        others = self.search([
             ('id', '!=', self.id),
             ('provider_code', '=', 'mpesa'),
             ('sale_order_ids', 'in', orders.ids),
-            ('mpesa_push_sent_at', '>', fields.Datetime.now() - timedelta(seconds=cooldown)),
+            ('mpesa_push_sent_at', '!=', False),
             '|', ('state', 'in', ('draft', 'pending')), ('mpesa_outcome_unknown', '=', True),
-        ], limit=1)
-        if waiting:
+        ])
+        young_since = fields.Datetime.now() - timedelta(
+            seconds=self.provider_id.sudo().mpesa_push_cooldown or 0
+        )
+        for other in others:
+            if other.mpesa_push_sent_at > young_since:
+                raise ValidationError(self.env._(
+                    "An M-Pesa prompt for this order was already sent to %(phone)s.  Complete it"
+                    " on that phone, or try again in a couple of minutes.",
+                    phone=daraja.mask_msisdn(other.mpesa_phone or ''),
+                ))
+        previous = others.filtered(lambda tx: tx.state == 'pending' and tx.provider_reference)
+        if previous:
+            for other in previous:
+                other._mpesa_settle_previous_prompt()
+            # Kept whatever comes next; then check again, under fresh locks and snapshot.
+            self._mpesa_commit()
+            self._mpesa_check_no_prompt_waiting()
+            return
+        orders.invalidate_recordset(['amount_paid'])  # It does not follow the transactions' state.
+        for order in orders:
+            if order.currency_id.compare_amounts(order.amount_paid, order.amount_total) >= 0:
+                raise ValidationError(self.env._("Order %s is already paid.", order.name))
+
+    def _mpesa_settle_previous_prompt(self):
+        """Settle an older pending prompt of the same order before a new one may go."""
+        try:
+            result = self._mpesa_settle_by_query()
+        except daraja.DarajaError as error:
             raise ValidationError(self.env._(
-                "An M-Pesa prompt for this order was already sent to %(phone)s.  Complete it on"
-                " that phone, or try again in a couple of minutes.",
-                phone=daraja.mask_msisdn(waiting.mpesa_phone or ''),
+                "M-Pesa cannot tell yet what became of the previous prompt for this order (%s)."
+                "  Try again in a few minutes.", error,
+            )) from error
+        if result.outcome == PENDING:
+            raise ValidationError(self.env._(
+                "M-Pesa is still processing the previous prompt for this order.  Try again in a"
+                " few minutes."
             ))
 
     # === BUSINESS METHODS - STK QUERY === #
@@ -349,14 +386,14 @@ class PaymentTransaction(models.Model):
         if not tx:
             event._mark('unmatched', self.env._("No transaction has this CheckoutRequestID yet."))
             return tx
-        if not tx.mpesa_callback_at:
-            tx.mpesa_callback_at = event.create_date
         tx._mpesa_process_callback(callback, event)
         return tx
 
     def _mpesa_process_callback(self, callback, event):
         """Apply a callback to this (locked) transaction, after the checks a forged one fails."""
         self.ensure_one()
+        if not self.mpesa_callback_at:
+            self.mpesa_callback_at = event.create_date
         outcome = callback.outcome
         if self.state == 'done' and outcome == SUCCESS:
             self._mpesa_record_late_receipt(callback, event)
@@ -436,7 +473,7 @@ class PaymentTransaction(models.Model):
             paid = sum(order.transaction_ids.filtered(lambda tx: tx.state == 'done').mapped('amount'))
             # Less than a shilling over is M-Pesa's whole-shilling rounding, not a second payment.
             if paid - order.amount_total >= 1:
-                order._mpesa_flag_for_refund(self.env._(
+                order._mpesa_flag_for_refund(provider=self.provider_id, message=self.env._(
                     "M-Pesa payments of %(paid)s %(currency)s exceed the order total of %(total)s"
                     " (last: %(ref)s, receipt %(receipt)s).  Check them and refund the customer.",
                     paid=paid, currency=order.currency_id.name, total=order.amount_total,
@@ -445,8 +482,13 @@ class PaymentTransaction(models.Model):
 
     def _mpesa_send_mail(self, template_xmlid):
         template = self.env.ref(template_xmlid, raise_if_not_found=False)
-        if template and self.partner_id.email:
-            template.sudo().send_mail(self.id)  # Queued: sent by the mail queue's cron.
+        if not (template and self.partner_id.email):
+            return
+        try:
+            with self.env.cr.savepoint():  # A mail problem must never undo a settlement.
+                template.sudo().send_mail(self.id)  # Queued: sent by the mail queue's cron.
+        except Exception:
+            _logger.exception("M-Pesa mail %s for %s could not be queued.", template_xmlid, self.reference)
 
     # === BUSINESS METHODS - RECONCILIATION === #
 
@@ -458,25 +500,59 @@ class PaymentTransaction(models.Model):
         and committed on its own, so that a crash loses nothing and one failure blocks nothing.
         """
         self.env['muchiri.mpesa.event']._match_unmatched(limit=batch_size, commit=True)
-        now = fields.Datetime.now()
-        due = self.sudo().search([
-            ('provider_code', '=', 'mpesa'),
-            ('state', '=', 'pending'),
-            ('provider_reference', '!=', False),
-            ('mpesa_next_check_at', '<=', now),
-        ], order='mpesa_next_check_at, id', limit=batch_size)
+        due = self.sudo().search(
+            self._mpesa_due_domain(), order='mpesa_next_check_at, id', limit=batch_size,
+        )
         session = requests.Session()  # One connection to Daraja for the whole run.
         checked = 0
+        throttled = False
         try:
             for tx in due:
                 outcome = tx._mpesa_reconcile(session)
                 checked += outcome != 'skipped'
                 if outcome == 'stop':
+                    throttled = True
                     break
         finally:
             session.close()
-        self.env['ir.cron']._notify_progress(done=checked, remaining=len(due) - checked)
+        self._mpesa_expire_unanswered_pushes()
+        # Odoo runs the job again at once while work remains: not when Daraja asks us to wait.
+        remaining = 0 if throttled else self.sudo().search_count(self._mpesa_due_domain())
+        self.env['ir.cron']._notify_progress(done=checked, remaining=remaining)
         return checked
+
+    @api.model
+    def _mpesa_due_domain(self):
+        return [
+            ('provider_code', '=', 'mpesa'),
+            ('state', '=', 'pending'),
+            ('provider_reference', '!=', False),
+            ('mpesa_next_check_at', '<=', fields.Datetime.now()),
+        ]
+
+    @api.model
+    def _mpesa_expire_unanswered_pushes(self):
+        """A draft whose push left but whose answer was never recorded (the worker died in
+        between): its prompt may be on a phone, and only its callback can tell."""
+        stale = self.sudo().search([
+            ('provider_code', '=', 'mpesa'),
+            ('state', '=', 'draft'),
+            ('provider_reference', '=', False),
+            ('mpesa_push_sent_at', '<', fields.Datetime.now() - timedelta(minutes=5)),
+        ], limit=const.RECONCILE_BATCH_SIZE)
+        for tx in stale:
+            tx.mpesa_outcome_unknown = True
+            tx._set_error(self.env._(
+                "The answer to this M-Pesa prompt was never recorded: if the customer paid, the"
+                " payment waits in M-Pesa Exchanges to be matched."
+            ))
+            tx._mpesa_commit()
+
+    @api.model
+    def _mpesa_trigger_reconciliation(self, at):
+        cron = self.env.ref('muchiri_mpesa.cron_mpesa_reconcile', raise_if_not_found=False)
+        if cron and at:
+            cron.sudo()._trigger(at=at)
 
     def _mpesa_reconcile(self, session=None):
         """Query one due transaction and settle or reschedule it; committed on its own.
@@ -494,7 +570,8 @@ class PaymentTransaction(models.Model):
             _logger.exception("M-Pesa reconciliation of %s failed.", self.reference)
             outcome = 'failed'
             with self.env.cr.savepoint():
-                self._mpesa_schedule_next_check(const.RECONCILE_FAST_INTERVAL)
+                self.invalidate_recordset()
+                self._mpesa_schedule_next_check(self._mpesa_next_check_delay(fields.Datetime.now()))
         self._mpesa_commit()
         return outcome
 
@@ -521,6 +598,7 @@ class PaymentTransaction(models.Model):
             _logger.warning("M-Pesa query of %s refused: %s", self.reference, error)
             result = None
         if result is not None and result.outcome != PENDING:
+            self._mpesa_post_process()
             return 'settled'
         if self._mpesa_is_past_cutoff(now):
             self.write({'mpesa_next_check_at': False, 'mpesa_settled_by': 'cutoff',
@@ -532,6 +610,14 @@ class PaymentTransaction(models.Model):
             return 'failed'
         self._mpesa_schedule_next_check(self._mpesa_next_check_delay(now))
         return 'pending'
+
+    def _mpesa_post_process(self):
+        """Confirm and invoice the order now, as the status page would; Odoo's own cron retries."""
+        try:
+            with self.env.cr.savepoint():
+                self._post_process()
+        except Exception:
+            _logger.exception("Post-processing of %s failed; Odoo's cron will retry.", self.reference)
 
     def _mpesa_next_check_delay(self, now):
         """Seconds until the next query: often while the customer may still answer, then rarely."""

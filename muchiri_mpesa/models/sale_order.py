@@ -66,17 +66,22 @@ class SaleOrder(models.Model):
             order.mpesa_paid_at = paid[-1:].mpesa_paid_at or paid[-1:].last_state_change
             order.mpesa_last_result = last.mpesa_result_desc or last.state_message or False
 
-    def _mpesa_flag_for_refund(self, message):
-        """Record a payment the order did not need, and ask the accountants to deal with it."""
+    def _mpesa_flag_for_refund(self, message, provider):
+        """Record a payment the order did not need, and ask the accountants to deal with it: the
+        users of the provider's alert group, else the salesperson."""
         self.ensure_one()
         self.mpesa_needs_refund = True
         self.message_post(body=message)
-        self.activity_schedule(
-            'mail.mail_activity_data_todo',
-            summary=self.env._("M-Pesa: check and refund an extra payment"),
-            note=message,
-            user_id=self.user_id.id or self.env.ref('base.user_admin').id,
-        )
+        accountants = provider.sudo().mpesa_alert_group_id.users.filtered(
+            lambda user: user.active and not user.share
+        ) or self.user_id
+        for user in accountants:
+            self.activity_schedule(
+                'mail.mail_activity_data_todo',
+                summary=self.env._("M-Pesa: check and refund an extra payment"),
+                note=message,
+                user_id=user.id,
+            )
 
     # === BACK OFFICE: M-PESA PAYMENT REQUESTS AND STATUS CHECKS === #
 

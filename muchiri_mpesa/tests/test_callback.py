@@ -158,19 +158,35 @@ class TestCallback(MpesaCommon):
         self.assertEqual(second.callback_state, 'rejected')
         self.assertFalse(self.quotation.mpesa_needs_refund, "Daraja sends one receipt per prompt")
 
-    def test_second_paid_prompt_for_a_paid_order_is_flagged_for_refund(self):
+    def test_new_prompt_waits_for_the_previous_one(self):
         first = self._pending_tx()
+        values = self._start_portal_payment()
+        self.assertIn('already sent', self._stk_push_refusal(values, PHONE_CALLBACK_LOST))
+        # Past the cooldown, Daraja is asked about the first prompt: paid, so no second one.
         self._settled_at_simulator(first)
-        # The first prompt looks abandoned: a second one is allowed after the cooldown.
         first.mpesa_push_sent_at = first.mpesa_push_sent_at - timedelta(minutes=10)
-        second = self._pending_tx()
-        self._settled_at_simulator(second)
-        self._post_callback(self._success_body(second, receipt='SECOND0001'))
-        self.env.invalidate_all()
+        self.assertIn('already paid', self._stk_push_refusal(values, PHONE_CALLBACK_LOST))
+        self.assertEqual(len(self.simulator.pushes), 1)
+        self.assertEqual(len(self.simulator.requests_for('stk_query')), 1, "the first was asked about")
+
+    def test_late_payment_of_an_abandoned_prompt_is_flagged_for_refund(self):
+        self.simulator.callback_delay = 2  # The first customer takes their time.
+        self.addCleanup(setattr, self.simulator, 'callback_delay', 0.2)
+        first = self._pending_tx()
+        # The cron gave up on it (cut-off), and the order was paid by a second prompt.
+        first.write({'mpesa_push_sent_at': first.mpesa_push_sent_at - timedelta(hours=25),
+                     'mpesa_next_check_at': first.mpesa_push_sent_at - timedelta(hours=25)})
+        with self.registry.test_lock:
+            self.env['payment.transaction']._cron_mpesa_reconcile()
+        self.assertEqual(first.state, 'error')
+        self.simulator.callback_delay = 0.2
+        second = self._pending_tx('254708374149')
+        self._wait_callbacks(second)
         self.assertEqual(second.state, 'done')
         self.assertFalse(self.quotation.mpesa_needs_refund)
-        # The customer had paid the first prompt too: both payments are recorded.
-        self._post_callback(self._success_body(first, receipt='FIRST00001'))
+        # Then the first customer pays after all: recorded, never hidden, flagged for refund.
+        self._wait(lambda: self._result_known(first), message="the late answer")
+        self._post_callback(self._success_body(first, receipt='LATE000001'))
         self.env.invalidate_all()
         self.assertEqual(first.state, 'done')
         self.assertTrue(self.quotation.mpesa_needs_refund)

@@ -38,7 +38,8 @@ from .server import (
     DarajaSimulator,
 )
 
-PAID, NOT_PAID, NO_CALLBACK, ERROR = 0, 1, 2, 3
+# 2 is argparse's exit code for a bad command line.
+PAID, NOT_PAID, NO_CALLBACK, ERROR = 0, 1, 4, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-timeout", type=float, default=4.0,
                         help="seconds before an unanswered prompt expires (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds to wait for the callback (default: enough for every magic number)")
+                        help="seconds to wait for the callback (default: enough for every magic number;"
+                             " 30 with --base-url)")
     parser.add_argument("--base-url", default=None,
                         help="use a simulator already running there instead of starting one")
     parser.add_argument("--consumer-key", default=DEFAULT_CONSUMER_KEY)
@@ -117,7 +119,9 @@ def _run(args: argparse.Namespace, base_url: str, callback_url: str, listener: C
         timeout=(5.0, 30.0),
     )
     timeout = args.timeout
-    if timeout is None:
+    if timeout is None and args.base_url:
+        timeout = 30.0  # A running simulator has its own delays (the CLI's prompt timeout is 10 s).
+    elif timeout is None:
         timeout = max(args.prompt_timeout, 3 * args.callback_delay) + 5.0
 
     _say(f"\n1. STK Push: KES {args.amount} from {args.phone}, reference {args.reference}")

@@ -1,0 +1,794 @@
+"""Concurrency checks of muchiri_mpesa with real PostgreSQL connections, as Odoo's workers have.
+
+Odoo's own tests (muchiri_mpesa/tests, HttpCase) run every request on ONE shared database connection, so
+they never see a lock wait, a serialization failure or a deadlock between workers.  This script installs
+muchiri_mpesa in its own database (dropped and created again), runs a Daraja simulator in-process on
+loopback, and races real workers: threads that each open their own ``registry.cursor()``, with committed
+data, run as Odoo runs them:
+
+- an HTTP request: ``odoo.service.model.retrying(func, env)`` on its own cursor, which replays the whole
+  request on a serialization failure (as ``odoo.http.Request._transactioning`` does), with the public
+  user's environment and ``sudo()`` as in controllers/main.py;
+- a cron job: ``ir.cron._callback()`` of the addon's reconciliation cron on its own cursor, then a commit,
+  as ``ir.cron._run_job`` does (Odoo 18's cron does NOT replay a job on a serialization failure).
+
+Every concurrent step has a hard timeout: a deadlock FAILS, with the threads' stacks and the database's
+lock waits, instead of hanging.  One line per scenario, then ``concurrency: N passed, M failed``; the exit
+status is non-zero on any failure.
+
+    python3 tests/odoo_concurrency.py [--db muchiri_mpesa_concurrency] [--timeout 30] [--rounds 10]
+
+Needs Odoo 18 importable by python3 and PostgreSQL, with the settings of scripts/odoo-tests and
+benchmarks/bench_reconcile.py (PGHOST, PGPORT, ODOO_DB_USER, ODOO_DB_PASSWORD).  Its name does not match
+pytest's test_*.py pattern: ``python3 -m pytest tests`` does not collect it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import faulthandler
+import functools
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+KEY, SECRET, SHORTCODE = "concurrency-key", "concurrency-secret", "174379"
+PASSKEY = "bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919"
+SAFARICOM_ADDRESS = "196.201.214.200"  # A published Safaricom callback address: passes the source check.
+PHONE_SANDBOX = "254708374149"  # Pays; the simulator posts its callback (to the listener here).
+PHONE_CALLBACK_LOST = "254700000005"  # Pays; the simulator never posts a callback: only the query knows.
+ORDER_LINE_PRICE, ORDER_LINE_QTY = 1500.0, 3
+
+_logger = logging.getLogger("muchiri_mpesa.concurrency")
+
+
+# === INSTALLATION (as benchmarks/bench_reconcile.py) === #
+
+def pg_args() -> list[str]:
+    return ["-h", os.environ.get("PGHOST", "localhost"), "-p", os.environ.get("PGPORT", "5432"),
+            "-U", os.environ.get("ODOO_DB_USER", "odoo")]
+
+
+def replay_site(error: BaseException) -> str:
+    """Where a concurrency error came from: the innermost frame of the addon, and the PostgreSQL error."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "muchiri_mpesa" in f.filename]
+    where = f"{Path(frames[-1].filename).name}:{frames[-1].name}" if frames else "?"
+    return f"{type(error).__name__} in {where}"
+
+
+def expected_sql_error(record: logging.LogRecord) -> bool:
+    """Odoo logs every failed query at ERROR: a serialization failure or a NOWAIT refusal is expected."""
+    message = record.getMessage()
+    return record.name == "odoo.sql_db" and (
+        "could not serialize access" in message or "could not obtain lock" in message
+    )
+
+
+def install(db: str, db_args: list[str]) -> None:
+    subprocess.run(["dropdb", "--if-exists", *pg_args(), db], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "odoo", "-d", db, *db_args, "-i", "muchiri_mpesa", "--without-demo=all",
+         "--stop-after-init", "--log-level=warn", "--max-cron-threads=0", "--http-port=0"],
+        check=True,
+    )
+
+
+# === HARNESS === #
+
+class Hang(Exception):
+    """Some worker did not finish within the timeout: a deadlock or a lock wait that never ends."""
+
+
+@dataclass
+class Job:
+    name: str
+    func: Callable[[Any], Any]  # func(env) -> value
+    mode: str = "http"  # "http": retrying() as Odoo's HTTP requests; "cron": as ir.cron._run_job
+    public: bool = True  # the public user's environment (a controller, auth='public'), else superuser
+    delay: float = 0.0  # seconds to wait after the common start
+
+
+@dataclass
+class Slot:
+    name: str
+    value: Any = None
+    error: BaseException | None = None
+    tb: str = ""
+    elapsed: float = 0.0
+    replays: list[str] = field(default_factory=list)  # where each serialization failure replayed the request
+
+
+class LogCapture(logging.Handler):
+    """Keeps the log records of the run: ERRORs fail a scenario, retrying()'s replays are counted."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+        self._lock_records = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._lock_records:
+            self.records.append(record)
+
+    def since(self, mark: int) -> list[logging.LogRecord]:
+        with self._lock_records:
+            return list(self.records[mark:])
+
+
+class Checks:
+    """What a scenario measured, and which of its expectations failed."""
+
+    def __init__(self) -> None:
+        self.facts: list[str] = []
+        self.failures: list[str] = []
+
+    def fact(self, text: str) -> None:
+        self.facts.append(text)
+
+    def expect(self, ok: bool, text: str) -> bool:
+        if not ok:
+            self.failures.append(text)
+        return ok
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+class Harness:
+    def __init__(self, args: argparse.Namespace, odoo: Any, registry: Any, sim: Any, listener: Any,
+                 capture: LogCapture) -> None:
+        from odoo.addons.muchiri_mpesa import daraja  # noqa: PLC0415 - importable once the addons path is set
+
+        self.odoo = odoo
+        self.daraja = daraja
+        self.db = args.db
+        self.timeout = args.timeout
+        self.rounds = args.rounds
+        self.repeat = args.repeat
+        self.registry = registry
+        self.sim = sim
+        self.listener = listener
+        self.capture = capture
+        self.passed = self.failed = 0
+        self._phone_seq = 0
+
+    # -- cursors and environments ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def env(self, public: bool = False):
+        """A superuser (or public user) environment on a cursor of its own; committed when the block ends."""
+        odoo = self.odoo
+        with contextlib.closing(self.registry.cursor()) as cr:
+            uid = self.public_uid if public else odoo.SUPERUSER_ID
+            yield odoo.api.Environment(cr, uid, {})
+            cr.commit()
+
+    def setup(self) -> None:
+        """KES, the M-Pesa provider on the simulator (callbacks to a listener), a distributor, a product."""
+        Command = self.odoo.fields.Command
+        with self.env() as env:
+            env.ref("base.KES").active = True
+            provider = env.ref("muchiri_mpesa.payment_provider_mpesa")
+            provider.write({
+                "state": "test", "mpesa_consumer_key": KEY, "mpesa_consumer_secret": SECRET,
+                "mpesa_shortcode": SHORTCODE, "mpesa_passkey": PASSKEY, "mpesa_api_url": self.sim.base_url,
+                # Nothing of Odoo listens here: the simulator's own callbacks land in the listener.
+                "mpesa_callback_base_url": self.listener.url.rsplit("/", 1)[0],
+                "mpesa_confirm_by_query": True, "mpesa_push_cooldown": 120, "mpesa_distributors_only": True,
+                "mpesa_ip_check": "log",
+            })
+            env.ref("payment.payment_method_mpesa").active = True  # Once its provider is in test mode.
+            self.provider_id = provider.id
+            self.public_uid = env.ref("base.public_user").id
+            self.kes_id = env.ref("base.KES").id
+            self.method_id = env.ref("payment.payment_method_mpesa").id
+            self.partner_id = env["res.partner"].create({
+                "name": "Concurrency Distributors", "is_distributor": True, "email": "orders@example.com",
+            }).id
+            self.pricelist_id = env["product.pricelist"].create({"name": "KES", "currency_id": self.kes_id}).id
+            self.product_id = env["product.product"].create({
+                "name": "Maize flour 50 kg", "type": "consu", "list_price": ORDER_LINE_PRICE,
+                "taxes_id": [Command.clear()],
+            }).id
+            self.journal = provider.journal_id.display_name or "-"
+            # The order confirmation mail would render a PDF with wkhtmltopdf (seconds, and it needs an
+            # HTTP server): not what these checks are about.
+            env["mail.template"].search([("model", "=", "sale.order")]).report_template_ids = [Command.clear()]
+
+    def new_phone(self) -> str:
+        """A paying phone of its own: the simulator refuses a push while the phone's last prompt is open."""
+        self._phone_seq += 1
+        return f"2547{20000000 + self._phone_seq:08d}"
+
+    def new_order(self, env, tag: str):
+        Command = self.odoo.fields.Command
+        return env["sale.order"].create({
+            "partner_id": self.partner_id, "pricelist_id": self.pricelist_id, "client_order_ref": tag,
+            "order_line": [Command.create({
+                "product_id": self.product_id, "product_uom_qty": ORDER_LINE_QTY,
+                "price_unit": ORDER_LINE_PRICE, "tax_id": [Command.clear()],
+            })],
+        })
+
+    def new_draft_tx(self, env, tag: str, order=None):
+        Command = self.odoo.fields.Command
+        return env["payment.transaction"].create({
+            "provider_id": self.provider_id, "payment_method_id": self.method_id,
+            "reference": f"{tag}-{uuid.uuid4().hex[:6]}",
+            "amount": order.amount_total if order else ORDER_LINE_PRICE * ORDER_LINE_QTY,
+            "currency_id": self.kes_id, "partner_id": self.partner_id, "operation": "online_direct",
+            "sale_order_ids": [Command.set(order.ids)] if order else [],
+        })
+
+    def clear_tokens(self) -> None:
+        with self.env() as env:
+            env.cr.execute("DELETE FROM muchiri_mpesa_token")
+
+    def push_now(self, tx_id: int, phone: str) -> str:
+        """Send a prompt in a cursor of its own (as the STK push route, sequentially); its CheckoutRequestID."""
+        with self.env(public=True) as env:
+            tx = env["payment.transaction"].sudo().browse(tx_id)
+            error = self.odoo.service.model.retrying(functools.partial(tx._mpesa_send_stk_push, phone), env)
+            if error:
+                raise RuntimeError(f"the setup push of {tx.reference} was refused: {error}")
+            return tx.provider_reference
+
+    def wait_final(self, checkout_request_id: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.sim.transaction(checkout_request_id).is_final():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the simulated customer never answered {checkout_request_id}")
+            time.sleep(0.02)
+
+    def settled_prompt(self, tag: str, due: bool) -> tuple[int, int, str]:
+        """A committed pending transaction of its own order whose prompt the customer paid (no callback
+        sent); due for its next status check, or not due for a long while."""
+        with self.env() as env:
+            order = self.new_order(env, tag)
+            tx = self.new_draft_tx(env, tag, order)
+        checkout_request_id = self.push_now(tx.id, PHONE_CALLBACK_LOST)
+        self.wait_final(checkout_request_id)
+        with self.env() as env:
+            # Only this transaction is due: the pending ones of other scenarios wait, out of the way.
+            later = self.odoo.fields.Datetime.now() + timedelta(days=1)
+            env.cr.execute(
+                "UPDATE payment_transaction SET mpesa_next_check_at = %s"
+                " WHERE state = 'pending' AND mpesa_next_check_at IS NOT NULL AND id != %s", [later, tx.id],
+            )
+            next_check = self.odoo.fields.Datetime.now() - timedelta(seconds=1) if due else later
+            env.cr.execute("UPDATE payment_transaction SET mpesa_next_check_at = %s WHERE id = %s", [next_check, tx.id])
+        return order.id, tx.id, checkout_request_id
+
+    # -- what the workers run ------------------------------------------------------------------------------
+    def controller_push(self, env, reference: str, phone: str):
+        """MpesaController.mpesa_stk_push, minus the access token check."""
+        tx_sudo = env["payment.transaction"].sudo().search([
+            ("reference", "=", reference), ("provider_code", "=", "mpesa"),
+        ], limit=1)
+        return tx_sudo._mpesa_send_stk_push(phone)
+
+    def controller_callback(self, env, raw_body: bytes):
+        """MpesaController.mpesa_callback, line for line, on the request's cursor."""
+        from psycopg2 import OperationalError  # noqa: PLC0415
+
+        providers = env["payment.provider"].sudo().search([("code", "=", "mpesa")])
+        provider_sudo = providers.filtered(lambda p: p.id == self.provider_id)
+        event = env["muchiri.mpesa.event"].sudo()._record_callback(provider_sudo, raw_body, SAFARICOM_ADDRESS)
+        if not provider_sudo._mpesa_is_allowed_source(SAFARICOM_ADDRESS):
+            event._mark("rejected", "source address")
+            return "rejected"
+        callback = self.daraja.parse_stk_callback(raw_body)
+        event._set_parsed(callback)
+        try:
+            with env.cr.savepoint():
+                env["payment.transaction"].sudo()._mpesa_handle_callback(callback, event)
+        except OperationalError:
+            raise  # A serialization failure: Odoo retries the whole request.
+        except Exception as error:  # As the controller: kept for a later retry.
+            _logger.exception("M-Pesa callback %s could not be processed now.", event.id)
+            event._mark("error", str(error))
+        return event.id
+
+    def cron_reconcile(self, env):
+        """One run of the reconciliation cron as ir.cron._run_job runs it."""
+        cron = env.ref("muchiri_mpesa.cron_mpesa_reconcile")
+        try:
+            cron._callback(cron.cron_name, cron.ir_actions_server_id.id)
+        finally:
+            env.cr.commit()
+
+    # -- running workers together ----------------------------------------------------------------------------
+    def race(self, label: str, jobs: list[Job]) -> dict[str, Slot]:
+        """Start `jobs` together, each on its own cursor; raise Hang when one outlives the timeout."""
+        barrier = threading.Barrier(len(jobs))
+        slots = [Slot(job.name) for job in jobs]
+        threads = [
+            threading.Thread(target=self._work, args=(job, slot, barrier), name=f"{label}/{job.name}", daemon=True)
+            for job, slot in zip(jobs, slots, strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + self.timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        hung = [thread for thread in threads if thread.is_alive()]
+        if hung:
+            report = self._diagnose(hung)
+            self._unblock(threads)
+            raise Hang(f"{', '.join(t.name for t in hung)} still running after {self.timeout:.0f} s\n{report}")
+        return {slot.name: slot for slot in slots}
+
+    def _work(self, job: Job, slot: Slot, barrier: threading.Barrier) -> None:
+        odoo = self.odoo
+        threading.current_thread().dbname = self.db  # As Odoo's request and cron threads.
+        started = time.perf_counter()
+        try:
+            barrier.wait(self.timeout)
+            if job.delay:
+                time.sleep(job.delay)
+            started = time.perf_counter()
+            # A cursor of its own, closed (rolled back if not committed) at the end, as an HTTP request's.
+            with contextlib.closing(self.registry.cursor()) as cr:
+                uid = self.public_uid if job.public else odoo.SUPERUSER_ID
+                env = odoo.api.Environment(cr, uid, {})
+                if job.mode == "http":
+                    slot.value = odoo.service.model.retrying(functools.partial(self._traced, job.func, env, slot), env)
+                elif job.mode == "cron":
+                    slot.value = job.func(env)
+                else:
+                    raise ValueError(job.mode)
+        except BaseException as error:  # noqa: BLE001 - reported by the scenario
+            slot.error = error
+            slot.tb = traceback.format_exc()
+        finally:
+            slot.elapsed = time.perf_counter() - started
+
+    @staticmethod
+    def _traced(func, env, slot: Slot):
+        """func(env), noting where a concurrency error sends the request back to retrying()."""
+        from psycopg2 import OperationalError  # noqa: PLC0415
+
+        try:
+            return func(env)
+        except OperationalError as error:
+            slot.replays.append(replay_site(error))
+            raise
+
+    def _pg(self):
+        import psycopg2  # noqa: PLC0415
+
+        connection = psycopg2.connect(
+            dbname=self.db, host=os.environ.get("PGHOST", "localhost"), port=os.environ.get("PGPORT", "5432"),
+            user=os.environ.get("ODOO_DB_USER", "odoo"), password=os.environ.get("ODOO_DB_PASSWORD", "odoo"),
+        )
+        connection.autocommit = True
+        return connection
+
+    def _diagnose(self, hung: list[threading.Thread]) -> str:
+        lines = []
+        frames = sys._current_frames()
+        for thread in hung:
+            frame = frames.get(thread.ident)
+            stack = "".join(traceback.format_stack(frame)[-12:]) if frame else "    (no frame)\n"
+            lines.append(f"  stack of {thread.name}:\n{stack}")
+        with contextlib.closing(self._pg()) as connection, connection.cursor() as cr:
+            cr.execute("""
+                SELECT pid, state, wait_event_type, wait_event, pg_blocking_pids(pid),
+                       round(extract(epoch FROM now() - xact_start)::numeric, 1), left(query, 140)
+                  FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid != pg_backend_pid() AND state != 'idle'
+                 ORDER BY xact_start""")
+            lines.append("  database sessions (pid, state, wait, blocked by, transaction age s, query):")
+            lines += [f"    {row}" for row in cr.fetchall()]
+        return "\n".join(lines)
+
+    def _unblock(self, threads: list[threading.Thread]) -> None:
+        """Free the hung workers so that the next scenarios run: cancel the lock waits, then terminate."""
+        with contextlib.closing(self._pg()) as connection, connection.cursor() as cr:
+            for statement in (
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid != pg_backend_pid() AND wait_event_type IN ('Lock', 'LWLock')",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid != pg_backend_pid() AND state != 'idle'",
+            ):
+                cr.execute(statement)
+                deadline = time.monotonic() + 5
+                for thread in threads:
+                    thread.join(max(0.0, deadline - time.monotonic()))
+                if not any(thread.is_alive() for thread in threads):
+                    return
+
+    # -- reading the outcome ------------------------------------------------------------------------------
+    @staticmethod
+    def replays(slots: dict[str, Slot], counter: Counter | None = None) -> Counter:
+        """Where retrying() replayed the requests of this step (added to `counter`)."""
+        counter = Counter() if counter is None else counter
+        for slot in slots.values():
+            counter.update(slot.replays)
+        return counter
+
+    def token_works(self, value: str) -> bool:
+        """Whether Daraja still takes this bearer token (it revokes a token when it issues another)."""
+        request = urllib.request.Request(
+            self.sim.base_url + "/mpesa/stkpushquery/v1/query", data=b"{}", method="POST",
+            headers={"Authorization": f"Bearer {value}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5):
+                return True
+        except urllib.error.HTTPError as error:
+            return error.code != 401  # 400: the token passed, the empty query did not
+
+    def pushes_sent(self, since: int) -> list[Any]:
+        return self.sim.requests_for("stk_push")[since:]
+
+    @staticmethod
+    def worker_errors(slots: dict[str, Slot], expected: tuple[type[BaseException], ...] = ()) -> list[str]:
+        return [
+            f"{slot.name}: {slot.error!r}\n{slot.tb}" for slot in slots.values()
+            if slot.error is not None and not isinstance(slot.error, expected)
+        ]
+
+    def confirmations(self, env, tx) -> int:
+        """How many times the transaction went to done: Odoo logs each transition on its orders."""
+        return env["mail.message"].search_count([
+            ("model", "=", "sale.order"), ("res_id", "in", tx.sale_order_ids.ids),
+            ("body", "ilike", f"reference {tx.reference} for"), ("body", "ilike", "has been confirmed"),
+        ])
+
+    # -- scenarios ------------------------------------------------------------------------------------------
+    def run(self, number: str, title: str, scenario: Callable[[Checks], None]) -> None:
+        checks = Checks()
+        mark = len(self.capture.records)
+        started = time.perf_counter()
+        try:
+            scenario(checks)
+        except Hang as hang:
+            checks.expect(False, f"HANG (deadlock?): {hang}")
+        except Exception:  # noqa: BLE001 - the scenario line says what broke
+            checks.expect(False, f"the scenario itself broke:\n{traceback.format_exc()}")
+        records = [r for r in self.capture.since(mark) if r.levelno >= logging.ERROR]
+        errors = [r for r in records if not expected_sql_error(r)]
+        if len(records) > len(errors):
+            checks.fact(f"expected concurrency errors logged by odoo.sql_db {len(records) - len(errors)}")
+        checks.expect(not errors, f"{len(errors)} ERROR log(s): " + " | ".join(
+            f"{r.name}: {r.getMessage()}" + (f"\n{''.join(traceback.format_exception(*r.exc_info))}"
+                                             if r.exc_info else "")
+            for r in errors[:3]
+        ))
+        elapsed = time.perf_counter() - started
+        status = "PASS" if checks.ok else "FAIL"
+        print(f"{status} {number}. {title}: {'; '.join(checks.facts)} [{elapsed:.2f} s]", flush=True)
+        for failure in checks.failures:
+            print("    - " + failure.replace("\n", "\n      "), flush=True)
+        if checks.ok:
+            self.passed += 1
+        else:
+            self.failed += 1
+
+    @staticmethod
+    def sites(replays: Counter) -> str:
+        return ", ".join(f"{count} x {site}" for site, count in replays.most_common()) or "none"
+
+    def s1_token(self, c: Checks) -> None:
+        """8 workers need a token while the token table is empty: Daraja issues exactly one."""
+        self.clear_tokens()
+        requests_before, issued_before = self.sim.token_requests, self.sim.tokens_issued
+        with self.env() as env:
+            events_before = env["muchiri.mpesa.event"].search_count([("kind", "=", "token")])
+
+        def token(env):
+            return env["payment.provider"].sudo().browse(self.provider_id)._mpesa_client().access_token().value
+
+        slots = self.race("s1", [Job(f"worker{i}", token) for i in range(8)])
+        errors = self.worker_errors(slots)
+        values = {slot.value for slot in slots.values() if slot.error is None}
+        requests = self.sim.token_requests - requests_before
+        issued = self.sim.tokens_issued - issued_before
+        with self.env() as env:
+            env.cr.execute("SELECT value FROM muchiri_mpesa_token")
+            stored = [row[0] for row in env.cr.fetchall()]
+            events = env["muchiri.mpesa.event"].search_count([("kind", "=", "token")]) - events_before
+        works = bool(stored) and self.token_works(stored[0])
+        c.fact(f"OAuth requests {requests}, tokens issued {issued}, distinct values returned {len(values)}, "
+               f"stored rows {len(stored)}, stored token accepted by Daraja {works}, token audit events {events}, "
+               f"replays: {self.sites(self.replays(slots))}, slowest worker "
+               f"{max(s.elapsed for s in slots.values()):.2f} s")
+        c.expect(not errors, "worker errors:\n" + "\n".join(errors))
+        c.expect(requests == 1 and issued == 1, f"{requests} OAuth requests / {issued} tokens (expected 1)")
+        c.expect(len(values) == 1 and stored == list(values), f"values {len(values)}, stored {len(stored)}")
+        c.expect(works, "Daraja refuses the stored token: another one was issued after it")
+        c.expect(events == 1, f"{events} token audit events (expected 1)")
+
+    def s2_push_while_token_refreshes(self, c: Checks) -> None:
+        """The reviewer's deadlock: the push's token refresh (own cursor) vs the audit insert (push cursor)."""
+        with self.env() as env:
+            reference = self.new_draft_tx(env, "S2").reference
+        self.clear_tokens()
+        issued_before, pushes_before = self.sim.tokens_issued, len(self.sim.requests_for("stk_push"))
+        slots = self.race("s2", [Job("push", lambda env: self.controller_push(env, reference, PHONE_SANDBOX))])
+        slot = slots["push"]
+        c.expect(not self.worker_errors(slots), "worker error:\n" + "\n".join(self.worker_errors(slots)))
+        with self.env() as env:
+            tx = env["payment.transaction"].search([("reference", "=", reference)])
+            kinds = Counter(tx.mpesa_event_ids.mapped("kind"))
+            c.fact(f"returned {slot.value!r} in {slot.elapsed:.2f} s, state {tx.state}, CheckoutRequestID "
+                   f"{tx.provider_reference or '-'}, audit events {dict(kinds)}, tokens issued "
+                   f"{self.sim.tokens_issued - issued_before}, pushes {len(self.pushes_sent(pushes_before))}")
+            c.expect(slot.error is None and slot.value is None, f"the push returned {slot.value!r}")
+            c.expect(tx.state == "pending" and bool(tx.provider_reference), "not committed pending")
+            c.expect(kinds.get("token") == 1 and kinds.get("stk_push") == 1, "token/stk_push audit events")
+
+    def s2b_pushes_while_token_refreshes(self, c: Checks) -> None:
+        """Extra: 4 different transactions pushed at once with the token table empty."""
+        with self.env() as env:
+            references = [self.new_draft_tx(env, f"S2B{i}").reference for i in range(4)]
+        self.clear_tokens()
+        issued_before, pushes_before = self.sim.tokens_issued, len(self.sim.requests_for("stk_push"))
+        jobs = [Job(f"push{i}", functools.partial(self.controller_push, reference=ref, phone=self.new_phone()))
+                for i, ref in enumerate(references)]
+        slots = self.race("s2b", jobs)
+        errors = self.worker_errors(slots)
+        with self.env() as env:
+            txs = env["payment.transaction"].search([("reference", "in", references)])
+            states = Counter(txs.mapped("state"))
+            stuck = txs.filtered(lambda tx: tx.state == "draft" and tx.mpesa_push_sent_at)
+            token_events = len(txs.mpesa_event_ids.filtered(lambda e: e.kind == "token"))
+        issued = self.sim.tokens_issued - issued_before
+        pushes = len(self.pushes_sent(pushes_before))
+        c.fact(f"results {[s.value if s.error is None else type(s.error).__name__ for s in slots.values()]}, "
+               f"states {dict(states)}, stuck in draft after an attempt {len(stuck)}, tokens issued {issued}, "
+               f"token audit events {token_events}, pushes {pushes}, replays: {self.sites(self.replays(slots))}, "
+               f"slowest {max(s.elapsed for s in slots.values()):.2f} s")
+        c.expect(not errors, "worker errors:\n" + "\n".join(errors))
+        c.expect(states == Counter(pending=4) and pushes == 4, "not 4 pending transactions and 4 pushes")
+        c.expect(issued == 1 and token_events == 1, f"{issued} tokens issued (expected 1)")
+
+    def _push_race(self, c: Checks, label: str, two_txs: bool) -> None:
+        ValidationError = self.odoo.exceptions.ValidationError
+        outcomes, replays, slowest = Counter(), Counter(), 0.0
+        for i in range(self.repeat):
+            with self.env() as env:
+                order = self.new_order(env, f"{label}R{i}")
+                txs = [self.new_draft_tx(env, f"{label}R{i}", order) for _ in range(2 if two_txs else 1)]
+                order_id, tx_ids = order.id, [tx.id for tx in txs]
+                references = [tx.reference for tx in txs] * (1 if two_txs else 2)
+            phones = [self.new_phone(), self.new_phone()] if two_txs else [self.new_phone()] * 2
+            pushes_before = len(self.sim.requests_for("stk_push"))
+            delay = [0.0, 0.0, 0.002, 0.005, 0.01][i % 5]
+            jobs = [Job(f"click{k}", functools.partial(self.controller_push, reference=references[k], phone=phones[k]),
+                        delay=delay if k == i % 2 else 0.0) for k in range(2)]
+            slots = self.race(f"{label}r{i}", jobs)
+            self.replays(slots, replays)
+            slowest = max([slowest] + [s.elapsed for s in slots.values()])
+            errors = self.worker_errors(slots, expected=(ValidationError,))
+            sent = self.pushes_sent(pushes_before)
+            refused = [s for s in slots.values() if isinstance(s.error, ValidationError)]
+            winners = [s for s in slots.values() if s.error is None and s.value is None]
+            outcomes.update(["refused: " + str(s.error.args[0])[:45] for s in refused])
+            with self.env() as env:
+                txs = env["payment.transaction"].browse(tx_ids)
+                order = env["sale.order"].browse(order_id)
+                pending = txs.filtered(lambda tx: tx.state == "pending")
+                pushed_events = txs.mpesa_event_ids.filtered(lambda e: e.kind == "stk_push")
+                prefix = f"round {i}: "
+                c.expect(not errors, prefix + "worker errors:\n" + "\n".join(errors))
+                c.expect(len(sent) == 1, prefix + f"{len(sent)} STK pushes reached Daraja (expected 1)")
+                c.expect(len(winners) == 1 and len(refused) == 1,
+                         prefix + f"{len(winners)} sent / {len(refused)} refused (expected 1 / 1): "
+                         + str([(s.value, s.error) for s in slots.values()]))
+                c.expect(len(pending) == 1 and len(pushed_events) == 1,
+                         prefix + f"{len(pending)} pending transactions, {len(pushed_events)} stk_push events")
+                if two_txs and len(pending) == 1:
+                    loser = txs - pending
+                    c.expect(loser.state == "draft" and not loser.mpesa_push_sent_at,
+                             prefix + f"the refused transaction is {loser.state}, sent at {loser.mpesa_push_sent_at}")
+                    c.expect(order.mpesa_phone == pending.mpesa_phone, prefix + "the order's phone is not the winner's")
+                if sent and len(pending) == 1:
+                    c.expect(sent[0].response_body.get("CheckoutRequestID") == pending.provider_reference,
+                             prefix + "the pending transaction does not hold the CheckoutRequestID of the push")
+        c.fact(f"{self.repeat} rounds, exactly one push each; losers: {dict(outcomes)}; replays: "
+               f"{self.sites(replays)}; slowest worker {slowest:.2f} s")
+
+    def s3_double_click(self, c: Checks) -> None:
+        self._push_race(c, "S3", two_txs=False)
+
+    def s4_same_order(self, c: Checks) -> None:
+        self._push_race(c, "S4", two_txs=True)
+
+    def s5_callback_vs_cron(self, c: Checks) -> None:
+        settled_by, states, replays, slowest, queries = Counter(), Counter(), Counter(), 0.0, Counter()
+        for i in range(self.rounds):
+            order_id, tx_id, checkout_request_id = self.settled_prompt(f"S5R{i}", due=True)
+            sim_tx = self.sim.transaction(checkout_request_id)
+            raw_body = json.dumps(sim_tx.callback_body).encode()
+            queries_before = sim_tx.queries
+            # Both at once, then one or the other a little late: the lock changes hands at every point.
+            lag = [0.0, 0.0, 0.003, 0.003, 0.01, 0.01, 0.02, 0.02, 0.05, 0.05][i % 10]
+            jobs = [
+                Job("cron", self.cron_reconcile, mode="cron", public=False, delay=lag if i % 2 else 0.0),
+                Job("callback", functools.partial(self.controller_callback, raw_body=raw_body),
+                    delay=0.0 if i % 2 else lag),
+            ]
+            slots = self.race(f"s5r{i}", jobs)
+            self.replays(slots, replays)
+            slowest = max([slowest] + [s.elapsed for s in slots.values()])
+            prefix = f"round {i} ({'cron' if i % 2 else 'callback'} {lag * 1000:.0f} ms late): "
+            errors = self.worker_errors(slots)
+            c.expect(not errors, prefix + "worker errors:\n" + "\n".join(errors))
+            with self.env() as env:
+                env["payment.transaction"].browse(tx_id)._post_process()
+            with self.env() as env:
+                tx = env["payment.transaction"].browse(tx_id)
+                events = env["muchiri.mpesa.event"].search([
+                    ("kind", "=", "callback"), ("checkout_request_id", "=", checkout_request_id),
+                ])
+                payments = env["account.payment"].search_count([("payment_transaction_id", "=", tx.id)])
+                confirmations = self.confirmations(env, tx)
+                settled_by[tx.mpesa_settled_by or "-"] += 1
+                states.update(events.mapped("callback_state"))
+                queries[self.sim.transaction(checkout_request_id).queries - queries_before] += 1
+                c.expect(tx.state == "done", prefix + f"the transaction is {tx.state}: {tx.state_message}")
+                c.expect(tx.mpesa_receipt_number == sim_tx.receipt,
+                         prefix + f"receipt {tx.mpesa_receipt_number!r}, Daraja's is {sim_tx.receipt!r}")
+                c.expect(confirmations == 1, prefix + f"set done {confirmations} times")
+                c.expect(payments == 1, prefix + f"{payments} account.payment for the transaction (expected 1)")
+                c.expect(len(events) == 1 and events.callback_state == "processed",
+                         prefix + f"callback events {events.mapped('callback_state')} {events.mapped('message')}")
+                c.expect(env["sale.order"].browse(order_id).state == "sale", prefix + "the order is not confirmed")
+        c.fact(f"{self.rounds} rounds, all done once with Daraja's receipt and one payment; settled by "
+               f"{dict(settled_by)}; callback events {dict(states)}; STK queries per round {dict(queries)}; "
+               f"replays: {self.sites(replays)}; slowest worker {slowest:.2f} s")
+
+    def s6_duplicate_callbacks(self, c: Checks) -> None:
+        state_sets, replays, slowest = Counter(), Counter(), 0.0
+        for i in range(self.repeat):
+            _order_id, tx_id, checkout_request_id = self.settled_prompt(f"S6R{i}", due=False)
+            sim_tx = self.sim.transaction(checkout_request_id)
+            raw_body = json.dumps(sim_tx.callback_body).encode()
+            delay = [0.0, 0.0, 0.002, 0.005, 0.01][i % 5]
+            jobs = [Job(f"delivery{k}", functools.partial(self.controller_callback, raw_body=raw_body),
+                        delay=delay if k else 0.0) for k in range(2)]
+            slots = self.race(f"s6r{i}", jobs)
+            self.replays(slots, replays)
+            slowest = max([slowest] + [s.elapsed for s in slots.values()])
+            prefix = f"round {i}: "
+            errors = self.worker_errors(slots)
+            c.expect(not errors, prefix + "worker errors:\n" + "\n".join(errors))
+            with self.env() as env:
+                tx = env["payment.transaction"].browse(tx_id)
+                events = env["muchiri.mpesa.event"].search([
+                    ("kind", "=", "callback"), ("checkout_request_id", "=", checkout_request_id),
+                ])
+                event_states = sorted(events.mapped("callback_state"))
+                state_sets[", ".join(event_states)] += 1
+                receipts = env["payment.transaction"].search_count([("mpesa_receipt_number", "=", sim_tx.receipt)])
+                confirmations = self.confirmations(env, tx)
+                c.expect(tx.state == "done" and tx.mpesa_settled_by == "callback",
+                         prefix + f"the transaction is {tx.state} (settled by {tx.mpesa_settled_by})")
+                c.expect(tx.mpesa_receipt_number == sim_tx.receipt and receipts == 1,
+                         prefix + f"receipt {tx.mpesa_receipt_number!r} on {receipts} transactions")
+                c.expect(confirmations == 1, prefix + f"set done {confirmations} times")
+                c.expect(event_states == ["ignored", "processed"],
+                         prefix + f"callback events {event_states} {events.mapped('message')}")
+        c.fact(f"{self.repeat} rounds, done once each; callback events {dict(state_sets)}; replays: "
+               f"{self.sites(replays)}; slowest worker {slowest:.2f} s")
+
+    def s7_order_edited_during_push(self, c: Checks) -> None:
+        """Extra: a salesperson saves the order while its prompt's HTTP request is at Daraja."""
+        with self.env() as env:
+            order = self.new_order(env, "S7")
+            reference, order_id = self.new_draft_tx(env, "S7", order).reference, order.id
+        phone = self.new_phone()
+        pushes_before = len(self.sim.requests_for("stk_push"))
+        self.sim.delay_next(1.0, operations=["stk_push"])  # Daraja takes a second to answer, as it often does.
+
+        def edit(env):
+            env["sale.order"].browse(order_id).note = "Deliver to gate B"
+
+        slots = self.race("s7", [
+            Job("push", functools.partial(self.controller_push, reference=reference, phone=phone)),
+            Job("salesperson", edit, public=False, delay=0.3),
+        ])
+        sent = self.pushes_sent(pushes_before)
+        checkout_request_id = sent[0].response_body.get("CheckoutRequestID") if sent else None
+        with self.env() as env:
+            tx = env["payment.transaction"].search([("reference", "=", reference)])
+            events = Counter(tx.mpesa_event_ids.mapped("kind"))
+            push = slots["push"]
+            c.fact(f"push returned {push.value if push.error is None else repr(push.error)}; prompts on the phone "
+                   f"{len(sent)}; transaction {tx.state} with CheckoutRequestID {tx.provider_reference or '-'} "
+                   f"(Daraja's: {checkout_request_id}); audit events {dict(events)}; replays: "
+                   f"{self.sites(self.replays(slots))}")
+            errors = self.worker_errors(slots)
+            c.expect(not errors, "worker errors:\n" + "\n".join(errors))
+            c.expect(len(sent) == 1, f"{len(sent)} pushes reached Daraja")
+            c.expect(tx.state == "pending" and tx.provider_reference == checkout_request_id,
+                     f"the prompt is on the phone but the transaction is {tx.state} without its CheckoutRequestID")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", default="muchiri_mpesa_concurrency")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds each concurrent step may take")
+    parser.add_argument("--rounds", type=int, default=10, help="callback-vs-cron races (scenario 5)")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds of the scenarios 3, 4 and 6")
+    parser.add_argument("--no-install", action="store_true", help="reuse the database as it is (faster reruns)")
+    args = parser.parse_args()
+
+    import odoo  # noqa: PLC0415 - Odoo is optional for the rest of the project
+    import odoo.service.model  # noqa: PLC0415
+
+    from odoo.addons import __path__ as odoo_addons_path  # noqa: PLC0415
+
+    os.environ.setdefault("PGPASSWORD", os.environ.get("ODOO_DB_PASSWORD", "odoo"))
+    db_args = [
+        f"--db_host={os.environ.get('PGHOST', 'localhost')}", f"--db_port={os.environ.get('PGPORT', '5432')}",
+        f"--db_user={os.environ.get('ODOO_DB_USER', 'odoo')}",
+        f"--db_password={os.environ.get('ODOO_DB_PASSWORD', 'odoo')}",
+        f"--addons-path={','.join(odoo_addons_path)},{REPO}",
+    ]
+    started = time.perf_counter()
+    if not args.no_install:
+        print(f"Installing muchiri_mpesa in {args.db} ...", flush=True)
+        install(args.db, db_args)
+    print(f"installed in {time.perf_counter() - started:.1f} s", flush=True)
+    odoo.tools.config.parse_config(["-d", args.db, *db_args, "--log-level=warn", "--max-cron-threads=0"])
+
+    capture = LogCapture()
+    logging.getLogger().addHandler(capture)
+    replay_log = logging.getLogger("odoo.service.model")  # retrying() logs each replay at INFO
+    replay_log.setLevel(logging.INFO)
+    replay_log.propagate = False
+    replay_log.addHandler(capture)
+    # The whole run never hangs: past this, every thread's stack is printed and the process exits.
+    faulthandler.dump_traceback_later(
+        120 + args.timeout * (8 + args.rounds + 3 * args.repeat), exit=True,
+    )
+
+    registry = odoo.modules.registry.Registry(args.db)
+    from odoo.addons.muchiri_mpesa.daraja.simulator import CallbackListener, DarajaSimulator  # noqa: PLC0415
+
+    with DarajaSimulator(consumer_key=KEY, consumer_secret=SECRET, shortcode=SHORTCODE, passkey=PASSKEY,
+                         callback_delay=0.2, prompt_timeout=0.5, callback_retry_delays=()) as sim, \
+            CallbackListener() as listener:
+        harness = Harness(args, odoo, registry, sim, listener, capture)
+        harness.setup()
+        print(f"simulator {sim.base_url}, callbacks to {listener.url}, journal {harness.journal}", flush=True)
+        scenarios: list[tuple[str, str, Callable[[Checks], None]]] = [
+            ("1", "token: 8 workers, empty token table", harness.s1_token),
+            ("2", "push while the token refreshes (empty token table)", harness.s2_push_while_token_refreshes),
+            ("2b", "4 pushes of different transactions while the token refreshes",
+             harness.s2b_pushes_while_token_refreshes),
+            ("3", "double click: one draft transaction pushed twice at once", harness.s3_double_click),
+            ("4", "two transactions of one order pushed at once", harness.s4_same_order),
+            ("5", "success callback vs reconciliation cron", harness.s5_callback_vs_cron),
+            ("6", "duplicate success callbacks racing", harness.s6_duplicate_callbacks),
+            ("7", "extra: the order is saved while its push is at Daraja", harness.s7_order_edited_during_push),
+        ]
+        for number, title, scenario in scenarios:
+            harness.run(number, title, scenario)
+    faulthandler.cancel_dump_traceback_later()
+    print(f"concurrency: {harness.passed} passed, {harness.failed} failed", flush=True)
+    return 1 if harness.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
