@@ -25,10 +25,14 @@ from .. import const, daraja
 
 _logger = logging.getLogger(__name__)
 
+# A success callback still unmatched after this long needs a person.
+UNMATCHED_CALLBACK_DELAY = timedelta(minutes=5)
+
 ALERT_KINDS = [
     ('success_rate', "Low success rate"),
     ('pending_callback', "Callbacks missing"),
     ('order_failures', "Repeated failures on an order"),
+    ('unmatched_callback', "Payments matching no transaction"),
 ]
 
 ALERT_STATES = [
@@ -151,6 +155,7 @@ class MpesaAlert(models.Model):
             *self._check_success_rate(provider, now),
             *self._check_pending_callbacks(provider, now),
             *self._check_order_failures(provider, now),
+            *self._check_unmatched_callbacks(provider, now),
         ]
         alerts = self.browse()
         for condition in conditions:
@@ -242,6 +247,45 @@ class MpesaAlert(models.Model):
             ),
             transactions=txs,
             orders=txs.sale_order_ids,
+        )]
+
+    def _check_unmatched_callbacks(self, provider, now):
+        """Success callbacks that no transaction took after five minutes: money M-Pesa took that
+        no order shows (a prompt whose answer was lost, or a forged callback).  One alert."""
+        events = self.env['muchiri.mpesa.event'].search([
+            ('provider_id', '=', provider.id),
+            ('kind', '=', 'callback'),
+            ('callback_state', 'in', ('unmatched', 'error')),
+            ('result_code', '=', '0'),
+            ('create_date', '<=', now - UNMATCHED_CALLBACK_DELAY),
+            ('create_date', '>=', now - timedelta(days=7)),
+        ], order='id')
+        # Those of a pending transaction wait for its scheduled query: the reconciliation's job.
+        events = events.filtered(lambda event: event.transaction_id.state != 'pending')
+        if not events:
+            return []
+        lines = [
+            self.env._(
+                "- CheckoutRequestID %(checkout)s, receipt %(receipt)s, from %(phone)s, %(age)s ago",
+                checkout=event.checkout_request_id, receipt=event.receipt_number or '-',
+                phone=daraja.mask_msisdn(event.phone or ''),
+                age=_format_age(self.env, (now - event.create_date).total_seconds()),
+            )
+            for event in events
+        ]
+        return [AlertCondition(
+            kind='unmatched_callback',
+            key=f'unmatched_callback:{provider.id}',
+            name=self.env._("%(provider)s: %(count)s M-Pesa payments match no transaction",
+                            provider=provider.name, count=len(events)),
+            message=self.env._(
+                "M-Pesa reported %(count)s successful payments that no transaction has taken.  Find"
+                " them in M-Pesa Exchanges, match them with their order and record the payment,"
+                " or refund the customer.\n%(lines)s",
+                count=len(events), lines=_listed(self.env, lines),
+            ),
+            transactions=events.transaction_id,
+            orders=events.transaction_id.sale_order_ids,
         )]
 
     def _check_order_failures(self, provider, now):

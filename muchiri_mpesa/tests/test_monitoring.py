@@ -1,6 +1,7 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 """Monitoring: the analysis report and the alerts, on transactions set up directly with the ORM
 (the alert rules read what the payment flow writes; no simulator is needed)."""
+import json
 from datetime import timedelta
 from itertools import count
 from unittest.mock import patch
@@ -11,6 +12,7 @@ from odoo.tests import new_test_user, tagged
 from odoo.tools import mute_logger
 
 from odoo.addons.account_payment.tests.common import AccountPaymentCommon
+from odoo.addons.muchiri_mpesa import daraja
 from odoo.addons.sale.tests.common import SaleCommon
 
 _sequence = count(1)
@@ -234,6 +236,38 @@ class TestMonitoring(AccountPaymentCommon, SaleCommon):
         self._tx('pending', pushed=600, callback=590)
         self._tx('draft')
         self.assertFalse(self._check())
+
+    # === PAYMENTS MATCHING NO TRANSACTION === #
+
+    def _kept_callback(self, result_code, minutes_ago, transaction=None, checkout='ws_CO_lost'):
+        body = daraja.stk_callback_body(
+            '1-2-3', checkout, int(result_code), "Result", amount=100 if result_code == '0' else None,
+            receipt='UNMATCHED1' if result_code == '0' else None, phone='254708374149',
+        )
+        event = self.env['muchiri.mpesa.event']._record_callback(self.provider, json.dumps(body), '196.201.214.200')
+        event._set_parsed(event._parse())
+        event._mark('unmatched', "No transaction has this CheckoutRequestID yet.", transaction)
+        self.env.flush_all()
+        self.env.cr.execute(
+            "UPDATE muchiri_mpesa_event SET create_date = %s WHERE id = %s",
+            [fields.Datetime.now() - timedelta(minutes=minutes_ago), event.id],
+        )
+        event.invalidate_recordset()
+        return event
+
+    def test_success_callback_matching_no_transaction_alerts(self):
+        self.provider.mpesa_alert_min_sample = 100  # Only this rule is under test.
+        self._kept_callback('0', minutes_ago=2)  # Young: the cron may still match it.
+        self._kept_callback('1032', minutes_ago=30, checkout='ws_CO_failed')  # No money taken.
+        self.assertFalse(self._check())
+        lost = self._kept_callback('0', minutes_ago=10)
+        alerts = self._check()
+        self.assertEqual(alerts.kind, 'unmatched_callback')
+        self.assertIn(lost.checkout_request_id, alerts.message)
+        self.assertIn('2547******49', alerts.message, "phones are masked")
+        self.assertEqual(len(self._activities(alerts)), 2)
+        lost._mark('processed', "Matched by hand.")
+        self.assertFalse(self._check().filtered(lambda alert: alert.state == 'open'))
 
     # === FAILURES ON AN ORDER === #
 
