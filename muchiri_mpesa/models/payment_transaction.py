@@ -344,7 +344,10 @@ class PaymentTransaction(models.Model):
             else:
                 settled['mpesa_paid_amount'] = self.mpesa_requested_amount
             self.write(settled)
-            self._set_done()
+            # Shown on the status page, so that the customer sees the M-Pesa receipt too.
+            self._set_done(state_message=self.mpesa_receipt_number and self.env._(
+                "M-Pesa receipt %s", self.mpesa_receipt_number,
+            ))
             self._mpesa_flag_overpaid_orders()
             self._mpesa_send_mail('muchiri_mpesa.mail_template_mpesa_payment_confirmed')
             return

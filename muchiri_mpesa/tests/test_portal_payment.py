@@ -44,6 +44,7 @@ class TestPortalPayment(MpesaCommon):
         self.assertEqual(self.quotation.mpesa_payment_status, 'pending')
         self._wait_final(tx)
         self._assert_paid(tx)
+        self.assertIn(tx.mpesa_receipt_number, tx.state_message, "the status page shows the receipt")
         callbacks = self._events(kind='callback', transaction_id=tx.id)
         self.assertEqual(callbacks.mapped('callback_state'), ['processed'])
         mail = self.env['mail.mail'].search([('model', '=', 'payment.transaction'), ('res_id', '=', tx.id)])
