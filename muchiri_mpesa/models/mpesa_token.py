@@ -41,6 +41,11 @@ class DatabaseTokenStore:
 
     def refresh(self, key, fetch, stale):
         with self._env.registry.cursor() as cr:
+            if not self._env.registry.in_test_mode():  # A test cursor is a savepoint: too late.
+                # See what the lock's previous holder committed, not a snapshot from before the
+                # wait (Odoo's REPEATABLE READ): else every waiting worker fetches a token of its
+                # own, and each new token revokes the previous one at Daraja.
+                cr.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             cr.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f'muchiri_mpesa_token:{key}'])
             cr.execute("SELECT value, expires_at FROM muchiri_mpesa_token WHERE key = %s", [key])
             current = self._to_token(cr.fetchone())

@@ -168,7 +168,8 @@ class PaymentTransaction(models.Model):
         try:
             with self.env.cr.savepoint(flush=False):
                 self.env.cr.execute(
-                    "SELECT id FROM payment_transaction WHERE id = %s FOR UPDATE NOWAIT", [self.id]
+                    "SELECT id FROM payment_transaction WHERE id = %s FOR UPDATE NOWAIT", [self.id],
+                    log_exceptions=False,  # A second click is expected: no ERROR line.
                 )
         except LockNotAvailable as error:
             raise ValidationError(self.env._("This payment is already being sent to M-Pesa.")) from error
@@ -211,7 +212,7 @@ class PaymentTransaction(models.Model):
         if not orders:
             return
         self.env.cr.execute(
-            "SELECT id FROM sale_order WHERE id IN %s FOR UPDATE", [tuple(orders.ids)]
+            "SELECT id FROM sale_order WHERE id IN %s FOR UPDATE", [tuple(orders.ids)], log_exceptions=False
         )
         others = self.search([
             ('id', '!=', self.id),
@@ -292,7 +293,7 @@ class PaymentTransaction(models.Model):
         ], limit=1)
         if tx and lock:
             self.env.cr.execute(
-                "SELECT id FROM payment_transaction WHERE id = %s FOR UPDATE", [tx.id]
+                "SELECT id FROM payment_transaction WHERE id = %s FOR UPDATE", [tx.id], log_exceptions=False
             )
             tx.invalidate_recordset()
         return tx
@@ -580,7 +581,7 @@ class PaymentTransaction(models.Model):
 
     def _mpesa_reconcile_locked(self, session):
         self.env.cr.execute(
-            "SELECT id FROM payment_transaction WHERE id = %s FOR UPDATE SKIP LOCKED", [self.id]
+            "SELECT id FROM payment_transaction WHERE id = %s FOR UPDATE SKIP LOCKED", [self.id], log_exceptions=False
         )
         if not self.env.cr.fetchone():
             return 'skipped'
