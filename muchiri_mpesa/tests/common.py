@@ -113,17 +113,19 @@ class MpesaCommon(AccountPaymentCommon, SaleCommon, PaymentHttpCommon):
         :return: the processing values given to the browser
         """
         order = order or self.quotation
-        self.authenticate(login, login)
-        return self.make_jsonrpc_request(self._build_url(f'/my/orders/{order.id}/transaction'), {
-            'provider_id': self.provider.id,
-            'payment_method_id': self.payment_method_id,
-            'token_id': None,
-            'amount': order.amount_total,
-            'flow': 'direct',
-            'tokenization_requested': False,
-            'landing_route': order.get_portal_url(),
-            'access_token': order._portal_ensure_token(),
-        })
+        with self.registry.test_lock:  # See _get_tx.
+            self.authenticate(login, login)
+            params = {
+                'provider_id': self.provider.id,
+                'payment_method_id': self.payment_method_id,
+                'token_id': None,
+                'amount': order.amount_total,
+                'flow': 'direct',
+                'tokenization_requested': False,
+                'landing_route': order.get_portal_url(),
+                'access_token': order._portal_ensure_token(),
+            }
+        return self.make_jsonrpc_request(self._build_url(f'/my/orders/{order.id}/transaction'), params)
 
     def _stk_push(self, processing_values, phone):
         """Our route, as the M-Pesa inline form calls it after the transaction route."""
@@ -147,7 +149,9 @@ class MpesaCommon(AccountPaymentCommon, SaleCommon, PaymentHttpCommon):
         return error['data']['message']
 
     def _get_tx(self, reference):
-        return super()._get_tx(reference).sudo()
+        # Under the server's lock: a callback may be running on the shared connection right now.
+        with self.registry.test_lock:
+            return super()._get_tx(reference).sudo()
 
     def _pay_from_portal(self, phone, order=None):
         values = self._start_portal_payment(order)
@@ -187,6 +191,7 @@ class MpesaCommon(AccountPaymentCommon, SaleCommon, PaymentHttpCommon):
                                 timeout=20)
 
     def _events(self, **domain):
-        return self.env['muchiri.mpesa.event'].search(
-            [(key, '=', value) for key, value in domain.items()]
-        )
+        with self.registry.test_lock:  # See _get_tx.
+            return self.env['muchiri.mpesa.event'].search(
+                [(key, '=', value) for key, value in domain.items()]
+            )
