@@ -17,6 +17,9 @@ SIM_SHORTCODE = '174379'
 SIM_PASSKEY = 'bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919'
 
 # The simulator's outcomes, chosen by phone number (see the README).
+# Seconds before the simulated customer answers: the test reads the pending state well before.
+CALLBACK_DELAY = 1.0
+
 PHONE_SUCCESS = '254708374149'
 PHONE_CANCELLED = '254700000001'
 PHONE_NO_ANSWER = '254700000002'
@@ -38,8 +41,8 @@ class MpesaCommon(AccountPaymentCommon, SaleCommon, PaymentHttpCommon):
         super().setUpClass()
         cls.simulator = DarajaSimulator(
             host='127.0.0.1', port=0, consumer_key=SIM_KEY, consumer_secret=SIM_SECRET,
-            shortcode=SIM_SHORTCODE, passkey=SIM_PASSKEY, callback_delay=0.2, prompt_timeout=0.5,
-            late_callback_delay=2.0, callback_timeout=3.0,
+            shortcode=SIM_SHORTCODE, passkey=SIM_PASSKEY, callback_delay=CALLBACK_DELAY, prompt_timeout=0.5,
+            late_callback_delay=4.0, callback_timeout=3.0,
         )
         cls.simulator.start()
         cls.addClassCleanup(cls.simulator.stop)

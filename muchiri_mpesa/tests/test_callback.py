@@ -5,7 +5,7 @@ from odoo.tests import tagged
 
 from odoo.addons.muchiri_mpesa import daraja
 
-from .common import PHONE_CALLBACK_LOST, PHONE_NO_ANSWER, MpesaCommon
+from .common import CALLBACK_DELAY, PHONE_CALLBACK_LOST, PHONE_NO_ANSWER, MpesaCommon
 
 
 @tagged('post_install', '-at_install')
@@ -98,8 +98,7 @@ class TestCallback(MpesaCommon):
         self.assertIn(forged.callback_state, ('rejected', 'ignored'))
 
     def test_success_while_daraja_still_processing_waits(self):
-        self.simulator.callback_delay = 60  # The customer has not answered: "being processed".
-        self.addCleanup(setattr, self.simulator, 'callback_delay', 0.2)
+        self.patch(self.simulator, 'callback_delay', 60)  # The customer has not answered: "being processed".
         tx = self._pending_tx()
         self._post_callback(self._success_body(tx))
         self.env.invalidate_all()
@@ -170,8 +169,7 @@ class TestCallback(MpesaCommon):
         self.assertEqual(len(self.simulator.requests_for('stk_query')), 1, "the first was asked about")
 
     def test_late_payment_of_an_abandoned_prompt_is_flagged_for_refund(self):
-        self.simulator.callback_delay = 2  # The first customer takes their time.
-        self.addCleanup(setattr, self.simulator, 'callback_delay', 0.2)
+        self.patch(self.simulator, 'callback_delay', 2)  # The first customer takes their time.
         first = self._pending_tx()
         # The cron gave up on it (cut-off), and the order was paid by a second prompt.
         first.write({'mpesa_push_sent_at': first.mpesa_push_sent_at - timedelta(hours=25),
@@ -179,7 +177,7 @@ class TestCallback(MpesaCommon):
         with self.registry.test_lock:
             self.env['payment.transaction']._cron_mpesa_reconcile()
         self.assertEqual(first.state, 'error')
-        self.simulator.callback_delay = 0.2
+        self.simulator.callback_delay = CALLBACK_DELAY
         second = self._pending_tx('254708374149')
         self._wait_callbacks(second)
         self.assertEqual(second.state, 'done')
