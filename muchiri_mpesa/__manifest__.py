@@ -16,6 +16,7 @@
         "views/payment_provider_views.xml",
         "views/payment_mpesa_templates.xml",
         "views/payment_transaction_views.xml",
+        "wizards/mpesa_callback_match_views.xml",  # Its action is a button of the exchanges' form.
         "views/mpesa_event_views.xml",
         "views/sale_order_views.xml",
         "views/res_partner_views.xml",

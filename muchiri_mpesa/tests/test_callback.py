@@ -1,6 +1,7 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 from datetime import datetime, timedelta
 
+from odoo.exceptions import UserError
 from odoo.tests import tagged
 
 from odoo.addons.muchiri_mpesa import daraja
@@ -201,3 +202,28 @@ class TestCallback(MpesaCommon):
         self.assertEqual(tx.state, 'done', "Daraja's own answer wins over the forged callback")
         self.assertEqual(tx.mpesa_settled_by, 'query')
         self.assertEqual(self._events(kind='callback', transaction_id=tx.id).callback_state, 'rejected')
+
+    def test_payment_of_a_lost_push_answer_is_matched_by_hand(self):
+        tx = self._pending_tx()
+        self._settled_at_simulator(tx)
+        # Daraja took the push, but its answer was never read: no CheckoutRequestID to match.
+        checkout_id = tx.provider_reference
+        tx.write({'provider_reference': False, 'state': 'error', 'mpesa_outcome_unknown': True})
+        self._post_callback(self._success_body(tx, checkout_request_id=checkout_id))
+        event = self._events(kind='callback', checkout_request_id=checkout_id)
+        self.assertEqual(event.callback_state, 'unmatched')
+        Match = self.env['muchiri.mpesa.callback.match'].with_context(active_id=event.id)
+
+        other = tx.copy({'reference': 'OTHER-1', 'mpesa_requested_amount': 100,
+                         'mpesa_outcome_unknown': True, 'state': 'error'})
+        with self.assertRaises(UserError, msg="a payment of KES 4,500 is not a KES 100 prompt's"):
+            Match.create({'transaction_id': other.id}).action_match()
+        self.assertFalse(other.provider_reference)
+        self.assertEqual(event.callback_state, 'unmatched')
+
+        Match.create({'transaction_id': tx.id}).action_match()
+        self.assertEqual(tx.state, 'done', "confirmed by Daraja's query, then settled")
+        self.assertEqual(tx.provider_reference, checkout_id)
+        self.assertEqual(tx.mpesa_receipt_number, 'SIM1234567')
+        self.assertFalse(tx.mpesa_outcome_unknown)
+        self.assertEqual(event.callback_state, 'processed')

@@ -1,0 +1,56 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+from odoo import api, fields, models
+from odoo.exceptions import UserError
+
+
+class MpesaCallbackMatch(models.TransientModel):
+    """Give a kept success callback the transaction whose push answer was never read.
+
+    When Daraja took a push but we could not read its answer (a timeout), the transaction has no
+    CheckoutRequestID and its callback cannot find it.  An accountant who recognises the payment
+    attaches it here; the callback is then processed as any other: confirmed by STK Query, with
+    the exact amount the phone was asked, its receipt unique.
+    """
+
+    _name = 'muchiri.mpesa.callback.match'
+    _description = "Match an M-Pesa payment with its transaction"
+
+    event_id = fields.Many2one('muchiri.mpesa.event', required=True, readonly=True)
+    provider_id = fields.Many2one(related='event_id.provider_id')
+    receipt_number = fields.Char(related='event_id.receipt_number')
+    phone = fields.Char(related='event_id.phone')
+    transaction_id = fields.Many2one(
+        'payment.transaction', required=True,
+        domain="[('provider_id', '=', provider_id), ('mpesa_outcome_unknown', '=', True),"
+               " ('provider_reference', '=', False)]",
+        help="A prompt whose answer was never read: its M-Pesa payment may be this one.",
+    )
+
+    @api.model
+    def default_get(self, fields_list):
+        values = super().default_get(fields_list)
+        event = self.env['muchiri.mpesa.event'].browse(self.env.context.get('active_id')).exists()
+        if event:
+            values['event_id'] = event.id
+        return values
+
+    def action_match(self):
+        self.ensure_one()
+        event, tx = self.event_id.sudo(), self.transaction_id.sudo()
+        if event.kind != 'callback' or event.callback_state not in ('unmatched', 'error') \
+                or event.transaction_id:
+            raise UserError(self.env._("This callback is not waiting for a transaction."))
+        if not tx.mpesa_outcome_unknown or tx.provider_reference or tx.provider_id != event.provider_id:
+            raise UserError(self.env._("%s is not a prompt whose answer was lost.", tx.reference))
+        tx.provider_reference = event.checkout_request_id
+        tx._mpesa_process_callback(event._parse(), event)
+        if event.callback_state != 'processed':
+            # Raising rolls everything back: the transaction keeps no borrowed CheckoutRequestID.
+            raise UserError(self.env._("The payment was not accepted: %s", event.message))
+        tx.mpesa_outcome_unknown = False
+        for order in tx.sale_order_ids:
+            order.message_post(body=self.env._(
+                "M-Pesa payment %(receipt)s matched by hand with %(ref)s.",
+                receipt=event.receipt_number, ref=tx.reference,
+            ))
+        return {'type': 'ir.actions.act_window_close'}
