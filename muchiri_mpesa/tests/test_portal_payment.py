@@ -170,3 +170,12 @@ class TestPortalPayment(MpesaCommon):
                 'access_token': 'not-the-token',
             })
         self.assertFalse(other_order.transaction_ids)
+
+    def test_fraction_of_a_shilling_is_rounded_up_and_recorded(self):
+        order = self.quotation.copy()
+        order.order_line.price_unit = 1500.40  # 3 units: KES 4,501.20
+        tx, result = self._pay_from_portal(PHONE_CALLBACK_LOST, order=order)
+        self.assertEqual(result, {})
+        self.assertEqual(self.simulator.pushes[-1].amount, 4502, "M-Pesa takes whole shillings, rounded up")
+        self.assertEqual(tx.mpesa_requested_amount, 4502)
+        self.assertEqual(tx.amount, 4502, "the transaction records what the phone is asked")
