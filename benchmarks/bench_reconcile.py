@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -23,20 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # The Daraja layer and its simulator, from the repository root.
+sys.path.insert(0, str(REPO / "tests"))
 
-
-def install(db: str, db_args: list[str]) -> None:
-    subprocess.run(["dropdb", "--if-exists", *pg_args(), db], check=True)
-    subprocess.run(
-        [sys.executable, "-m", "odoo", "-d", db, *db_args, "-i", "muchiri_mpesa", "--without-demo=all",
-         "--stop-after-init", "--log-level=warn", "--max-cron-threads=0", "--http-port=0"],
-        check=True,
-    )
-
-
-def pg_args() -> list[str]:
-    return ["-h", os.environ.get("PGHOST", "localhost"), "-p", os.environ.get("PGPORT", "5432"),
-            "-U", os.environ.get("ODOO_DB_USER", "odoo")]
+import odoo_scratch_db  # noqa: E402 - after the path above
 
 
 def main() -> int:
@@ -47,22 +34,13 @@ def main() -> int:
 
     import odoo  # noqa: PLC0415 - Odoo is optional for the rest of the project
 
-    from odoo.addons import __path__ as odoo_addons_path  # noqa: PLC0415
-
     from muchiri_mpesa.daraja import DarajaClient, DarajaCredentials, ShortcodeConfig  # noqa: PLC0415
     from muchiri_mpesa.daraja.simulator import CallbackListener, DarajaSimulator  # noqa: PLC0415
 
     logging.getLogger("muchiri_mpesa").setLevel(logging.WARNING)
-    os.environ.setdefault("PGPASSWORD", os.environ.get("ODOO_DB_PASSWORD", "odoo"))
-    db_args = [
-        f"--db_host={os.environ.get('PGHOST', 'localhost')}", f"--db_port={os.environ.get('PGPORT', '5432')}",
-        f"--db_user={os.environ.get('ODOO_DB_USER', 'odoo')}",
-        f"--db_password={os.environ.get('ODOO_DB_PASSWORD', 'odoo')}",
-        f"--addons-path={','.join(odoo_addons_path)},{REPO}",
-    ]
     print(f"Installing muchiri_mpesa in {args.db} ...", flush=True)
-    install(args.db, db_args)
-    odoo.tools.config.parse_config(["-d", args.db, *db_args, "--log-level=warn"])
+    odoo_scratch_db.install(args.db)
+    odoo_scratch_db.configure(args.db)
 
     key, secret, shortcode = "bench-key", "bench-secret", "174379"
     passkey = "bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919"

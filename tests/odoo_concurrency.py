@@ -39,7 +39,6 @@ import functools
 import json
 import logging
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -55,6 +54,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # The Daraja layer and its simulator, from the repository root.
+
+import odoo_scratch_db  # noqa: E402 - this script's own folder, tests/
 
 KEY, SECRET, SHORTCODE = "concurrency-key", "concurrency-secret", "174379"
 PASSKEY = "bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919"
@@ -65,13 +67,6 @@ ORDER_LINE_PRICE, ORDER_LINE_QTY = 1500.0, 3
 TOKEN_DELAY = 0.3  # Seconds Daraja takes to issue a token in the token scenarios.
 
 _logger = logging.getLogger("muchiri_mpesa.concurrency")
-
-
-# === INSTALLATION (as benchmarks/bench_reconcile.py) === #
-
-def pg_args() -> list[str]:
-    return ["-h", os.environ.get("PGHOST", "localhost"), "-p", os.environ.get("PGPORT", "5432"),
-            "-U", os.environ.get("ODOO_DB_USER", "odoo")]
 
 
 REPLAY_TRACEBACKS: dict[str, str] = {}  # The first traceback of each place a request was replayed from.
@@ -91,15 +86,6 @@ def expected_sql_error(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     return record.name == "odoo.sql_db" and (
         "could not serialize access" in message or "could not obtain lock" in message
-    )
-
-
-def install(db: str, db_args: list[str]) -> None:
-    subprocess.run(["dropdb", "--if-exists", *pg_args(), db], check=True)
-    subprocess.run(
-        [sys.executable, "-m", "odoo", "-d", db, *db_args, "-i", "muchiri_mpesa", "--without-demo=all",
-         "--stop-after-init", "--log-level=warn", "--max-cron-threads=0", "--http-port=0"],
-        check=True,
     )
 
 
@@ -782,21 +768,12 @@ def main() -> int:
     import odoo  # noqa: PLC0415 - Odoo is optional for the rest of the project
     import odoo.service.model  # noqa: PLC0415
 
-    from odoo.addons import __path__ as odoo_addons_path  # noqa: PLC0415
-
-    os.environ.setdefault("PGPASSWORD", os.environ.get("ODOO_DB_PASSWORD", "odoo"))
-    db_args = [
-        f"--db_host={os.environ.get('PGHOST', 'localhost')}", f"--db_port={os.environ.get('PGPORT', '5432')}",
-        f"--db_user={os.environ.get('ODOO_DB_USER', 'odoo')}",
-        f"--db_password={os.environ.get('ODOO_DB_PASSWORD', 'odoo')}",
-        f"--addons-path={','.join(odoo_addons_path)},{REPO}",
-    ]
     started = time.perf_counter()
     if not args.no_install:
         print(f"Installing muchiri_mpesa in {args.db} ...", flush=True)
-        install(args.db, db_args)
+        odoo_scratch_db.install(args.db)
     print(f"installed in {time.perf_counter() - started:.1f} s", flush=True)
-    odoo.tools.config.parse_config(["-d", args.db, *db_args, "--log-level=warn", "--max-cron-threads=0"])
+    odoo_scratch_db.configure(args.db, "--max-cron-threads=0")
 
     for handler in logging.getLogger().handlers:  # Odoo's console: counted in the scenario lines instead.
         handler.addFilter(HideExpectedSqlErrors())
