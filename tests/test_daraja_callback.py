@@ -189,11 +189,35 @@ META = [*CB, "CallbackMetadata"]
     (_with(META, "Item", [{"Name": "Amount", "Value": "NaN"}]), "Amount is not a number"),
     (_with(META, "Item", [{"Name": "Amount", "Value": True}]), "Amount is not a number"),
     (12345, "not JSON"),
+    # Hostile bodies (failure mode 18): each of these once reached the database or Decimal and failed there.
+    ("[" * 100_000, "not valid JSON"),
+    ('{"Body": {"stkCallback": {"ResultCode": NaN}}}', "not valid JSON"),
+    ('{"Body": Infinity}', "not valid JSON"),
+    (_with(META, "Item", [{"Name": "Amount", "Value": 1e28}]), "not an amount of money"),
+    (_with(META, "Item", [{"Name": "Amount", "Value": 10**400}]), "not an amount of money"),
+    (_with(META, "Item", [{"Name": "Amount", "Value": -5}]), "not an amount of money"),
+    (_with(CB, "CheckoutRequestID", "ws_CO_\x00"), "CheckoutRequestID is not a Daraja value"),
+    (_with(CB, "MerchantRequestID", "\ud800"), "MerchantRequestID is not a Daraja value"),
+    (_with(CB, "ResultDesc", "ok\x00"), "ResultDesc is not a Daraja value"),
+    (_with(CB, "ResultCode", "9" * 500), "ResultCode is not a Daraja value"),
+    (_with(CB, "CheckoutRequestID", "x" * 101), "CheckoutRequestID is not a Daraja value"),
+    (_with(META, "Item", [{"Name": "MpesaReceiptNumber", "Value": "\udfff"}]), "MpesaReceiptNumber is not"),
+    (_with(META, "Item", [{"Name": "PhoneNumber", "Value": "2547\x00"}]), "PhoneNumber is not"),
+    (_with(META, "Item", [{"Name": "Balance", "Value": "\x00"}]), "Balance is not"),
 ])
 def test_malformed_bodies_are_refused_saying_what_is_wrong(body: Any, message: str) -> None:
     with pytest.raises(CallbackParseError, match=message) as caught:
         parse_stk_callback(body)
     assert isinstance(caught.value, ValueError)
+
+
+def test_escaped_nul_and_surrogates_in_json_text_are_refused() -> None:
+    """The JSON escapes \\u0000 and \\ud800 decode to what PostgreSQL cannot store."""
+    for escape in ("\\u0000", "\\ud800"):
+        text = SUCCESS_TEXT.replace('"ws_CO_', f'"ws_CO_{escape}', 1)
+        assert text != SUCCESS_TEXT
+        with pytest.raises(CallbackParseError, match="CheckoutRequestID is not a Daraja value"):
+            parse_stk_callback(text)
 
 
 def test_parsing_does_not_change_the_given_dict() -> None:

@@ -49,7 +49,7 @@ from .money import (
     check_amount,
     to_whole_shillings,
 )
-from .phone import mask_msisdn, normalize_msisdn
+from .phone import mask_msisdn, normalize_msisdn, phones_may_match
 from .stk import (
     KENYA_TZ,
     PAYBILL,
@@ -112,6 +112,7 @@ __all__ = [
     "mask_msisdn",
     "normalize_msisdn",
     "parse_stk_callback",
+    "phones_may_match",
     "redact",
     "stk_callback_body",
     "timestamp_and_password",

@@ -32,6 +32,13 @@ ACCEPTED_RESPONSE: dict[str, Any] = {"ResultCode": 0, "ResultDesc": "Accepted"}
 
 _DATE_FORMAT = "%Y%m%d%H%M%S"
 
+# Far above any M-Pesa amount (250,000 per payment): a larger number is not a Daraja callback, and
+# Decimal arithmetic on it would fail later (failure mode 18).
+_MAX_AMOUNT = Decimal(10) ** 9
+# Daraja's identifiers are about 30 characters and its descriptions a sentence.
+_MAX_ID_LENGTH = 100
+_MAX_TEXT_LENGTH = 1000
+
 
 @dataclass(frozen=True)
 class StkCallback:
@@ -72,14 +79,29 @@ def _load(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
     if not isinstance(body, str):
         raise CallbackParseError(f"The callback body is a {type(body).__name__}, not JSON.")
     try:
-        data = json.loads(body)
-    except ValueError:
+        data = json.loads(body, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):  # RecursionError: nesting past the interpreter's limit.
         raise CallbackParseError("The callback body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise CallbackParseError(
             f"The callback body is a JSON {_json_type(data)}, not an object with a Body."
         )
     return data
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python's json accepts them, JSON does not.
+
+
+def _clean(text: str, name: str, limit: int = _MAX_TEXT_LENGTH) -> str:
+    """A text field as a database can store it: no NUL, no lone surrogate, of a sane length."""
+    if "\x00" in text or len(text) > limit:
+        raise CallbackParseError(f"The stkCallback {name} is not a Daraja value.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # A lone surrogate, from a \ud800 escape.
+        raise CallbackParseError(f"The stkCallback {name} is not a Daraja value.") from None
+    return text
 
 
 def _json_type(value: Any) -> str:
@@ -98,7 +120,7 @@ def _required_id(callback: dict[str, Any], name: str) -> str:
     value = callback.get(name)
     if not isinstance(value, str) or not value.strip():
         raise CallbackParseError(f"The stkCallback has no {name} (a non-empty string is required).")
-    return value.strip()
+    return _clean(value.strip(), name, _MAX_ID_LENGTH)
 
 
 def _result_code(callback: dict[str, Any]) -> str:
@@ -109,7 +131,7 @@ def _result_code(callback: dict[str, Any]) -> str:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip():
         raise CallbackParseError("The stkCallback ResultCode is neither a number nor a code.")
-    return str(value).strip()
+    return _clean(str(value).strip(), "ResultCode", _MAX_ID_LENGTH)
 
 
 def _items(callback: dict[str, Any]) -> dict[str, Any]:
@@ -143,6 +165,8 @@ def _amount(value: Any) -> Decimal | None:
         raise CallbackParseError("The stkCallback Amount is not a number.") from None
     if not amount.is_finite():
         raise CallbackParseError("The stkCallback Amount is not a number.")
+    if not 0 <= amount < _MAX_AMOUNT:
+        raise CallbackParseError("The stkCallback Amount is not an amount of money.")
     if amount == amount.to_integral_value():
         amount = amount.quantize(Decimal(1))  # 1.00 -> Decimal("1")
     return amount
@@ -166,12 +190,12 @@ def _transaction_date(value: Any) -> datetime | None:
         return None
 
 
-def _optional_text(value: Any) -> str | None:
+def _optional_text(value: Any, name: str) -> str | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if value is None or isinstance(value, (dict, list)):
         return None
-    text = str(value).strip()
+    text = _clean(str(value).strip(), name)
     return text or None
 
 
@@ -190,18 +214,19 @@ def parse_stk_callback(body: bytes | str | dict[str, Any]) -> StkCallback:
     desc = callback.get("ResultDesc")
     if not isinstance(desc, str):
         raise CallbackParseError("The stkCallback has no ResultDesc.")
+    desc = _clean(desc.strip(), "ResultDesc")
     items = _items(callback)
     balance = items.get("Balance")
     return StkCallback(
         merchant_request_id=merchant,
         checkout_request_id=checkout,
         result_code=code,
-        result_desc=desc.strip(),
+        result_desc=desc,
         amount=_amount(items.get("Amount")),
-        receipt_number=_optional_text(items.get("MpesaReceiptNumber")),
+        receipt_number=_optional_text(items.get("MpesaReceiptNumber"), "MpesaReceiptNumber"),
         transaction_date=_transaction_date(items.get("TransactionDate")),
-        phone_number=_optional_text(items.get("PhoneNumber")),
-        balance=None if balance is None else str(balance),
+        phone_number=_optional_text(items.get("PhoneNumber"), "PhoneNumber"),
+        balance=None if balance is None else _clean(str(balance), "Balance"),
         raw=data,
     )
 

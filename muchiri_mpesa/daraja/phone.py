@@ -87,3 +87,22 @@ def mask_msisdn(msisdn: str) -> str:
     if len(text) <= 6:
         return "*" * len(text)
     return text[:4] + "*" * (len(text) - 6) + text[-2:]
+
+
+def phones_may_match(reported: str | int, msisdn: str) -> bool:
+    """Whether a payer's number as Daraja reported it may be ``msisdn``.
+
+    Daraja reports numbers in full, masked (``2547******49``) or hashed: a full number must be the
+    same line, a masked one must agree on every digit it shows, a hash cannot be compared here.
+    """
+    text = _SEPARATORS.sub("", str(reported).strip())
+    if "*" in text:
+        head, tail = text.split("*", 1)[0], text.rsplit("*", 1)[1]
+        for candidate in (msisdn, "0" + msisdn[3:]):  # 2547... or 07...
+            if len(candidate) == len(text) and candidate.startswith(head) and candidate.endswith(tail):
+                return True
+        return False
+    try:
+        return normalize_msisdn(text) == normalize_msisdn(msisdn)
+    except InvalidPhoneNumber:
+        return not _DIGITS.fullmatch(text.lstrip("+"))  # A hash or other opaque form: not comparable.

@@ -95,6 +95,7 @@ INJECTABLE_ERRORS: dict[str, tuple[int, str, str]] = {
     "spike_arrest": (500, "500.003.02", "Spike arrest violation"),
     "quota": (500, "500.003.03", "Quota violation"),
     "unavailable": (503, "", "Service Unavailable"),  # an HTML page, as a load balancer answers
+    "invalid": (400, "400.002.02", "Bad Request - Invalid CheckoutRequestID"),  # refused for good
 }
 OPERATIONS = ("token", "stk_push", "stk_query")
 
@@ -656,8 +657,9 @@ class DarajaSimulator:
     ) -> None:
         """Answer the next `count` requests of `operations` with a gateway error, before any other check.
 
-        error: "spike_arrest" (HTTP 500, 500.003.02), "quota" (HTTP 500, 500.003.03) or "unavailable" (HTTP 503,
-        an HTML page).  operations: any of "token", "stk_push", "stk_query".
+        error: "spike_arrest" (HTTP 500, 500.003.02), "quota" (HTTP 500, 500.003.03), "unavailable" (HTTP 503,
+        an HTML page) or "invalid" (HTTP 400, 400.002.02: a request Daraja refuses for good).
+        operations: any of "token", "stk_push", "stk_query".
         """
         if error not in INJECTABLE_ERRORS:
             raise ValueError(f"unknown error {error!r}; expected one of {sorted(INJECTABLE_ERRORS)}")
