@@ -49,14 +49,30 @@ EVENT_KINDS = [
     ('callback', "Callback"),
 ]
 
-# What became of a received callback.  'unmatched' callbacks wait in the inbox for their transaction.
+# What became of a received callback (DESIGN.md section 2: kept, queued by the request, settled by
+# the job).  'unmatched' callbacks wait for their transaction's CheckoutRequestID.
 CALLBACK_STATES = [
     ('received', "Received"),
-    ('processed', "Processed"),
+    ('queued', "Waiting for settlement"),
     ('unmatched', "Waiting for its transaction"),
+    ('error', "Error, retried"),
+    ('processed', "Processed"),
     ('ignored', "Ignored (already final)"),
     ('rejected', "Rejected"),
-    ('error', "Error"),
+    ('conflict', "Conflicting receipt"),
+]
+# The states the settlement job takes a callback from, and those it leaves alone.
+CALLBACK_WAITING_STATES = ('received', 'queued', 'unmatched', 'error')
+CALLBACK_FINAL_STATES = ('processed', 'ignored', 'rejected', 'conflict')
+# A callback that cannot be settled now is tried again after this, doubling up to the maximum.
+SETTLE_RETRY_FIRST = 5
+SETTLE_RETRY_MAX = 30 * 60
+
+# How far a transaction's M-Pesa receipt is proven.
+RECEIPT_STATUSES = [
+    ('pending', "Receipt pending"),
+    ('confirmed', "Confirmed"),
+    ('unverified', "Unverified"),
 ]
 
 # Where a transaction's final M-Pesa answer came from (monitoring: callbacks versus reconciliation).
@@ -79,3 +95,8 @@ RECONCILE_BATCH_SIZE = 200
 # transaction is checked again after this many seconds.
 RECONCILE_THROTTLE_DELAY = 60
 THROTTLE_ERROR_CODES = ('500.003.02', '500.003.03')
+
+# While the distributor's status page polls a prompt older than this (seconds), its status check is
+# brought forward, at most once per interval (the settlement stays in the cron, off the HTTP workers).
+STATUS_POLL_EXPEDITE_AFTER = 20
+STATUS_POLL_EXPEDITE_INTERVAL = 10

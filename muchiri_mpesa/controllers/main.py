@@ -2,15 +2,13 @@
 import logging
 import re
 
-from psycopg2 import OperationalError
 from werkzeug.exceptions import NotFound
 
 from odoo import http
 from odoo.exceptions import ValidationError
 from odoo.http import request
-from odoo.tools import consteq
 
-from .. import daraja
+from odoo.addons.payment.controllers.post_processing import PaymentPostProcessing
 
 _logger = logging.getLogger(__name__)
 
@@ -60,45 +58,27 @@ class MpesaController(http.Controller):
     def mpesa_callback(self, secret):
         """Receive Daraja's stkCallback: plain JSON, not JSON-RPC.
 
-        The raw body is kept before anything else; whatever then goes wrong, Daraja gets its
-        acknowledgement for a well-formed callback, and the kept body is processed again later.
+        The secret path names the provider; the model keeps the body, queues it and answers at
+        once.  The settlement, confirmed by STK Query, runs in a cron: no HTTP worker waits on
+        Daraja while Daraja is calling us.
         """
-        provider_sudo = self._find_provider_by_secret(secret)
+        provider_sudo = request.env['payment.provider'].sudo()._mpesa_find_by_secret(secret)
         if not provider_sudo:
             _logger.warning("M-Pesa callback on an unknown secret path was refused.")
             raise NotFound()
+        status, answer = request.env['muchiri.mpesa.event'].sudo()._mpesa_receive_callback(
+            provider_sudo, request.httprequest.get_data(cache=True), request.httprequest.remote_addr,
+        )
+        return request.make_json_response(answer, status=status)
 
-        raw_body = request.httprequest.get_data(cache=True)
-        remote_addr = request.httprequest.remote_addr
-        Event = request.env['muchiri.mpesa.event'].sudo()
-        event = Event._record_callback(provider_sudo, raw_body, remote_addr)
-        if not provider_sudo._mpesa_is_allowed_source(remote_addr):
-            event._mark('rejected', request.env._("The source address %s is not allowed.", remote_addr))
-            return request.make_json_response(
-                {'ResultCode': 1, 'ResultDesc': "Rejected"}, status=403
-            )
-        try:
-            callback = daraja.parse_stk_callback(raw_body)
-        except daraja.CallbackParseError as error:
-            event._mark('rejected', str(error))
-            return request.make_json_response(
-                {'ResultCode': 1, 'ResultDesc': "Rejected: not an stkCallback"}, status=400
-            )
-        event._set_parsed(callback)
-        try:
-            with request.env.cr.savepoint():
-                request.env['payment.transaction'].sudo()._mpesa_handle_callback(callback, event)
-        except OperationalError:
-            raise  # A serialization failure: Odoo retries the whole request.
-        except Exception as error:
-            _logger.exception("M-Pesa callback %s could not be processed now.", event.id)
-            event._mark('error', str(error))
-        return request.make_json_response(daraja.ACCEPTED_RESPONSE)
 
-    @staticmethod
-    def _find_provider_by_secret(secret):
-        providers = request.env['payment.provider'].sudo().search([('code', '=', 'mpesa')])
-        for provider in providers:
-            if provider.mpesa_callback_secret and consteq(provider.mpesa_callback_secret, secret):
-                return provider
-        return providers.browse()
+class MpesaPaymentPostProcessing(PaymentPostProcessing):
+
+    @http.route()
+    def poll_status(self, **kwargs):
+        """Override of `payment` to bring the status check of a late M-Pesa prompt forward while
+        the distributor watches its status page."""
+        monitored_tx = self._get_monitored_transaction()
+        if monitored_tx.provider_code == 'mpesa':
+            monitored_tx._mpesa_expedite_status_check()
+        return super().poll_status(**kwargs)

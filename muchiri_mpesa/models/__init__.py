@@ -1,7 +1,9 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 from . import (
+    ir_http,
     mpesa_alert,
     mpesa_event,
+    mpesa_payable,
     mpesa_report,
     mpesa_token,
     payment_provider,

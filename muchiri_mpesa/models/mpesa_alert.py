@@ -33,6 +33,7 @@ ALERT_KINDS = [
     ('pending_callback', "Callbacks missing"),
     ('order_failures', "Repeated failures on an order"),
     ('unmatched_callback', "Payments matching no transaction"),
+    ('receipt_conflict', "Conflicting receipts"),
 ]
 
 ALERT_STATES = [
@@ -122,6 +123,7 @@ class MpesaAlert(models.Model):
     def action_close(self):
         """Acknowledge: if the condition persists, the next check reopens the alert, quietly
         within the quiet period."""
+        self.env['payment.provider']._mpesa_check_group('account.group_account_invoice')
         self.filtered(lambda alert: alert.state == 'open')._close(
             self.env._("Closed by %s.", self.env.user.name)
         )
@@ -156,6 +158,7 @@ class MpesaAlert(models.Model):
             *self._check_pending_callbacks(provider, now),
             *self._check_order_failures(provider, now),
             *self._check_unmatched_callbacks(provider, now),
+            *self._check_receipt_conflicts(provider, now),
         ]
         alerts = self.browse()
         for condition in conditions:
@@ -283,6 +286,39 @@ class MpesaAlert(models.Model):
                 " them in M-Pesa Exchanges, match them with their order and record the payment,"
                 " or refund the customer.\n%(lines)s",
                 count=len(events), lines=_listed(self.env, lines),
+            ),
+            transactions=events.transaction_id,
+            orders=events.transaction_id.sale_order_ids,
+        )]
+
+    def _check_receipt_conflicts(self, provider, now):
+        """Receipts that disagree with the one a payment already holds: one alert, until each is
+        resolved by an accountant (the callbacks stay in the log, nothing was replaced)."""
+        events = self.env['muchiri.mpesa.event'].search([
+            ('provider_id', '=', provider.id),
+            ('kind', '=', 'callback'),
+            ('callback_state', '=', 'conflict'),
+            ('create_date', '>=', now - timedelta(days=7)),
+        ], order='id')
+        if not events:
+            return []
+        lines = [
+            self.env._(
+                "- %(reference)s holds receipt %(held)s; a callback brought %(receipt)s",
+                reference=event.transaction_id.reference, held=event.transaction_id.mpesa_receipt_number,
+                receipt=event.receipt_number or '-',
+            )
+            for event in events
+        ]
+        return [AlertCondition(
+            kind='receipt_conflict',
+            key=f'receipt_conflict:{provider.id}',
+            name=self.env._("%(provider)s: %(count)s conflicting M-Pesa receipts",
+                            provider=provider.name, count=len(events)),
+            message=self.env._(
+                "These payments got a second, different receipt after an unverified one.  Check both"
+                " receipts on the M-Pesa statement and correct the payment.\n%(lines)s",
+                lines=_listed(self.env, lines),
             ),
             transactions=events.transaction_id,
             orders=events.transaction_id.sale_order_ids,

@@ -1,4 +1,5 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+import base64
 import json
 import logging
 from datetime import timedelta
@@ -23,11 +24,20 @@ def _as_text(body):
     return str(body)
 
 
+def _readable(raw_body):
+    """The raw bytes of a callback as text a person (and PostgreSQL) can read: what is not UTF-8,
+    and NUL, shown as U+FFFD.  The exact bytes are kept in `raw_body`."""
+    return raw_body.decode('utf-8', errors='replace').replace('\x00', '\ufffd')
+
+
 class MpesaEvent(models.Model):
     """One exchange with Daraja: every request we send and every callback we receive.
 
-    It is the audit log and, for callbacks whose transaction is not known yet (the callback can beat
-    the commit of the STK Push answer), the inbox from which they are matched later.
+    It is the audit log and the callback inbox.  A callback is kept, exactly as it came, on its own
+    committed cursor before anything else; the request then matches it with a transaction of the
+    provider whose secret path it came on and queues it.  The settlement job confirms it by STK
+    Query and settles the transaction (DESIGN.md section 2).  This model owns the callback's
+    states: the route, the job and the matching wizard move them through its methods only.
     """
 
     _name = 'muchiri.mpesa.event'
@@ -45,11 +55,16 @@ class MpesaEvent(models.Model):
     merchant_request_id = fields.Char(string="MerchantRequestID", readonly=True)
     receipt_number = fields.Char(string="Receipt", readonly=True, index='btree_not_null')
     phone = fields.Char(readonly=True, index='btree_not_null')
+    amount = fields.Float(string="Amount (KES)", readonly=True)
     result_code = fields.Char(readonly=True)
     http_status = fields.Integer(string="HTTP Status", readonly=True)
     url = fields.Char(string="URL", readonly=True)
     remote_addr = fields.Char(string="Source Address", readonly=True)
     request_body = fields.Text(readonly=True, help="Secrets are redacted before they are stored.")
+    raw_body = fields.Binary(
+        attachment=False, readonly=True, groups='base.group_system',
+        help="The callback's bytes exactly as received.",
+    )
     response_body = fields.Text(readonly=True)
     duration_ms = fields.Float(string="Duration (ms)", readonly=True)
     error = fields.Text(readonly=True)
@@ -57,12 +72,21 @@ class MpesaEvent(models.Model):
         selection=const.CALLBACK_STATES, readonly=True, index='btree_not_null',
     )
     message = fields.Char(readonly=True, help="What was done with the callback, and why.")
+    attempt_count = fields.Integer(string="Settlement Attempts", readonly=True)
+    next_attempt_at = fields.Datetime(
+        string="Next Attempt", readonly=True, index='btree_not_null',
+        help="When the settlement job takes this callback again.",
+    )
 
     # === OUTBOUND === #
 
     @api.model
     def _record_exchange(self, provider, exchange, transaction=None):
-        """Keep one outbound HTTP exchange reported by the Daraja client (already redacted)."""
+        """Keep one outbound HTTP exchange reported by the Daraja client (already redacted).
+
+        On its own committed cursor: the answer of a push that is on a phone (its CheckoutRequestID)
+        survives whatever later happens to the request that sent it.
+        """
         request_body = exchange.request_body or {}
         response_body = exchange.response_body if isinstance(exchange.response_body, dict) else {}
         # The CallBackURL carries the provider's callback secret: readers of the log must not forge.
@@ -70,114 +94,266 @@ class MpesaEvent(models.Model):
         request_text = _as_text(exchange.request_body)
         if secret and request_text:
             request_text = request_text.replace(secret, '***')
-        # In a savepoint: a failed insert must not leave the payment's transaction aborted.
-        with self.env.cr.savepoint():
-            return self.sudo().create({
-                'kind': exchange.operation,
-                'provider_id': provider.id,
-                'transaction_id': transaction.id if transaction else False,
-                'checkout_request_id': response_body.get('CheckoutRequestID')
-                or request_body.get('CheckoutRequestID'),
-                'merchant_request_id': response_body.get('MerchantRequestID'),
-                'phone': request_body.get('PhoneNumber'),
-                'result_code': response_body.get('ResultCode') or response_body.get('errorCode')
-                or response_body.get('ResponseCode'),
-                'http_status': exchange.status or 0,
-                'url': exchange.url,
-                'request_body': request_text,
-                'response_body': _as_text(exchange.response_body),
-                'duration_ms': exchange.duration_ms,
-                'error': exchange.error or False,
-            })
+        values = {
+            'kind': exchange.operation,
+            'provider_id': provider.id,
+            'transaction_id': transaction.id if transaction else False,
+            'checkout_request_id': response_body.get('CheckoutRequestID')
+            or request_body.get('CheckoutRequestID'),
+            'merchant_request_id': response_body.get('MerchantRequestID'),
+            'phone': request_body.get('PhoneNumber'),
+            'result_code': response_body.get('ResultCode') or response_body.get('errorCode')
+            or response_body.get('ResponseCode'),
+            'http_status': exchange.status or 0,
+            'url': exchange.url,
+            'request_body': request_text,
+            'response_body': _as_text(exchange.response_body),
+            'duration_ms': exchange.duration_ms,
+            'error': exchange.error or False,
+        }
+        with self.env.registry.cursor() as cr:
+            return self.with_env(self.env(cr=cr, su=True)).create(values).id
 
-    # === INBOUND === #
+    # === INBOUND: THE CALLBACK REQUEST === #
 
     @api.model
-    def _record_callback(self, provider, raw_body, remote_addr):
-        """Keep a received callback as it came, before anything is done with it."""
-        return self.sudo().create({
+    def _mpesa_receive_callback(self, provider, raw_body, remote_addr):
+        """Keep, check, parse and queue a callback posted on `provider`'s secret path.
+
+        Runs on its own cursor, committed once the body is kept and again once it is queued: no
+        rollback or replay of the request, and no input, can lose it.  No Daraja call is made here.
+
+        :return: the HTTP status and the JSON body to answer Daraja with
+        :rtype: tuple[int, dict]
+        """
+        with self.env.registry.cursor() as cr:
+            env = self.env(cr=cr, su=True)
+            event = env[self._name]._mpesa_keep_callback(provider.with_env(env), raw_body, remote_addr)
+            # Our own cursor: the body is kept, whatever follows.
+            cr.commit()  # pylint: disable=invalid-commit
+            try:
+                with cr.savepoint():
+                    return event._mpesa_intake()
+            except Exception:  # The body is kept: the settlement job takes it from 'received'.
+                _logger.warning("M-Pesa callback %s is kept for the settlement job.", event.id, exc_info=True)
+                event._mpesa_wake_settlement()
+                return 200, dict(daraja.ACCEPTED_RESPONSE)
+
+    @api.model
+    def _mpesa_keep_callback(self, provider, raw_body, remote_addr):
+        raw_body = bytes(raw_body or b'')
+        return self.create({
             'kind': 'callback',
             'provider_id': provider.id,
             'remote_addr': remote_addr,
-            'request_body': raw_body.decode('utf-8', errors='replace')
-            if isinstance(raw_body, bytes) else raw_body,
+            'raw_body': base64.b64encode(raw_body),
+            'request_body': _readable(raw_body),
             'callback_state': 'received',
         })
 
-    def _set_parsed(self, callback):
-        """Fill the searchable fields from the parsed callback."""
+    def _mpesa_raw_body(self):
+        """The exact bytes of a received callback."""
         self.ensure_one()
-        self.write({
-            'checkout_request_id': callback.checkout_request_id,
-            'merchant_request_id': callback.merchant_request_id,
-            'receipt_number': callback.receipt_number or False,
-            'phone': callback.phone_number or False,
-            'result_code': callback.result_code,
-        })
+        raw = self.sudo().with_context(bin_size=False).raw_body
+        return base64.b64decode(raw) if raw else (self.request_body or '').encode()
 
-    def _mark(self, state, message='', transaction=None):
+    def _mpesa_intake(self):
+        """The request's part: source check, parse, match within the provider, queue."""
         self.ensure_one()
-        values = {'callback_state': state, 'message': message or False}
-        if transaction:
-            values['transaction_id'] = transaction.id
-        self.write(values)
+        provider = self.provider_id
+        if not provider._mpesa_is_allowed_source(self.remote_addr):
+            self._mark('rejected', self.env._("The source address %s is not allowed.", self.remote_addr))
+            return 403, {'ResultCode': 1, 'ResultDesc': "Rejected"}
+        callback = self._mpesa_parse()
+        if not callback:
+            return 400, {'ResultCode': 1, 'ResultDesc': "Rejected: not an stkCallback"}
+        if self._mpesa_match(lock=False):
+            self._mark('queued', self.env._("Waiting for Daraja's confirmation."))
+        else:
+            self._mark('unmatched', self.env._("No transaction of this provider has this CheckoutRequestID yet."))
+        self._mpesa_wake_settlement()
+        return 200, dict(daraja.ACCEPTED_RESPONSE)
 
-    def _parse(self):
-        """The callback this event holds, parsed again from its stored body."""
+    def _mpesa_parse(self):
+        """The callback this event holds, its searchable fields filled; None (and the event
+        rejected) when the body is not an stkCallback."""
         self.ensure_one()
-        return daraja.parse_stk_callback(self.request_body or '')
+        try:
+            callback = daraja.parse_stk_callback(self._mpesa_raw_body())
+        except daraja.CallbackParseError as error:
+            self._mark('rejected', str(error))
+            return None
+        if self.checkout_request_id != callback.checkout_request_id:
+            self.write({
+                'checkout_request_id': callback.checkout_request_id,
+                'merchant_request_id': callback.merchant_request_id,
+                'receipt_number': callback.receipt_number or False,
+                'phone': callback.phone_number or False,
+                'amount': float(callback.amount) if callback.amount is not None else 0.0,
+                'result_code': callback.result_code,
+            })
+        return callback
+
+    def _mpesa_match(self, lock):
+        """The transaction of this callback, among its provider's only; the event keeps it.
+
+        :return: the transaction (sudo), row-locked when `lock`; empty when none has the
+                 CheckoutRequestID yet
+        """
+        self.ensure_one()
+        if self.transaction_id:  # Matched once (by the request, or by hand): for good.
+            tx = self.transaction_id.sudo()
+            if lock:
+                tx._mpesa_lock()
+            return tx
+        tx = self.env['payment.transaction'].sudo()._mpesa_find_by_checkout_request(
+            self.provider_id, self.checkout_request_id, lock=lock,
+        )
+        if tx:
+            self.transaction_id = tx
+        return tx
 
     @api.model
-    def _match_unmatched(self, checkout_request_ids=None, limit=None, commit=False):
-        """Process again the kept callbacks whose transaction can now take them.
+    def _mpesa_wake_unmatched(self, provider, checkout_request_id):
+        """A transaction of `provider` now holds `checkout_request_id`: the callbacks that came
+        before it (failure mode 3) are due at once."""
+        waiting = self.sudo().search([
+            ('kind', '=', 'callback'), ('provider_id', '=', provider.id),
+            ('checkout_request_id', '=', checkout_request_id), ('callback_state', '=', 'unmatched'),
+        ])
+        if waiting:
+            waiting.next_attempt_at = False
+            self._mpesa_wake_settlement()
 
-        Callbacks wait here when their transaction was not committed yet, when Daraja had not yet
-        confirmed them, or when processing failed.  Without `checkout_request_ids` (the cron), only
-        those whose transaction is no longer pending are taken: a pending one is settled by its own
-        scheduled query first, which this leaves to the reconciliation, and then gets its receipt
-        here without a second query.
+    def _mpesa_wake_settlement(self, at=None):
+        cron = self.env.ref('muchiri_mpesa.cron_mpesa_settle_callbacks', raise_if_not_found=False)
+        if cron:
+            cron.sudo()._trigger(at=at)
 
-        :return: the number of callbacks processed again
+    # === STATES === #
+
+    def _mark(self, state, message=''):
+        """Move the callback to `state`."""
+        self.ensure_one()
+        values = {'callback_state': state, 'message': message or False}
+        if state in const.CALLBACK_FINAL_STATES:
+            values['next_attempt_at'] = False
+        self.write(values)
+
+    def _mpesa_retry_later(self, state, message, seconds=None):
+        """Keep the callback for another attempt, backing off on its own: one callback that
+        cannot be settled never holds up the others."""
+        self.ensure_one()
+        self.attempt_count += 1
+        if seconds is None:
+            seconds = min(const.SETTLE_RETRY_FIRST * 2 ** (self.attempt_count - 1), const.SETTLE_RETRY_MAX)
+        self._mark(state, message)
+        self.next_attempt_at = fields.Datetime.now() + timedelta(seconds=seconds)
+
+    # === THE SETTLEMENT JOB === #
+
+    @api.model
+    def _mpesa_due_callbacks_domain(self):
+        now = fields.Datetime.now()
+        return [
+            ('kind', '=', 'callback'),
+            ('callback_state', 'in', const.CALLBACK_WAITING_STATES),
+            ('create_date', '>=', now - KEEP_RETRYING),
+            '|', ('next_attempt_at', '=', False), ('next_attempt_at', '<=', now),
+        ]
+
+    @api.model
+    def _cron_mpesa_settle_callbacks(self, batch_size=const.RECONCILE_BATCH_SIZE):
+        """Settle the kept callbacks, each committed on its own.
+
+        Daraja's answer to one STK Query serves every callback of the same prompt in the run.
+        Throttling, or a Daraja that cannot be reached, ends the run; any other failure backs off
+        that callback only.
         """
-        if checkout_request_ids is not None:
-            events = self.sudo().search([
-                ('kind', '=', 'callback'),
-                ('callback_state', 'in', ('unmatched', 'error')),
-                ('checkout_request_id', 'in', list(checkout_request_ids)),
-            ], order='id', limit=limit)
-        else:
-            self.env.flush_all()
-            self.env.cr.execute("""
-                SELECT event.id
-                  FROM muchiri_mpesa_event event
-                  JOIN payment_transaction tx ON tx.provider_reference = event.checkout_request_id
-                  JOIN payment_provider provider ON provider.id = tx.provider_id
-                 WHERE event.kind = 'callback'
-                   AND event.callback_state IN ('unmatched', 'error')
-                   AND event.create_date >= %s
-                   AND provider.code = 'mpesa'
-                   AND tx.state NOT IN ('draft', 'pending')
-                 ORDER BY event.id
-                 LIMIT %s
-            """, [fields.Datetime.now() - KEEP_RETRYING, limit])
-            events = self.sudo().browse([row[0] for row in self.env.cr.fetchall()])
-        Transaction = self.env['payment.transaction'].sudo()
-        processed = 0
+        events = self.sudo().search(self._mpesa_due_callbacks_domain(), order='id', limit=batch_size)
+        answers = {}  # (provider id, CheckoutRequestID) -> the STK Query's answer in this run
+        settled = 0
+        stopped = False
         for event in events:
-            try:
-                with self.env.cr.savepoint():
-                    tx = Transaction._mpesa_find_by_checkout_request(event.checkout_request_id)
-                    if tx:
-                        tx._mpesa_process_callback(event._parse(), event)
-                        processed += 1
-            except OperationalError:
-                continue  # A concurrent worker has it: the next run sees the result.
-            except daraja.DarajaError as error:
-                _logger.warning("Kept M-Pesa callback %s waits: %s", event.id, error)
-                break  # Daraja cannot answer now: the next run tries again.
-            except Exception as error:
-                _logger.exception("Kept M-Pesa callback %s could not be processed.", event.id)
-                event._mark('error', str(error))
-            if commit:
-                Transaction._mpesa_commit()
-        return processed
+            outcome = event._mpesa_settle(answers)
+            settled += outcome == 'done'
+            self.env['payment.transaction']._mpesa_commit()
+            if outcome == 'stop':
+                stopped = True
+                break
+        remaining = 0 if stopped else self.sudo().search_count(self._mpesa_due_callbacks_domain())
+        self.env['ir.cron']._notify_progress(done=settled, remaining=min(remaining, batch_size))
+        return settled
+
+    def _mpesa_settle(self, answers):
+        """Take one kept callback as far as it can go now.
+
+        :return: 'done' (a final state), 'wait' (kept for later) or 'stop' (Daraja throttles us or
+                 cannot be reached: end the run)
+        """
+        self.ensure_one()
+        try:
+            with self.env.cr.savepoint():
+                return self._mpesa_settle_locked(answers)
+        except OperationalError:
+            return 'wait'  # A concurrent worker has its transaction: the next run sees the result.
+        except (daraja.DarajaConnectionError, daraja.DarajaProtocolError) as error:
+            self._mpesa_retry_later('error', str(error), const.RECONCILE_THROTTLE_DELAY)
+            return 'stop'
+        except daraja.DarajaApiError as error:
+            self._mpesa_retry_later('error', str(error))
+            if error.error_code in const.THROTTLE_ERROR_CODES:
+                return 'stop'
+            return 'wait'
+        except Exception as error:
+            _logger.warning("Kept M-Pesa callback %s could not be settled now.", self.id, exc_info=True)
+            self._mpesa_retry_later('error', str(error))
+            return 'wait'
+
+    def _mpesa_settle_locked(self, answers):
+        self.env.cr.execute(
+            "SELECT id FROM muchiri_mpesa_event WHERE id = %s FOR NO KEY UPDATE SKIP LOCKED", [self.id],
+            log_exceptions=False,
+        )
+        if not self.env.cr.fetchone():
+            return 'wait'  # Another run has it.
+        self.invalidate_recordset()
+        if self.callback_state not in const.CALLBACK_WAITING_STATES:
+            return 'done'
+        callback = self._mpesa_parse()
+        if not callback:
+            return 'done'
+        tx = self._mpesa_match(lock=True)
+        if not tx:
+            self._mpesa_retry_later(
+                'unmatched', self.env._("No transaction of this provider has this CheckoutRequestID yet."),
+            )
+            return 'wait'
+        state, message = tx._mpesa_apply_callback(callback, answers)
+        if state in const.CALLBACK_FINAL_STATES:
+            self._mark(state, message)
+            if state == 'processed':
+                tx._mpesa_post_process()
+            return 'done'
+        self._mpesa_retry_later(state, message)
+        return 'wait'
+
+    # === MATCHING BY HAND === #
+
+    def _mpesa_match_by_hand(self, tx, override_reason=None):
+        """Give this kept callback the transaction whose push answer was never read, and settle it
+        as any other: confirmed by STK Query, its receipt and CheckoutRequestID unique.
+
+        :raise UserError: when the callback or the transaction cannot be matched, or the payment
+                          is refused; nothing is changed then
+        """
+        self.ensure_one()
+        tx._mpesa_check_match_by_hand(self, override_reason)
+        callback = self._mpesa_parse()
+        tx.provider_reference = self.checkout_request_id
+        if override_reason and callback.amount is not None:
+            # An accounting manager vouched for a payment of another amount: it is what was paid.
+            tx.write({'mpesa_requested_amount': int(callback.amount), 'amount': float(callback.amount)})
+        self.write({'transaction_id': tx.id, 'next_attempt_at': False})
+        self._mark('queued', self.env._("Matched by hand with %s.", tx.reference))
+        return self._mpesa_settle_locked({})

@@ -1,11 +1,12 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+import hmac
 import ipaddress
 import logging
 import secrets
 from urllib.parse import urlsplit
 
 from odoo import api, fields, models
-from odoo.exceptions import UserError, ValidationError
+from odoo.exceptions import AccessError, UserError, ValidationError
 
 from odoo.addons.payment import utils as payment_utils
 
@@ -21,8 +22,16 @@ TUNNEL_HOST_SUFFIXES = (
 )
 
 
+# Daraja refuses URLs holding these words (DESIGN.md section 6), in any case.
+DARAJA_BANNED_URL_WORDS = ('mpesa', 'm-pesa', 'safaricom', 'exe', 'exec', 'cmd', 'sql', 'query')
+
+
 def _new_callback_secret():
-    return secrets.token_urlsafe(24)
+    """A random path secret that holds none of the words Daraja refuses in a URL."""
+    while True:
+        secret = secrets.token_urlsafe(24)
+        if not any(word in secret.lower() for word in DARAJA_BANNED_URL_WORDS):
+            return secret
 
 
 class PaymentProvider(models.Model):
@@ -83,7 +92,8 @@ class PaymentProvider(models.Model):
     )
     mpesa_confirm_by_query = fields.Boolean(
         string="Confirm Callbacks by STK Query", default=True, groups='base.group_system',
-        help="Daraja does not sign its callbacks: ask Daraja itself before a payment is marked done.",
+        help="Daraja does not sign its callbacks: ask Daraja itself before a payment is marked done."
+             "  Always on for an enabled provider; it can be switched off in test mode only.",
     )
     mpesa_push_cooldown = fields.Integer(
         string="Prompt Cooldown (s)", default=const.DEFAULT_PUSH_COOLDOWN,
@@ -170,15 +180,48 @@ class PaymentProvider(models.Model):
         )
         partner_id = kwargs.get('partner_id', args[1] if len(args) > 1 else None)
         partner = self.env['res.partner'].browse(partner_id).exists()
-        unfit = providers.filtered(lambda p: p.code == 'mpesa' and (
-            is_validation
-            or (p.mpesa_distributors_only and not (partner and partner._mpesa_is_distributor()))
-        ))
-        if unfit:
-            payment_utils.add_to_report(
-                report, unfit, available=False, reason=self.env._("M-Pesa is offered to distributors only"),
-            )
-        return providers - unfit
+        for provider in providers.filtered(lambda p: p.code == 'mpesa'):
+            reason = self.env._("M-Pesa cannot save a payment method") if is_validation \
+                else provider._mpesa_unavailability_reason(partner)
+            if reason:
+                providers -= provider
+                payment_utils.add_to_report(report, provider, available=False, reason=reason)
+        return providers
+
+    def _mpesa_unavailability_reason(self, partner, currency=None):
+        """Why this provider cannot take a payment of `partner` (in `currency`, when known), or
+        None when it can: the one place for the KES-only and distributors-only rules."""
+        self.ensure_one()
+        if currency and currency.name not in const.SUPPORTED_CURRENCIES:
+            return self.env._("M-Pesa takes payments in Kenyan shillings (KES) only.")
+        if self.mpesa_distributors_only and not (partner and partner._mpesa_is_distributor()):
+            return self.env._("M-Pesa is offered to distributors only.")
+        return None
+
+    def _mpesa_confirms_callbacks(self):
+        """Whether a callback waits for Daraja's own confirmation (STK Query) before it counts.
+        Always for an enabled provider: an unsigned callback never decides a real payment."""
+        self.ensure_one()
+        return self.state == 'enabled' or self.sudo().mpesa_confirm_by_query
+
+    @api.model
+    def _mpesa_find_by_secret(self, secret):
+        """The M-Pesa provider (sudo) whose callback secret is `secret`, enabled or not: a disabled
+        provider's prompts still get their answers.  Compared in constant time, as bytes, so that
+        any text in the path is just a wrong secret."""
+        given = (secret or '').encode('utf-8', errors='surrogateescape')
+        providers = self.sudo().with_context(active_test=False).search([('code', '=', 'mpesa')])
+        for provider in providers:
+            expected = (provider.mpesa_callback_secret or '').encode()
+            if expected and hmac.compare_digest(expected, given):
+                return provider
+        return providers.browse()
+
+    def _mpesa_check_group(self, group_xmlid):
+        """Buttons are public methods: anyone logged in can call them over RPC, so each checks its
+        group on the server (a view's groups= hides, it protects nothing)."""
+        if not (self.env.su or self.env.user.has_group(group_xmlid)):
+            raise AccessError(self.env._("You are not allowed to do this with M-Pesa."))
 
     # === BUSINESS METHODS - DARAJA === #
 
@@ -242,6 +285,7 @@ class PaymentProvider(models.Model):
     def action_mpesa_test_connection(self):
         """Fetch a token and tell the administrator in plain words what is wrong, if anything."""
         self.ensure_one()
+        self._mpesa_check_group('base.group_system')
         client = self._mpesa_client()
         try:
             # Through the shared store: a token fetched aside could invalidate the workers' one.
@@ -272,6 +316,7 @@ class PaymentProvider(models.Model):
 
     def action_mpesa_regenerate_callback_secret(self):
         self.ensure_one()
+        self._mpesa_check_group('base.group_system')
         self.sudo().mpesa_callback_secret = _new_callback_secret()
 
     # === BUSINESS METHODS - CALLBACK SOURCE === #

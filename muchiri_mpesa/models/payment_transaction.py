@@ -8,7 +8,8 @@ from psycopg2 import OperationalError
 from psycopg2.errors import LockNotAvailable
 
 from odoo import api, fields, models, modules
-from odoo.exceptions import ValidationError
+from odoo.exceptions import AccessError, UserError, ValidationError
+from odoo.tools.misc import formatLang
 
 from odoo.addons.payment import utils as payment_utils
 
@@ -32,6 +33,12 @@ class PaymentTransaction(models.Model):
     mpesa_push_sent_at = fields.Datetime(string="Prompt Sent", readonly=True, copy=False)
     mpesa_receipt_number = fields.Char(
         string="M-Pesa Receipt", readonly=True, copy=False, index='btree_not_null',
+    )
+    mpesa_receipt_status = fields.Selection(
+        string="Receipt Status", selection=const.RECEIPT_STATUSES, readonly=True, copy=False,
+        help="Confirmed: it came with the callback that Daraja's query confirmed.  Pending: the"
+             " payment was settled by STK Query, which carries no receipt.  Unverified: it came"
+             " later, and nothing Daraja told us proves it yet.",
     )
     mpesa_paid_amount = fields.Float(string="Amount Paid (KES)", readonly=True, copy=False)
     mpesa_paid_at = fields.Datetime(string="Paid On", readonly=True, copy=False)
@@ -64,6 +71,17 @@ class PaymentTransaction(models.Model):
         "This M-Pesa receipt number is already recorded on another transaction.",
     )]
 
+    def init(self):
+        res = super().init()
+        # One prompt, one transaction: a CheckoutRequestID is held by one transaction of a provider
+        # (only M-Pesa prompts set mpesa_push_sent_at).
+        self.env.cr.execute(
+            "CREATE UNIQUE INDEX IF NOT EXISTS payment_transaction_mpesa_checkout_uniq"
+            " ON payment_transaction (provider_id, provider_reference)"
+            " WHERE mpesa_push_sent_at IS NOT NULL AND provider_reference IS NOT NULL"
+        )
+        return res
+
     # === BUSINESS METHODS - PROCESSING VALUES === #
 
     def _get_specific_processing_values(self, processing_values):
@@ -90,9 +108,13 @@ class PaymentTransaction(models.Model):
 
         Bad input raises a ValidationError before anything leaves and changes nothing.  A refusal by
         Daraja sets the transaction in error (it is a real, audited attempt) and is returned as the
-        message to show.  The attempt is committed before the request leaves and its answer right
-        after: a retried or repeated request never sends a second prompt, and a failure later in the
-        request never loses the CheckoutRequestID of a prompt that is on the phone.
+        message to show.
+
+        The push is the one flow that commits (besides the crons), on purpose: Daraja has no
+        idempotency key, so the attempt is committed before the request leaves, and a retried or
+        repeated request never sends a second prompt.  Daraja's answer is kept at once in the
+        exchange log on its own cursor, so a failure later in the request never loses the
+        CheckoutRequestID of a prompt that is on a phone (a replay takes it from there).
 
         :return: None when the prompt was sent, else the message explaining why not.
         :rtype: str | None
@@ -101,13 +123,14 @@ class PaymentTransaction(models.Model):
         self._mpesa_lock_for_push()
         if self.provider_code == 'mpesa' and self.state == 'pending' and self.provider_reference:
             return None  # A replay of a request whose prompt is already on the phone.
-        if self.provider_code != 'mpesa' or self.state != 'draft' or self.mpesa_push_sent_at:
+        if self.provider_code == 'mpesa' and self.state == 'draft' and self.mpesa_push_sent_at:
+            return self._mpesa_resume_push()
+        if self.provider_code != 'mpesa' or self.state != 'draft':
             raise ValidationError(self.env._("This payment can no longer be sent to M-Pesa."))
-        if self.currency_id.name not in const.SUPPORTED_CURRENCIES:
-            raise ValidationError(self.env._("M-Pesa takes payments in Kenyan shillings (KES) only."))
         provider = self.provider_id
-        if provider.mpesa_distributors_only and not self.partner_id._mpesa_is_distributor():
-            raise ValidationError(self.env._("M-Pesa is offered to distributors only."))
+        reason = provider._mpesa_unavailability_reason(self.partner_id, self.currency_id)
+        if reason:
+            raise ValidationError(reason)
         try:
             msisdn = daraja.normalize_msisdn(phone or '')
             # Rounded to the currency first: float noise must not round up a whole shilling.
@@ -117,6 +140,10 @@ class PaymentTransaction(models.Model):
         except daraja.DarajaValidationError as error:
             raise ValidationError(str(error)) from error
         self._mpesa_check_no_prompt_waiting()
+        # Built and checked before the attempt is committed: a configuration error sends nothing
+        # and leaves no false "outcome unknown" attempt behind.
+        client = provider._mpesa_client(transaction=self)
+        callback_url = provider._mpesa_callback_url()
 
         values = {
             'mpesa_phone': msisdn,
@@ -128,52 +155,58 @@ class PaymentTransaction(models.Model):
             values['amount'] = amount
         self.write(values)
         self.sale_order_ids.write({'mpesa_phone': msisdn})
-        self.env.cr.execute(  # See _mpesa_check_no_prompt_waiting: the orders must change.
-            "UPDATE sale_order SET write_date = now() at time zone 'UTC' WHERE id = ANY(%s)",
-            [self.sale_order_ids.ids],
-        )
+        self._mpesa_documents()._mpesa_touch()  # See _mpesa_check_no_prompt_waiting.
         self._mpesa_commit()
 
-        client = provider._mpesa_client(transaction=self)
         try:
             result = client.stk_push(
                 phone=msisdn, amount=amount, reference=self.reference,
-                description=self.company_id.name or 'Payment',
-                callback_url=provider._mpesa_callback_url(),
+                description=self.company_id.name or 'Payment', callback_url=callback_url,
             )
         except daraja.DarajaError as error:
-            self._mpesa_commit()  # The audit of the attempt; the writes below start afresh.
             message = self._mpesa_push_error_message(error)
             self.mpesa_outcome_unknown = self._mpesa_push_may_have_reached(error)
             self._set_error(message)
             self._mpesa_commit()
             return message
-
-        # A fresh snapshot for the answer's writes: the request's one began before the HTTP call,
-        # and a serialization failure now would replay the request and lose the CheckoutRequestID.
+        self._mpesa_record_push_answer(result.checkout_request_id, result.merchant_request_id)
         self._mpesa_commit()
+        return None
+
+    def _mpesa_record_push_answer(self, checkout_request_id, merchant_request_id):
+        """Daraja took the push: the transaction waits for its answer, first checked soon."""
         self.write({
-            'provider_reference': result.checkout_request_id,
-            'mpesa_merchant_request_id': result.merchant_request_id,
-            'mpesa_next_check_at': fields.Datetime.now()
-            + timedelta(seconds=const.RECONCILE_FIRST_CHECK),
+            'provider_reference': checkout_request_id,
+            'mpesa_merchant_request_id': merchant_request_id,
+            'mpesa_next_check_at': fields.Datetime.now() + timedelta(seconds=const.RECONCILE_FIRST_CHECK),
         })
         self._set_pending()
-        self._mpesa_commit()
         self._mpesa_trigger_reconciliation(self.mpesa_next_check_at)
-        return None
+        # A callback may have beaten this answer: it waits, unmatched, for this CheckoutRequestID.
+        self.env['muchiri.mpesa.event']._mpesa_wake_unmatched(self.provider_id, checkout_request_id)
+
+    def _mpesa_resume_push(self):
+        """A replay of a push request that died after the prompt left: never a second prompt.
+
+        Daraja's answer, if one came, is in the exchange log (kept on its own cursor).
+
+        :return: None when the prompt is on its way, else the message explaining why not
+        """
+        answer = self.env['muchiri.mpesa.event'].sudo().search([
+            ('kind', '=', 'stk_push'), ('transaction_id', '=', self.id), ('checkout_request_id', '!=', False),
+        ], order='id desc', limit=1)
+        if answer:
+            self._mpesa_record_push_answer(answer.checkout_request_id, answer.merchant_request_id)
+            return None
+        raise ValidationError(self.env._("This payment can no longer be sent to M-Pesa."))
 
     def _mpesa_lock_for_push(self):
         """Lock the transaction: a second click or a replayed request waits for nothing, it fails."""
         try:
             with self.env.cr.savepoint(flush=False):
-                self.env.cr.execute(
-                    "SELECT id FROM payment_transaction WHERE id = %s FOR UPDATE NOWAIT", [self.id],
-                    log_exceptions=False,  # A second click is expected: no ERROR line.
-                )
+                self._mpesa_lock('nowait')
         except LockNotAvailable as error:
             raise ValidationError(self.env._("This payment is already being sent to M-Pesa.")) from error
-        self.invalidate_recordset()
 
     @staticmethod
     def _mpesa_push_may_have_reached(error):
@@ -198,26 +231,25 @@ class PaymentTransaction(models.Model):
         return self.env._("M-Pesa refused the payment request: %s", error)
 
     def _mpesa_check_no_prompt_waiting(self):
-        """One prompt per order at a time, and none for a paid order.
+        """One prompt per order or invoice at a time, and none for a paid one.
 
         A prompt younger than the provider's cooldown refuses the new one.  An older one that is
         still pending is asked about first (STK Query): the new prompt goes only once Daraja says
         the old one is over, and not at all if the customer paid it.
 
-        The orders' rows are locked, and the push then updates them before it commits: a concurrent
-        push for the same order fails its lock with a serialization error, and Odoo replays it on a
-        fresh snapshot that sees this prompt.
+        The documents' rows are locked, and the push then updates them before it commits: a
+        concurrent push for the same document fails its lock with a serialization error, and Odoo
+        replays it on a fresh snapshot that sees this prompt.
         """
-        orders = self.sale_order_ids
-        if not orders:
+        documents = self._mpesa_documents()
+        if not documents:
             return
-        self.env.cr.execute(
-            "SELECT id FROM sale_order WHERE id IN %s FOR UPDATE", [tuple(orders.ids)], log_exceptions=False
-        )
+        documents._mpesa_lock_rows()
+        document_field = 'sale_order_ids' if self.sale_order_ids else 'invoice_ids'
         others = self.search([
             ('id', '!=', self.id),
             ('provider_code', '=', 'mpesa'),
-            ('sale_order_ids', 'in', orders.ids),
+            (document_field, 'in', documents.ids),
             ('mpesa_push_sent_at', '!=', False),
             '|', ('state', 'in', ('draft', 'pending')), ('mpesa_outcome_unknown', '=', True),
         ])
@@ -227,22 +259,23 @@ class PaymentTransaction(models.Model):
         for other in others:
             if other.mpesa_push_sent_at > young_since:
                 raise ValidationError(self.env._(
-                    "An M-Pesa prompt for this order was already sent to %(phone)s.  Complete it"
+                    "An M-Pesa prompt for %(document)s was already sent to %(phone)s.  Complete it"
                     " on that phone, or try again in a couple of minutes.",
+                    document=', '.join(documents.mapped('name')),
                     phone=daraja.mask_msisdn(other.mpesa_phone or ''),
                 ))
         previous = others.filtered(lambda tx: tx.state == 'pending' and tx.provider_reference)
         if previous:
             for other in previous:
                 other._mpesa_settle_previous_prompt()
-            # Kept whatever comes next; then check again, under fresh locks and snapshot.
+            # Part of the push's commits: Daraja's answer is kept even if this push is refused
+            # below; then check again, under fresh locks and snapshot.
             self._mpesa_commit()
             self._mpesa_check_no_prompt_waiting()
             return
-        orders.invalidate_recordset(['amount_paid'])  # It does not follow the transactions' state.
-        for order in orders:
-            if order.currency_id.compare_amounts(order.amount_paid, order.amount_total) >= 0:
-                raise ValidationError(self.env._("Order %s is already paid.", order.name))
+        for document in documents:
+            if document.currency_id.compare_amounts(document._mpesa_paid_amount(), document.amount_total) >= 0:
+                raise ValidationError(self.env._("%s is already paid.", document.name))
 
     def _mpesa_settle_previous_prompt(self):
         """Settle an older pending prompt of the same order before a new one may go."""
@@ -274,7 +307,7 @@ class PaymentTransaction(models.Model):
     def _mpesa_settle_by_query(self, session=None):
         """Query Daraja and settle the transaction with its answer, as a callback would."""
         self.ensure_one()
-        self._mpesa_find_by_checkout_request(self.provider_reference)  # Locks it as a callback does.
+        self._mpesa_lock()  # As a callback's settlement does.
         result = self._mpesa_query(session=session)
         if result.outcome != PENDING:
             self._mpesa_settle_with_query_result(result)
@@ -283,26 +316,50 @@ class PaymentTransaction(models.Model):
     # === BUSINESS METHODS - NOTIFICATIONS === #
 
     @api.model
-    def _mpesa_find_by_checkout_request(self, checkout_request_id, lock=True):
-        """The M-Pesa transaction of a CheckoutRequestID, row-locked so that racing callbacks and
-        queries handle it one after the other."""
-        if not checkout_request_id:
+    def _mpesa_find_by_checkout_request(self, provider, checkout_request_id, lock=True):
+        """The transaction of `provider` that holds a CheckoutRequestID, row-locked when `lock` so
+        that racing callbacks and queries handle it one after the other.
+
+        Scoped to the provider whose secret authenticated the callback: a callback on one
+        provider's path never touches another provider's transactions (failure mode 17).
+        """
+        if not (provider and checkout_request_id):
             return self.browse()
         tx = self.sudo().search([
-            ('provider_code', '=', 'mpesa'), ('provider_reference', '=', checkout_request_id),
+            ('provider_id', '=', provider.id), ('provider_code', '=', 'mpesa'),
+            ('provider_reference', '=', checkout_request_id),
         ], limit=1)
         if tx and lock:
-            self.env.cr.execute(
-                "SELECT id FROM payment_transaction WHERE id = %s FOR UPDATE", [tx.id], log_exceptions=False
-            )
-            tx.invalidate_recordset()
+            tx._mpesa_lock()
         return tx
 
+    def _mpesa_lock(self, how='wait'):
+        """Hold this transaction's row lock until the end of the database transaction, so that
+        pushes, callbacks, queries and the crons handle it one after the other.
+
+        FOR NO KEY UPDATE: the exchange log, written on its own cursor meanwhile, still references
+        the row (a foreign key takes FOR KEY SHARE, which FOR UPDATE would block: a deadlock).
+
+        :param str how: 'wait' for the lock, 'nowait' (raise LockNotAvailable at once) or 'skip'
+        :return: whether the lock is held ('skip': False when another worker has it)
+        """
+        self.ensure_one()
+        suffix = {'wait': '', 'nowait': ' NOWAIT', 'skip': ' SKIP LOCKED'}[how]
+        self.env.cr.execute(
+            f"SELECT id FROM payment_transaction WHERE id = %s FOR NO KEY UPDATE{suffix}",
+            [self.id], log_exceptions=False,  # A lock refused on purpose is no ERROR.
+        )
+        held = bool(self.env.cr.fetchone())
+        self.invalidate_recordset()
+        return held
+
     def _get_tx_from_notification_data(self, provider_code, notification_data):
+        """Override of `payment` to find the transaction by its provider and CheckoutRequestID."""
         tx = super()._get_tx_from_notification_data(provider_code, notification_data)
         if provider_code != 'mpesa' or len(tx) == 1:
             return tx
-        tx = self._mpesa_find_by_checkout_request(notification_data.get('checkout_request_id'))
+        provider = self.env['payment.provider'].browse(notification_data.get('provider_id'))
+        tx = self._mpesa_find_by_checkout_request(provider, notification_data.get('checkout_request_id'))
         if not tx:
             raise ValidationError(self.env._(
                 "M-Pesa: no transaction matches CheckoutRequestID %s.",
@@ -310,19 +367,39 @@ class PaymentTransaction(models.Model):
             ))
         return tx
 
+    def _mpesa_is_final_for(self, outcome):
+        """Whether an answer with `outcome` can no longer change this transaction: a done or
+        cancelled one never changes, an error only to a (late) success."""
+        self.ensure_one()
+        return self.state in ('done', 'cancel') or (self.state == 'error' and outcome != SUCCESS)
+
+    def _mpesa_notification(self, result_code, result_desc, source, **values):
+        """The notification dict of an M-Pesa answer for this transaction (one path for all)."""
+        self.ensure_one()
+        return {
+            'provider_id': self.provider_id.id,
+            'checkout_request_id': self.provider_reference,
+            'result_code': result_code,
+            'result_desc': result_desc,
+            'source': source,
+            **values,
+        }
+
     def _process_notification_data(self, notification_data):
-        """Settle the transaction with a final M-Pesa answer; the one place for the guards.
+        """Override of `payment` to settle the transaction with a final M-Pesa answer; the one
+        place for the guards.
 
         `notification_data` comes from a callback (`source` 'callback', with the amount and the
-        receipt) or from an STK Query (`source` 'query': Daraja answered us directly, for our own
+        receipt; `confirmed` False when Daraja's query did not confirm it, in test mode only) or
+        from an STK Query (`source` 'query': Daraja answered us directly, for our own
         CheckoutRequestID, so the amount is the one we asked).
         """
         super()._process_notification_data(notification_data)
         if self.provider_code != 'mpesa':
             return
         result = daraja.classify_result(notification_data.get('result_code'))
-        if self.state in ('done', 'cancel') or (self.state == 'error' and result.outcome != SUCCESS):
-            return  # A final transaction never changes; only a late success may change an error.
+        if self._mpesa_is_final_for(result.outcome):
+            return
         last_result = {
             'mpesa_result_code': result.code,
             'mpesa_result_desc': notification_data.get('result_desc') or result.message,
@@ -342,21 +419,24 @@ class PaymentTransaction(models.Model):
         if result.outcome == SUCCESS:
             if source == 'callback':
                 settled.update(self._mpesa_check_paid_amount_and_receipt(notification_data))
+                settled['mpesa_receipt_status'] = 'confirmed' if notification_data.get('confirmed', True) \
+                    else 'unverified'
             else:
-                settled['mpesa_paid_amount'] = self.mpesa_requested_amount
+                settled.update(mpesa_paid_amount=self.mpesa_requested_amount, mpesa_receipt_status='pending')
             self.write(settled)
             # Shown on the status page, so that the customer sees the M-Pesa receipt too.
             self._set_done(state_message=self.mpesa_receipt_number and self.env._(
                 "M-Pesa receipt %s", self.mpesa_receipt_number,
             ))
-            self._mpesa_flag_overpaid_orders()
+            self._mpesa_flag_overpaid_documents()
             self._mpesa_send_mail('muchiri_mpesa.mail_template_mpesa_payment_confirmed')
             return
 
         self.write(settled)
-        if result.outcome == CANCELED:
+        if result.outcome == CANCELED and notification_data.get('confirmed', True):
             self._set_canceled(state_message=result.message)
         else:
+            # An unconfirmed failure is an error, never a cancellation: a later confirmed success wins.
             self._set_error(result.message)
         self._mpesa_send_mail('muchiri_mpesa.mail_template_mpesa_payment_failed')
 
@@ -371,118 +451,195 @@ class PaymentTransaction(models.Model):
                 "M-Pesa: the callback says KES %(paid)s was paid, but KES %(asked)s was asked.",
                 paid=amount, asked=self.mpesa_requested_amount,
             ))
-        if self.search_count([('mpesa_receipt_number', '=', receipt), ('id', '!=', self.id)]):
-            raise ValidationError(self.env._(
-                "M-Pesa: receipt %s is already recorded on another transaction.", receipt,
-            ))
+        self._mpesa_check_receipt_is_new(receipt)
         return {
             'mpesa_receipt_number': receipt,
             'mpesa_paid_amount': float(amount),
             'mpesa_paid_at': notification_data.get('paid_at') or fields.Datetime.now(),
         }
 
+    def _mpesa_check_receipt_is_new(self, receipt):
+        if receipt and self.search_count([('mpesa_receipt_number', '=', receipt), ('id', '!=', self.id)]):
+            raise ValidationError(self.env._(
+                "M-Pesa: receipt %s is already recorded on another transaction.", receipt,
+            ))
+
     # === BUSINESS METHODS - CALLBACKS === #
 
-    @api.model
-    def _mpesa_handle_callback(self, callback, event):
-        """Handle a parsed callback kept as `event`: match it, or keep it for later matching."""
-        tx = self._mpesa_find_by_checkout_request(callback.checkout_request_id)
-        if not tx:
-            event._mark('unmatched', self.env._("No transaction has this CheckoutRequestID yet."))
-            return tx
-        tx._mpesa_process_callback(callback, event)
-        return tx
+    def _mpesa_apply_callback(self, callback, answers):
+        """Apply a kept callback to this (locked) transaction, after the checks a forged one fails.
 
-    def _mpesa_process_callback(self, callback, event):
-        """Apply a callback to this (locked) transaction, after the checks a forged one fails."""
+        Daraja does not sign callbacks: its answer to our own STK Query decides.  `answers` holds
+        the answers of this run by (provider, CheckoutRequestID), so that duplicates of one prompt
+        ride on one confirmation.
+
+        :return: the callback's new state and the message saying why
+        :rtype: tuple[str, str]
+        :raise daraja.DarajaError: when Daraja cannot answer the query now
+        """
         self.ensure_one()
-        if not self.mpesa_callback_at:
-            self.mpesa_callback_at = event.create_date
         outcome = callback.outcome
         if self.state == 'done' and outcome == SUCCESS:
-            self._mpesa_record_late_receipt(callback, event)
-            return
-        if self.state in ('done', 'cancel') or (self.state == 'error' and outcome != SUCCESS):
-            event._mark('ignored', self.env._("The transaction is already %s.", self.state), self)
-            return
-        if self.provider_id.sudo().mpesa_confirm_by_query:
-            # Daraja does not sign callbacks: its own answer to our query is the truth.
-            query = self._mpesa_query()
+            return self._mpesa_record_late_receipt(callback)
+        if self._mpesa_is_final_for(outcome):
+            return 'ignored', self.env._("The transaction is already %s.", self.state)
+        confirmed = self.provider_id._mpesa_confirms_callbacks()
+        query = None
+        if confirmed:
+            key = (self.provider_id.id, self.provider_reference)
+            query = answers.get(key) or self._mpesa_query()
+            answers[key] = query
             if query.outcome == PENDING:
-                event._mark('unmatched', self.env._("Daraja has not confirmed this result yet."), self)
-                return
+                return 'queued', self.env._("Daraja has not confirmed this result yet.")
             if daraja.classify_result(query.result_code).code != callback.result.code:
-                event._mark('rejected', self.env._(
+                self._mpesa_settle_with_query_result(query)
+                return 'rejected', self.env._(
                     "Daraja's query answers %(code)s (%(desc)s): the callback is not trusted.",
                     code=query.result_code, desc=query.result_desc,
-                ), self)
-                self._mpesa_settle_with_query_result(query)
-                return
+                )
+        # Trusted from here on: a forged callback must not mute the no-callback alert.
+        self.mpesa_callback_at = self.mpesa_callback_at or fields.Datetime.now()
         try:
             with self.env.cr.savepoint():
-                self._handle_notification_data('mpesa', self._mpesa_callback_notification(callback))
+                self._handle_notification_data('mpesa', self._mpesa_callback_notification(callback, confirmed))
         except ValidationError as error:
             _logger.warning("Refused M-Pesa callback for %s: %s", self.reference, error)
-            event._mark('rejected', str(error), self)
-            return
-        event._mark('processed', self.env._("Transaction %s.", self.state), self)
+            if query:  # The callback lies (amount, receipt), but Daraja's answer is the truth.
+                self._mpesa_settle_with_query_result(query)
+            return 'rejected', str(error)
+        return 'processed', self.env._("Transaction %s.", self.state)
 
-    @staticmethod
-    def _mpesa_callback_notification(callback):
-        return {
-            'checkout_request_id': callback.checkout_request_id,
-            'result_code': callback.result_code,
-            'result_desc': callback.result_desc,
-            'amount': callback.amount,
-            'receipt_number': callback.receipt_number,
-            'paid_at': callback.transaction_date
+    def _mpesa_callback_notification(self, callback, confirmed):
+        return self._mpesa_notification(
+            callback.result_code, callback.result_desc, 'callback',
+            checkout_request_id=callback.checkout_request_id,
+            amount=callback.amount,
+            receipt_number=callback.receipt_number,
+            paid_at=callback.transaction_date
             and callback.transaction_date.astimezone(timezone.utc).replace(tzinfo=None),
-            'source': 'callback',
-        }
+            confirmed=confirmed,
+        )
 
-    def _mpesa_record_late_receipt(self, callback, event):
+    def _mpesa_record_late_receipt(self, callback):
         """A success callback for a payment already done: the receipt of a payment settled by STK
-        Query (which carries none), or a duplicate; never a second payment of the same prompt."""
+        Query (which carries none), or a duplicate; never a second payment of the same prompt.
+
+        A late receipt is not proven by anything Daraja told us: it is recorded as unverified, and
+        a different one after it is a conflict for accountants, neither replacing nor dropped.
+        """
+        receipt = callback.receipt_number
         if self.mpesa_receipt_number:
-            if callback.receipt_number == self.mpesa_receipt_number:
-                event._mark('ignored', self.env._("This receipt is already recorded."), self)
-            else:
-                event._mark('rejected', self.env._(
-                    "A second receipt (%(new)s) for a prompt already paid with %(old)s: Daraja sends"
-                    " one per prompt, so this callback is not trusted.",
-                    new=callback.receipt_number, old=self.mpesa_receipt_number,
-                ), self)
-            return
+            if receipt == self.mpesa_receipt_number:
+                return 'ignored', self.env._("This receipt is already recorded.")
+            if self.mpesa_receipt_status == 'unverified':
+                return 'conflict', self.env._(
+                    "A second receipt (%(new)s) for a prompt whose unverified receipt is %(old)s: an"
+                    " accountant must tell which one is real.", new=receipt, old=self.mpesa_receipt_number,
+                )
+            return 'rejected', self.env._(
+                "A second receipt (%(new)s) for a prompt already paid with %(old)s: Daraja sends"
+                " one per prompt, so this callback is not trusted.", new=receipt, old=self.mpesa_receipt_number,
+            )
         try:
             with self.env.cr.savepoint():
-                self.write(self._mpesa_check_paid_amount_and_receipt(
-                    self._mpesa_callback_notification(callback)
-                ))
+                values = self._mpesa_check_paid_amount_and_receipt(
+                    self._mpesa_callback_notification(callback, False)
+                )
+                self.write({**values, 'mpesa_receipt_status': 'unverified',
+                            'mpesa_callback_at': self.mpesa_callback_at or fields.Datetime.now()})
         except ValidationError as error:
-            event._mark('rejected', str(error), self)
+            return 'rejected', str(error)
+        return 'processed', self.env._(
+            "Receipt recorded, unverified, for a payment settled by STK Query."
+        )
+
+    def _mpesa_check_match_by_hand(self, event, override_reason):
+        """Whether an accountant may give `event`'s callback to this transaction.
+
+        :raise UserError: saying why not
+        """
+        self.ensure_one()
+        if event.kind != 'callback' or event.callback_state not in ('unmatched', 'error') \
+                or event.transaction_id:
+            raise UserError(self.env._("This callback is not waiting for a transaction."))
+        if not self.mpesa_outcome_unknown or self.provider_reference or self.provider_id != event.provider_id:
+            raise UserError(self.env._("%s is not a prompt whose answer was lost.", self.reference))
+        holders = self.search([
+            ('id', '!=', self.id), ('provider_id', '=', event.provider_id.id), '|',
+            ('provider_reference', '=', event.checkout_request_id),
+            *([('mpesa_receipt_number', '=', event.receipt_number)] if event.receipt_number
+              else [('id', '=', 0)]),
+        ])
+        if holders:
+            raise UserError(self.env._(
+                "This payment already belongs to %s: one M-Pesa payment settles one transaction.",
+                ', '.join(holders.mapped('reference')),
+            ))
+        mismatches = []
+        if event.amount and round(event.amount) != self.mpesa_requested_amount:
+            mismatches.append(self.env._(
+                "the payment is of %(paid)s, the prompt asked %(asked)s",
+                paid=self._mpesa_format_amount(event.amount),
+                asked=self._mpesa_format_amount(self.mpesa_requested_amount),
+            ))
+        if event.phone and self.mpesa_phone and not daraja.phones_may_match(event.phone, self.mpesa_phone):
+            mismatches.append(self.env._(
+                "the payer's phone is %(payer)s, the prompt went to %(phone)s",
+                payer=event.phone, phone=self.mpesa_phone,
+            ))
+        if not mismatches:
             return
-        event._mark('processed', self.env._("Receipt recorded for a payment settled by STK Query."), self)
+        if not (override_reason or '').strip():
+            raise UserError(self.env._(
+                "This payment does not fit %(ref)s: %(why)s.  An accounting manager can still match it,"
+                " giving the reason.", ref=self.reference, why='; '.join(mismatches),
+            ))
+        if not self.env.user.has_group('account.group_account_manager'):
+            raise AccessError(self.env._("Only an accounting manager can match a payment that does not fit."))
+        for document in self._mpesa_documents() or self:
+            document.message_post(body=self.env._(
+                "M-Pesa payment %(receipt)s matched with %(ref)s by %(user)s although %(why)s."
+                "  Reason: %(reason)s",
+                receipt=event.receipt_number or event.checkout_request_id, ref=self.reference,
+                user=self.env.user.name, why='; '.join(mismatches), reason=override_reason.strip(),
+            ))
 
     def _mpesa_settle_with_query_result(self, query):
-        self._handle_notification_data('mpesa', {
-            'checkout_request_id': self.provider_reference,
-            'result_code': query.result_code,
-            'result_desc': query.result_desc,
-            'source': 'query',
-        })
+        self._handle_notification_data('mpesa', self._mpesa_notification(
+            query.result_code, query.result_desc, 'query',
+        ))
 
-    def _mpesa_flag_overpaid_orders(self):
-        """Money beyond an order's total is recorded, never hidden: ask for a refund."""
-        for order in self.sale_order_ids:
-            paid = sum(order.transaction_ids.filtered(lambda tx: tx.state == 'done').mapped('amount'))
+    # === BUSINESS METHODS - ORDERS AND INVOICES === #
+
+    def _mpesa_documents(self):
+        """What this transaction pays: its sale orders, else its invoices (payment links)."""
+        return self.sale_order_ids or self.invoice_ids
+
+    def _mpesa_flag_overpaid_documents(self):
+        """Money beyond an order's or invoice's total is recorded, never hidden: ask for a refund.
+
+        In a savepoint: a problem with the chatter or the activities never undoes a real payment.
+        """
+        for document in self._mpesa_documents():
+            paid = document._mpesa_paid_amount()
             # Less than a shilling over is M-Pesa's whole-shilling rounding, not a second payment.
-            if paid - order.amount_total >= 1:
-                order._mpesa_flag_for_refund(provider=self.provider_id, message=self.env._(
-                    "M-Pesa payments of %(paid)s %(currency)s exceed the order total of %(total)s"
-                    " (last: %(ref)s, receipt %(receipt)s).  Check them and refund the customer.",
-                    paid=paid, currency=order.currency_id.name, total=order.amount_total,
-                    ref=self.reference, receipt=self.mpesa_receipt_number or '-',
-                ))
+            if paid - document.amount_total < 1:
+                continue
+            message = self.env._(
+                "M-Pesa payments of %(paid)s exceed the total of %(total)s of %(document)s (last:"
+                " %(ref)s, receipt %(receipt)s).  Check them and refund the customer.",
+                paid=document._mpesa_format_amount(paid), total=document._mpesa_format_amount(document.amount_total),
+                document=document.name, ref=self.reference, receipt=self.mpesa_receipt_number or '-',
+            )
+            try:
+                with self.env.cr.savepoint():
+                    document._mpesa_flag_for_refund(message, self.provider_id)
+            except Exception:
+                _logger.warning("Refund flag of %s could not be recorded.", document.name, exc_info=True)
+                document.mpesa_needs_refund = True
+
+    def _mpesa_format_amount(self, amount):
+        return formatLang(self.env, amount, currency_obj=self.currency_id)
 
     def _mpesa_send_mail(self, template_xmlid):
         template = self.env.ref(template_xmlid, raise_if_not_found=False)
@@ -492,7 +649,8 @@ class PaymentTransaction(models.Model):
             with self.env.cr.savepoint():  # A mail problem must never undo a settlement.
                 template.sudo().send_mail(self.id)  # Queued: sent by the mail queue's cron.
         except Exception:
-            _logger.exception("M-Pesa mail %s for %s could not be queued.", template_xmlid, self.reference)
+            _logger.warning("M-Pesa mail %s for %s could not be queued.", template_xmlid, self.reference,
+                            exc_info=True)
 
     # === BUSINESS METHODS - RECONCILIATION === #
 
@@ -503,7 +661,6 @@ class PaymentTransaction(models.Model):
         Each transaction is handled under its own row lock (skipped when another worker holds it)
         and committed on its own, so that a crash loses nothing and one failure blocks nothing.
         """
-        self.env['muchiri.mpesa.event']._match_unmatched(limit=batch_size, commit=True)
         due = self.sudo().search(
             self._mpesa_due_domain(), order='mpesa_next_check_at, id', limit=batch_size,
         )
@@ -575,17 +732,15 @@ class PaymentTransaction(models.Model):
             outcome = 'failed'
             with self.env.cr.savepoint():
                 self.invalidate_recordset()
-                self._mpesa_schedule_next_check(self._mpesa_next_check_delay(fields.Datetime.now()))
+                # Whatever the failure, a prompt never waits past its cut-off.
+                if not self._mpesa_end_at_cutoff(fields.Datetime.now()):
+                    self._mpesa_schedule_next_check(self._mpesa_next_check_delay(fields.Datetime.now()))
         self._mpesa_commit()
         return outcome
 
     def _mpesa_reconcile_locked(self, session):
-        self.env.cr.execute(
-            "SELECT id FROM payment_transaction WHERE id = %s FOR UPDATE SKIP LOCKED", [self.id], log_exceptions=False
-        )
-        if not self.env.cr.fetchone():
+        if not self._mpesa_lock('skip'):
             return 'skipped'
-        self.invalidate_recordset()
         now = fields.Datetime.now()
         if self.state != 'pending' or not self.mpesa_next_check_at or self.mpesa_next_check_at > now:
             return 'skipped'
@@ -604,24 +759,58 @@ class PaymentTransaction(models.Model):
         if result is not None and result.outcome != PENDING:
             self._mpesa_post_process()
             return 'settled'
-        if self._mpesa_is_past_cutoff(now):
-            self.write({'mpesa_next_check_at': False, 'mpesa_settled_by': 'cutoff',
-                        'mpesa_settled_at': now})
-            self._set_error(self.env._(
-                "M-Pesa gave no final answer within %(hours)s hours; a late payment will still be"
-                " matched.", hours=self.provider_id.sudo().mpesa_reconcile_cutoff_hours,
-            ))
+        if self._mpesa_end_at_cutoff(now):
             return 'failed'
         self._mpesa_schedule_next_check(self._mpesa_next_check_delay(now))
         return 'pending'
 
-    def _mpesa_post_process(self):
-        """Confirm and invoice the order now, as the status page would; Odoo's own cron retries."""
+    def _mpesa_end_at_cutoff(self, now):
+        """End a pending prompt that nothing settled by the provider's cut-off, in error.
+
+        :return: whether it was past the cut-off
+        """
+        if self.state != 'pending' or not self._mpesa_is_past_cutoff(now):
+            return False
+        self.write({'mpesa_next_check_at': False, 'mpesa_settled_by': 'cutoff', 'mpesa_settled_at': now})
+        self._set_error(self.env._(
+            "M-Pesa gave no final answer within %(hours)s hours; a late payment will still be"
+            " matched.", hours=self.provider_id.sudo().mpesa_reconcile_cutoff_hours,
+        ))
+        return True
+
+    def _mpesa_expedite_status_check(self):
+        """The distributor is watching the status page of a prompt whose callback is late: bring
+        its STK Query forward, at most once per interval.  The query itself runs in the cron, so no
+        HTTP worker waits on Daraja (failure mode 19)."""
+        self.ensure_one()
+        now = fields.Datetime.now()
+        if self.provider_code != 'mpesa' or self.state != 'pending' or not self.provider_reference \
+                or not self.mpesa_push_sent_at or not self.mpesa_next_check_at:
+            return
+        age = (now - self.mpesa_push_sent_at).total_seconds()
+        soon = now + timedelta(seconds=const.STATUS_POLL_EXPEDITE_INTERVAL)
+        if age < const.STATUS_POLL_EXPEDITE_AFTER or self.mpesa_next_check_at <= soon:
+            return
         try:
-            with self.env.cr.savepoint():
-                self._post_process()
-        except Exception:
-            _logger.exception("Post-processing of %s failed; Odoo's cron will retry.", self.reference)
+            with self.env.cr.savepoint(flush=False):
+                self._mpesa_lock('nowait')
+        except OperationalError:  # The lock is taken, or the row just changed: the cron has it.
+            return
+        self.mpesa_next_check_at = now
+        self._mpesa_trigger_reconciliation(now)
+
+    def _mpesa_post_process(self):
+        """Confirm and invoice the orders of the settled transactions now, as Odoo's status page
+        would; a failure is left to Odoo's post-processing cron."""
+        # Odoo computes amount_paid from transaction_ids only: it must see the new states.
+        self.sale_order_ids.invalidate_recordset(['amount_paid'])
+        for tx in self.filtered(lambda tx: tx.state in ('done', 'cancel', 'error') and not tx.is_post_processed):
+            try:
+                with self.env.cr.savepoint():
+                    tx._post_process()
+            except Exception:
+                _logger.warning("Post-processing of %s failed; Odoo's cron will retry.", tx.reference,
+                                exc_info=True)
 
     def _mpesa_next_check_delay(self, now):
         """Seconds until the next query: often while the customer may still answer, then rarely."""

@@ -1,21 +1,16 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
-import logging
 from decimal import Decimal
-
-from psycopg2 import OperationalError
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError, ValidationError
 from odoo.fields import Command
-from odoo.tools.misc import formatLang
 
 from .. import const, daraja
 
-_logger = logging.getLogger(__name__)
-
 
 class SaleOrder(models.Model):
-    _inherit = 'sale.order'
+    _name = 'sale.order'
+    _inherit = ['sale.order', 'muchiri.mpesa.payable']
 
     mpesa_phone = fields.Char(
         string="M-Pesa Phone", copy=False, tracking=True,
@@ -34,11 +29,6 @@ class SaleOrder(models.Model):
     mpesa_paid_at = fields.Datetime(
         string="M-Pesa Paid On", compute='_compute_mpesa_payment', store=True,
     )
-    mpesa_needs_refund = fields.Boolean(
-        string="M-Pesa Refund To Check", copy=False, tracking=True,
-        help="M-Pesa took more money for this order than it needed; see the chatter.",
-    )
-
     @api.depends(
         'amount_total', 'transaction_ids.state', 'transaction_ids.amount',
         'transaction_ids.mpesa_receipt_number', 'transaction_ids.mpesa_result_desc',
@@ -66,23 +56,6 @@ class SaleOrder(models.Model):
             order.mpesa_paid_at = paid[-1:].mpesa_paid_at or paid[-1:].last_state_change
             order.mpesa_last_result = last.mpesa_result_desc or last.state_message or False
 
-    def _mpesa_flag_for_refund(self, message, provider):
-        """Record a payment the order did not need, and ask the accountants to deal with it: the
-        users of the provider's alert group, else the salesperson."""
-        self.ensure_one()
-        self.mpesa_needs_refund = True
-        self.message_post(body=message)
-        accountants = provider.sudo().mpesa_alert_group_id.users.filtered(
-            lambda user: user.active and not user.share
-        ) or self.user_id
-        for user in accountants:
-            self.activity_schedule(
-                'mail.mail_activity_data_todo',
-                summary=self.env._("M-Pesa: check and refund an extra payment"),
-                note=message,
-                user_id=user.id,
-            )
-
     # === BACK OFFICE: M-PESA PAYMENT REQUESTS AND STATUS CHECKS === #
 
     mpesa_can_request_payment = fields.Boolean(
@@ -105,15 +78,13 @@ class SaleOrder(models.Model):
         """Why no M-Pesa payment can be requested for this order, or None when one can."""
         self.ensure_one()
         provider = self._mpesa_provider()
-        partner = self.partner_invoice_id or self.partner_id
         if not provider:
             return self.env._("No M-Pesa payment provider is enabled for %s.", self.company_id.name)
         if self.state == 'cancel':
             return self.env._("%s is cancelled.", self.name)
-        if self.currency_id.name not in const.SUPPORTED_CURRENCIES:
-            return self.env._("M-Pesa takes payments in Kenyan shillings (KES) only.")
-        if provider.mpesa_distributors_only and partner and not partner._mpesa_is_distributor():
-            return self.env._("M-Pesa is offered to distributors only.")
+        reason = provider._mpesa_unavailability_reason(self.partner_invoice_id or self.partner_id, self.currency_id)
+        if reason:
+            return reason
         if self.currency_id.compare_amounts(self._mpesa_amount_due(), 0) <= 0:
             return self.env._("%s has nothing left to pay.", self.name)
         return None
@@ -138,16 +109,12 @@ class SaleOrder(models.Model):
     def _mpesa_amount_due(self):
         """What is still to pay: the total less Odoo's paid (done or authorized) transactions."""
         self.ensure_one()
-        # Odoo computes amount_paid from transaction_ids only: a state change leaves it stale.
-        self.invalidate_recordset(['amount_paid'])
-        return self.currency_id.round(self.amount_total - self.amount_paid)
-
-    def _mpesa_format_amount(self, amount):
-        return formatLang(self.env, amount, currency_obj=self.currency_id)
+        return self.currency_id.round(self.amount_total - self._mpesa_paid_amount())
 
     def action_mpesa_request_payment(self):
         """Open the wizard that sends an M-Pesa prompt for this order."""
         self.ensure_one()
+        self.env['payment.provider']._mpesa_check_group('sales_team.group_sale_salesman')
         blocker = self._mpesa_payment_request_blocker()
         if blocker:
             raise UserError(blocker)
@@ -242,13 +209,14 @@ class SaleOrder(models.Model):
         Daraja's errors are shown, not raised: what was already settled and noted stays.
         """
         self.ensure_one()
+        self.env['payment.provider']._mpesa_check_group('sales_team.group_sale_salesman')
         pending = self._mpesa_pending_transactions()
         if not pending:
             raise UserError(self.env._("No M-Pesa payment of %s is waiting for an answer.", self.name))
         answers, errors = [], []
         for tx in pending:
             # The row lock the callback takes: a callback or the cron handling it meanwhile waits.
-            tx = tx._mpesa_find_by_checkout_request(tx.provider_reference)
+            tx._mpesa_lock()
             if tx.state != 'pending':
                 note = self._mpesa_status_note(tx, None)  # Settled meanwhile.
             else:
@@ -260,7 +228,7 @@ class SaleOrder(models.Model):
                 note = self._mpesa_status_note(tx, result)
             self.message_post(body=note, subtype_xmlid='mail.mt_note')
             answers.append(note)
-        self._mpesa_post_process(pending)
+        pending._mpesa_post_process()
 
         if errors:
             kind = 'danger'
@@ -308,19 +276,3 @@ class SaleOrder(models.Model):
             answer=(tx.state_message or (result and result.result_desc) or '').rstrip('.'),
             state=states[tx.state],
         )
-
-    def _mpesa_post_process(self, transactions):
-        """Post-process the settled transactions now, as Odoo's payment status page does (the order
-        is confirmed, the payment created); a failure is left to Odoo's post-processing cron."""
-        # Odoo computes amount_paid from transaction_ids only: the new states must be seen.
-        transactions.sale_order_ids.invalidate_recordset(['amount_paid'])
-        for tx in transactions.filtered(
-            lambda tx: tx.state in ('done', 'cancel', 'error') and not tx.is_post_processed
-        ):
-            try:
-                with self.env.cr.savepoint():
-                    tx._post_process()
-            except OperationalError:
-                raise  # A concurrency failure: Odoo retries the whole request.
-            except Exception:
-                _logger.exception("Post-processing of %s failed; Odoo's cron tries again.", tx.reference)

@@ -2,6 +2,8 @@
 from . import (
     test_back_office,
     test_callback,
+    test_hostile_callbacks,
+    test_money_safety,
     test_monitoring,
     test_portal_payment,
     test_portal_tour,

@@ -1,5 +1,7 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+import contextlib
 import json
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -161,14 +163,41 @@ class MpesaCommon(AccountPaymentCommon, SaleCommon, PaymentHttpCommon):
         result = self._stk_push(values, phone)
         return self._get_tx(values['reference']), result
 
-    def _wait(self, predicate, timeout=10.0, message="condition"):
-        """Wait for something Odoo's HTTP server does in its own thread.
+    def _settle_callbacks(self):
+        """Run the settlement job, as the cron Odoo wakes after each callback would (no cron runs
+        in Odoo's tests).  Under the lock the test server holds while it serves a request."""
+        with self.registry.test_lock:
+            self.env['muchiri.mpesa.event'].sudo()._cron_mpesa_settle_callbacks()
+            self.env.invalidate_all()
+
+    @contextlib.contextmanager
+    def _settling_in_background(self, interval=0.3):
+        """While a browser runs a tour, settle received callbacks as Odoo's cron worker would."""
+        stop = threading.Event()
+
+        def run():
+            while not stop.wait(interval):
+                self._settle_callbacks()
+
+        thread = threading.Thread(target=run, name='mpesa-settlement', daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+
+    def _wait(self, predicate, timeout=10.0, message="condition", settle=True):
+        """Wait for something Odoo's HTTP server does in its own thread, running the settlement
+        job meanwhile (unless `settle` is False).
 
         The server's requests share this test's database connection: read it only under the lock
         the server holds while it handles a request.
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if settle:
+                self._settle_callbacks()
             with self.registry.test_lock:
                 self.env.invalidate_all()
                 if predicate():
@@ -177,7 +206,7 @@ class MpesaCommon(AccountPaymentCommon, SaleCommon, PaymentHttpCommon):
         self.fail(f"Timed out waiting for {message}")
 
     def _wait_callbacks(self, tx, count=1, timeout=10.0):
-        """Wait until the simulator's callbacks for `tx` were answered by Odoo."""
+        """Wait until the simulator's callbacks for `tx` were answered by Odoo, and settled."""
         self.simulator.wait_for_callback(tx.provider_reference, count=count, timeout=timeout)
         self._wait(lambda: True)
 
@@ -185,13 +214,17 @@ class MpesaCommon(AccountPaymentCommon, SaleCommon, PaymentHttpCommon):
         self._wait_callbacks(tx, callbacks)
         self.assertNotIn(tx.state, ('draft', 'pending'), f"{tx.reference} is settled")
 
-    def _post_callback(self, body, secret=None, raw=None):
-        """POST a callback to Odoo as Daraja does: plain JSON, no JSON-RPC envelope."""
+    def _post_callback(self, body, secret=None, raw=None, settle=True):
+        """POST a callback to Odoo as Daraja does (plain JSON, no JSON-RPC envelope), then run the
+        settlement job that the callback wakes (unless `settle` is False)."""
         secret = secret or self.provider.mpesa_callback_secret
         url = self._build_url(f'/payment/mpesa/callback/{secret}')
         data = raw if raw is not None else json.dumps(body)
-        return self.opener.post(url, data=data, headers={'Content-Type': 'application/json'},
-                                timeout=20)
+        response = self.opener.post(url, data=data, headers={'Content-Type': 'application/json'},
+                                    timeout=20)
+        if settle:
+            self._settle_callbacks()
+        return response
 
     def _events(self, **domain):
         with self.registry.test_lock:  # See _get_tx.

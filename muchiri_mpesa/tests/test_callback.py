@@ -57,18 +57,25 @@ class TestCallback(MpesaCommon):
         response = self._post_callback(self._success_body(tx, amount=1))
         self.assertEqual(response.status_code, 200, "Daraja is still acknowledged")
         self.env.invalidate_all()
-        self.assertEqual(tx.state, 'pending')
-        self.assertFalse(tx.mpesa_receipt_number)
         event = self._events(kind='callback', transaction_id=tx.id)
         self.assertEqual(event.callback_state, 'rejected')
         self.assertIn('KES 1', event.message)
+        # Daraja's own answer says the prompt was paid: the amount asked, not the callback's.
+        self.assertEqual(tx.state, 'done')
+        self.assertEqual(tx.mpesa_settled_by, 'query')
+        self.assertEqual(tx.mpesa_paid_amount, 4500)
+        self.assertFalse(tx.mpesa_receipt_number, "the lying callback's receipt is not taken")
+        self.assertEqual(tx.mpesa_receipt_status, 'pending')
 
     def test_success_without_receipt_is_refused(self):
         tx = self._pending_tx()
         self._settled_at_simulator(tx)
         self._post_callback(self._success_body(tx, receipt=None))
         self.env.invalidate_all()
-        self.assertEqual(tx.state, 'pending')
+        event = self._events(kind='callback', transaction_id=tx.id)
+        self.assertEqual(event.callback_state, 'rejected')
+        self.assertIn('without a receipt', event.message)
+        self.assertEqual((tx.state, tx.mpesa_settled_by), ('done', 'query'), "Daraja's own answer settles it")
 
     def test_reused_receipt_is_refused(self):
         paid = self._pending_tx()
@@ -84,8 +91,9 @@ class TestCallback(MpesaCommon):
         self._settled_at_simulator(tx)
         self._post_callback(self._success_body(tx, receipt='REUSED0001'))
         self.env.invalidate_all()
-        self.assertEqual(tx.state, 'pending')
         self.assertEqual(self._events(kind='callback', transaction_id=tx.id).callback_state, 'rejected')
+        self.assertNotEqual(tx.mpesa_receipt_number, 'REUSED0001')
+        self.assertEqual(paid.mpesa_receipt_number, 'REUSED0001')
 
     def test_success_not_confirmed_by_the_query_is_refused(self):
         tx = self._pending_tx(PHONE_NO_ANSWER)
@@ -105,7 +113,8 @@ class TestCallback(MpesaCommon):
         self.env.invalidate_all()
         self.assertEqual(tx.state, 'pending')
         event = self._events(kind='callback', transaction_id=tx.id)
-        self.assertEqual(event.callback_state, 'unmatched', "kept for the cron to try again")
+        self.assertEqual(event.callback_state, 'queued', "kept for the settlement job to try again")
+        self.assertTrue(event.next_attempt_at)
 
     def test_unknown_checkout_request_is_kept_then_matched(self):
         tx = self._pending_tx()
@@ -119,7 +128,8 @@ class TestCallback(MpesaCommon):
         self.assertEqual(tx.state, 'pending')
 
         tx.provider_reference = real_id
-        self.env['muchiri.mpesa.event']._match_unmatched([real_id])
+        self.env['muchiri.mpesa.event']._mpesa_wake_unmatched(self.provider, real_id)  # As the push's answer does.
+        self._settle_callbacks()
         self.assertEqual(tx.state, 'done')
         self.assertEqual(event.callback_state, 'processed')
 

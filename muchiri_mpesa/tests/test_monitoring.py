@@ -244,9 +244,13 @@ class TestMonitoring(AccountPaymentCommon, SaleCommon):
             '1-2-3', checkout, int(result_code), "Result", amount=100 if result_code == '0' else None,
             receipt='UNMATCHED1' if result_code == '0' else None, phone='254708374149',
         )
-        event = self.env['muchiri.mpesa.event']._record_callback(self.provider, json.dumps(body), '196.201.214.200')
-        event._set_parsed(event._parse())
-        event._mark('unmatched', "No transaction has this CheckoutRequestID yet.", transaction)
+        event = self.env['muchiri.mpesa.event'].sudo()._mpesa_keep_callback(
+            self.provider, json.dumps(body).encode(), '196.201.214.200',
+        )
+        event._mpesa_parse()
+        if transaction:
+            event.transaction_id = transaction
+        event._mark('unmatched', "No transaction has this CheckoutRequestID yet.")
         self.env.flush_all()
         self.env.cr.execute(
             "UPDATE muchiri_mpesa_event SET create_date = %s WHERE id = %s",

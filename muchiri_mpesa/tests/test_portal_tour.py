@@ -48,7 +48,8 @@ class TestPortalTour(MpesaCommon):
         return self.quotation.transaction_ids.sudo()
 
     def test_portal_payment_success(self):
-        self.start_tour('/web/login', 'muchiri_mpesa_portal_pay_success', timeout=90)
+        with self._settling_in_background():
+            self.start_tour('/web/login', 'muchiri_mpesa_portal_pay_success', timeout=90)
 
         txs = self._order_txs()
         self.assertEqual(len(txs), 1, "the refused phone number made no transaction")
@@ -64,7 +65,8 @@ class TestPortalTour(MpesaCommon):
         self.assertEqual(txs.payment_id.amount, 4500)
 
     def test_portal_payment_cancelled(self):
-        self.start_tour('/web/login', 'muchiri_mpesa_portal_pay_cancelled', timeout=90)
+        with self._settling_in_background():
+            self.start_tour('/web/login', 'muchiri_mpesa_portal_pay_cancelled', timeout=90)
 
         txs = self._order_txs()
         self.assertEqual(len(txs), 1)

@@ -9,7 +9,8 @@ class MpesaCallbackMatch(models.TransientModel):
     When Daraja took a push but we could not read its answer (a timeout), the transaction has no
     CheckoutRequestID and its callback cannot find it.  An accountant who recognises the payment
     attaches it here; the callback is then processed as any other: confirmed by STK Query, with
-    the exact amount the phone was asked, its receipt unique.
+    the exact amount the phone was asked, its receipt unique.  A payment that does not fit the
+    prompt (amount, phone) is matched only by an accounting manager who gives the reason.
     """
 
     _name = 'muchiri.mpesa.callback.match'
@@ -25,6 +26,12 @@ class MpesaCallbackMatch(models.TransientModel):
                " ('provider_reference', '=', False)]",
         help="A prompt whose answer was never read: its M-Pesa payment may be this one.",
     )
+    amount = fields.Float(related='event_id.amount', string="Amount Paid (KES)")
+    override_reason = fields.Text(
+        string="Reason to Match Anyway",
+        help="When the amount or the payer's phone does not fit the prompt: why this payment is still"
+             " its payment.  Accounting managers only; it is written in the chatter.",
+    )
 
     @api.model
     def default_get(self, fields_list):
@@ -36,21 +43,16 @@ class MpesaCallbackMatch(models.TransientModel):
 
     def action_match(self):
         self.ensure_one()
+        self.env['payment.provider']._mpesa_check_group('account.group_account_invoice')
         event, tx = self.event_id.sudo(), self.transaction_id.sudo()
-        if event.kind != 'callback' or event.callback_state not in ('unmatched', 'error') \
-                or event.transaction_id:
-            raise UserError(self.env._("This callback is not waiting for a transaction."))
-        if not tx.mpesa_outcome_unknown or tx.provider_reference or tx.provider_id != event.provider_id:
-            raise UserError(self.env._("%s is not a prompt whose answer was lost.", tx.reference))
-        tx.provider_reference = event.checkout_request_id
-        tx._mpesa_process_callback(event._parse(), event)
+        outcome = event._mpesa_match_by_hand(tx, self.override_reason)
         if event.callback_state != 'processed':
             # Raising rolls everything back: the transaction keeps no borrowed CheckoutRequestID.
-            raise UserError(self.env._("The payment was not accepted: %s", event.message))
+            raise UserError(self.env._("The payment was not accepted: %s", event.message or outcome))
         tx.mpesa_outcome_unknown = False
-        for order in tx.sale_order_ids:
-            order.message_post(body=self.env._(
-                "M-Pesa payment %(receipt)s matched by hand with %(ref)s.",
-                receipt=event.receipt_number, ref=tx.reference,
+        for document in tx._mpesa_documents():
+            document.message_post(body=self.env._(
+                "M-Pesa payment %(receipt)s matched by hand with %(ref)s by %(user)s.",
+                receipt=event.receipt_number, ref=tx.reference, user=self.env.user.name,
             ))
         return {'type': 'ir.actions.act_window_close'}

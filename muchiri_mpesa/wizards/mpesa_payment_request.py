@@ -63,6 +63,7 @@ class MpesaPaymentRequest(models.TransientModel):
         the transaction, whose error state records a real, audited attempt.
         """
         self.ensure_one()
+        self.env['payment.provider']._mpesa_check_group('sales_team.group_sale_salesman')
         tx, error = self.sale_order_id._mpesa_request_payment(self.phone, self.amount)
         if error:
             params = {

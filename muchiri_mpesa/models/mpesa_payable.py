@@ -1,0 +1,77 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+from odoo import fields, models
+from odoo.tools.misc import formatLang
+
+
+class MpesaPayable(models.AbstractModel):
+    """What an M-Pesa prompt pays: a sale order, or an invoice (portal invoices, payment links).
+
+    The money guards of a push (one prompt at a time, nothing for a paid document, extra money
+    flagged for refund) read and change documents through these methods only, whatever their kind.
+    """
+
+    _name = 'muchiri.mpesa.payable'
+    _description = "Document paid by M-Pesa"
+
+    mpesa_needs_refund = fields.Boolean(
+        string="M-Pesa Refund To Check", copy=False, tracking=True,
+        help="M-Pesa took more money for this document than it needed; see the chatter.",
+    )
+    mpesa_last_prompt_at = fields.Datetime(
+        string="Last M-Pesa Prompt", copy=False, readonly=True,
+        help="When the last M-Pesa prompt for this document was sent.",
+    )
+
+    def _mpesa_lock_rows(self):
+        """Lock the documents' rows for the rest of the database transaction (one push at a time)."""
+        if self:
+            self.env.cr.execute(
+                f'SELECT id FROM "{self._table}" WHERE id IN %s FOR UPDATE',
+                [tuple(self.ids)], log_exceptions=False,
+            )
+
+    def _mpesa_touch(self):
+        """Record the prompt on its documents.  The write also makes a concurrent push that waits on
+        their row locks fail with a serialization error, so that Odoo replays it on a snapshot that
+        sees this prompt."""
+        self.sudo().write({'mpesa_last_prompt_at': fields.Datetime.now()})
+
+    def _mpesa_paid_amount(self):
+        """What was paid of this document by Odoo payment transactions (done or authorized), as
+        read now: Odoo's own figures do not follow the transactions' states within a request."""
+        self.ensure_one()
+        txs = self.sudo().transaction_ids.filtered(lambda tx: tx.state in ('done', 'authorized'))
+        return sum(txs.mapped('amount'))
+
+    def _mpesa_format_amount(self, amount):
+        return formatLang(self.env, amount, currency_obj=self.currency_id)
+
+    def _mpesa_flag_for_refund(self, message, provider):
+        """Record a payment the document did not need, and ask the accountants to deal with it: the
+        users of the provider's alert group, else the salesperson."""
+        self.ensure_one()
+        self.mpesa_needs_refund = True
+        self.message_post(body=message)
+        accountants = provider.sudo().mpesa_alert_group_id.users.filtered(
+            lambda user: user.active and not user.share
+        ) or self.user_id
+        for user in accountants:
+            self.activity_schedule(
+                'mail.mail_activity_data_todo',
+                summary=self.env._("M-Pesa: check and refund an extra payment"),
+                note=message,
+                user_id=user.id,
+            )
+
+
+class AccountMove(models.Model):
+    _name = 'account.move'
+    _inherit = ['account.move', 'muchiri.mpesa.payable']
+
+    def _mpesa_paid_amount(self):
+        """Paid so far: what is reconciled, and the done transactions not turned into payments yet."""
+        self.ensure_one()
+        unposted = self.sudo().transaction_ids.filtered(
+            lambda tx: tx.state in ('done', 'authorized') and not tx.payment_id
+        )
+        return self.amount_total - self.amount_residual + sum(unposted.mapped('amount'))

@@ -1,0 +1,802 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+"""Failure mode 18: hostile bodies on the callback route, over real HTTP.
+
+A few thousand seeded bodies (MUCHIRI_HOSTILE_BODIES, default 2000) are posted to the real route:
+a systematic catalogue (every field with every wrong type, every odd number in every numeric field,
+every lone surrogate in every string field, every wrong path...) and then random mutations of real
+callbacks for real transactions.  Whatever comes, the route answers 2xx/4xx, logs no ERROR, keeps
+every body it received on its secret path exactly as sent, keeps nothing sent anywhere else, and
+changes no transaction while it answers (settlement is the cron's, which this test does not run).
+"""
+import copy
+import json
+import logging
+import os
+import random
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import requests
+
+from odoo.fields import Command
+from odoo.tests import tagged
+from odoo.tests.common import TEST_CURSOR_COOKIE_NAME, Opener
+
+from odoo.addons.muchiri_mpesa import daraja
+
+from .common import PHONE_CALLBACK_LOST, MpesaCommon
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_BODIES = 2000
+SEED = 7
+CALLBACK_PATH = '/payment/mpesa/callback/'
+SUCCESS_DESC = "The service request is processed successfully."
+ACCEPTABLE_STATUSES = {200, 400, 403, 404, 405}
+SNAPSHOT_FIELDS = ['state', 'provider_reference', 'mpesa_receipt_number', 'amount', 'mpesa_paid_amount']
+FOREIGN_RECEIPT = 'HOSTILE001'  # Held by another (done) transaction.
+DONE_CHECKOUT_ID = 'ws_CO_26112026120000000000000001'
+
+# Paths into a success body built by daraja.stk_callback_body (items: Amount, MpesaReceiptNumber,
+# Balance without Value, TransactionDate, PhoneNumber).
+STK = ('Body', 'stkCallback')
+META = (*STK, 'CallbackMetadata')
+ITEMS = (*META, 'Item')
+ITEM_INDEX = {'Amount': 0, 'MpesaReceiptNumber': 1, 'Balance': 2, 'TransactionDate': 3, 'PhoneNumber': 4}
+
+
+def _value(name):
+    return (*ITEMS, ITEM_INDEX[name], 'Value')
+
+
+FIELD_PATHS = [
+    ('Body',), STK, (*STK, 'MerchantRequestID'), (*STK, 'CheckoutRequestID'), (*STK, 'ResultCode'),
+    (*STK, 'ResultDesc'), META, ITEMS,
+    *((*ITEMS, index) for index in range(5)),
+    *((*ITEMS, index, 'Name') for index in range(5)),
+    *((*ITEMS, index, 'Value') for index in range(5)),
+]
+NUMERIC_SLOTS = [
+    _value('Amount'), (*STK, 'ResultCode'), _value('TransactionDate'), _value('PhoneNumber'), _value('Balance'),
+    _value('MpesaReceiptNumber'), (*STK, 'MerchantRequestID'), (*STK, 'CheckoutRequestID'),
+]
+STRING_SLOTS = [
+    (*STK, 'MerchantRequestID'), (*STK, 'CheckoutRequestID'), (*STK, 'ResultDesc'), (*STK, 'ResultCode'),
+    *((*ITEMS, index, 'Name') for index in range(5)),
+    _value('MpesaReceiptNumber'), _value('PhoneNumber'), _value('TransactionDate'), _value('Balance'),
+    _value('Amount'),
+]
+DELETE = object()
+WRONG_TYPES = [
+    None, True, False, 0, -1, 1.5, '', '   ', [], {}, ['x'], {'Name': 'Amount', 'Value': 4500}, 'x' * 5000,
+    10 ** 30, '\x00', DELETE,
+]
+# JSON number literals, inserted as raw text (most cannot be produced by json.dumps).
+NUMBER_LITERALS = [
+    '1e28', '1E28', '-1e28', '1e308', '1e400', '-1e400', '-0', '-0.0', '0e0', '1' + '0' * 4000,
+    '1' + '0' * 5000, '99999999999999999999999999999.5', 'NaN', 'Infinity', '-Infinity', '1e-400',
+    '4500.000000000000000000000001', '4.5e3', '45e2', '123456789012345678901234567890e-26', '2e63', '-1',
+]
+SURROGATES = ['\\ud800', '\\udfff', 'x\\udc80y', '\\udc00\\ud800', '\\ud83d']
+HUGE_RESULT_CODES = [
+    '1' + '0' * 4000, '"' + '9' * 5000 + '"', str(2 ** 63), str(2 ** 64), '-1', '1e308', '0.0', '1e0', '-0',
+    '"0 "', '" 0"', '"00"', '"\\u0660"', '"\\uff10"', '"SFC_IC0003"', '""',
+]
+DATE_GARBAGE = [
+    '0', '-1', '99999999999999', '20261399256199', '20260229120000', '"20261126120000 "',
+    '"\\uff12\\uff10\\uff12\\uff16\\uff11\\uff11\\uff12\\uff16\\uff11\\uff12\\uff10\\uff10\\uff10\\uff10"',
+    '2.0261126120000e13', '"abc"', '[]', '{}', 'true', '20261126120000.5', '"2026-11-26T12:00:00"', '1e400',
+    'NaN', '"\\u0000"', '202611261200000000000000000000',
+]
+ODD_AMOUNTS = [
+    '"\\uff14\\uff15\\uff10\\uff10"', '"4500 "', '" 4500"', '"4,500"', '"KES 4500"', '"0x1194"', '"4_500"',
+    '"4500.00"', '4500.00', '"\\u0664\\u0665\\u0660\\u0660"', '"+4500"', '"4.5E3"',
+]
+INVALID_UTF8 = [
+    b'\xff', b'\xfe', b'\x80', b'\xc3\x28', b'\xc0\xaf', b'\xe0\x80\xaf', b'\xed\xa0\x80', b'\xf4\x90\x80\x80',
+    b'\xe2\x82', b'\xf8\x88\x80\x80\x80',
+]
+ENCODINGS = ['utf-16', 'utf-16-le', 'utf-16-be', 'utf-32', 'utf-32-le', 'utf-32-be', 'utf-8-sig', 'latin-1',
+             'cp1252']
+ONE_MB = 1 << 20
+
+
+def _placeholder(index):
+    return f'@@HOSTILE{index}@@'
+
+
+def _dumps(obj, literals=()):
+    """JSON text of `obj` where each placeholder string (value or key) becomes raw literal text."""
+    text = json.dumps(obj)
+    for index, literal in enumerate(literals):
+        text = text.replace(json.dumps(_placeholder(index)), literal)
+    return text
+
+
+def _set(obj, path, value):
+    node = obj
+    for key in path[:-1]:
+        node = node[key]
+    if value is DELETE:
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+        else:
+            del node[path[-1]]
+    else:
+        node[path[-1]] = copy.deepcopy(value)
+    return obj
+
+
+def _get(obj, path):
+    for key in path:
+        obj = obj[key]
+    return obj
+
+
+def _short(data, size=70):
+    if isinstance(data, bytes) and len(data) > size:
+        return f"{data[:size]!r}...(+{len(data) - size} B)"
+    return repr(data)
+
+
+def _path_name(path):
+    names = [str(key) for key in path if key not in ('Body', 'stkCallback')]
+    return '.'.join(names) or '/'.join(path)
+
+
+@dataclass
+class Target:
+    name: str
+    checkout_request_id: str
+    merchant_request_id: str
+
+
+@dataclass
+class Case:
+    family: str
+    kind: str  # stable: what was done (failures are grouped by it)
+    body: bytes
+    target: str = '-'
+    path: str | bytes | None = None  # None: the right secret; bytes: sent raw, over a socket
+    method: str = 'POST'
+    headers: dict = field(default_factory=lambda: {'Content-Type': 'application/json'})
+    chunked: bool = False
+    note: str = ''  # what a random mutation did
+    same_route: bool = False  # an explicit path that Odoo routes to the right secret all the same
+
+    @property
+    def on_right_path(self):
+        return (self.path is None or self.same_route) and self.method == 'POST'
+
+
+class HostileBodies:
+    """Seeded generator of the hostile requests (catalogue first, then random mutations)."""
+
+    def __init__(self, rng, secret, targets, amount):
+        self.rng = rng
+        self.secret = secret
+        self.targets = targets  # name -> Target, including 'random' (a fresh id each time)
+        self.amount = amount
+
+    # === BUILDING BLOCKS === #
+
+    def target(self, names=None):
+        names = names or ['pending_paid', 'pending_processing', 'pending_paid', 'pending_processing', 'done',
+                          'random']
+        name = self.rng.choice(names)
+        if name == 'random':
+            digits = ''.join(self.rng.choices('0123456789', k=24))
+            return Target('random', f'ws_CO_{digits}', f'{self.rng.randint(1000, 99999)}-{digits[:8]}-1')
+        return self.targets[name]
+
+    def receipt(self):
+        return 'T' + ''.join(self.rng.choices('ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789', k=9))
+
+    def success(self, target, amount=None, receipt=None):
+        return daraja.stk_callback_body(
+            target.merchant_request_id, target.checkout_request_id, 0, SUCCESS_DESC,
+            amount=self.amount if amount is None else amount, receipt=receipt or self.receipt(),
+            transaction_date=datetime(2026, 11, 26, 12, 0, 0), phone='254700000005',
+        )
+
+    def failure(self, target, code=None):
+        code = code if code is not None else self.rng.choice([1032, 1037, 1, 2001, 17, 'SFC_IC0003'])
+        return daraja.stk_callback_body(target.merchant_request_id, target.checkout_request_id, code, "Failed")
+
+    def base(self, target):
+        return self.success(target) if self.rng.random() < 0.7 else self.failure(target)
+
+    def with_literal(self, body, path, literal, keep_prefix=False):
+        """`body` as JSON text whose value at `path` is the raw JSON `literal`."""
+        if keep_prefix:  # For the IDs: the real id with the oddity appended, to reach the matching.
+            literal = '"' + json.dumps(str(_get(body, path[:-1]).get(path[-1], '')))[1:-1] + literal[1:]
+        return _dumps(_set(body, path, _placeholder(0)), [literal]).encode()
+
+    def case(self, family, kind, body, target, **kw):
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+        elif isinstance(body, str):
+            body = body.encode()
+        return Case(family, kind, body, target.name if target else '-', **kw)
+
+    # === CATALOGUE === #
+
+    def catalogue(self):
+        yield from self._catalogue_bytes()
+        yield from self._catalogue_structure()
+        yield from self._catalogue_values()
+        yield from self._catalogue_forged()
+        yield from self._catalogue_paths()
+        yield from self._catalogue_headers()
+
+    def _catalogue_bytes(self):
+        t = self.target
+        yield self.case('bytes', 'empty body', b'', None)
+        # The three ~1 MB bodies.
+        tx = t()
+        body = self.success(tx)
+        _set(body, (*STK, 'ResultDesc'), 'A' * ONE_MB)
+        yield self.case('bytes', '1 MB ResultDesc', body, tx)
+        yield self.case('bytes', '1 MB random bytes', self.rng.randbytes(ONE_MB), None)
+        tx = t()
+        yield self.case('bytes', 'valid callback + 1 MB of NUL', json.dumps(self.success(tx)).encode()
+                        + b'\x00' * ONE_MB, tx)
+        for raw in (b' \t\r\n', b'{', b'}', b'\x00', b'\xff', b'null', b'\x00' * 1000, b'\xef\xbb\xbf'):
+            yield self.case('bytes', f'tiny body {raw[:8]!r}', raw, None)
+        for encoding in ENCODINGS:
+            tx = t()
+            body = self.success(tx)
+            _set(body, (*STK, 'ResultDesc'), "Imekamilika \u00e9")
+            yield self.case('bytes', f'JSON encoded {encoding}', json.dumps(body, ensure_ascii=False)
+                            .encode(encoding), tx)
+        tx = t()
+        yield self.case('bytes', 'UTF-16 BOM twice', b'\xff\xfe' + json.dumps(self.success(tx)).encode('utf-16'), tx)
+        tx = t()
+        body = self.success(tx)
+        _set(body, (*STK, 'ResultDesc'), "Imekamilika \u2713 \U0001f4b8")
+        yield self.case('bytes', 'valid UTF-8, non-ASCII', json.dumps(body, ensure_ascii=False).encode(), tx)
+        # Raw NUL bytes.
+        for where in ('start', 'end', 'middle', 'in CheckoutRequestID', 'instead of a quote', 'in a key'):
+            tx = t()
+            text = json.dumps(self.success(tx)).encode()
+            if where == 'start':
+                raw = b'\x00' + text
+            elif where == 'end':
+                raw = text + b'\x00'
+            elif where == 'middle':
+                raw = text[:len(text) // 2] + b'\x00' + text[len(text) // 2:]
+            elif where == 'in CheckoutRequestID':
+                raw = text.replace(b'"ws_CO_', b'"ws_CO_\x00', 1)
+            elif where == 'instead of a quote':
+                raw = text.replace(b'"', b'\x00', 1)
+            else:
+                raw = text.replace(b'"ResultCode"', b'"Result\x00Code"')
+            yield self.case('bytes', f'raw NUL {where}', raw, tx)
+        # The \u0000 escape in every string field.
+        for path in STRING_SLOTS:
+            for literal, keep in (('"\\u0000"', False), ('"\\u0000"', True), ('"a\\u0000b"', False)):
+                tx = t()
+                yield self.case('bytes', f'\\u0000 in {_path_name(path)}{" (appended)" if keep else ""}',
+                                self.with_literal(self.success(tx), path, literal, keep_prefix=keep), tx)
+        tx = t()
+        yield self.case('bytes', '\\u0000 in a key', json.dumps(self.success(tx)).replace(
+            '"CheckoutRequestID"', '"CheckoutRequestID\\u0000"'), tx)
+        # Invalid UTF-8, inside and outside strings.
+        for sequence in INVALID_UTF8:
+            for where in ('in ResultDesc', 'in CheckoutRequestID', 'between tokens', 'start', 'end'):
+                tx = t()
+                text = json.dumps(self.success(tx)).encode()
+                if where == 'in ResultDesc':
+                    raw = text.replace(SUCCESS_DESC.encode(), SUCCESS_DESC.encode() + sequence)
+                elif where == 'in CheckoutRequestID':
+                    raw = text.replace(b'"ws_CO_', b'"ws_CO_' + sequence, 1)
+                elif where == 'between tokens':
+                    raw = text.replace(b'{', b'{' + sequence, 1)
+                elif where == 'start':
+                    raw = sequence + text
+                else:
+                    raw = text + sequence
+                yield self.case('bytes', f'invalid UTF-8 {sequence!r} {where}', raw, tx)
+        for length in (1, 10, 30, 60, 100):
+            tx = t()
+            yield self.case('bytes', f'truncated at {length} B', json.dumps(self.success(tx)).encode()[:length], tx)
+
+    def _catalogue_structure(self):
+        t = self.target
+        deep = 100_000
+        yield self.case('structure', 'deep nesting: 100000 [', '[' * deep, None)
+        yield self.case('structure', 'deep nesting: 100000 [ closed', '[' * deep + ']' * deep, None)
+        yield self.case('structure', 'deep nesting: 100000 {"a":', '{"a":' * deep, None)
+        for path in ((*STK, 'ResultDesc'), _value('Amount'), (*STK, 'CallbackMetadata'), ('Body',)):
+            tx = t()
+            literal = '[' * deep + ']' * deep
+            yield self.case('structure', f'deep nesting in {_path_name(path)}',
+                            self.with_literal(self.success(tx), path, literal), tx)
+        tx = t()
+        body = self.success(tx)
+        _set(body, (*STK, 'ResultDesc'), _placeholder(0))
+        yield self.case('structure', 'deep nesting of objects in ResultDesc',
+                        _dumps(body, ['{"a":' * deep + '1' + '}' * deep]), tx)
+        # Duplicate keys.
+        for key, other in (('CheckoutRequestID', '"ws_CO_0"'), ('ResultCode', '1032'), ('ResultCode', '0'),
+                           ('MerchantRequestID', '"x"'), ('ResultDesc', '1'), ('CallbackMetadata', 'null')):
+            tx = t()
+            text = json.dumps(self.success(tx))
+            for order in ('first', 'last'):
+                start = text.index(f'"{key}": ')
+                value_end = self._value_end(text, start + len(key) + 4)
+                pair = text[start:value_end]
+                extra = f'"{key}": {other}'
+                new = text[:start] + (f'{extra}, {pair}' if order == 'first' else f'{pair}, {extra}') \
+                    + text[value_end:]
+                yield self.case('structure', f'duplicate {key} ({order} is {other})', new, tx)
+        tx = t()
+        body = json.dumps(self.success(tx))
+        yield self.case('structure', 'duplicate Body', body[:-1] + ', "Body": {}}', tx)
+        yield self.case('structure', 'duplicate stkCallback',
+                        body.replace('{"stkCallback": ', '{"stkCallback": null, "stkCallback": ', 1), tx)
+        item = '{"Name": "Amount", "Value": 1.0}'
+        yield self.case('structure', 'duplicate Amount item',
+                        body.replace('"Item": [', f'"Item": [{item}, ', 1), tx)
+        yield self.case('structure', 'duplicate Amount item (last)', body.replace(']}', f', {item}]}}', 1), tx)
+        # Non-object top levels.
+        tx = t()
+        valid = json.dumps(self.success(tx))
+        for top in ('[]', f'[{valid}]', '"Body"', json.dumps(valid), '123', '-0', 'null', 'true', '1e400',
+                    '"\\u0000"', '"\\ud800"', f'{valid} {valid}', f'{valid},', f'{valid}]', '{}', '{"Body": null}',
+                    '{"Body": []}', '{"Body": "stkCallback"}', '{"Body": {"stkCallback": []}}'):
+            yield self.case('structure', f'top level {top[:24]}', top, tx)
+        # Wrong types at every field.
+        for path in FIELD_PATHS:
+            for wrong in WRONG_TYPES:
+                tx = t()
+                kind = 'deleted' if wrong is DELETE else f'= {_short(wrong, 12)}'
+                yield self.case('structure', f'{_path_name(path)} {kind}', _set(self.success(tx), path, wrong), tx)
+        for path in (META, ITEMS):
+            tx = t()
+            body = self.failure(tx)
+            _set(body, (*STK, 'CallbackMetadata'), {'Item': []} if path == ITEMS else None)
+            yield self.case('structure', f'failure with empty {_path_name(path)}', body, tx)
+        tx = t()
+        body = self.success(tx)
+        _get(body, ITEMS).extend([{'Name': 'Amount', 'Value': 1}] * 3 + [{}] * 2)
+        yield self.case('structure', 'extra items', body, tx)
+        tx = t()
+        body = self.success(tx)
+        body['Body']['stkCallback']['Extra'] = {'deep': [{'x': None}] * 100}
+        body['Extra'] = 'x'
+        yield self.case('structure', 'unexpected fields', body, tx)
+
+    @staticmethod
+    def _value_end(text, start):
+        """The end of the JSON value starting at `start` in `text` (json.dumps output)."""
+        _obj, end = json.JSONDecoder().raw_decode(text, start)
+        return end
+
+    def _catalogue_values(self):
+        t = self.target
+        for path in NUMERIC_SLOTS:
+            for literal in NUMBER_LITERALS:
+                tx = t()
+                yield self.case('values', f'{_path_name(path)} = {literal[:32]}',
+                                self.with_literal(self.success(tx), path, literal), tx)
+        for path in STRING_SLOTS:
+            for surrogate in SURROGATES:
+                for keep in (False, True) if path[-1] in ('CheckoutRequestID', 'MerchantRequestID') else (False,):
+                    tx = t()
+                    yield self.case(
+                        'values', f'surrogate {surrogate} in {_path_name(path)}{" (appended)" if keep else ""}',
+                        self.with_literal(self.success(tx), path, f'"{surrogate}"', keep_prefix=keep), tx)
+        for key in ('Body', 'stkCallback', 'CheckoutRequestID', 'Name'):
+            tx = t()
+            yield self.case('values', f'surrogate in key {key}', json.dumps(self.success(tx)).replace(
+                f'"{key}"', f'"{key}\\ud800"', 1), tx)
+        for literal in HUGE_RESULT_CODES:
+            tx = t()
+            yield self.case('values', f'ResultCode = {literal[:24]}',
+                            self.with_literal(self.success(tx), (*STK, 'ResultCode'), literal), tx)
+        for literal in DATE_GARBAGE:
+            tx = t()
+            yield self.case('values', f'TransactionDate = {literal[:32]}',
+                            self.with_literal(self.success(tx), _value('TransactionDate'), literal), tx)
+        for literal in ODD_AMOUNTS:
+            tx = t()
+            yield self.case('values', f'Amount = {literal[:32]}',
+                            self.with_literal(self.success(tx), _value('Amount'), literal), tx)
+        for literal in ('1e28', '1e400', 'NaN', '"\\ud800"'):
+            tx = t()
+            yield self.case('values', f'failure code, Amount = {literal}',
+                            self.with_literal(self.success(tx), _value('Amount'), literal).replace(
+                                b'"ResultCode": 0', b'"ResultCode": 1032'), tx)
+
+    def _catalogue_forged(self):
+        for name in ('pending_paid', 'pending_processing'):
+            tx = self.targets[name]
+            for amount in (1, 4499, 4501, 45000, 4500.5, 0, -4500, 4500.01):
+                yield self.case('forged', f'success, wrong amount {amount}', self.success(tx, amount=amount), tx)
+            for receipt in (FOREIGN_RECEIPT, FOREIGN_RECEIPT.lower(), f' {FOREIGN_RECEIPT} '):
+                yield self.case('forged', f'success, foreign receipt {receipt!r}', self.success(tx, receipt=receipt),
+                                tx)
+            yield self.case('forged', 'success, new receipt, right amount', self.success(tx), tx)
+            for code in (1032, 1037, 1, 2001, 1019, 'SFC_IC0003', 42):
+                yield self.case('forged', f'failure {code}', self.failure(tx, code), tx)
+            other = self.targets['pending_processing' if name == 'pending_paid' else 'pending_paid']
+            body = self.success(tx)
+            _set(body, (*STK, 'MerchantRequestID'), other.merchant_request_id)
+            yield self.case('forged', "success with the other prompt's MerchantRequestID", body, tx)
+        done = self.targets['done']
+        yield self.case('forged', 'done: success, new receipt', self.success(done), done)
+        yield self.case('forged', 'done: success, its own receipt', self.success(done, receipt=FOREIGN_RECEIPT), done)
+        yield self.case('forged', 'done: failure 1032', self.failure(done, 1032), done)
+        tx = self.target(['random'])
+        yield self.case('forged', 'unknown prompt: success', self.success(tx), tx)
+        yield self.case('forged', 'unknown prompt: success, foreign receipt', self.success(tx, receipt=FOREIGN_RECEIPT),
+                        tx)
+
+    def wrong_paths(self):
+        secret = self.secret
+        changed = secret[:-1] + ('A' if secret[-1] != 'A' else 'B')
+        return [
+            ('guessed secret', 'guessed-secret'), ('secret minus its last character', secret[:-1]),
+            ('secret plus a character', secret + 'x'), ('secret swapcase', secret.swapcase()),
+            ('one character changed', changed), ('secret + %00', secret + '%00'), ('%00 + secret', '%00' + secret),
+            ('secret + %20', secret + '%20'), ('%20 + secret', '%20' + secret),
+            ('non-ASCII secret s%C3%A9cret', 's%C3%A9cret'), ('secret + %C3%A9', secret + '%C3%A9'),
+            ('fullwidth secret', ''.join(f'%EF%BC%{0x81 + ord(c) - 0x21:02X}' if '!' <= c <= '_' else c
+                                         for c in secret)),
+            ('invalid UTF-8 %FF%FE', '%FF%FE'), ('encoded surrogate %ED%A0%80', '%ED%A0%80'),
+            ('emoji %F0%9F%92%B8', '%F0%9F%92%B8'), ('overlong secret 10 kB', 'a' * 10240),
+            ('overlong non-ASCII secret', '%C3%A9' * 1700), ('overlong secret, right prefix', secret + 'a' * 10240),
+            ('empty secret', ''), ('no slash', None), ('right secret + /extra', secret + '/extra'),
+            ('right secret + %2Fextra', secret + '%2Fextra'),
+            ('right secret + /%C3%A9', secret + '/%C3%A9'),
+        ]
+
+    def _catalogue_paths(self):
+        for kind, secret in self.wrong_paths():
+            tx = self.target(['pending_paid', 'pending_processing'])
+            path = CALLBACK_PATH.rstrip('/') if secret is None else CALLBACK_PATH + secret
+            yield self.case('paths', kind, self.success(tx), tx, path=path)
+        raw_paths = [
+            ('raw UTF-8 secret s\u00e9cret', b's\xc3\xa9cret'),
+            ('raw UTF-8 after the secret', self.secret.encode() + b'\xc3\xa9'),
+            ('raw invalid UTF-8 secret', b'\xff\xfe'), ('raw latin-1 secret', b's\xe9cret'),
+            ('raw UTF-8 overlong secret', '\u00e9'.encode() * 3000),
+        ]
+        for kind, secret in raw_paths:
+            tx = self.target(['pending_paid', 'pending_processing'])
+            yield self.case('paths', kind, self.success(tx), tx, path=CALLBACK_PATH.encode() + secret)
+        # Odoo's routing map does not use strict slashes: this is the right secret's route, so kept exactly.
+        tx = self.target(['pending_paid', 'pending_processing'])
+        yield self.case('paths', 'right secret + / (same route)', self.success(tx), tx,
+                        path=CALLBACK_PATH + self.secret + '/', same_route=True)
+        for method in ('GET', 'PUT', 'DELETE', 'PATCH'):
+            tx = self.target(['pending_paid', 'pending_processing'])
+            yield self.case('paths', f'{method} on the right secret', self.success(tx), tx,
+                            path=CALLBACK_PATH + self.secret, method=method)
+
+    def _catalogue_headers(self):
+        content_types = [
+            'application/x-www-form-urlencoded', 'multipart/form-data; boundary=hostile', 'multipart/form-data',
+            'text/plain', None, 'application/json; charset=utf-16', 'application/json; charset=nonsense',
+        ]
+        for content_type in content_types:
+            tx = self.target()
+            yield self.case('headers', f'Content-Type {content_type}', self.success(tx), tx,
+                            headers={'Content-Type': content_type})
+        yield self.case('headers', 'form body with NUL', b'a=1&b=%00&c=\x00', None,
+                        headers={'Content-Type': 'application/x-www-form-urlencoded'})
+        tx = self.target()
+        yield self.case('headers', 'chunked transfer encoding', self.success(tx), tx, chunked=True)
+
+    # === RANDOM MUTATIONS === #
+
+    FAMILY_WEIGHTS = {'bytes': 25, 'structure': 25, 'values': 30, 'forged': 8, 'paths': 12}
+
+    def random_case(self):
+        family = self.rng.choices(list(self.FAMILY_WEIGHTS), weights=list(self.FAMILY_WEIGHTS.values()))[0]
+        return getattr(self, f'_random_{family}')()
+
+    def _random_bytes(self):
+        rng = self.rng
+        tx = self.target()
+        text = json.dumps(self.base(tx)).encode()
+        choice = rng.randrange(6)
+        if choice == 0:
+            raw = bytearray(text)
+            positions = sorted(rng.randrange(len(raw) + 1) for _ in range(rng.randint(1, 3)))
+            for position in reversed(positions):
+                raw.insert(position, 0)
+            return self.case('bytes', 'random: raw NUL bytes inserted', bytes(raw), tx, note=f"at {positions}")
+        if choice == 1:
+            raw, inserted = bytearray(text), []
+            for _ in range(rng.randint(1, 3)):
+                position, sequence = rng.randrange(len(raw) + 1), rng.choice(INVALID_UTF8)
+                raw[position:position] = sequence
+                inserted.append(f"{sequence!r}@{position}")
+            return self.case('bytes', 'random: invalid UTF-8 inserted', bytes(raw), tx, note=' '.join(inserted))
+        if choice == 2:
+            body = self.success(tx)
+            path = rng.choice(STRING_SLOTS)
+            literal, keep = rng.choice(['"\\u0000"', '"x\\u0000"', '"\\u0000\\u0000"']), rng.random() < 0.5
+            return self.case('bytes', 'random: \\u0000 in a string field',
+                             self.with_literal(body, path, literal, keep_prefix=keep), tx,
+                             note=f"{_path_name(path)} = {literal}{' appended' if keep else ''}")
+        if choice == 3:
+            encoding = rng.choice(ENCODINGS)
+            return self.case('bytes', 'random: re-encoded JSON', json.dumps(self.base(tx)).encode(encoding), tx,
+                             note=encoding)
+        if choice == 4:
+            length = rng.randrange(len(text))
+            return self.case('bytes', 'random: truncated', text[:length], tx, note=f"at {length} B")
+        return self.case('bytes', 'random: random bytes', rng.randbytes(rng.randint(1, 300)), None)
+
+    def _random_structure(self):
+        rng = self.rng
+        tx = self.target()
+        body, notes = self.success(tx), []
+        for _ in range(rng.randint(1, 3)):
+            path, wrong = rng.choice(FIELD_PATHS), rng.choice(WRONG_TYPES)
+            try:
+                _set(body, path, wrong)
+            except (KeyError, IndexError, TypeError):
+                break  # An earlier mutation removed the parent.
+            notes.append(f"{_path_name(path)} {'deleted' if wrong is DELETE else '= ' + _short(wrong, 12)}")
+        note = ', '.join(notes)
+        if rng.random() < 0.1:
+            depth = rng.choice([1000, 5000, 100_000])
+            return self.case('structure', 'random: deep nesting',
+                             json.dumps(body)[:-1] + f', "Deep": {"[" * depth}{"]" * depth}}}', tx,
+                             note=f"{note}, depth {depth}")
+        text = json.dumps(body)
+        if rng.random() < 0.2 and '"ResultCode": ' in text:
+            first = rng.choice(["0", "1032", "null"])
+            return self.case('structure', 'random: duplicate key',
+                             text.replace('"ResultCode": ', f'"ResultCode": {first}, "ResultCode": ', 1), tx,
+                             note=f"{note}, ResultCode {first} first")
+        return self.case('structure', 'random: wrong types', body, tx, note=note)
+
+    def _random_values(self):
+        rng = self.rng
+        tx = self.target()
+        body = self.success(tx)
+        choice = rng.randrange(4)
+        if choice == 0:
+            path, literal = rng.choice(NUMERIC_SLOTS), rng.choice(NUMBER_LITERALS)
+            kind = 'random: odd number'
+        elif choice == 1:
+            path, literal = rng.choice(STRING_SLOTS), f'"{rng.choice(SURROGATES)}"'
+            kind = 'random: lone surrogate'
+        elif choice == 2:
+            path, literal = (*STK, 'ResultCode'), rng.choice(HUGE_RESULT_CODES + NUMBER_LITERALS)
+            kind = 'random: odd ResultCode'
+        else:
+            path, literal = _value('TransactionDate'), rng.choice(DATE_GARBAGE)
+            kind = 'random: TransactionDate garbage'
+        keep = path[-1] in ('CheckoutRequestID', 'MerchantRequestID') and literal.startswith('"') and rng.random() < 0.5
+        return self.case('values', kind, self.with_literal(body, path, literal, keep_prefix=keep), tx,
+                         note=f"{_path_name(path)} = {literal[:40]}{' appended' if keep else ''}")
+
+    def _random_forged(self):
+        rng = self.rng
+        tx = self.target(['pending_paid', 'pending_processing', 'done', 'random'])
+        choice = rng.randrange(3)
+        if choice == 0:
+            amount = rng.choice([1, self.amount - 1, self.amount + 1, self.amount * 10, self.amount + 0.5])
+            return self.case('forged', 'random: success, wrong amount', self.success(tx, amount=amount), tx,
+                             note=f"Amount {amount}")
+        if choice == 1:
+            return self.case('forged', 'random: success, foreign receipt', self.success(tx, receipt=FOREIGN_RECEIPT),
+                             tx)
+        return self.case('forged', 'random: forged failure', self.failure(tx), tx)
+
+    def _random_paths(self):
+        kind, secret = self.rng.choice(self.wrong_paths())
+        tx = self.target(['pending_paid', 'pending_processing'])
+        body = self.base(tx) if self.rng.random() < 0.7 else self.rng.randbytes(50)
+        path = CALLBACK_PATH.rstrip('/') if secret is None else CALLBACK_PATH + secret
+        return self.case('paths', f'random: {kind}', body, tx, path=path)
+
+    def cases(self, count):
+        catalogue = list(self.catalogue())
+        if count < len(catalogue):
+            keep = sorted(self.rng.sample(range(len(catalogue)), count))
+            return [catalogue[index] for index in keep]
+        return catalogue + [self.random_case() for _ in range(count - len(catalogue))]
+
+
+class _ErrorRecords(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@tagged('post_install', '-at_install')
+class TestHostileCallbacks(MpesaCommon):
+    """Failure mode 18: any bytes at all get a 4xx, never a 5xx, are kept exactly, and change nothing."""
+
+    def _push(self, order):
+        values = self._start_portal_payment(order)
+        self._stk_push(values, PHONE_CALLBACK_LOST)
+        tx = self._get_tx(values['reference'])
+        self.assertEqual(tx.state, 'pending')
+        return tx
+
+    def _prepare_transactions(self):
+        """Two pending prompts (one Daraja already knows is paid, one still "being processed") and
+        a done transaction holding a receipt; none of them ever gets the simulator's own callback."""
+        paid = self._push(self.quotation)
+        self._wait(lambda: self._result_known(paid), message="the simulator to know the first result")
+        self.patch(self.simulator, 'callback_delay', 3600)  # The second customer never answers.
+        processing = self._push(self.quotation.copy())
+        done = paid.copy({
+            'reference': f'{paid.reference}-HOSTILE-DONE',
+            'provider_reference': DONE_CHECKOUT_ID,
+            'sale_order_ids': [Command.clear()],
+        })
+        done.write({
+            'state': 'done', 'mpesa_receipt_number': FOREIGN_RECEIPT, 'mpesa_paid_amount': paid.mpesa_requested_amount,
+            'mpesa_requested_amount': paid.mpesa_requested_amount, 'mpesa_merchant_request_id': '29115-34620561-1',
+        })
+        return paid, processing, done
+
+    def _snapshot(self, transactions):
+        with self.registry.test_lock:
+            self.env.invalidate_all()
+            return self._read_snapshot(transactions)
+
+    @staticmethod
+    def _read_snapshot(transactions):
+        return {tx['reference']: {name: tx[name] for name in SNAPSHOT_FIELDS}
+                for tx in transactions.read(['reference', *SNAPSHOT_FIELDS])}
+
+    @staticmethod
+    def _changes(old, new):
+        return [f"{reference} {name}: {old[reference][name]!r} -> {new[reference][name]!r}"
+                for reference in old for name in SNAPSHOT_FIELDS if old[reference][name] != new[reference][name]]
+
+    def _send(self, client, case):
+        """POST (or else) one case over real HTTP; return the status, or a description of the failure."""
+        if isinstance(case.path, bytes):
+            return self._send_raw(case)
+        url = self.base_url() + (case.path or CALLBACK_PATH + self.provider.mpesa_callback_secret)
+        data = case.body
+        if case.chunked:
+            data = iter([case.body[:10], case.body[10:]])
+        try:
+            response = client.request(case.method, url, data=data, headers=case.headers, timeout=60,
+                                      allow_redirects=False)
+        except requests.RequestException as error:
+            return f"no answer: {error!r}"[:200]
+        return response.status_code
+
+    def _send_raw(self, case):
+        """Over a socket: neither requests nor http.client send raw non-ASCII bytes in a path."""
+        self.cr.flush()  # As the test Opener does before each request.
+        self.cr.clear()
+        head = (
+            b'POST ' + case.path + b' HTTP/1.1\r\n'
+            + f'Host: 127.0.0.1:{self.http_port()}\r\n'.encode()
+            + b'Content-Type: application/json\r\n'
+            + f'Content-Length: {len(case.body)}\r\n'.encode()
+            + f'Cookie: {TEST_CURSOR_COOKIE_NAME}={self.http_request_key}\r\n'.encode()
+            + b'Connection: close\r\n\r\n'
+        )
+        try:
+            with socket.create_connection(('127.0.0.1', self.http_port()), timeout=60) as sock:
+                sock.sendall(head + case.body)
+                answer = b''
+                while chunk := sock.recv(65536):
+                    answer += chunk
+        except OSError as error:
+            return f"no answer: {error!r}"[:200]
+        try:
+            return int(answer.split(b' ', 2)[1])
+        except (IndexError, ValueError):
+            return f"no HTTP answer: {_short(answer, 40)}"
+
+    def test_hostile_callbacks(self):
+        count = int(os.environ.get('MUCHIRI_HOSTILE_BODIES') or DEFAULT_BODIES)
+        self.provider.write({'mpesa_ip_check': 'enforce', 'mpesa_allowed_ips': '127.0.0.0/8'})
+        paid, processing, done = self._prepare_transactions()
+        transactions = paid | processing | done
+        targets = {
+            name: Target(name, tx.provider_reference, tx.mpesa_merchant_request_id)
+            for name, tx in (('pending_paid', paid), ('pending_processing', processing), ('done', done))
+        }
+        generator = HostileBodies(random.Random(SEED), self.provider.mpesa_callback_secret, targets,
+                                  paid.mpesa_requested_amount)
+        cases = generator.cases(count)
+        before = self._snapshot(transactions)
+        Event = self.env['muchiri.mpesa.event']
+        has_raw_body = hasattr(Event, '_mpesa_raw_body')
+        with self.registry.test_lock:
+            last_event_id = max(Event.search([], limit=1, order='id desc').ids or [0])
+
+        # Daraja has no session: a client of its own, with only the cookie that routes it to this test.
+        client = Opener(self.cr)
+        client.cookies[TEST_CURSOR_COOKIE_NAME] = self.http_request_key
+        error_records = _ErrorRecords()
+        root = logging.getLogger()
+        root.addHandler(error_records)
+        statuses, posted = Counter(), Counter()
+        bad_statuses, logged_errors, not_kept, changed = [], [], [], []
+        current = before
+        started = time.monotonic()
+        try:
+            for case in cases:
+                seen_errors = len(error_records.records)
+                status = self._send(client, case)
+                posted[case.family] += 1
+                statuses[case.family, status if isinstance(status, int) else 'none'] += 1
+                note = f" ({case.note})" if case.note else ''
+                detail = f"{case.target}{note} {case.method} -> {status}: {_short(case.body)}"
+                if not isinstance(status, int) or status not in ACCEPTABLE_STATUSES:
+                    bad_statuses.append((case.family, case.kind, detail))
+                with self.registry.test_lock:
+                    self.env.invalidate_all()
+                    events = Event.search([('id', '>', last_event_id)], order='id')
+                    last_event_id = events.ids[-1] if events else last_event_id
+                    callbacks = events.filtered(lambda event: event.kind == 'callback')
+                    if case.on_right_path:
+                        if len(callbacks) != 1:
+                            not_kept.append((case.family, case.kind, f"{len(callbacks)} callback events; {detail}"))
+                        elif has_raw_body:
+                            raw = callbacks._mpesa_raw_body()
+                            if raw != case.body:
+                                not_kept.append((case.family, case.kind,
+                                                 f"kept {type(raw).__name__} {_short(raw, 40)} "
+                                                 f"({len(raw) if raw else 0} B); {detail}"))
+                    else:
+                        if events:
+                            not_kept.append((case.family, case.kind, f"{len(events)} events kept; {detail}"))
+                        expected = {404, 405} if case.method != 'POST' else {404}
+                        if status not in expected:
+                            not_kept.append((case.family, case.kind, f"expected {sorted(expected)}; {detail}"))
+                    # Which request changed a transaction, if one did (the check itself is before/after).
+                    snapshot = self._read_snapshot(transactions)
+                    changed.extend((case.family, case.kind, f"{change}; {detail}")
+                                   for change in self._changes(current, snapshot))
+                    current = snapshot
+                for record in error_records.records[seen_errors:]:
+                    message = record.getMessage().splitlines()[0][:120] if record.getMessage() else ''
+                    logged_errors.append((case.family, case.kind, f"{record.name}: {message}; {detail}"))
+        finally:
+            root.removeHandler(error_records)
+        elapsed = time.monotonic() - started
+        after = self._snapshot(transactions)
+
+        _logger.info("Posted %s hostile requests in %.1f s: %s", len(cases), elapsed, dict(sorted(posted.items())))
+        _logger.info("Status codes by family: %s", {
+            family: dict(sorted((str(status), n) for (fam, status), n in statuses.items() if fam == family))
+            for family in sorted(posted)
+        })
+        changed.extend(('transactions', 'before -> after', change) for change in self._changes(before, after))
+        if not has_raw_body:
+            not_kept.insert(0, ('events', 'muchiri.mpesa.event has no _mpesa_raw_body()', 'raw bytes not checked'))
+        checks = [
+            ("1. no 5xx (or unexpected status)", bad_statuses),
+            ("2. no ERROR log record", logged_errors),
+            ("3. right-path bodies kept exactly, others not kept and 404", not_kept),
+            ("4. no transaction changed", changed),
+        ]
+        for check, failures in checks:
+            with self.subTest(check=check):
+                if failures:
+                    self.fail(self._report(check, failures))
+
+    @staticmethod
+    def _report(check, failures):
+        groups = {}
+        for family, kind, detail in failures:
+            groups.setdefault((family, kind), []).append(detail)
+        lines = [f"{check}: {len(failures)} failure(s) of {len(groups)} kind(s)"]
+        for (family, kind), details in sorted(groups.items()):
+            lines.append(f"  [{family}] {kind}: {len(details)}x, e.g. {details[0]}")
+        return '\n'.join(lines)

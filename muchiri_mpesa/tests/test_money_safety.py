@@ -1,0 +1,472 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+"""The money rules under attack: each test here failed before its fix (issue "Money safety under
+attack").  Callbacks really travel over HTTP to Odoo's test server; Daraja is the simulator."""
+import inspect
+from datetime import datetime, timedelta
+from unittest.mock import patch
+
+import psycopg2
+
+from odoo import fields, models
+from odoo.exceptions import AccessError, UserError, ValidationError
+from odoo.fields import Command
+from odoo.tests import JsonRpcException, new_test_user, tagged
+from odoo.tools import mute_logger
+
+from odoo.addons.muchiri_mpesa import daraja
+
+from .common import (
+    PHONE_CALLBACK_LOST,
+    PHONE_SUCCESS,
+    SIM_KEY,
+    SIM_PASSKEY,
+    SIM_SECRET,
+    SIM_SHORTCODE,
+    MpesaCommon,
+)
+
+TX_LOGGER = 'odoo.addons.muchiri_mpesa.models.payment_transaction'
+EVENT_LOGGER = 'odoo.addons.muchiri_mpesa.models.mpesa_event'
+
+
+class MoneySafetyCommon(MpesaCommon):
+
+    def _pending_tx(self, phone=PHONE_CALLBACK_LOST, order=None):
+        values = self._start_portal_payment(order)
+        self._stk_push(values, phone)
+        tx = self._get_tx(values['reference'])
+        self.assertEqual(tx.state, 'pending')
+        return tx
+
+    def _answered(self, tx):
+        self._wait(lambda: self._result_known(tx), message="the customer's answer", settle=False)
+
+    def _body(self, tx, code=0, amount=4500, receipt='SIM1234567', checkout_request_id=None, phone=None):
+        metadata = {
+            'amount': amount, 'receipt': receipt, 'transaction_date': datetime(2026, 11, 26, 12, 0, 0),
+            'phone': phone or tx.mpesa_phone,
+        } if code == 0 else {}
+        return daraja.stk_callback_body(
+            tx.mpesa_merchant_request_id or '1-2-3', checkout_request_id or tx.provider_reference, code,
+            "The service request is processed successfully." if code == 0 else "Request cancelled by user",
+            **metadata,
+        )
+
+    def _queries(self):
+        return len(self.simulator.requests_for('stk_query'))
+
+    def _second_provider(self, **values):
+        return self.provider.copy({
+            'name': "M-Pesa (second shortcode)",
+            'mpesa_consumer_key': SIM_KEY, 'mpesa_consumer_secret': SIM_SECRET,
+            'mpesa_shortcode': SIM_SHORTCODE, 'mpesa_passkey': SIM_PASSKEY,
+            'mpesa_api_url': self.simulator.base_url, 'mpesa_callback_base_url': self.base_url(),
+            **values,
+        })
+
+
+@tagged('post_install', '-at_install')
+class TestProviderScoping(MoneySafetyCommon):
+
+    def test_callback_on_another_providers_path_settles_nothing(self):
+        tx = self._pending_tx()
+        self._answered(tx)
+        other = self._second_provider(mpesa_confirm_by_query=False)
+        self.assertNotEqual(other.mpesa_callback_secret, self.provider.mpesa_callback_secret)
+
+        response = self._post_callback(self._body(tx), secret=other.mpesa_callback_secret)
+        self.assertEqual(response.status_code, 200, "acknowledged: a CheckoutRequestID can come before its answer")
+        event = self._events(kind='callback', checkout_request_id=tx.provider_reference)
+        self.assertEqual(event.provider_id, other, "filed under the provider whose path it came on")
+        self.assertEqual(event.callback_state, 'unmatched')
+        self.assertFalse(event.transaction_id)
+        self.assertEqual(tx.state, 'pending', "another provider's transaction is never touched")
+        self.assertFalse(tx.mpesa_receipt_number)
+        self.assertFalse(tx.mpesa_callback_at)
+
+    def test_disabled_provider_still_settles_its_own_prompts(self):
+        tx = self._pending_tx()
+        self._answered(tx)
+        self.provider.state = 'disabled'  # The customer paid: the answer must still land.
+        response = self._post_callback(self._body(tx))
+        self.assertEqual(response.status_code, 200)
+        self.assertEqual(tx.state, 'done')
+        self.assertEqual(tx.mpesa_receipt_number, 'SIM1234567')
+
+    @mute_logger('odoo.sql_db')
+    def test_checkout_request_id_is_unique_per_provider(self):
+        tx = self._pending_tx()
+        twin_values = {'reference': 'TWIN-1', 'mpesa_push_sent_at': fields.Datetime.now(),
+                       'provider_reference': tx.provider_reference}
+        with self.assertRaises(psycopg2.IntegrityError), self.cr.savepoint():
+            tx.copy(twin_values)
+            self.env.flush_all()
+        other = self._second_provider()
+        twin = tx.copy({**twin_values, 'provider_id': other.id})
+        self.env.flush_all()  # Another provider may know the same CheckoutRequestID.
+        self.assertEqual(twin.provider_reference, tx.provider_reference)
+
+
+@tagged('post_install', '-at_install')
+class TestMatchByHand(MoneySafetyCommon):
+
+    def _kept_unmatched(self, tx, **body):
+        """A success callback kept before its transaction held the CheckoutRequestID."""
+        checkout_id = tx.provider_reference
+        tx.provider_reference = f'{checkout_id}-not-yet'
+        self._post_callback(self._body(tx, checkout_request_id=checkout_id, **body))
+        tx.provider_reference = checkout_id
+        event = self._events(kind='callback', checkout_request_id=checkout_id)
+        self.assertEqual(event.callback_state, 'unmatched')
+        return event
+
+    def _lost_answer_tx(self, tx, **values):
+        return tx.copy({
+            'reference': values.pop('reference', 'LOST-1'), 'state': 'error', 'mpesa_outcome_unknown': True,
+            'mpesa_requested_amount': 4500, 'mpesa_phone': tx.mpesa_phone,
+            'mpesa_push_sent_at': fields.Datetime.now(), 'provider_reference': False, **values,
+        })
+
+    def _match(self, event, tx, user=None, reason=None):
+        Match = self.env['muchiri.mpesa.callback.match']
+        if user:
+            Match = Match.with_user(user)
+        return Match.with_context(active_id=event.id).create({
+            'transaction_id': tx.id, 'override_reason': reason,
+        }).action_match()
+
+    def test_event_keeps_its_transaction_when_the_query_fails(self):
+        tx = self._pending_tx()
+        self._answered(tx)
+        self.simulator.fail_next(1, error='invalid', operations=['stk_query'])
+        self._post_callback(self._body(tx))
+        event = self._events(kind='callback', transaction_id=tx.id)
+        self.assertEqual(event.callback_state, 'error')
+        self.assertEqual(event.transaction_id, tx, "the match is never lost")
+        lost = self._lost_answer_tx(tx)
+        with self.assertRaises(UserError):
+            self._match(event, lost)
+        self.assertFalse(lost.provider_reference)
+
+    def test_a_checkout_request_id_held_by_another_transaction_is_refused(self):
+        tx = self._pending_tx()
+        self._answered(tx)
+        event = self._kept_unmatched(tx)
+        with self.assertRaisesRegex(UserError, 'already belongs to'):
+            self._match(event, self._lost_answer_tx(tx))
+        self.assertEqual(event.callback_state, 'unmatched')
+
+    def test_a_receipt_held_by_another_transaction_is_refused(self):
+        tx = self._pending_tx()
+        self._answered(tx)
+        self._post_callback(self._body(tx, receipt='HELD000001'))
+        self.assertEqual(tx.mpesa_receipt_number, 'HELD000001')
+        other = self._pending_tx(order=self.quotation.copy())
+        self._answered(other)
+        event = self._kept_unmatched(other, receipt='HELD000001')
+        lost = self._lost_answer_tx(other)
+        other.provider_reference = False  # Nobody holds its CheckoutRequestID: only the receipt is taken.
+        with self.assertRaisesRegex(UserError, 'already belongs to'):
+            self._match(event, lost)
+
+    def test_a_payment_that_does_not_fit_needs_a_manager_and_a_reason(self):
+        tx = self._pending_tx()
+        self._answered(tx)
+        event = self._kept_unmatched(tx, phone='254711000111')
+        checkout_id = tx.provider_reference
+        tx.write({'provider_reference': False, 'state': 'error', 'mpesa_outcome_unknown': True})
+        accountant = new_test_user(self.env, login='clerk', groups='base.group_user,account.group_account_invoice')
+
+        with self.assertRaisesRegex(UserError, "payer's phone is 254711000111"):
+            self._match(event, tx, user=accountant)
+        with self.assertRaises(AccessError):
+            self._match(event, tx, user=accountant, reason="The customer paid from his wife's phone.")
+        self.assertFalse(tx.provider_reference)
+
+        manager = new_test_user(self.env, login='chief', groups='base.group_user,account.group_account_manager')
+        self._match(event, tx, user=manager, reason="The customer paid from his wife's phone.")
+        self.assertEqual(tx.state, 'done', "still confirmed by Daraja's query")
+        self.assertEqual(tx.provider_reference, checkout_id)
+        self.assertEqual(event.callback_state, 'processed')
+        notes = self.quotation.message_ids.mapped('body')
+        self.assertTrue(any("wife" in (note or '') for note in notes), "the reason is in the chatter")
+
+
+@tagged('post_install', '-at_install')
+class TestUnconfirmedCallbacks(MoneySafetyCommon):
+
+    def test_an_enabled_provider_always_confirms(self):
+        enabled = self.provider.new({'code': 'mpesa', 'state': 'enabled', 'mpesa_confirm_by_query': False})
+        self.assertTrue(enabled._mpesa_confirms_callbacks())
+        testing = self.provider.new({'code': 'mpesa', 'state': 'test', 'mpesa_confirm_by_query': False})
+        self.assertFalse(testing._mpesa_confirms_callbacks())
+
+    def test_an_unconfirmed_failure_never_blocks_a_confirmed_success(self):
+        self.provider.mpesa_confirm_by_query = False
+        tx = self._pending_tx()
+        self._answered(tx)  # The customer paid.
+        self._post_callback(self._body(tx, code=1032))  # Forged.
+        self.assertEqual(tx.state, 'error', "an unconfirmed failure is no cancellation")
+        self.provider.mpesa_confirm_by_query = True
+        self._post_callback(self._body(tx))
+        self.assertEqual(tx.state, 'done')
+        self.assertEqual(tx.mpesa_receipt_number, 'SIM1234567')
+
+
+@tagged('post_install', '-at_install')
+class TestInvoiceGuards(MoneySafetyCommon):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.invoice = cls.env['account.move'].create({
+            'move_type': 'out_invoice', 'partner_id': cls.distributor.id, 'currency_id': cls.currency_kes.id,
+            'invoice_line_ids': [Command.create({
+                'product_id': cls.product.id, 'quantity': 3, 'price_unit': 1500.0, 'tax_ids': [Command.clear()],
+            })],
+        })
+        cls.invoice.action_post()
+
+    def _invoice_tx(self, reference):
+        return self.env['payment.transaction'].sudo().create({
+            'provider_id': self.provider.id, 'payment_method_id': self.payment_method_id,
+            'reference': reference, 'amount': self.invoice.amount_total, 'currency_id': self.currency_kes.id,
+            'partner_id': self.distributor.id, 'invoice_ids': [Command.set(self.invoice.ids)],
+            'operation': 'online_direct',
+        })
+
+    def test_one_prompt_per_invoice_and_none_once_paid(self):
+        first = self._invoice_tx('INV-MP-1')
+        self.assertIsNone(first._mpesa_send_stk_push(PHONE_CALLBACK_LOST))
+        with self.assertRaisesRegex(ValidationError, 'already sent'):
+            self._invoice_tx('INV-MP-2')._mpesa_send_stk_push(PHONE_CALLBACK_LOST)
+        self._answered(first)
+        first.mpesa_push_sent_at -= timedelta(minutes=10)  # Past the cooldown: Daraja is asked.
+        with self.assertRaisesRegex(ValidationError, 'already paid'):
+            self._invoice_tx('INV-MP-3')._mpesa_send_stk_push(PHONE_CALLBACK_LOST)
+        self.assertEqual(first.state, 'done', "the old prompt was settled by the query")
+        self.assertEqual(len(self.simulator.pushes), 1)
+
+    def test_a_second_payment_of_an_invoice_is_flagged_for_refund(self):
+        first = self._invoice_tx('INV-MP-1')
+        first._mpesa_send_stk_push(PHONE_CALLBACK_LOST)
+        self._answered(first)
+        first._mpesa_settle_by_query()
+        self.assertEqual(first.state, 'done')
+        self.assertFalse(self.invoice.mpesa_needs_refund)
+        second = self._invoice_tx('INV-MP-2')
+        second.write({'mpesa_requested_amount': 4500, 'provider_reference': 'ws_CO_second',
+                      'mpesa_push_sent_at': fields.Datetime.now(), 'state': 'pending'})
+        second._handle_notification_data('mpesa', second._mpesa_notification('0', "Paid", 'query'))
+        self.assertEqual(second.state, 'done')
+        self.assertTrue(self.invoice.mpesa_needs_refund, "recorded, never hidden")
+        self.assertTrue(self.invoice.activity_ids)
+
+
+@tagged('post_install', '-at_install')
+class TestButtonsCheckTheirGroup(MoneySafetyCommon):
+    """A view's groups= hides a button; only the server protects it.  Every public method of the
+    addon's models is called over RPC as a portal user and as a plain internal user."""
+
+    def _addon_public_methods(self):
+        base = set(dir(models.BaseModel))
+        found = []
+        for name in self.env.registry:
+            for cls in type(self.env[name]).__mro__:
+                if not cls.__module__.startswith('odoo.addons.muchiri_mpesa.'):
+                    continue
+                for attr, value in vars(cls).items():
+                    if attr.startswith('_') or attr in base or not inspect.isfunction(value):
+                        continue
+                    found.append((name, attr))
+        return sorted(set(found))
+
+    def _records_to_call(self):
+        """One record of each model with buttons (created as the administrator)."""
+        tx = self._pending_tx()  # Something for the status check to ask Daraja about.
+        event = self.env['muchiri.mpesa.event'].sudo().create({'kind': 'callback', 'provider_id': self.provider.id})
+        return {
+            'payment.provider': self.provider,
+            'sale.order': self.quotation,
+            'muchiri.mpesa.alert': self.env['muchiri.mpesa.alert'].create({
+                'name': "Alert", 'kind': 'success_rate', 'key': 'test', 'provider_id': self.provider.id,
+            }),
+            'muchiri.mpesa.payment.request': self.env['muchiri.mpesa.payment.request'].create({
+                'sale_order_id': self.quotation.id, 'phone': PHONE_SUCCESS, 'amount': 4500,
+            }),
+            'muchiri.mpesa.callback.match': self.env['muchiri.mpesa.callback.match'].create({
+                'event_id': event.id, 'transaction_id': tx.id,
+            }),
+        }
+
+    @mute_logger('odoo.http')
+    def test_every_button_refuses_portal_and_plain_internal_users(self):
+        methods = self._addon_public_methods()
+        self.assertIn(('payment.provider', 'action_mpesa_regenerate_callback_secret'), methods)
+        self.assertIn(('sale.order', 'action_mpesa_check_status'), methods)
+        records = self._records_to_call()
+        secret = self.provider.mpesa_callback_secret
+        requests_before = len(self.simulator.requests)
+        for login in ('distributor', 'internal_user'):
+            for model, method in methods:
+                self.assertIn(model, records, f"add a record of {model} to _records_to_call")
+                record = records[model]
+                with self.subTest(login=login, method=f'{model}.{method}'):
+                    self.authenticate(login, login)
+                    with self.assertRaises(JsonRpcException) as caught:
+                        self.make_jsonrpc_request('/web/dataset/call_kw', {
+                            'model': model, 'method': method, 'args': [record.ids], 'kwargs': {},
+                        })
+                    self.assertEqual(caught.exception.args[0], 'odoo.exceptions.AccessError')
+        self.env.invalidate_all()
+        self.assertEqual(self.provider.mpesa_callback_secret, secret, "the secret was not rotated")
+        self.assertEqual(len(self.simulator.requests), requests_before, "no Daraja quota was spent")
+
+
+@tagged('post_install', '-at_install')
+class TestSettlementQueue(MoneySafetyCommon):
+
+    def test_the_callback_is_acknowledged_without_asking_daraja(self):
+        tx = self._pending_tx()
+        self._answered(tx)
+        response = self._post_callback(self._body(tx), settle=False)
+        self.assertEqual(response.json(), {'ResultCode': 0, 'ResultDesc': 'Accepted'})
+        self.assertEqual(self._queries(), 0, "no worker waits on Daraja while Daraja calls us")
+        event = self._events(kind='callback', transaction_id=tx.id)
+        self.assertEqual(event.callback_state, 'queued')
+        self.assertEqual(event._mpesa_raw_body(), response.request.body.encode()
+                         if isinstance(response.request.body, str) else response.request.body)
+        self.env.invalidate_all()
+        self.assertEqual(tx.state, 'pending')
+        trigger = self.env['ir.cron.trigger'].search([
+            ('cron_id', '=', self.env.ref('muchiri_mpesa.cron_mpesa_settle_callbacks').id),
+        ])
+        self.assertTrue(trigger, "the settlement job is woken")
+        self._settle_callbacks()
+        self.assertEqual(tx.state, 'done')
+        self.assertEqual(self._queries(), 1)
+
+    def test_duplicates_ride_on_one_confirmation(self):
+        tx = self._pending_tx()
+        self._answered(tx)
+        for _attempt in range(3):
+            self._post_callback(self._body(tx), settle=False)
+        self._settle_callbacks()
+        self.assertEqual(tx.state, 'done')
+        self.assertEqual(self._queries(), 1)
+        states = sorted(self._events(kind='callback', transaction_id=tx.id).mapped('callback_state'))
+        self.assertEqual(states, ['ignored', 'ignored', 'processed'])
+
+    def _two_queued_callbacks(self):
+        """Two paid prompts of two orders, their callbacks received and waiting for the job."""
+        first = self._pending_tx()
+        self._answered(first)
+        second = self._pending_tx(order=self.quotation.copy())
+        self._answered(second)
+        self._post_callback(self._body(first, receipt='FIRST00001'), settle=False)
+        self._post_callback(self._body(second, receipt='SECOND0001'), settle=False)
+        return first, second
+
+    def test_one_refused_callback_does_not_hold_the_others(self):
+        first, second = self._two_queued_callbacks()
+        self.simulator.fail_next(1, error='invalid', operations=['stk_query'])  # Refused for good.
+        self._settle_callbacks()
+        refused = self._events(kind='callback', transaction_id=first.id)
+        self.assertEqual(refused.callback_state, 'error')
+        self.assertGreater(refused.next_attempt_at, fields.Datetime.now(), "it backs off on its own")
+        self.assertEqual(first.state, 'pending')
+        self.assertEqual(second.state, 'done', "the next callback was not held up")
+
+    def test_throttling_ends_the_run(self):
+        _first, second = self._two_queued_callbacks()
+        self.simulator.fail_next(1, error='spike_arrest', operations=['stk_query'])
+        self._settle_callbacks()
+        self.assertEqual(self._queries(), 1, "Daraja asked us to wait: nothing more is sent")
+        self.assertEqual(self._events(kind='callback', transaction_id=second.id).callback_state, 'queued')
+
+
+@tagged('post_install', '-at_install')
+class TestSmallerDefects(MoneySafetyCommon):
+
+    def test_a_configuration_error_leaves_no_attempt_behind(self):
+        values = self._start_portal_payment()
+        tx = self._get_tx(values['reference'])
+        # As on a copy of the database that neutralize.sql cleared: the secret is gone.
+        self.env.cr.execute("UPDATE payment_provider SET mpesa_consumer_secret = NULL WHERE id = %s",
+                            [self.provider.id])
+        self.env.invalidate_all()
+        with self.assertRaises(UserError):
+            tx._mpesa_send_stk_push(PHONE_SUCCESS)
+        self.assertEqual(tx.state, 'draft')
+        self.assertFalse(tx.mpesa_push_sent_at, "no attempt: the push can still be sent once mended")
+        self.assertFalse(tx.mpesa_outcome_unknown)
+
+    @mute_logger(TX_LOGGER)
+    def test_any_reconciliation_error_still_reaches_the_cutoff(self):
+        tx = self._pending_tx()
+        past = fields.Datetime.now() - timedelta(hours=25)
+        tx.write({'mpesa_push_sent_at': past, 'mpesa_next_check_at': past})
+        with patch.object(type(tx), '_mpesa_settle_by_query', side_effect=RuntimeError("boom")):
+            self.env['payment.transaction']._cron_mpesa_reconcile()
+        self.assertEqual(tx.state, 'error')
+        self.assertEqual(tx.mpesa_settled_by, 'cutoff')
+
+    def test_a_forged_callback_does_not_mute_the_missing_callback_alert(self):
+        tx = self._pending_tx()
+        self._answered(tx)  # The customer paid; Daraja's callback is lost.
+        self._post_callback(self._body(tx, code=1032))  # Forged: the query answers success.
+        self.assertEqual(self._events(kind='callback', transaction_id=tx.id).callback_state, 'rejected')
+        self.assertFalse(tx.mpesa_callback_at, "the forged callback is not counted as a callback")
+
+    @mute_logger(TX_LOGGER)
+    def test_a_refund_flag_failure_never_undoes_a_payment(self):
+        first = self._pending_tx()
+        self._answered(first)
+        self._post_callback(self._body(first, receipt='FIRST00001'))
+        self.assertEqual(first.state, 'done')
+        # A second prompt of the same order that Daraja confirms paid as well (a late customer).
+        late = first.copy({'reference': 'LATE-1', 'state': 'pending', 'provider_reference': 'ws_CO_late',
+                           'mpesa_requested_amount': 4500, 'mpesa_push_sent_at': fields.Datetime.now(),
+                           'sale_order_ids': [Command.set(self.quotation.ids)]})
+        with patch.object(type(self.quotation), '_mpesa_flag_for_refund', side_effect=RuntimeError("chatter down")):
+            late._handle_notification_data('mpesa', late._mpesa_notification('0', "Paid", 'query'))
+        self.assertEqual(late.state, 'done', "the real payment stands")
+        self.assertTrue(self.quotation.mpesa_needs_refund)
+
+    def test_a_late_receipt_is_unverified_and_a_conflicting_one_raises_an_alert(self):
+        tx = self._pending_tx()
+        self._answered(tx)
+        tx._mpesa_settle_by_query()
+        self.assertEqual((tx.state, tx.mpesa_receipt_status), ('done', 'pending'))
+        self._post_callback(self._body(tx, receipt='FIRST00001'))
+        self.assertEqual(tx.mpesa_receipt_number, 'FIRST00001')
+        self.assertEqual(tx.mpesa_receipt_status, 'unverified')
+        self._post_callback(self._body(tx, receipt='SECOND0001'))
+        self.assertEqual(tx.mpesa_receipt_number, 'FIRST00001', "never silently replaced")
+        conflict = self._events(kind='callback', receipt_number='SECOND0001')
+        self.assertEqual(conflict.callback_state, 'conflict', "kept, never dropped")
+        self.env['muchiri.mpesa.alert']._cron_check_alerts()
+        alert = self.env['muchiri.mpesa.alert'].search([('kind', '=', 'receipt_conflict')])
+        self.assertEqual(alert.transaction_ids, tx)
+
+    def test_a_replayed_push_takes_the_answer_it_lost(self):
+        values = self._start_portal_payment()
+        self._stk_push(values, PHONE_CALLBACK_LOST)
+        tx = self._get_tx(values['reference'])
+        checkout_id = tx.provider_reference
+        # The request's answer writes were lost (a serialization failure before the commit).
+        tx.write({'state': 'draft', 'provider_reference': False, 'mpesa_merchant_request_id': False})
+        self.assertIsNone(tx._mpesa_send_stk_push(PHONE_CALLBACK_LOST))
+        self.assertEqual((tx.state, tx.provider_reference), ('pending', checkout_id))
+        self.assertEqual(len(self.simulator.pushes), 1, "never a second prompt")
+
+    def test_the_status_page_brings_a_late_check_forward(self):
+        values = self._start_portal_payment()
+        self._stk_push(values, PHONE_CALLBACK_LOST)
+        tx = self._get_tx(values['reference'])
+        later = fields.Datetime.now() + timedelta(minutes=10)
+        tx.write({'mpesa_push_sent_at': fields.Datetime.now() - timedelta(seconds=30), 'mpesa_next_check_at': later})
+        self.make_jsonrpc_request(self._build_url('/payment/status/poll'), {})
+        self.env.invalidate_all()
+        self.assertLess(tx.mpesa_next_check_at, later)
+        self.assertEqual(self._queries(), 0, "the status page itself never waits on Daraja")
