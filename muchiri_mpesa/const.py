@@ -3,6 +3,9 @@
 
 PROVIDER_CODE = 'mpesa'
 
+# The route Daraja posts STK callbacks to; the secret authenticates the provider.
+CALLBACK_ROUTE = '/payment/mpesa/callback/<string:secret>'
+
 # M-Pesa takes Kenyan shillings only.
 SUPPORTED_CURRENCIES = ['KES']
 
@@ -67,6 +70,9 @@ CALLBACK_FINAL_STATES = ('processed', 'ignored', 'rejected', 'conflict')
 # A callback that cannot be settled now is tried again after this, doubling up to the maximum.
 SETTLE_RETRY_FIRST = 5
 SETTLE_RETRY_MAX = 30 * 60
+# One run of the settlement job works at most this long (seconds); Odoo runs it again at once when
+# callbacks are still due.
+SETTLE_RUN_SECONDS = 120
 
 # How far a transaction's M-Pesa receipt is proven.
 RECEIPT_STATUSES = [

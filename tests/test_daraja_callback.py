@@ -204,6 +204,11 @@ META = [*CB, "CallbackMetadata"]
     (_with(META, "Item", [{"Name": "MpesaReceiptNumber", "Value": "\udfff"}]), "MpesaReceiptNumber is not"),
     (_with(META, "Item", [{"Name": "PhoneNumber", "Value": "2547\x00"}]), "PhoneNumber is not"),
     (_with(META, "Item", [{"Name": "Balance", "Value": "\x00"}]), "Balance is not"),
+    # Indexed in the database: a receipt or phone of 1,000 emoji is past what a btree entry holds.
+    (_with(META, "Item", [{"Name": "MpesaReceiptNumber", "Value": "\U0001F600" * 1000}]), "MpesaReceiptNumber is not"),
+    (_with(META, "Item", [{"Name": "MpesaReceiptNumber", "Value": "NLJ7 RT61SV"}]), "MpesaReceiptNumber is not"),
+    (_with(META, "Item", [{"Name": "PhoneNumber", "Value": "7" * 65}]), "PhoneNumber is not"),
+    (_with(CB, "CheckoutRequestID", "ws_CO_\u00e9"), "CheckoutRequestID is not a Daraja value"),
 ])
 def test_malformed_bodies_are_refused_saying_what_is_wrong(body: Any, message: str) -> None:
     with pytest.raises(CallbackParseError, match=message) as caught:
@@ -218,6 +223,13 @@ def test_escaped_nul_and_surrogates_in_json_text_are_refused() -> None:
         assert text != SUCCESS_TEXT
         with pytest.raises(CallbackParseError, match="CheckoutRequestID is not a Daraja value"):
             parse_stk_callback(text)
+
+
+def test_a_date_out_of_any_m_pesa_range_is_no_date() -> None:
+    """0001-01-01 in Kenya time would overflow on its way to UTC."""
+    body = _with(META, "Item", [{"Name": "TransactionDate", "Value": 10101000000}])
+    body["Body"]["stkCallback"]["CallbackMetadata"]["Item"][0]["Value"] = "00010101000000"
+    assert parse_stk_callback(body).transaction_date is None
 
 
 def test_parsing_does_not_change_the_given_dict() -> None:

@@ -10,6 +10,8 @@ from odoo.http import request
 
 from odoo.addons.payment.controllers.post_processing import PaymentPostProcessing
 
+from .. import const
+
 _logger = logging.getLogger(__name__)
 
 _CALLBACK_SECRET = re.compile(r'(/payment/mpesa/callback/)[^/\s?"]+')
@@ -34,7 +36,6 @@ logging.getLogger('werkzeug').addFilter(_MaskCallbackSecret())
 
 class MpesaController(http.Controller):
     _stk_push_url = '/payment/mpesa/stk_push'
-    _callback_url = '/payment/mpesa/callback/<string:secret>'
 
     @http.route(_stk_push_url, type='json', auth='public')
     def mpesa_stk_push(self, reference, phone, access_token):
@@ -53,7 +54,7 @@ class MpesaController(http.Controller):
         error = tx_sudo._mpesa_send_stk_push(phone)
         return {'error': error} if error else {}
 
-    @http.route(_callback_url, type='http', methods=['POST'], auth='public', csrf=False,
+    @http.route(const.CALLBACK_ROUTE, type='http', methods=['POST'], auth='public', csrf=False,
                 save_session=False)
     def mpesa_callback(self, secret):
         """Receive Daraja's stkCallback: plain JSON, not JSON-RPC.

@@ -10,6 +10,7 @@ receipt is parsed, and the Odoo layer refuses it).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -35,9 +36,13 @@ _DATE_FORMAT = "%Y%m%d%H%M%S"
 # Far above any M-Pesa amount (250,000 per payment): a larger number is not a Daraja callback, and
 # Decimal arithmetic on it would fail later (failure mode 18).
 _MAX_AMOUNT = Decimal(10) ** 9
-# Daraja's identifiers are about 30 characters and its descriptions a sentence.
+# Daraja's identifiers are about 30 characters of ASCII and its descriptions a sentence; the
+# Odoo layer indexes identifiers, receipts and phones (a btree entry holds at most 2,704 bytes).
 _MAX_ID_LENGTH = 100
 _MAX_TEXT_LENGTH = 1000
+_MAX_PHONE_LENGTH = 64  # A SHA-256 hex digest, the longest form Daraja reports a payer in.
+# M-Pesa receipts are about 10 letters and digits (e.g. NLJ7RT61SV).
+_RECEIPT = re.compile(r"[A-Za-z0-9]{4,32}")
 
 
 @dataclass(frozen=True)
@@ -93,9 +98,10 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python's json accepts them, JSON does not.
 
 
-def _clean(text: str, name: str, limit: int = _MAX_TEXT_LENGTH) -> str:
-    """A text field as a database can store it: no NUL, no lone surrogate, of a sane length."""
-    if "\x00" in text or len(text) > limit:
+def _clean(text: str, name: str, limit: int = _MAX_TEXT_LENGTH, ascii_only: bool = False) -> str:
+    """A text field as a database can store it: no NUL, no lone surrogate, of a sane length
+    (identifiers: printable ASCII)."""
+    if "\x00" in text or len(text) > limit or (ascii_only and not (text.isascii() and text.isprintable())):
         raise CallbackParseError(f"The stkCallback {name} is not a Daraja value.")
     try:
         text.encode("utf-8")
@@ -120,7 +126,7 @@ def _required_id(callback: dict[str, Any], name: str) -> str:
     value = callback.get(name)
     if not isinstance(value, str) or not value.strip():
         raise CallbackParseError(f"The stkCallback has no {name} (a non-empty string is required).")
-    return _clean(value.strip(), name, _MAX_ID_LENGTH)
+    return _clean(value.strip(), name, _MAX_ID_LENGTH, ascii_only=True)
 
 
 def _result_code(callback: dict[str, Any]) -> str:
@@ -131,7 +137,7 @@ def _result_code(callback: dict[str, Any]) -> str:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip():
         raise CallbackParseError("The stkCallback ResultCode is neither a number nor a code.")
-    return _clean(str(value).strip(), "ResultCode", _MAX_ID_LENGTH)
+    return _clean(str(value).strip(), "ResultCode", _MAX_ID_LENGTH, ascii_only=True)
 
 
 def _items(callback: dict[str, Any]) -> dict[str, Any]:
@@ -185,18 +191,27 @@ def _transaction_date(value: Any) -> datetime | None:
     if len(text) != 14 or not text.isdigit():
         return None
     try:
-        return datetime.strptime(text, _DATE_FORMAT).replace(tzinfo=KENYA_TZ)
+        moment = datetime.strptime(text, _DATE_FORMAT).replace(tzinfo=KENYA_TZ)
     except ValueError:
         return None
+    # Years a conversion to UTC could overflow (0001, 9999) are no M-Pesa date either.
+    return moment if 2000 <= moment.year <= 2200 else None
 
 
-def _optional_text(value: Any, name: str) -> str | None:
+def _optional_text(value: Any, name: str, limit: int = _MAX_TEXT_LENGTH) -> str | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if value is None or isinstance(value, (dict, list)):
         return None
-    text = _clean(str(value).strip(), name)
+    text = _clean(str(value).strip(), name, limit, ascii_only=True)
     return text or None
+
+
+def _receipt(value: Any) -> str | None:
+    receipt = _optional_text(value, "MpesaReceiptNumber", _MAX_ID_LENGTH)
+    if receipt is not None and not _RECEIPT.fullmatch(receipt):
+        raise CallbackParseError("The stkCallback MpesaReceiptNumber is not a Daraja value.")
+    return receipt
 
 
 def parse_stk_callback(body: bytes | str | dict[str, Any]) -> StkCallback:
@@ -223,9 +238,9 @@ def parse_stk_callback(body: bytes | str | dict[str, Any]) -> StkCallback:
         result_code=code,
         result_desc=desc,
         amount=_amount(items.get("Amount")),
-        receipt_number=_optional_text(items.get("MpesaReceiptNumber"), "MpesaReceiptNumber"),
+        receipt_number=_receipt(items.get("MpesaReceiptNumber")),
         transaction_date=_transaction_date(items.get("TransactionDate")),
-        phone_number=_optional_text(items.get("PhoneNumber"), "PhoneNumber"),
+        phone_number=_optional_text(items.get("PhoneNumber"), "PhoneNumber", _MAX_PHONE_LENGTH),
         balance=None if balance is None else _clean(str(balance), "Balance"),
         raw=data,
     )

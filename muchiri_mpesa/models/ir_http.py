@@ -2,7 +2,7 @@
 from odoo import models
 from odoo.http import request
 
-from ..controllers.main import MpesaController
+from .. import const
 
 
 class IrHttp(models.AbstractModel):
@@ -12,6 +12,6 @@ class IrHttp(models.AbstractModel):
     def _pre_dispatch(cls, rule, args):
         """Keep a callback's raw bytes before Odoo reads its parameters: a body sent as a form
         would otherwise be consumed by the form parser, and could not be kept exactly."""
-        if rule.rule == MpesaController._callback_url:
+        if rule.rule == const.CALLBACK_ROUTE:
             request.httprequest.get_data(cache=True, parse_form_data=False)
         return super()._pre_dispatch(rule, args)

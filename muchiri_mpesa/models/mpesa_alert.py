@@ -258,7 +258,8 @@ class MpesaAlert(models.Model):
         events = self.env['muchiri.mpesa.event'].search([
             ('provider_id', '=', provider.id),
             ('kind', '=', 'callback'),
-            ('callback_state', 'in', ('unmatched', 'error')),
+            # Every state a callback waits in: one stuck anywhere is money no order shows.
+            ('callback_state', 'in', const.CALLBACK_WAITING_STATES),
             ('result_code', '=', '0'),
             ('create_date', '<=', now - UNMATCHED_CALLBACK_DELAY),
             ('create_date', '>=', now - timedelta(days=7)),

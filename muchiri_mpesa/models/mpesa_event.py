@@ -2,11 +2,13 @@
 import base64
 import json
 import logging
+import time
 from datetime import timedelta
 
-from psycopg2 import OperationalError
+from psycopg2.errors import DeadlockDetected, LockNotAvailable, SerializationFailure
 
 from odoo import api, fields, models
+from odoo.exceptions import UserError
 
 from .. import const, daraja
 
@@ -14,6 +16,11 @@ _logger = logging.getLogger(__name__)
 
 # Kept callbacks are retried this long: past it, an accountant looks at them in the log.
 KEEP_RETRYING = timedelta(days=7)
+# A kept callback is left to its request this long before the settlement job takes it over (the
+# request died after keeping it): the job never races the request that is still admitting it.
+ADMISSION_GRACE = timedelta(minutes=2)
+# What another worker holding the same rows looks like: try again, nothing is wrong.
+CONCURRENCY_ERRORS = (SerializationFailure, LockNotAvailable, DeadlockDetected)
 
 
 def _as_text(body):
@@ -62,8 +69,7 @@ class MpesaEvent(models.Model):
     remote_addr = fields.Char(string="Source Address", readonly=True)
     request_body = fields.Text(readonly=True, help="Secrets are redacted before they are stored.")
     raw_body = fields.Binary(
-        attachment=False, readonly=True, groups='base.group_system',
-        help="The callback's bytes exactly as received.",
+        attachment=False, readonly=True, help="The callback's bytes exactly as received.",
     )
     response_body = fields.Text(readonly=True)
     duration_ms = fields.Float(string="Duration (ms)", readonly=True)
@@ -149,6 +155,7 @@ class MpesaEvent(models.Model):
             'raw_body': base64.b64encode(raw_body),
             'request_body': _readable(raw_body),
             'callback_state': 'received',
+            'next_attempt_at': fields.Datetime.now() + ADMISSION_GRACE,
         })
 
     def _mpesa_raw_body(self):
@@ -158,20 +165,31 @@ class MpesaEvent(models.Model):
         return base64.b64decode(raw) if raw else (self.request_body or '').encode()
 
     def _mpesa_intake(self):
-        """The request's part: source check, parse, match within the provider, queue."""
+        """The request's part: admit the callback and wake the settlement job."""
+        self.ensure_one()
+        status, answer = self._mpesa_admit()
+        if status == 200:
+            self._mpesa_wake_settlement()
+        return status, answer
+
+    def _mpesa_admit(self):
+        """Source check, parse, match within the provider: the callback is then due for settlement.
+        Run by the request, or by the job for a callback whose request died after keeping it.
+
+        :return: the HTTP status and the JSON body that answer Daraja
+        """
         self.ensure_one()
         provider = self.provider_id
         if not provider._mpesa_is_allowed_source(self.remote_addr):
             self._mark('rejected', self.env._("The source address %s is not allowed.", self.remote_addr))
             return 403, {'ResultCode': 1, 'ResultDesc': "Rejected"}
-        callback = self._mpesa_parse()
-        if not callback:
+        if not self._mpesa_parse():
             return 400, {'ResultCode': 1, 'ResultDesc': "Rejected: not an stkCallback"}
         if self._mpesa_match(lock=False):
             self._mark('queued', self.env._("Waiting for Daraja's confirmation."))
         else:
             self._mark('unmatched', self.env._("No transaction of this provider has this CheckoutRequestID yet."))
-        self._mpesa_wake_settlement()
+        self.next_attempt_at = False
         return 200, dict(daraja.ACCEPTED_RESPONSE)
 
     def _mpesa_parse(self):
@@ -206,9 +224,12 @@ class MpesaEvent(models.Model):
             if lock:
                 tx._mpesa_lock()
             return tx
-        tx = self.env['payment.transaction'].sudo()._mpesa_find_by_checkout_request(
-            self.provider_id, self.checkout_request_id, lock=lock,
-        )
+        Transaction = self.env['payment.transaction'].sudo()
+        tx = Transaction._mpesa_find_by_checkout_request(self.provider_id, self.checkout_request_id, lock=lock)
+        if not tx:  # Our own log may know the push whose answer its transaction lost.
+            tx = Transaction._mpesa_find_by_logged_push(self.provider_id, self.checkout_request_id)
+            if tx and lock:
+                tx._mpesa_lock()
         if tx:
             self.transaction_id = tx
         return tx
@@ -225,10 +246,18 @@ class MpesaEvent(models.Model):
             waiting.next_attempt_at = False
             self._mpesa_wake_settlement()
 
-    def _mpesa_wake_settlement(self, at=None):
+    def _mpesa_wake_settlement(self):
+        """Wake the settlement job, unless a wake-up is already due: Odoo's cron runner then runs
+        it anyway (and it settles until nothing is due), and each ir.cron._trigger() costs a new
+        database connection for its NOTIFY (Odoo keeps none to 'postgres' in its pool)."""
         cron = self.env.ref('muchiri_mpesa.cron_mpesa_settle_callbacks', raise_if_not_found=False)
-        if cron:
-            cron.sudo()._trigger(at=at)
+        if not cron:
+            return
+        due = self.env['ir.cron.trigger'].sudo().search_count(
+            [('cron_id', '=', cron.id), ('call_at', '<=', fields.Datetime.now())], limit=1,
+        )
+        if not due:
+            cron.sudo()._trigger()
 
     # === STATES === #
 
@@ -268,19 +297,40 @@ class MpesaEvent(models.Model):
 
         Daraja's answer to one STK Query serves every callback of the same prompt in the run.
         Throttling, or a Daraja that cannot be reached, ends the run; any other failure backs off
-        that callback only.
+        that callback only.  Settled transactions are post-processed after the settlements are
+        committed: their row locks are not held through invoicing and mails, and a burst of
+        payments turns done without waiting for the invoices.
         """
-        events = self.sudo().search(self._mpesa_due_callbacks_domain(), order='id', limit=batch_size)
         answers = {}  # (provider id, CheckoutRequestID) -> the STK Query's answer in this run
         settled = 0
         stopped = False
-        for event in events:
-            outcome = event._mpesa_settle(answers)
-            settled += outcome == 'done'
-            self.env['payment.transaction']._mpesa_commit()
-            if outcome == 'stop':
-                stopped = True
+        Transaction = self.env['payment.transaction']
+        deadline = time.monotonic() + const.SETTLE_RUN_SECONDS
+        tried = self.browse()
+        # Until nothing is due: a callback kept while the run works is taken by this run, since its
+        # wake-up may find the run's own trigger still due (see _mpesa_wake_settlement).
+        while not stopped and time.monotonic() < deadline:
+            events = self.sudo().search(
+                [*self._mpesa_due_callbacks_domain(), ('id', 'not in', tried.ids)], order='id', limit=batch_size,
+            )
+            if not events:
                 break
+            tried |= events
+            to_post_process = Transaction.sudo()
+            for event in events:
+                outcome = event._mpesa_settle(answers)
+                Transaction._mpesa_commit()
+                if outcome == 'done':
+                    settled += 1
+                    to_post_process |= event.transaction_id.sudo()
+                elif outcome == 'stop':
+                    stopped = True
+                    break
+            # Once the batch is settled: a burst of payments turns done first, then the orders are
+            # confirmed and invoiced, each committed on its own.
+            for tx in to_post_process:
+                tx._mpesa_post_process()
+                Transaction._mpesa_commit()
         remaining = 0 if stopped else self.sudo().search_count(self._mpesa_due_callbacks_domain())
         self.env['ir.cron']._notify_progress(done=settled, remaining=min(remaining, batch_size))
         return settled
@@ -295,8 +345,8 @@ class MpesaEvent(models.Model):
         try:
             with self.env.cr.savepoint():
                 return self._mpesa_settle_locked(answers)
-        except OperationalError:
-            return 'wait'  # A concurrent worker has its transaction: the next run sees the result.
+        except CONCURRENCY_ERRORS:
+            return 'wait'  # A concurrent worker has it: the next run sees the result.
         except (daraja.DarajaConnectionError, daraja.DarajaProtocolError) as error:
             self._mpesa_retry_later('error', str(error), const.RECONCILE_THROTTLE_DELAY)
             return 'stop'
@@ -305,7 +355,7 @@ class MpesaEvent(models.Model):
             if error.error_code in const.THROTTLE_ERROR_CODES:
                 return 'stop'
             return 'wait'
-        except Exception as error:
+        except Exception as error:  # Never the same failure on every run: it backs off.
             _logger.warning("Kept M-Pesa callback %s could not be settled now.", self.id, exc_info=True)
             self._mpesa_retry_later('error', str(error))
             return 'wait'
@@ -320,6 +370,8 @@ class MpesaEvent(models.Model):
         self.invalidate_recordset()
         if self.callback_state not in const.CALLBACK_WAITING_STATES:
             return 'done'
+        if self.callback_state == 'received' and self._mpesa_admit()[0] != 200:
+            return 'done'  # Its request died before admitting it; refused now, as it would have been.
         callback = self._mpesa_parse()
         if not callback:
             return 'done'
@@ -332,8 +384,6 @@ class MpesaEvent(models.Model):
         state, message = tx._mpesa_apply_callback(callback, answers)
         if state in const.CALLBACK_FINAL_STATES:
             self._mark(state, message)
-            if state == 'processed':
-                tx._mpesa_post_process()
             return 'done'
         self._mpesa_retry_later(state, message)
         return 'wait'
@@ -352,8 +402,12 @@ class MpesaEvent(models.Model):
         callback = self._mpesa_parse()
         tx.provider_reference = self.checkout_request_id
         if override_reason and callback.amount is not None:
-            # An accounting manager vouched for a payment of another amount: it is what was paid.
-            tx.write({'mpesa_requested_amount': int(callback.amount), 'amount': float(callback.amount)})
+            tx._mpesa_accept_paid_amount(callback.amount)
         self.write({'transaction_id': tx.id, 'next_attempt_at': False})
         self._mark('queued', self.env._("Matched by hand with %s.", tx.reference))
-        return self._mpesa_settle_locked({})
+        try:
+            return self._mpesa_settle_locked({})
+        except daraja.DarajaError as error:
+            raise UserError(self.env._(
+                "M-Pesa cannot confirm this payment now (%s); try again in a few minutes.", error,
+            )) from error

@@ -200,9 +200,10 @@ class PaymentProvider(models.Model):
 
     def _mpesa_confirms_callbacks(self):
         """Whether a callback waits for Daraja's own confirmation (STK Query) before it counts.
-        Always for an enabled provider: an unsigned callback never decides a real payment."""
+        Always outside test mode (a disabled provider too): an unsigned callback never decides a
+        real payment."""
         self.ensure_one()
-        return self.state == 'enabled' or self.sudo().mpesa_confirm_by_query
+        return self.state != 'test' or self.sudo().mpesa_confirm_by_query
 
     @api.model
     def _mpesa_find_by_secret(self, secret):
@@ -226,10 +227,12 @@ class PaymentProvider(models.Model):
     # === BUSINESS METHODS - DARAJA === #
 
     def _mpesa_api_base_url(self):
+        """The Daraja this provider talks to: the sandbox in test mode only.  A disabled provider
+        that was live still reaches production, where its last prompts get their answers."""
         self.ensure_one()
         if self.sudo().mpesa_api_url:
             return self.sudo().mpesa_api_url.rstrip('/')
-        return daraja.PRODUCTION_URL if self.state == 'enabled' else daraja.SANDBOX_URL
+        return daraja.SANDBOX_URL if self.state == 'test' else daraja.PRODUCTION_URL
 
     def _mpesa_callback_base_url(self):
         self.ensure_one()
@@ -257,11 +260,13 @@ class PaymentProvider(models.Model):
         maximum = int(self.maximum_amount or daraja.DEFAULT_MAX_AMOUNT)
         return min(maximum, daraja.DARAJA_MAX_AMOUNT)
 
-    def _mpesa_client(self, transaction=None, session=None):
+    def _mpesa_client(self, transaction=None, session=None, base_url=None):
         """A Daraja client whose token is shared through the database and whose every HTTP exchange
         lands in the audit log (linked to `transaction` when given).
 
         :param requests.Session session: reuse its connections (the cron's many queries)
+        :param str base_url: the Daraja to talk to, when not the provider's current one (a
+                             prompt's query goes where its push went)
         """
         self.ensure_one()
         provider = self.sudo()
@@ -271,7 +276,7 @@ class PaymentProvider(models.Model):
             daraja.DarajaCredentials(
                 consumer_key=provider.mpesa_consumer_key.strip(),
                 consumer_secret=provider.mpesa_consumer_secret.strip(),
-                base_url=self._mpesa_api_base_url(),
+                base_url=base_url or self._mpesa_api_base_url(),
             ),
             self._mpesa_shortcode_config(),
             session=session,

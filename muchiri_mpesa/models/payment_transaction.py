@@ -31,6 +31,10 @@ class PaymentTransaction(models.Model):
         help="The whole-shilling amount of the STK Push: a payment must match it exactly.",
     )
     mpesa_push_sent_at = fields.Datetime(string="Prompt Sent", readonly=True, copy=False)
+    mpesa_api_url = fields.Char(
+        string="Daraja API", readonly=True, copy=False,
+        help="Where the prompt was sent: its status is asked there, whatever the provider's state now.",
+    )
     mpesa_receipt_number = fields.Char(
         string="M-Pesa Receipt", readonly=True, copy=False, index='btree_not_null',
     )
@@ -66,19 +70,33 @@ class PaymentTransaction(models.Model):
         'muchiri.mpesa.event', 'transaction_id', string="M-Pesa Exchanges", readonly=True,
     )
 
-    _sql_constraints = [(
-        'mpesa_receipt_number_unique', 'UNIQUE(mpesa_receipt_number)',
-        "This M-Pesa receipt number is already recorded on another transaction.",
-    )]
-
     def init(self):
+        """One payment, one transaction (failure mode 17), in the database itself.
+
+        Partial unique indexes: PostgreSQL lets no foreign key use them, so writing a receipt takes
+        no row lock that would block the exchange log's own cursor (see _mpesa_lock).
+        """
         res = super().init()
-        # One prompt, one transaction: a CheckoutRequestID is held by one transaction of a provider
-        # (only M-Pesa prompts set mpesa_push_sent_at).
-        self.env.cr.execute(
+        cr = self.env.cr
+        # Replaced by the partial index below.
+        cr.execute(
+            "ALTER TABLE payment_transaction DROP CONSTRAINT IF EXISTS payment_transaction_mpesa_receipt_number_unique"
+        )
+        self._mpesa_create_unique_index(
+            'payment_transaction_mpesa_receipt_uniq',
+            "SELECT array_agg(reference) FROM payment_transaction WHERE mpesa_receipt_number IS NOT NULL"
+            " GROUP BY mpesa_receipt_number HAVING count(*) > 1 LIMIT 5",
+            "CREATE UNIQUE INDEX IF NOT EXISTS payment_transaction_mpesa_receipt_uniq"
+            " ON payment_transaction (mpesa_receipt_number) WHERE mpesa_receipt_number IS NOT NULL",
+        )
+        self._mpesa_create_unique_index(  # Only M-Pesa prompts set mpesa_push_sent_at.
+            'payment_transaction_mpesa_checkout_uniq',
+            "SELECT array_agg(reference) FROM payment_transaction"
+            " WHERE mpesa_push_sent_at IS NOT NULL AND provider_reference IS NOT NULL"
+            " GROUP BY provider_id, provider_reference HAVING count(*) > 1 LIMIT 5",
             "CREATE UNIQUE INDEX IF NOT EXISTS payment_transaction_mpesa_checkout_uniq"
             " ON payment_transaction (provider_id, provider_reference)"
-            " WHERE mpesa_push_sent_at IS NOT NULL AND provider_reference IS NOT NULL"
+            " WHERE mpesa_push_sent_at IS NOT NULL AND provider_reference IS NOT NULL",
         )
         return res
 
@@ -143,12 +161,20 @@ class PaymentTransaction(models.Model):
         # Built and checked before the attempt is committed: a configuration error sends nothing
         # and leaves no false "outcome unknown" attempt behind.
         client = provider._mpesa_client(transaction=self)
-        callback_url = provider._mpesa_callback_url()
+        push = {
+            'phone': msisdn, 'amount': amount, 'reference': self.reference,
+            'description': self.company_id.name or 'Payment', 'callback_url': provider._mpesa_callback_url(),
+        }
+        try:
+            daraja.build_stk_push_payload(client.shortcode, max_amount=client.max_amount, **push)
+        except daraja.DarajaValidationError as error:
+            raise ValidationError(str(error)) from error
 
         values = {
             'mpesa_phone': msisdn,
             'mpesa_requested_amount': amount,
             'mpesa_push_sent_at': fields.Datetime.now(),
+            'mpesa_api_url': client.credentials.base_url,
         }
         if self.currency_id.compare_amounts(amount, self.amount):
             # M-Pesa takes whole shillings, rounded up: record what the phone is really asked.
@@ -159,10 +185,7 @@ class PaymentTransaction(models.Model):
         self._mpesa_commit()
 
         try:
-            result = client.stk_push(
-                phone=msisdn, amount=amount, reference=self.reference,
-                description=self.company_id.name or 'Payment', callback_url=callback_url,
-            )
+            result = client.stk_push(**push)
         except daraja.DarajaError as error:
             message = self._mpesa_push_error_message(error)
             self.mpesa_outcome_unknown = self._mpesa_push_may_have_reached(error)
@@ -188,17 +211,48 @@ class PaymentTransaction(models.Model):
     def _mpesa_resume_push(self):
         """A replay of a push request that died after the prompt left: never a second prompt.
 
-        Daraja's answer, if one came, is in the exchange log (kept on its own cursor).
-
         :return: None when the prompt is on its way, else the message explaining why not
         """
-        answer = self.env['muchiri.mpesa.event'].sudo().search([
-            ('kind', '=', 'stk_push'), ('transaction_id', '=', self.id), ('checkout_request_id', '!=', False),
-        ], order='id desc', limit=1)
-        if answer:
-            self._mpesa_record_push_answer(answer.checkout_request_id, answer.merchant_request_id)
+        if self._mpesa_take_logged_push_answer():
             return None
         raise ValidationError(self.env._("This payment can no longer be sent to M-Pesa."))
+
+    def _mpesa_take_logged_push_answer(self, checkout_request_id=None):
+        """Record Daraja's answer to this transaction's push from the exchange log, where it is kept
+        on its own cursor, when the transaction lost it (its request replayed, or its worker killed
+        between the two commits).
+
+        :return: whether an answer was found and recorded
+        """
+        self.ensure_one()
+        if self.provider_reference or not self.mpesa_push_sent_at:
+            return False
+        answer = self.env['muchiri.mpesa.event'].sudo().search([
+            ('kind', '=', 'stk_push'), ('transaction_id', '=', self.id), ('provider_id', '=', self.provider_id.id),
+            ('checkout_request_id', '=', checkout_request_id) if checkout_request_id
+            else ('checkout_request_id', '!=', False),
+        ], order='id desc', limit=1)
+        if not answer:
+            return False
+        if self.state == 'draft':
+            self._mpesa_record_push_answer(answer.checkout_request_id, answer.merchant_request_id)
+        else:  # Ended as "outcome unknown": a confirmed success may still turn it done.
+            self.write({'provider_reference': answer.checkout_request_id,
+                        'mpesa_merchant_request_id': answer.merchant_request_id, 'mpesa_outcome_unknown': False})
+        return True
+
+    @api.model
+    def _mpesa_find_by_logged_push(self, provider, checkout_request_id):
+        """The transaction whose push Daraja answered with `checkout_request_id`, per our own
+        exchange log, when the transaction itself lost that answer; it takes the answer back."""
+        answer = self.env['muchiri.mpesa.event'].sudo().search([
+            ('kind', '=', 'stk_push'), ('provider_id', '=', provider.id),
+            ('checkout_request_id', '=', checkout_request_id), ('transaction_id', '!=', False),
+        ], limit=1)
+        tx = answer.transaction_id.sudo()
+        if tx and tx._mpesa_take_logged_push_answer(checkout_request_id):
+            return tx
+        return self.browse()
 
     def _mpesa_lock_for_push(self):
         """Lock the transaction: a second click or a replayed request waits for nothing, it fails."""
@@ -237,15 +291,39 @@ class PaymentTransaction(models.Model):
         still pending is asked about first (STK Query): the new prompt goes only once Daraja says
         the old one is over, and not at all if the customer paid it.
 
-        The documents' rows are locked, and the push then updates them before it commits: a
-        concurrent push for the same document fails its lock with a serialization error, and Odoo
-        replays it on a fresh snapshot that sees this prompt.
+        Locks are taken in the order the settlement takes them (a transaction, then its documents):
+        an older prompt's row without waiting (busy: try again), then the documents' rows.  The push
+        then updates the documents before it commits: a concurrent push for the same document fails
+        its lock with a serialization error, and Odoo replays it on a fresh snapshot that sees this
+        prompt.
         """
         documents = self._mpesa_documents()
         if not documents:
             return
+        others = self._mpesa_other_prompts(documents)
+        previous = others.filtered(lambda tx: tx.state == 'pending' and tx.provider_reference)
+        if previous:
+            for other in previous:
+                other._mpesa_settle_previous_prompt()
+            # Part of the push's commits: Daraja's answer is kept even if this push is refused
+            # below.  Then this transaction's lock is taken again, and the checks run afresh.
+            self._mpesa_commit()
+            self._mpesa_lock_for_push()
+            others = self._mpesa_other_prompts(documents)
         documents._mpesa_lock_rows()
-        document_field = 'sale_order_ids' if self.sale_order_ids else 'invoice_ids'
+        if others.filtered(lambda tx: tx.state == 'pending' and tx.provider_reference):
+            raise ValidationError(self.env._(
+                "M-Pesa is still processing the previous prompt for %s.  Try again in a few minutes.",
+                ', '.join(documents.mapped('name')),
+            ))
+        for document in documents:
+            if document.currency_id.compare_amounts(document._mpesa_paid_amount(), document.amount_total) >= 0:
+                raise ValidationError(self.env._("%s is already paid.", document.name))
+
+    def _mpesa_other_prompts(self, documents):
+        """The other prompts for `documents` that may still be on a phone; refuses at once while
+        one is younger than the provider's cooldown."""
+        document_field = 'sale_order_ids' if documents._name == 'sale.order' else 'invoice_ids'
         others = self.search([
             ('id', '!=', self.id),
             ('provider_code', '=', 'mpesa'),
@@ -253,9 +331,7 @@ class PaymentTransaction(models.Model):
             ('mpesa_push_sent_at', '!=', False),
             '|', ('state', 'in', ('draft', 'pending')), ('mpesa_outcome_unknown', '=', True),
         ])
-        young_since = fields.Datetime.now() - timedelta(
-            seconds=self.provider_id.sudo().mpesa_push_cooldown or 0
-        )
+        young_since = fields.Datetime.now() - timedelta(seconds=self.provider_id.sudo().mpesa_push_cooldown or 0)
         for other in others:
             if other.mpesa_push_sent_at > young_since:
                 raise ValidationError(self.env._(
@@ -264,21 +340,17 @@ class PaymentTransaction(models.Model):
                     document=', '.join(documents.mapped('name')),
                     phone=daraja.mask_msisdn(other.mpesa_phone or ''),
                 ))
-        previous = others.filtered(lambda tx: tx.state == 'pending' and tx.provider_reference)
-        if previous:
-            for other in previous:
-                other._mpesa_settle_previous_prompt()
-            # Part of the push's commits: Daraja's answer is kept even if this push is refused
-            # below; then check again, under fresh locks and snapshot.
-            self._mpesa_commit()
-            self._mpesa_check_no_prompt_waiting()
-            return
-        for document in documents:
-            if document.currency_id.compare_amounts(document._mpesa_paid_amount(), document.amount_total) >= 0:
-                raise ValidationError(self.env._("%s is already paid.", document.name))
+        return others
 
     def _mpesa_settle_previous_prompt(self):
         """Settle an older pending prompt of the same order before a new one may go."""
+        try:
+            with self.env.cr.savepoint(flush=False):
+                self._mpesa_lock('nowait')  # Busy with the cron or a callback: never wait on it.
+        except OperationalError as error:
+            raise ValidationError(self.env._(
+                "M-Pesa is still processing the previous prompt for this order.  Try again in a few minutes."
+            )) from error
         try:
             result = self._mpesa_settle_by_query()
         except daraja.DarajaError as error:
@@ -301,7 +373,7 @@ class PaymentTransaction(models.Model):
         :raise daraja.DarajaError: when Daraja cannot answer now.
         """
         self.ensure_one()
-        client = self.provider_id._mpesa_client(transaction=self, session=session)
+        client = self.provider_id._mpesa_client(transaction=self, session=session, base_url=self.mpesa_api_url)
         return client.stk_query(self.provider_reference)
 
     def _mpesa_settle_by_query(self, session=None):
@@ -338,7 +410,9 @@ class PaymentTransaction(models.Model):
         pushes, callbacks, queries and the crons handle it one after the other.
 
         FOR NO KEY UPDATE: the exchange log, written on its own cursor meanwhile, still references
-        the row (a foreign key takes FOR KEY SHARE, which FOR UPDATE would block: a deadlock).
+        the row (a foreign key takes FOR KEY SHARE, which FOR UPDATE would block: a deadlock).  For
+        the same reason no column of this table that a foreign key could use (a full unique index)
+        may be written before a Daraja call: the M-Pesa uniques are partial indexes (see init).
 
         :param str how: 'wait' for the lock, 'nowait' (raise LockNotAvailable at once) or 'skip'
         :return: whether the lock is held ('skip': False when another worker has it)
@@ -531,22 +605,18 @@ class PaymentTransaction(models.Model):
         if self.mpesa_receipt_number:
             if receipt == self.mpesa_receipt_number:
                 return 'ignored', self.env._("This receipt is already recorded.")
-            if self.mpesa_receipt_status == 'unverified':
-                return 'conflict', self.env._(
-                    "A second receipt (%(new)s) for a prompt whose unverified receipt is %(old)s: an"
-                    " accountant must tell which one is real.", new=receipt, old=self.mpesa_receipt_number,
-                )
-            return 'rejected', self.env._(
-                "A second receipt (%(new)s) for a prompt already paid with %(old)s: Daraja sends"
-                " one per prompt, so this callback is not trusted.", new=receipt, old=self.mpesa_receipt_number,
+            # Daraja sends one receipt per prompt, and its query carries none: one of the two is
+            # forged, and only an accountant can tell which.
+            return 'conflict', self.env._(
+                "A second receipt (%(new)s) for a prompt already paid with %(old)s: an accountant must"
+                " tell which one is real.", new=receipt, old=self.mpesa_receipt_number,
             )
         try:
             with self.env.cr.savepoint():
                 values = self._mpesa_check_paid_amount_and_receipt(
                     self._mpesa_callback_notification(callback, False)
                 )
-                self.write({**values, 'mpesa_receipt_status': 'unverified',
-                            'mpesa_callback_at': self.mpesa_callback_at or fields.Datetime.now()})
+                self.write({**values, 'mpesa_receipt_status': 'unverified'})
         except ValidationError as error:
             return 'rejected', str(error)
         return 'processed', self.env._(
@@ -603,6 +673,22 @@ class PaymentTransaction(models.Model):
                 receipt=event.receipt_number or event.checkout_request_id, ref=self.reference,
                 user=self.env.user.name, why='; '.join(mismatches), reason=override_reason.strip(),
             ))
+
+    def _mpesa_create_unique_index(self, name, duplicates_query, create_query):
+        """Create a unique index, unless existing rows break it: those are money to sort out by hand,
+        never resolved by guessing (they are named in the log)."""
+        self.env.cr.execute(duplicates_query)
+        duplicates = [row[0] for row in self.env.cr.fetchall()]
+        if duplicates:
+            _logger.warning("M-Pesa: %s not created, these transactions share a payment: %s", name, duplicates)
+            return
+        self.env.cr.execute(create_query)
+
+    def _mpesa_accept_paid_amount(self, amount):
+        """An accounting manager vouched for a payment of another amount than the prompt asked:
+        the transaction is for what was paid (the documents then show it part-paid or overpaid)."""
+        self.ensure_one()
+        self.write({'mpesa_requested_amount': int(amount), 'amount': float(amount)})
 
     def _mpesa_settle_with_query_result(self, query):
         self._handle_notification_data('mpesa', self._mpesa_notification(
@@ -702,6 +788,9 @@ class PaymentTransaction(models.Model):
             ('mpesa_push_sent_at', '<', fields.Datetime.now() - timedelta(minutes=5)),
         ], limit=const.RECONCILE_BATCH_SIZE)
         for tx in stale:
+            if tx._mpesa_take_logged_push_answer():
+                tx._mpesa_commit()
+                continue
             tx.mpesa_outcome_unknown = True
             tx._set_error(self.env._(
                 "The answer to this M-Pesa prompt was never recorded: if the customer paid, the"

@@ -165,7 +165,7 @@ class TestCallback(MpesaCommon):
         self.env.invalidate_all()
         self.assertEqual(tx.mpesa_receipt_number, 'FIRST00001')
         second = self._events(kind='callback', receipt_number='SECOND0001')
-        self.assertEqual(second.callback_state, 'rejected')
+        self.assertEqual(second.callback_state, 'conflict', "kept for an accountant, never taken")
         self.assertFalse(self.quotation.mpesa_needs_refund, "Daraja sends one receipt per prompt")
 
     def test_new_prompt_waits_for_the_previous_one(self):
@@ -216,9 +216,11 @@ class TestCallback(MpesaCommon):
     def test_payment_of_a_lost_push_answer_is_matched_by_hand(self):
         tx = self._pending_tx()
         self._settled_at_simulator(tx)
-        # Daraja took the push, but its answer was never read: no CheckoutRequestID to match.
+        # Daraja took the push, but its answer was never read (a timeout): no CheckoutRequestID to
+        # match, in the transaction or in the exchange log.
         checkout_id = tx.provider_reference
         tx.write({'provider_reference': False, 'state': 'error', 'mpesa_outcome_unknown': True})
+        self._events(kind='stk_push', transaction_id=tx.id).sudo().write({'checkout_request_id': False})
         self._post_callback(self._success_body(tx, checkout_request_id=checkout_id))
         event = self._events(kind='callback', checkout_request_id=checkout_id)
         self.assertEqual(event.callback_state, 'unmatched')

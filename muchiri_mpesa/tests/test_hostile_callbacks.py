@@ -718,6 +718,7 @@ class TestHostileCallbacks(MpesaCommon):
         has_raw_body = hasattr(Event, '_mpesa_raw_body')
         with self.registry.test_lock:
             last_event_id = max(Event.search([], limit=1, order='id desc').ids or [0])
+        first_event_id = last_event_id
 
         # Daraja has no session: a client of its own, with only the cookie that routes it to this test.
         client = Opener(self.cr)
@@ -767,10 +768,11 @@ class TestHostileCallbacks(MpesaCommon):
                 for record in error_records.records[seen_errors:]:
                     message = record.getMessage().splitlines()[0][:120] if record.getMessage() else ''
                     logged_errors.append((case.family, case.kind, f"{record.name}: {message}; {detail}"))
+            elapsed = time.monotonic() - started
+            after = self._snapshot(transactions)
+            settlement = self._settle_what_was_kept(error_records, transactions, first_event_id)
         finally:
             root.removeHandler(error_records)
-        elapsed = time.monotonic() - started
-        after = self._snapshot(transactions)
 
         _logger.info("Posted %s hostile requests in %.1f s: %s", len(cases), elapsed, dict(sorted(posted.items())))
         _logger.info("Status codes by family: %s", {
@@ -785,11 +787,55 @@ class TestHostileCallbacks(MpesaCommon):
             ("2. no ERROR log record", logged_errors),
             ("3. right-path bodies kept exactly, others not kept and 404", not_kept),
             ("4. no transaction changed", changed),
+            ("5. the settlement job takes every kept body without an ERROR, and no money moves but Daraja's",
+             settlement),
         ]
         for check, failures in checks:
             with self.subTest(check=check):
                 if failures:
                     self.fail(self._report(check, failures))
+
+    def _settle_what_was_kept(self, error_records, transactions, since_event_id):
+        """Then the settlement job, as the cron Daraja's callbacks wake, takes all of it: every kept
+        body, even past the admission grace, ends final or backs off, with no ERROR line.  Only what
+        Daraja's own query says may move money: the paid prompt may end done (for the amount asked,
+        one receipt), the prompt still being processed and the done transaction stay as they were."""
+        failures = []
+        seen_errors = len(error_records.records)
+        Event = self.env['muchiri.mpesa.event'].sudo()
+        with self.registry.test_lock:
+            kept = Event.search([('kind', '=', 'callback'), ('id', '>', since_event_id)])
+            kept.filtered(lambda event: event.callback_state == 'received').write({
+                'next_attempt_at': False,  # As if their requests died: the job admits them.
+            })
+            before = self._read_snapshot(transactions)
+        for _run in range(40):  # Bounded: each run settles a batch; stop once nothing is due.
+            self._settle_callbacks()
+            with self.registry.test_lock:
+                if not Event.search_count(Event._mpesa_due_callbacks_domain()):
+                    break
+        with self.registry.test_lock:
+            self.env.invalidate_all()
+            stuck = kept.filtered(lambda event: event.callback_state == 'received')
+            failures += [('settlement', 'left received', f"event {event.id}") for event in stuck[:5]]
+            retrying = kept.filtered(lambda event: event.callback_state in ('error', 'unmatched', 'queued')
+                                     and not event.next_attempt_at)
+            failures += [('settlement', 'retried without back-off', f"event {event.id} {event.callback_state}")
+                         for event in retrying[:5]]
+            after = self._read_snapshot(transactions)
+            paid, processing, done = transactions
+            for tx in (processing, done):
+                failures += [('settlement', 'moved money', change)
+                             for change in self._changes({tx.reference: before[tx.reference]},
+                                                         {tx.reference: after[tx.reference]})]
+            if paid.state == 'done' and paid.mpesa_paid_amount != paid.mpesa_requested_amount:
+                failures.append(('settlement', 'wrong amount', f"{paid.mpesa_paid_amount}"))
+            if paid.mpesa_receipt_number == FOREIGN_RECEIPT:
+                failures.append(('settlement', 'receipt reused', FOREIGN_RECEIPT))
+        for record in error_records.records[seen_errors:]:
+            failures.append(('settlement', 'ERROR line', f"{record.name}: {record.getMessage()[:120]}"))
+        _logger.info("Settlement of the kept bodies: %s", dict(Counter(kept.mapped('callback_state'))))
+        return failures
 
     @staticmethod
     def _report(check, failures):

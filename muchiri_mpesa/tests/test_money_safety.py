@@ -2,6 +2,7 @@
 """The money rules under attack: each test here failed before its fix (issue "Money safety under
 attack").  Callbacks really travel over HTTP to Odoo's test server; Daraja is the simulator."""
 import inspect
+import json
 from datetime import datetime, timedelta
 from unittest.mock import patch
 
@@ -55,6 +56,16 @@ class MoneySafetyCommon(MpesaCommon):
     def _queries(self):
         return len(self.simulator.requests_for('stk_query'))
 
+    def _kept_unmatched(self, tx, **body):
+        """A success callback kept before its transaction held the CheckoutRequestID."""
+        checkout_id = tx.provider_reference
+        tx.provider_reference = f'{checkout_id}-not-yet'
+        self._post_callback(self._body(tx, checkout_request_id=checkout_id, **body))
+        tx.provider_reference = checkout_id
+        event = self._events(kind='callback', checkout_request_id=checkout_id)
+        self.assertEqual(event.callback_state, 'unmatched')
+        return event
+
     def _second_provider(self, **values):
         return self.provider.copy({
             'name': "M-Pesa (second shortcode)",
@@ -87,11 +98,14 @@ class TestProviderScoping(MoneySafetyCommon):
     def test_disabled_provider_still_settles_its_own_prompts(self):
         tx = self._pending_tx()
         self._answered(tx)
-        self.provider.state = 'disabled'  # The customer paid: the answer must still land.
+        self.assertEqual(tx.mpesa_api_url, self.simulator.base_url)
+        # Switched off, and no longer pointed anywhere: its prompt's query still goes where the push went.
+        self.provider.write({'state': 'disabled', 'mpesa_api_url': False})
         response = self._post_callback(self._body(tx))
         self.assertEqual(response.status_code, 200)
         self.assertEqual(tx.state, 'done')
         self.assertEqual(tx.mpesa_receipt_number, 'SIM1234567')
+        self.assertEqual(self._queries(), 1, "confirmed by Daraja: a disabled provider is no test provider")
 
     @mute_logger('odoo.sql_db')
     def test_checkout_request_id_is_unique_per_provider(self):
@@ -109,16 +123,6 @@ class TestProviderScoping(MoneySafetyCommon):
 
 @tagged('post_install', '-at_install')
 class TestMatchByHand(MoneySafetyCommon):
-
-    def _kept_unmatched(self, tx, **body):
-        """A success callback kept before its transaction held the CheckoutRequestID."""
-        checkout_id = tx.provider_reference
-        tx.provider_reference = f'{checkout_id}-not-yet'
-        self._post_callback(self._body(tx, checkout_request_id=checkout_id, **body))
-        tx.provider_reference = checkout_id
-        event = self._events(kind='callback', checkout_request_id=checkout_id)
-        self.assertEqual(event.callback_state, 'unmatched')
-        return event
 
     def _lost_answer_tx(self, tx, **values):
         return tx.copy({
@@ -377,6 +381,38 @@ class TestSettlementQueue(MoneySafetyCommon):
         self.assertEqual(first.state, 'pending')
         self.assertEqual(second.state, 'done', "the next callback was not held up")
 
+    def test_a_callback_whose_request_died_is_admitted_by_the_job(self):
+        """Kept, then the worker died: the job checks the source as the request would have."""
+        tx = self._pending_tx()
+        self._answered(tx)
+        self.provider.write({'mpesa_ip_check': 'enforce', 'mpesa_allowed_ips': '196.201.214.200'})
+        Event = self.env['muchiri.mpesa.event'].sudo()
+        forged = Event._mpesa_keep_callback(self.provider, json.dumps(self._body(tx)).encode(), '6.6.6.6')
+        self._settle_callbacks()
+        self.assertEqual(forged.callback_state, 'received', "its request may still be admitting it")
+        forged.next_attempt_at = fields.Datetime.now() - timedelta(seconds=1)  # Past the grace.
+        self._settle_callbacks()
+        self.assertEqual(forged.callback_state, 'rejected')
+        self.assertEqual(tx.state, 'pending')
+        genuine = Event._mpesa_keep_callback(self.provider, json.dumps(self._body(tx)).encode(), '196.201.214.200')
+        genuine.next_attempt_at = fields.Datetime.now() - timedelta(seconds=1)
+        self._settle_callbacks()
+        self.assertEqual(genuine.callback_state, 'processed')
+        self.assertEqual(tx.state, 'done')
+
+    @mute_logger(EVENT_LOGGER)
+    def test_any_failure_backs_off_instead_of_repeating(self):
+        tx = self._pending_tx()
+        self._answered(tx)
+        self._post_callback(self._body(tx), settle=False)
+        event = self._events(kind='callback', transaction_id=tx.id)
+        with patch.object(type(tx), '_mpesa_apply_callback', side_effect=RuntimeError("bad data")):
+            self._settle_callbacks()
+            self._settle_callbacks()
+        self.assertEqual(event.callback_state, 'error')
+        self.assertEqual(event.attempt_count, 1, "not retried on every run")
+        self.assertGreater(event.next_attempt_at, fields.Datetime.now())
+
     def test_throttling_ends_the_run(self):
         _first, second = self._two_queued_callbacks()
         self.simulator.fail_next(1, error='spike_arrest', operations=['stk_query'])
@@ -459,6 +495,43 @@ class TestSmallerDefects(MoneySafetyCommon):
         self.assertIsNone(tx._mpesa_send_stk_push(PHONE_CALLBACK_LOST))
         self.assertEqual((tx.state, tx.provider_reference), ('pending', checkout_id))
         self.assertEqual(len(self.simulator.pushes), 1, "never a second prompt")
+
+    def _push_answer_lost(self):
+        """A prompt on the phone whose transaction lost Daraja's answer (its worker was killed
+        between the two commits): only the exchange log holds the CheckoutRequestID."""
+        values = self._start_portal_payment()
+        self._stk_push(values, PHONE_CALLBACK_LOST)
+        tx = self._get_tx(values['reference'])
+        checkout_id = tx.provider_reference
+        tx.write({'state': 'draft', 'provider_reference': False, 'mpesa_merchant_request_id': False})
+        return tx, checkout_id
+
+    def test_a_callback_finds_the_push_its_transaction_lost(self):
+        tx, checkout_id = self._push_answer_lost()
+        self._wait(lambda: self.simulator.transaction(checkout_id).is_final(), message="the answer", settle=False)
+        self._post_callback(self._body(tx, checkout_request_id=checkout_id))
+        self.assertEqual(tx.provider_reference, checkout_id)
+        self.assertEqual(tx.state, 'done')
+        self.assertEqual(self._events(kind='callback', checkout_request_id=checkout_id).transaction_id, tx)
+
+    def test_the_cron_takes_a_lost_push_answer_from_the_log(self):
+        tx, checkout_id = self._push_answer_lost()
+        tx.mpesa_push_sent_at -= timedelta(minutes=10)
+        self.env['payment.transaction']._mpesa_expire_unanswered_pushes()
+        self.assertEqual((tx.state, tx.provider_reference), ('pending', checkout_id))
+        self.assertFalse(tx.mpesa_outcome_unknown, "Daraja's answer is known: no prompt of unknown outcome")
+
+    def test_matching_by_hand_while_daraja_is_down_says_so(self):
+        tx = self._pending_tx()
+        self._answered(tx)
+        event = self._kept_unmatched(tx)
+        tx.write({'provider_reference': False, 'state': 'error', 'mpesa_outcome_unknown': True})
+        self.simulator.fail_next(1, error='unavailable', operations=['stk_query'])
+        with self.assertRaisesRegex(UserError, 'cannot confirm this payment now'), self.env.cr.savepoint():
+            self.env['muchiri.mpesa.callback.match'].with_context(active_id=event.id).create({
+                'transaction_id': tx.id,
+            }).action_match()
+        self.assertFalse(tx.provider_reference)
 
     def test_the_status_page_brings_a_late_check_forward(self):
         values = self._start_portal_payment()

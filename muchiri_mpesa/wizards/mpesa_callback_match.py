@@ -50,6 +50,7 @@ class MpesaCallbackMatch(models.TransientModel):
             # Raising rolls everything back: the transaction keeps no borrowed CheckoutRequestID.
             raise UserError(self.env._("The payment was not accepted: %s", event.message or outcome))
         tx.mpesa_outcome_unknown = False
+        tx._mpesa_post_process()
         for document in tx._mpesa_documents():
             document.message_post(body=self.env._(
                 "M-Pesa payment %(receipt)s matched by hand with %(ref)s by %(user)s.",
