@@ -17,13 +17,20 @@ lock waits, instead of hanging (the waits are then cancelled so that the next sc
 scenario, then ``concurrency: N passed, M failed``; the exit status is non-zero on any failure.
 
 Scenarios: 1 token refresh by 8 workers; 2 a push while the token refreshes; 2b (extra) 4 pushes while the
-token refreshes; 3 a double click; 4 two transactions of one order pushed at once; 5 a success callback
-against the reconciliation cron; 6 duplicate callbacks; 7 (extra) the order saved while its push is at Daraja.
+token refreshes; 3 a double click; 4 two transactions of one order pushed at once; 5 a success callback and
+its settlement run against the reconciliation cron; 6 duplicate callbacks and two settlement runs at once;
+7 (extra) the order saved while its push is at Daraja.
+The kill -9 scenarios run a real prefork Odoo (tests/odoo_prefork.py: 2 HTTP workers, 1 cron worker) on the
+same database and talk to it over HTTP: K1 a burst of duplicated callbacks during which an HTTP worker is
+killed in the middle of a request (the master respawns it; the callers retry as Daraja does), then the cron
+worker in the middle of its work; K2 a portal push whose worker is killed while Daraja holds the push's answer.
+Odoo is then stopped, and the settlement job (muchiri_mpesa.cron_mpesa_settle_callbacks), the reconciliation
+job and Odoo's post-processing run in-process until nothing is due; the checks read the database.
 Odoo logs every failed query at ERROR, a serialization failure or a NOWAIT refusal too: those expected ones
 are counted in the scenario lines, not shown; any other ERROR log fails its scenario.
 
     python3 tests/odoo_concurrency.py [--db muchiri_mpesa_concurrency] [--timeout 30] [--rounds 10]
-                                      [--repeat 5] [--only 1 5] [--no-install]
+                                      [--repeat 5] [--kill-txs 60] [--only 1 5 K1 K2] [--no-install]
 
 Needs Odoo 18 importable by python3 and PostgreSQL, with the settings of scripts/odoo-tests and
 benchmarks/bench_reconcile.py (PGHOST, PGPORT, ODOO_DB_USER, ODOO_DB_PASSWORD).  Its name does not match
@@ -36,9 +43,12 @@ import argparse
 import contextlib
 import faulthandler
 import functools
+import http.client
 import json
 import logging
 import os
+import queue
+import random
 import sys
 import threading
 import time
@@ -56,7 +66,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # The Daraja layer and its simulator, from the repository root.
 
-import odoo_scratch_db  # noqa: E402 - this script's own folder, tests/
+import odoo_prefork  # noqa: E402 - this script's own folder, tests/
+import odoo_scratch_db  # noqa: E402
 
 KEY, SECRET, SHORTCODE = "concurrency-key", "concurrency-secret", "174379"
 PASSKEY = "bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919"
@@ -65,6 +76,14 @@ PHONE_SANDBOX = "254708374149"  # Pays; the simulator posts its callback (to the
 PHONE_CALLBACK_LOST = "254700000005"  # Pays; the simulator never posts a callback: only the query knows.
 ORDER_LINE_PRICE, ORDER_LINE_QTY = 1500.0, 3
 TOKEN_DELAY = 0.3  # Seconds Daraja takes to issue a token in the token scenarios.
+SETTLE_CRON = "muchiri_mpesa.cron_mpesa_settle_callbacks"  # The settlement job of the callbacks' new flow.
+RECONCILE_CRON = "muchiri_mpesa.cron_mpesa_reconcile"
+# Daraja's back-off when a callback gets a 5xx or no answer (the simulator's default is 1, 2, 4 s; shorter here).
+CALLBACK_RETRY_DELAYS = (0.2, 0.4, 0.8, 1.6, 3.2)
+KILL_PUSH_ANSWER_DELAY = 4.0  # K2: seconds Daraja holds the push's answer (the worker is killed meanwhile)
+KILL_CALLBACK_DELAY = 2.0  # K2: seconds from the push to the customer's answer and its callback
+# Logged at ERROR by a prefork Odoo for reasons outside these checks: mails to an SMTP server that is not there.
+PREFORK_NOISE = ("odoo.addons.mail.models.mail_mail", "odoo.addons.base.models.ir_mail_server")
 
 _logger = logging.getLogger("muchiri_mpesa.concurrency")
 
@@ -172,6 +191,7 @@ class Harness:
         self.sim = sim
         self.listener = listener
         self.capture = capture
+        self.kill_txs = args.kill_txs
         self.passed = self.failed = 0
         self._phone_seq = 0
 
@@ -290,26 +310,21 @@ class Harness:
         return tx_sudo._mpesa_send_stk_push(phone)
 
     def controller_callback(self, env, raw_body: bytes):
-        """MpesaController.mpesa_callback step for step (from a Safaricom address), on the request's cursor."""
-        from psycopg2 import OperationalError  # noqa: PLC0415
+        """MpesaController.mpesa_callback (from a Safaricom address): the body kept and queued on the
+        model's own cursor, no Daraja call.  Returns the HTTP status it answers."""
+        provider_sudo = env["payment.provider"].sudo().browse(self.provider_id)
+        status, _answer = env["muchiri.mpesa.event"].sudo()._mpesa_receive_callback(
+            provider_sudo, raw_body, SAFARICOM_ADDRESS,
+        )
+        return status
 
-        providers = env["payment.provider"].sudo().search([("code", "=", "mpesa")])
-        provider_sudo = providers.filtered(lambda p: p.id == self.provider_id)
-        event = env["muchiri.mpesa.event"].sudo()._record_callback(provider_sudo, raw_body, SAFARICOM_ADDRESS)
-        if not provider_sudo._mpesa_is_allowed_source(SAFARICOM_ADDRESS):
-            event._mark("rejected", "source address")
-            return "rejected"
-        callback = self.daraja.parse_stk_callback(raw_body)
-        event._set_parsed(callback)
+    def cron_settle(self, env):
+        """One run of the settlement cron (woken by each callback) as ir.cron._run_job runs it."""
+        cron = env.ref("muchiri_mpesa.cron_mpesa_settle_callbacks")
         try:
-            with env.cr.savepoint():
-                env["payment.transaction"].sudo()._mpesa_handle_callback(callback, event)
-        except OperationalError:
-            raise  # A serialization failure: Odoo retries the whole request.
-        except Exception as error:  # As the controller: kept for a later retry.
-            _logger.exception("M-Pesa callback %s could not be processed now.", event.id)
-            event._mark("error", str(error))
-        return event.id
+            cron._callback(cron.cron_name, cron.ir_actions_server_id.id)
+        finally:
+            env.cr.commit()
 
     def cron_reconcile(self, env):
         """One run of the reconciliation cron as ir.cron._run_job runs it."""
@@ -656,8 +671,11 @@ class Harness:
                 Job("cron", self.cron_reconcile, mode="cron", public=False, delay=lag if i % 2 else 0.0),
                 Job("callback", functools.partial(self.controller_callback, raw_body=raw_body),
                     delay=0.0 if i % 2 else lag),
+                Job("settle", self.cron_settle, mode="cron", public=False, delay=lag),
             ]
             slots = self.race(f"s5r{i}", jobs)
+            with self.env() as env:  # The run the callback woke, if the racing one came too early.
+                self.cron_settle(env)
             self.replays(slots, replays)
             slowest = max([slowest] + [s.elapsed for s in slots.values()])
             prefix = f"round {i} ({'cron' if i % 2 else 'callback'} {lag * 1000:.0f} ms late): "
@@ -696,7 +714,12 @@ class Harness:
             delay = [0.0, 0.0, 0.002, 0.005, 0.01][i % 5]
             jobs = [Job(f"delivery{k}", functools.partial(self.controller_callback, raw_body=raw_body),
                         delay=delay if k else 0.0) for k in range(2)]
+            # Two settlement runs at once (the cron, and a run a second worker started).
+            jobs += [Job(f"settle{k}", self.cron_settle, mode="cron", public=False, delay=delay * k)
+                     for k in range(2)]
             slots = self.race(f"s6r{i}", jobs)
+            with self.env() as env:  # The run the callbacks woke, if the racing ones came too early.
+                self.cron_settle(env)
             self.replays(slots, replays)
             slowest = max([slowest] + [s.elapsed for s in slots.values()])
             prefix = f"round {i}: "
@@ -755,14 +778,395 @@ class Harness:
                      f"the prompt is on the phone but the transaction is {tx.state} without its CheckoutRequestID")
 
 
+    # -- the kill -9 scenarios: a real prefork Odoo --------------------------------------------------------------
+    @contextlib.contextmanager
+    def prefork(self, callback_base_url: bool = False):
+        """A prefork Odoo on this database (2 HTTP workers, 1 cron worker), stopped when the block ends.
+
+        :param callback_base_url: the prompts sent meanwhile give Daraja this Odoo's callback URL (else the
+            listener's, as in the other scenarios)
+        """
+        server = odoo_prefork.PreforkOdoo(self.db, workers=2, max_cron_threads=1, extra_args=["--limit-time-real=60"])
+        if callback_base_url:
+            with self.env() as env:
+                env["payment.provider"].browse(self.provider_id).mpesa_callback_base_url = server.base_url
+        try:
+            with server:
+                yield server
+        finally:
+            if callback_base_url:
+                with self.env() as env:
+                    env["payment.provider"].browse(self.provider_id).mpesa_callback_base_url = \
+                        self.listener.url.rsplit("/", 1)[0]
+
+    def callback_path(self) -> str:
+        with self.env() as env:
+            return f"/payment/mpesa/callback/{env['payment.provider'].browse(self.provider_id).mpesa_callback_secret}"
+
+    @staticmethod
+    def http_post(port: int, path: str, body: bytes, timeout: float = 60.0) -> tuple[int | None, bytes]:
+        """POST on a connection of its own: (status, body), status None when no answer came (refused, reset)."""
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        try:
+            connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            return response.status, response.read()
+        except (OSError, http.client.HTTPException):
+            return None, b""
+        finally:
+            connection.close()
+
+    def worker_in_transaction(self, server: odoo_prefork.PreforkOdoo, workers: Callable[[], list[int]],
+                              timeout: float) -> tuple[int, bool]:
+        """One of `workers()` that has a database transaction open on this database right now (in the middle of
+        a request or a job), or, after `timeout`, any of them: (pid, whether it was caught in a transaction)."""
+        pg_port = int(os.environ.get("PGPORT", "5432"))
+        deadline = time.monotonic() + timeout
+        with contextlib.closing(self._pg()) as connection, connection.cursor() as cr:
+            while time.monotonic() < deadline:
+                cr.execute("SELECT client_port FROM pg_stat_activity WHERE datname = current_database()"
+                           " AND pid != pg_backend_pid() AND xact_start IS NOT NULL")
+                busy = {row[0] for row in cr.fetchall()}
+                for pid in workers():
+                    if busy & set(server.connections(pid, pg_port)):
+                        return pid, True
+                time.sleep(0.005)
+        return workers()[0], False
+
+    def run_job(self, xmlid: str) -> str | None:
+        """One run of a cron job as ir.cron._run_job runs it; an explanation when the job does not exist."""
+        with self.env() as env:
+            cron = env.ref(xmlid, raise_if_not_found=False)
+            if not cron:
+                return f"the job {xmlid} does not exist"
+            try:
+                cron._callback(cron.cron_name, cron.ir_actions_server_id.id)
+            finally:
+                env.cr.commit()
+        return None
+
+    def run_jobs_until_idle(self, c: Checks, tx_ids: list[int], rounds: int = 12) -> int:
+        """With Odoo stopped: the settlement job, the reconciliation job and Odoo's post-processing, until none of
+        the transactions is pending and none of their callbacks waits.  What would wait for its next attempt
+        (back-off, next status check) is made due at once, as time passing would.  Returns the rounds run."""
+        from odoo.addons.muchiri_mpesa import const  # noqa: PLC0415
+
+        waiting_states = getattr(const, "CALLBACK_WAITING_STATES", ("received", "unmatched", "error"))
+        missing: set[str] = set()
+        ran = 0
+        while ran < rounds:
+            ran += 1
+            with self.env() as env:
+                now = self.odoo.fields.Datetime.now() - timedelta(seconds=1)
+                txs = env["payment.transaction"].browse(tx_ids)
+                txs.filtered(lambda tx: tx.state == "pending").write({"mpesa_next_check_at": now})
+                events = env["muchiri.mpesa.event"].search([
+                    ("kind", "=", "callback"), ("callback_state", "in", list(waiting_states)),
+                    "|", ("transaction_id", "in", tx_ids),
+                    ("checkout_request_id", "in", [r for r in txs.mapped("provider_reference") if r]),
+                ])
+                if "next_attempt_at" in events._fields:
+                    events.write({"next_attempt_at": now})
+            for xmlid in (SETTLE_CRON, RECONCILE_CRON):
+                problem = self.run_job(xmlid)
+                if problem:
+                    missing.add(problem)
+            with self.env() as env:
+                unprocessed = env["payment.transaction"].browse(tx_ids).filtered(
+                    lambda tx: tx.state == "done" and not tx.is_post_processed)
+                if unprocessed:  # (An empty recordset would post-process every transaction of the database.)
+                    unprocessed._cron_post_process()
+            with self.env() as env:
+                txs = env["payment.transaction"].browse(tx_ids)
+                pending = txs.filtered(lambda tx: tx.state in ("draft", "pending") and tx.provider_reference)
+                references = [r for r in txs.mapped("provider_reference") if r]
+                waiting = env["muchiri.mpesa.event"].search_count([
+                    ("kind", "=", "callback"), ("callback_state", "in", list(waiting_states)),
+                    "|", ("transaction_id", "in", tx_ids), ("checkout_request_id", "in", references),
+                ])
+                unprocessed = len(txs.filtered(lambda tx: tx.state == "done" and not tx.is_post_processed))
+            if not pending and not waiting and not unprocessed:
+                break
+        for problem in sorted(missing):
+            c.expect(False, f"{problem}: the new callback flow has not landed (settlement job run as a no-op)")
+        return ran
+
+    def prefork_errors(self, server: odoo_prefork.PreforkOdoo) -> tuple[list[str], int]:
+        """The ERROR lines of the prefork Odoo's log that fail a scenario, and how many were only noise."""
+        lines = [line for line in server.error_lines() if not any(
+            marker in line for marker in ("could not serialize access", "could not obtain lock"))]
+        noise = [line for line in lines if any(f" {name}: " in line for name in PREFORK_NOISE)]
+        return [line for line in lines if line not in noise], len(noise)
+
+    def k1_kill_during_callbacks(self, c: Checks) -> None:
+        """A burst of duplicated callbacks on a prefork Odoo; an HTTP worker killed -9 in the middle of one, later the
+        cron worker in the middle of its work; the callers retry what got no answer, as Daraja does."""
+        n = self.kill_txs
+        copies = [2 + i % 3 for i in range(n)]  # 2 to 4 deliveries of each callback
+        with self.env() as env:
+            orders = [self.new_order(env, f"K1R{i}") for i in range(n)]
+            provider = env["payment.provider"].browse(self.provider_id)
+            client = provider._mpesa_client()
+            # Real prompts on distinct phones, their answers known in 0.2 s; the simulator's own callbacks go to
+            # the listener: the burst below is what reaches Odoo.
+            pushed = [client.stk_push(phone=self.new_phone(), amount=int(order.amount_total), reference=f"K1R{i}",
+                                      description="Kill test", callback_url=self.listener.url)
+                      for i, order in enumerate(orders)]
+        for result in pushed:
+            self.wait_final(result.checkout_request_id)
+        with self.env() as env:
+            later = self.odoo.fields.Datetime.now() + timedelta(days=1)  # Only the callbacks settle them.
+            txs = env["payment.transaction"]
+            for order, result in zip(orders, pushed, strict=True):
+                tx = self.new_draft_tx(env, "K1", env["sale.order"].browse(order.id))
+                tx.write({
+                    "provider_reference": result.checkout_request_id,
+                    "mpesa_merchant_request_id": result.merchant_request_id,
+                    "mpesa_phone": self.sim.transaction(result.checkout_request_id).phone,
+                    "mpesa_requested_amount": int(tx.amount),
+                    "mpesa_push_sent_at": self.odoo.fields.Datetime.now(), "mpesa_next_check_at": later,
+                })
+                tx._set_pending()
+                txs |= tx
+            tx_ids = txs.ids
+        sim_txs = [self.sim.transaction(result.checkout_request_id) for result in pushed]
+        bodies = [json.dumps(sim_tx.callback_body).encode() for sim_tx in sim_txs]
+        deliveries = [(i, bodies[i]) for i in range(n) for _ in range(copies[i])]
+        random.Random(7).shuffle(deliveries)  # Duplicates race at every distance.
+        statuses: list[list[int | None]] = [[] for _ in deliveries]
+        path = self.callback_path()
+        kill: dict[str, Any] = {}
+
+        with self.prefork() as server:
+            work: queue.Queue[int] = queue.Queue()
+            for index in range(len(deliveries)):
+                work.put(index)
+            answered = threading.Semaphore(0)
+
+            def caller() -> None:
+                while True:
+                    try:
+                        index = work.get_nowait()
+                    except queue.Empty:
+                        return
+                    for delay in (*CALLBACK_RETRY_DELAYS, None):
+                        status, _answer = self.http_post(server.port, path, deliveries[index][1])
+                        statuses[index].append(status)
+                        if (status is not None and status < 500) or delay is None:
+                            break
+                        time.sleep(delay)  # Daraja's retry of a 5xx or of no answer.
+                    answered.release()
+
+            def killer() -> None:
+                # A third of the burst answered, then the first HTTP worker caught with a transaction open; one
+                # more third, then the cron worker (extra: it settles the callbacks in the new flow).
+                for kind, workers in (("http", server.http_workers), ("cron", server.cron_workers)):
+                    for _ in range(len(deliveries) // 3):
+                        if not answered.acquire(timeout=self.timeout):
+                            break
+                    pid, in_transaction = self.worker_in_transaction(server, workers, timeout=3.0)
+                    started = time.monotonic()
+                    server.kill_worker(pid)
+                    kill[kind] = pid, in_transaction
+                    server.wait_workers(http=2, cron=1, exclude=[pid], timeout=self.timeout)
+                    kill[f"{kind}_respawned_in"] = time.monotonic() - started
+
+            started = time.monotonic()
+            threads = [threading.Thread(target=caller, name=f"k1/caller{i}", daemon=True) for i in range(8)]
+            threads.append(threading.Thread(target=killer, name="k1/killer", daemon=True))
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + max(self.timeout, 4.0 * len(deliveries))
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            hung = [thread.name for thread in threads if thread.is_alive()]
+            burst = time.monotonic() - started
+            errors, noise = self.prefork_errors(server)
+        if hung:
+            raise Hang(f"{', '.join(hung)} still running after {burst:.0f} s")
+        with self.env() as env:
+            done_by_odoo = len(env["payment.transaction"].browse(tx_ids).filtered(lambda tx: tx.state == "done"))
+        rounds = self.run_jobs_until_idle(c, tx_ids)
+
+        attempts = Counter(status for history in statuses for status in history)
+        finals = Counter(history[-1] if history else None for history in statuses)
+        ok = Counter(deliveries[index][0] for index, history in enumerate(statuses) if 200 in history)
+        with self.env() as env:
+            txs = env["payment.transaction"].browse(tx_ids)
+            env.cr.execute("SELECT request_body, count(*) FROM muchiri_mpesa_event"
+                           " WHERE kind = 'callback' AND request_body = ANY(%s) GROUP BY request_body",
+                           [[body.decode() for body in bodies]])
+            kept = dict(env.cr.fetchall())
+            payments = Counter(env["account.payment"].search([("payment_transaction_id", "in", tx_ids)])
+                               .mapped("payment_transaction_id.id"))
+            events = env["muchiri.mpesa.event"].search([("kind", "=", "callback"), ("request_body", "in",
+                                                        [body.decode() for body in bodies])])
+            not_done = txs.filtered(lambda tx: tx.state != "done")
+            twice = [tx.reference for tx in txs if self.confirmations(env, tx) != 1]
+            receipts = {sim_tx.receipt: env["payment.transaction"].search(
+                [("mpesa_receipt_number", "=", sim_tx.receipt)]).ids for sim_tx in sim_txs}
+            wrong_receipts = [r for i, r in enumerate(receipts) if receipts[r] != [tx_ids[i]]]
+            lost = [f"{txs[i].reference}: {ok[i]} answered 200, {kept.get(body.decode(), 0)} kept"
+                    for i, body in enumerate(bodies) if kept.get(body.decode(), 0) < ok[i]]
+            doubled = [tx_id for tx_id, count in payments.items() if count > 1]
+            killed = "; ".join(
+                f"{kind} worker {kill[kind][0]} killed {'inside' if kill[kind][1] else 'outside'} a database "
+                f"transaction, respawned in {kill[f'{kind}_respawned_in']:.1f} s" for kind in ("http", "cron")
+                if f"{kind}_respawned_in" in kill)
+            c.fact(f"{n} transactions, {len(deliveries)} deliveries ({len(deliveries) - n} duplicates) from 8 "
+                   f"callers in {burst:.1f} s; {killed}; answers {dict(attempts)}, final {dict(finals)}; "
+                   f"{done_by_odoo} done when Odoo stopped, jobs then ran {rounds} round(s); "
+                   f"states {dict(Counter(txs.mapped('state')))}, settled by "
+                   f"{dict(Counter(txs.mapped('mpesa_settled_by')))}; callback events "
+                   f"{dict(Counter(events.mapped('callback_state')))}; payments {sum(payments.values())}; "
+                   f"Odoo log ERROR lines {len(errors)} (+{noise} mail delivery) in {server.log_path}")
+            c.expect("http" in kill, "no HTTP worker was killed")
+            c.expect(not not_done, f"{len(not_done)} transactions not done: "
+                     + ", ".join(f"{tx.reference} {tx.state} {tx.state_message or ''}" for tx in not_done[:5]))
+            c.expect(not twice, f"{len(twice)} transactions not set done exactly once: {twice[:5]}")
+            c.expect(not wrong_receipts, f"{len(wrong_receipts)} receipts not on exactly their one transaction: "
+                     + ", ".join(f"{r} on {receipts[r]}" for r in wrong_receipts[:5]))
+            c.expect(not doubled, f"{len(doubled)} transactions with two account.payment or more: {doubled[:5]}")
+            c.expect(not lost, f"{len(lost)} callbacks answered 200 but not kept: {lost[:5]}")
+            c.expect(finals == Counter({200: len(deliveries)}),
+                     f"not every delivery ended with 200 after Daraja's retries: {dict(finals)}")
+            c.expect(not any(status is not None and status >= 500 for status in attempts),
+                     f"Odoo answered a 5xx: {dict(attempts)}")
+            c.expect(not errors, f"{len(errors)} ERROR line(s) in {server.log_path}: " + " | ".join(errors[:3]))
+
+    @staticmethod
+    def rpc_outcome(status: int | None, body: bytes) -> str:
+        """What a JSON-RPC call answered, in a few words."""
+        if status is None:
+            return "no answer"
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            return f"HTTP {status}"
+        if "error" in answer:
+            return f"error {answer['error'].get('data', {}).get('message', answer['error'].get('message'))!r}"
+        return f"result {answer.get('result')!r}"
+
+    def k2_recover_by_hand(self, tx_id: int, checkout_request_id: str | None) -> str:
+        """When the worker died before Daraja answered, nothing in Odoo knew the prompt's CheckoutRequestID:
+        the prompt ends "outcome unknown" after five minutes (the cron), the unmatched-payment alert names its
+        kept callback, and an accountant matches the two (the wizard, confirmed by Daraja's query)."""
+        with self.env() as env:
+            tx = env["payment.transaction"].browse(tx_id)
+            if tx.state == "done" or not checkout_request_id:
+                return "no recovery needed"
+            env.cr.execute("UPDATE payment_transaction SET mpesa_push_sent_at = mpesa_push_sent_at"
+                           " - interval '10 minutes' WHERE id = %s", [tx_id])
+            env.invalidate_all()
+            env["payment.transaction"]._mpesa_expire_unanswered_pushes()
+            env.cr.commit()
+            tx.invalidate_recordset()
+            unknown = f"then {tx.state}, outcome unknown {tx.mpesa_outcome_unknown}"
+            event = env["muchiri.mpesa.event"].search([
+                ("kind", "=", "callback"), ("checkout_request_id", "=", checkout_request_id),
+                ("callback_state", "=", "unmatched")], limit=1)
+            if not event:
+                return unknown + ", no unmatched callback to match"
+            env = env(su=True)
+            env["muchiri.mpesa.callback.match"].with_context(active_id=event.id).create(
+                {"transaction_id": tx_id}).action_match()
+            env.cr.commit()
+            return unknown + ", matched by hand"
+
+    def k2_kill_during_push(self, c: Checks) -> None:
+        """The worker of a portal STK push is killed -9 while Daraja holds the push's answer."""
+        from odoo.tools import hmac as hmac_tool  # noqa: PLC0415
+
+        with self.env() as env:
+            order = self.new_order(env, "K2")
+            tx = self.new_draft_tx(env, "K2", order)
+            tx_id, order_id, reference = tx.id, order.id, tx.reference
+            # The token Odoo's transaction route gives the browser (payment.utils.generate_access_token, which
+            # needs an HTTP request for its environment).
+            token = hmac_tool(env(su=True), "generate_access_token", "|".join(
+                str(value) for value in (tx.reference, tx.amount, tx.currency_id.id, tx.partner_id.id)))
+        phone = self.new_phone()
+        saved = (self.sim.callback_delay, self.sim.callback_retry_delays)
+        pushes_before = len(self.sim.requests_for("stk_push"))
+        calls: list[tuple[int | None, bytes]] = []
+        kill: dict[str, Any] = {}
+
+        def push_call(port: int) -> tuple[int | None, bytes]:
+            payload = {"jsonrpc": "2.0", "method": "call", "id": 1,
+                       "params": {"reference": reference, "phone": phone, "access_token": token}}
+            return self.http_post(port, "/payment/mpesa/stk_push", json.dumps(payload).encode())
+
+        try:
+            # The customer answers after the kill and the respawn; Daraja retries its callback as it does.
+            self.sim.callback_delay, self.sim.callback_retry_delays = KILL_CALLBACK_DELAY, CALLBACK_RETRY_DELAYS
+            with self.prefork(callback_base_url=True) as server:
+                self.sim.delay_next(KILL_PUSH_ANSWER_DELAY, operations=["stk_push"])
+                caller = threading.Thread(target=lambda: calls.append(push_call(server.port)), name="k2/push",
+                                          daemon=True)
+                caller.start()
+                deadline = time.monotonic() + self.timeout
+                while time.monotonic() < deadline and "pid" not in kill:
+                    if len(self.sim.requests_for("stk_push")) > pushes_before:  # Daraja has the push.
+                        at_daraja = [pid for pid in server.http_workers() if server.connections(pid, self.sim.port)]
+                        if at_daraja:
+                            server.kill_worker(at_daraja[0])
+                            kill.update(pid=at_daraja[0], after=time.monotonic())
+                            break
+                    time.sleep(0.01)
+                if "pid" not in kill:
+                    raise RuntimeError("no HTTP worker was seen waiting on Daraja's answer to the push")
+                server.wait_workers(http=2, exclude=[kill["pid"]], timeout=self.timeout)
+                kill["respawned_in"] = time.monotonic() - kill["after"]
+                caller.join(self.timeout)
+                # The distributor presses Pay again (or the browser resends): never a second prompt.
+                calls.append(push_call(server.port))
+                sent = self.pushes_sent(pushes_before)
+                checkout_request_id = sent[0].response_body.get("CheckoutRequestID") if sent else None
+                if checkout_request_id:
+                    self.sim.wait_for_callback(checkout_request_id, timeout=self.timeout)
+                    time.sleep(1.0)  # The cron worker's chance to settle what the callback woke it for.
+                errors, noise = self.prefork_errors(server)
+        finally:
+            self.sim.callback_delay, self.sim.callback_retry_delays = saved
+        with self.env() as env:
+            before = env["payment.transaction"].browse(tx_id)
+            state_before, reference_before = before.state, before.provider_reference
+        rounds = self.run_jobs_until_idle(c, [tx_id])
+        recovery = self.k2_recover_by_hand(tx_id, checkout_request_id)
+
+        deliveries = self.sim.callbacks_for(checkout_request_id) if checkout_request_id else []
+        with self.env() as env:
+            tx = env["payment.transaction"].browse(tx_id)
+            order = env["sale.order"].browse(order_id)
+            done = order.transaction_ids.filtered(lambda t: t.state == "done")
+            events = env["muchiri.mpesa.event"].search([
+                ("kind", "=", "callback"), ("checkout_request_id", "=", checkout_request_id or "-")])
+            answers = [self.rpc_outcome(status, body) for status, body in calls]
+            c.fact(f"worker {kill['pid']} killed while Daraja held the answer, respawned in "
+                   f"{kill['respawned_in']:.1f} s; route answers {answers}; prompts on the phone {len(sent)}; "
+                   f"callback deliveries {[d.status for d in deliveries]}, kept as "
+                   f"{events.mapped('callback_state')}; before the jobs {state_before} with CheckoutRequestID "
+                   f"{reference_before or '-'}; after {rounds} job round(s) {tx.state} with "
+                   f"{tx.provider_reference or '-'} (Daraja's {checkout_request_id}); {recovery}; "
+                   f"Odoo log ERROR lines {len(errors)} (+{noise} mail delivery) in {server.log_path}")
+            c.expect(len(sent) == 1, f"{len(sent)} prompts reached Daraja (expected exactly 1)")
+            c.expect(len(done) <= 1, f"{len(done)} done transactions for the order (doubled)")
+            c.expect(bool(events), "the callback of the prompt was not kept")
+            c.expect(tx.state == "done" and tx.provider_reference == checkout_request_id,
+                     f"the payment is lost: the prompt was paid but the transaction is {tx.state} with "
+                     f"CheckoutRequestID {tx.provider_reference or 'none'} (Daraja's {checkout_request_id}); "
+                     f"its callback waits as {events.mapped('callback_state')}")
+            c.expect(not errors, f"{len(errors)} ERROR line(s) in {server.log_path}: " + " | ".join(errors[:3]))
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", default="muchiri_mpesa_concurrency")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds each concurrent step may take")
     parser.add_argument("--rounds", type=int, default=10, help="callback-vs-cron races (scenario 5)")
     parser.add_argument("--repeat", type=int, default=5, help="rounds of the scenarios 3, 4 and 6")
+    parser.add_argument("--kill-txs", type=int, default=60, help="transactions of the K1 burst (2-4 callbacks each)")
     parser.add_argument("--no-install", action="store_true", help="reuse the database as it is (faster reruns)")
-    parser.add_argument("--only", nargs="*", help="run only these scenarios (e.g. 1 5)")
+    parser.add_argument("--only", nargs="*", help="run only these scenarios (e.g. 1 5 K1)")
     args = parser.parse_args()
 
     import odoo  # noqa: PLC0415 - Odoo is optional for the rest of the project
@@ -782,7 +1186,7 @@ def main() -> int:
     logging.getLogger("odoo.service.model").propagate = False  # retrying()'s INFO lines: counted by the workers
     # The whole run never hangs: past this, every thread's stack is printed and the process exits.
     faulthandler.dump_traceback_later(
-        120 + args.timeout * (8 + args.rounds + 3 * args.repeat), exit=True,
+        240 + args.timeout * (12 + args.rounds + 3 * args.repeat), exit=True,
     )
 
     registry = odoo.modules.registry.Registry(args.db)
@@ -804,6 +1208,10 @@ def main() -> int:
             ("5", "success callback vs reconciliation cron", harness.s5_callback_vs_cron),
             ("6", "duplicate success callbacks racing", harness.s6_duplicate_callbacks),
             ("7", "extra: the order is saved while its push is at Daraja", harness.s7_order_edited_during_push),
+            ("K1", "kill -9 of an HTTP worker, then of the cron worker, during a burst of duplicated callbacks",
+             harness.k1_kill_during_callbacks),
+            ("K2", "kill -9 of the worker of a portal push while Daraja holds its answer (prefork Odoo)",
+             harness.k2_kill_during_push),
         ]
         for number, title, scenario in scenarios:
             if not args.only or number in args.only:
