@@ -10,18 +10,24 @@ notification: a condition that merely persists never repeats.
 
 The notification is an activity for each user of the provider's alert group (Odoo e-mails the
 assignee): it lands in their to-do list, links to the alert with its chatter, and is removed when
-the condition clears on its own.
+the condition clears on its own.  The details are written once, on the alert: the activity only
+says what it is about and points to it, and the chatter records who was notified.
+
+Result codes read as the catalogue's plain words with the code beside them ("The M-Pesa PIN
+entered was wrong (2001)"), never Daraja's raw wording; amounts in the currency's format.
 """
 import logging
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
 
+from markupsafe import Markup
+
 from odoo import api, fields, models
 from odoo.fields import Command
-from odoo.tools import plaintext2html
+from odoo.tools.misc import formatLang
 
-from .. import const, daraja
+from .. import const
 
 _logger = logging.getLogger(__name__)
 
@@ -64,6 +70,11 @@ def _format_age(env, seconds):
     if minutes < 120:
         return env._("%s min", minutes)
     return env._("%(hours)s h %(minutes)s min", hours=minutes // 60, minutes=minutes % 60)
+
+
+def _result_label(env, tx):
+    """What a transaction's end means (see payment.transaction._mpesa_result_text)."""
+    return tx._mpesa_result_text()
 
 
 def _listed(env, lines):
@@ -174,14 +185,16 @@ class MpesaAlert(models.Model):
         """The share of payments settled in the window that succeeded, against the threshold.
 
         Read through the report, so that the alert and the analysis agree on what a payment
-        attempt, a success and a failure are.
+        attempt, a success and a failure are.  A customer's cancellation is neither: the rate is
+        over the paid and failed payments (the report's Success Rate), so customers who say no do
+        not raise an alert about M-Pesa; the message mentions them.
         """
         report = self.env['muchiri.mpesa.report']
-        domain = [
+        in_window = [
             ('provider_id', '=', provider.id),
-            ('outcome', 'in', ('success', 'failure')),
             ('final_at', '>=', now - timedelta(minutes=provider.mpesa_alert_window)),
         ]
+        domain = [*in_window, ('outcome', 'in', ('success', 'failure'))]
         counts = dict(report._read_group(domain, ['outcome'], ['__count']))
         total = sum(counts.values())
         if not total or total < provider.mpesa_alert_min_sample:
@@ -191,14 +204,15 @@ class MpesaAlert(models.Model):
         if rate >= provider.mpesa_alert_min_rate:
             return []
         failures = report.search([*domain, ('outcome', '=', 'failure')]).transaction_id
-        by_code = Counter(
-            (tx.mpesa_result_code or '-', tx.mpesa_result_desc or tx.state_message or tx.state)
-            for tx in failures
-        )
+        by_result = Counter(_result_label(self.env, tx) for tx in failures)
         lines = [
-            self.env._("- %(code)s %(desc)s: %(count)s", code=code, desc=desc, count=count)
-            for (code, desc), count in by_code.most_common()
+            self.env._("- %(result)s: %(count)s", result=result, count=count)
+            for result, count in by_result.most_common()
         ]
+        cancelled = report.search_count([*in_window, ('outcome', '=', 'cancelled')])
+        cancelled_note = self.env._(
+            "  Prompts cancelled by the customer, not counted: %s.", cancelled,
+        ) if cancelled else ''
         return [AlertCondition(
             kind='success_rate',
             key=f'success_rate:{provider.id}',
@@ -207,9 +221,10 @@ class MpesaAlert(models.Model):
             message=self.env._(
                 "Only %(rate)s%% of the M-Pesa payments settled in the last %(window)s minutes"
                 " succeeded (%(succeeded)s of %(total)s), under the %(threshold)s%% threshold."
-                "\nFailures by result code:\n%(lines)s",
+                "%(cancelled)s\nFailures by result:\n%(lines)s",
                 rate=f'{rate:.1f}', window=provider.mpesa_alert_window, succeeded=succeeded,
-                total=total, threshold=f'{provider.mpesa_alert_min_rate:g}', lines=_listed(self.env, lines),
+                total=total, threshold=f'{provider.mpesa_alert_min_rate:g}', cancelled=cancelled_note,
+                lines=_listed(self.env, lines),
             ),
             transactions=failures,
             orders=failures.sale_order_ids,
@@ -228,10 +243,9 @@ class MpesaAlert(models.Model):
             return []
         lines = [
             self.env._(
-                "- %(reference)s: %(currency)s %(amount)s to %(phone)s%(orders)s, prompt sent"
-                " %(age)s ago",
-                reference=tx.reference, currency=tx.currency_id.name, amount=f'{tx.amount:,.2f}',
-                phone=daraja.mask_msisdn(tx.mpesa_phone or ''),
+                "- %(reference)s: %(amount)s to %(phone)s%(orders)s, prompt sent %(age)s ago",
+                reference=tx.reference, amount=formatLang(self.env, tx.amount, currency_obj=tx.currency_id),
+                phone=tx.mpesa_phone or '-',  # Accountants read alerts: the full number.
                 orders=f" ({', '.join(tx.sale_order_ids.mapped('name'))})" if tx.sale_order_ids else '',
                 age=_format_age(self.env, (now - tx.mpesa_push_sent_at).total_seconds()),
             )
@@ -272,7 +286,7 @@ class MpesaAlert(models.Model):
             self.env._(
                 "- CheckoutRequestID %(checkout)s, receipt %(receipt)s, from %(phone)s, %(age)s ago",
                 checkout=event.checkout_request_id, receipt=event.receipt_number or '-',
-                phone=daraja.mask_msisdn(event.phone or ''),
+                phone=event.phone or '-',
                 age=_format_age(self.env, (now - event.create_date).total_seconds()),
             )
             for event in events
@@ -326,11 +340,14 @@ class MpesaAlert(models.Model):
         )]
 
     def _check_order_failures(self, provider, now):
-        """Orders with several failed payments in the look-back: one alert per order."""
+        """Orders with several failed payments in the look-back: one alert per order.
+
+        Cancellations count here: a customer who cancels prompt after prompt on one order needs
+        help to pay as much as one whose payments fail."""
         groups = self.env['muchiri.mpesa.report']._read_group(
             [
                 ('provider_id', '=', provider.id),
-                ('outcome', '=', 'failure'),
+                ('outcome', 'in', ('failure', 'cancelled')),
                 ('sale_order_id', '!=', False),
                 ('final_at', '>=', now - timedelta(hours=provider.mpesa_alert_order_window)),
             ],
@@ -342,19 +359,18 @@ class MpesaAlert(models.Model):
         for order, txs in groups:
             txs = txs.sorted('id')
             lines = [
-                self.env._("- %(reference)s: %(code)s %(desc)s", reference=tx.reference,
-                  code=tx.mpesa_result_code or '-',
-                  desc=tx.mpesa_result_desc or tx.state_message or tx.state)
+                self.env._("- %(reference)s: %(result)s", reference=tx.reference,
+                           result=_result_label(self.env, tx))
                 for tx in txs
             ]
             conditions.append(AlertCondition(
                 kind='order_failures',
                 key=f'order_failures:{provider.id}:{order.id}',
-                name=self.env._("%(order)s: %(count)s failed M-Pesa payments", order=order.name,
-                       count=len(txs)),
+                name=self.env._("%(order)s: %(count)s failed or cancelled M-Pesa payments",
+                                order=order.name, count=len(txs)),
                 message=self.env._(
-                    "Order %(order)s of %(partner)s has %(count)s failed M-Pesa payments in the last"
-                    " %(hours)s hours.  The customer may need help to pay.\n%(lines)s",
+                    "Order %(order)s of %(partner)s has %(count)s failed or cancelled M-Pesa payments"
+                    " in the last %(hours)s hours.  The customer may need help to pay.\n%(lines)s",
                     order=order.name, partner=order.partner_id.display_name, count=len(txs),
                     hours=provider.mpesa_alert_order_window, lines=_listed(self.env, lines),
                 ),
@@ -394,9 +410,16 @@ class MpesaAlert(models.Model):
         return alert
 
     def _notify(self, transactions, now):
-        """One activity for each recipient: created, or updated if the last one is still open."""
+        """One activity for each recipient: created, or updated if the last one is still open.
+
+        The details stay on the alert: the activity says what it is about and points to it, the
+        chatter says who was told."""
         self.ensure_one()
-        note = plaintext2html(self.message or '')
+        new = transactions - self.reported_transaction_ids
+        note = Markup("<p>%s</p>") % (
+            self.env._("New transactions: %s.  The details are on the alert.", len(new)) if new
+            else self.env._("The details are on the alert.")
+        )
         recipients = self._get_recipients()
         if not recipients:
             _logger.warning(
@@ -414,7 +437,11 @@ class MpesaAlert(models.Model):
                 self.activity_schedule(
                     'mail.mail_activity_data_todo', summary=self.name, note=note, user_id=user.id,
                 )
-        self.message_post(body=note, subtype_xmlid='mail.mt_note')
+        if recipients:
+            self.message_post(
+                body=self.env._("Notified %s.", ', '.join(recipients.mapped('name'))),
+                subtype_xmlid='mail.mt_note',
+            )
         self.write({
             'notified_at': now,
             'notification_count': self.notification_count + 1,

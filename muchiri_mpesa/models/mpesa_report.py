@@ -13,9 +13,13 @@ from .. import const
 
 FINAL_STATES = ('done', 'cancel', 'error')
 
+# A customer's cancellation (ResultCode 1032, the only way an M-Pesa transaction is cancelled) is
+# the customer's decision, not a failed payment: it is counted apart, and left out of the success
+# rate, which measures whether payments the customer went through with succeed.
 OUTCOMES = [
     ('success', "Paid"),
     ('failure', "Failed"),
+    ('cancelled', "Cancelled by the customer"),
     ('pending', "Pending"),
 ]
 
@@ -66,13 +70,31 @@ class MpesaReport(models.Model):
     has_callback = fields.Boolean(string="Callback Received", readonly=True)
 
     # === MEASURES === #
-    amount = fields.Monetary(readonly=True, aggregator='sum')
+    amount = fields.Monetary(
+        string="Amount Asked", readonly=True, aggregator='sum',
+        help="The amount of the prompt, whatever its outcome; see Amount Paid for the money received.",
+    )
+    paid_amount = fields.Monetary(
+        string="Amount Paid", readonly=True, aggregator='sum',
+        help="The amount of the paid payments (zero for the others).",
+    )
     success_count = fields.Integer(string="Paid", readonly=True, aggregator='sum')
-    failure_count = fields.Integer(string="Failed", readonly=True, aggregator='sum')
+    failure_count = fields.Integer(
+        string="Failed", readonly=True, aggregator='sum',
+        help="Payments that ended in error: refused by M-Pesa, failed on the phone, or never answered."
+             "  Customers' cancellations are counted apart.",
+    )
+    cancelled_count = fields.Integer(
+        string="Cancelled by the Customer", readonly=True, aggregator='sum',
+        help="Prompts the customer cancelled on the phone (ResultCode 1032).",
+    )
     pending_count = fields.Integer(string="Pending", readonly=True, aggregator='sum')
-    # 100 or 0 on settled payments, empty on pending ones: the average is the rate of the settled.
+    # 100 when paid, 0 when failed, empty otherwise: the average is the rate of the settled.
     success_rate = fields.Float(
         string="Success Rate (%)", readonly=True, aggregator='avg', digits=(16, 1),
+        help="Paid payments among the paid and failed ones.  Customers' cancellations are not"
+             " counted (a customer who says no is not a failed payment: see Cancelled by the"
+             " Customer), nor are pending payments.",
     )
     # 100 when an STK Query settled it, 0 when a callback did, empty otherwise.
     query_settled_rate = fields.Float(
@@ -82,11 +104,13 @@ class MpesaReport(models.Model):
     )
     settle_seconds = fields.Float(
         string="Push to Final (s)", readonly=True, aggregator='avg', digits=(16, 1),
-        help="Seconds from the STK Push to the final state.",
+        help="Seconds from the STK Push to the final state; the average leaves out pending"
+             " payments and those Daraja refused.",
     )
     callback_delay_seconds = fields.Float(
         string="Callback Delay (s)", readonly=True, aggregator='avg', digits=(16, 1),
-        help="Seconds from the STK Push to Daraja's first callback.",
+        help="Seconds from the STK Push to Daraja's first callback; the average leaves out the"
+             " payments no callback came for (settled by STK Query, or still waiting).",
     )
 
     @property
@@ -103,10 +127,12 @@ class MpesaReport(models.Model):
                    tx_order.sale_order_id AS sale_order_id,
                    tx.currency_id AS currency_id,
                    tx.amount AS amount,
+                   CASE WHEN tx.state = 'done' THEN tx.amount ELSE 0 END AS paid_amount,
                    COALESCE(tx.mpesa_push_sent_at, tx.create_date) AS date,
                    CASE WHEN %(final)s THEN %(final_at)s END AS final_at,
                    tx.state AS state,
                    CASE WHEN tx.state = 'done' THEN 'success'
+                        WHEN tx.state = 'cancel' THEN 'cancelled'
                         WHEN %(final)s THEN 'failure'
                         ELSE 'pending' END AS outcome,
                    tx.mpesa_result_code AS result_code,
@@ -114,10 +140,12 @@ class MpesaReport(models.Model):
                    CASE WHEN %(final)s THEN COALESCE(tx.mpesa_settled_by, 'none') END AS settled_by,
                    tx.mpesa_callback_at IS NOT NULL AS has_callback,
                    CASE WHEN tx.state = 'done' THEN 1 ELSE 0 END AS success_count,
-                   CASE WHEN tx.state IN ('cancel', 'error') THEN 1 ELSE 0 END AS failure_count,
+                   CASE WHEN tx.state = 'error' THEN 1 ELSE 0 END AS failure_count,
+                   CASE WHEN tx.state = 'cancel' THEN 1 ELSE 0 END AS cancelled_count,
                    CASE WHEN %(final)s THEN 0 ELSE 1 END AS pending_count,
+                   -- Empty, not 0, where it does not apply: AVG() leaves NULLs out.
                    CASE WHEN tx.state = 'done' THEN 100.0
-                        WHEN %(final)s THEN 0.0 END AS success_rate,
+                        WHEN tx.state = 'error' THEN 0.0 END AS success_rate,
                    CASE WHEN NOT %(final)s THEN NULL
                         WHEN tx.mpesa_settled_by = 'query' THEN 100.0
                         WHEN tx.mpesa_settled_by = 'callback' THEN 0.0 END AS query_settled_rate,

@@ -1,19 +1,26 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 """Monitoring: the analysis report and the alerts, on transactions set up directly with the ORM
-(the alert rules read what the payment flow writes; no simulator is needed)."""
+(the alert rules read what the payment flow writes; no simulator is needed), and what the
+exchange log records of a callback posted through the real route."""
 import json
 from datetime import timedelta
 from itertools import count
 from unittest.mock import patch
 
+from lxml import etree
+
 from odoo import fields
 from odoo.fields import Command
 from odoo.tests import new_test_user, tagged
 from odoo.tools import mute_logger
+from odoo.tools.misc import formatLang
+from odoo.tools.safe_eval import safe_eval
 
 from odoo.addons.account_payment.tests.common import AccountPaymentCommon
 from odoo.addons.muchiri_mpesa import daraja
 from odoo.addons.sale.tests.common import SaleCommon
+
+from .common import MpesaCommon
 
 _sequence = count(1)
 
@@ -135,23 +142,33 @@ class TestMonitoring(AccountPaymentCommon, SaleCommon):
 
         [totals] = self._report([], [
             'success_rate:avg', 'settle_seconds:avg', 'callback_delay_seconds:avg',
-            'query_settled_rate:avg', 'success_count:sum', 'failure_count:sum', 'pending_count:sum',
+            'query_settled_rate:avg', 'success_count:sum', 'failure_count:sum',
+            'cancelled_count:sum', 'pending_count:sum', 'amount:sum', 'paid_amount:sum',
         ])
         self.assertEqual(totals['__count'], 6, "one row per attempt; the draft is not one")
-        self.assertAlmostEqual(totals['success_rate'], 40.0, msg="2 paid of 5 settled")
+        self.assertAlmostEqual(totals['success_rate'], 50.0,
+                               msg="2 paid of 4 paid or failed: the cancellation is not counted")
         self.assertAlmostEqual(totals['settle_seconds'], (10 + 50 + 30 + 20) / 4)
         self.assertAlmostEqual(totals['callback_delay_seconds'], (10 + 30 + 20) / 3)
         self.assertAlmostEqual(totals['query_settled_rate'], 25.0, msg="1 of 4 answered by query")
         self.assertEqual(
-            (totals['success_count'], totals['failure_count'], totals['pending_count']), (2, 3, 1),
+            (totals['success_count'], totals['failure_count'], totals['cancelled_count'],
+             totals['pending_count']),
+            (2, 2, 1, 1), "the customer's cancellation is counted apart from the failures",
         )
+        self.assertAlmostEqual(totals['paid_amount'], 2 * self.amount, msg="the paid ones only")
+        self.assertAlmostEqual(totals['amount'], 6 * self.amount, msg="every prompt's amount")
 
         by_code = {
             group['result_code']: group['__count']
             for group in self._report(['result_code'], ['failure_count:sum'],
                                       [('outcome', '=', 'failure')])
         }
-        self.assertEqual(by_code, {'1032': 1, '1': 1, False: 1})
+        self.assertEqual(by_code, {'1': 1, False: 1})
+        by_outcome = {
+            group['outcome']: group['__count'] for group in self._report(['outcome'], [])
+        }
+        self.assertEqual(by_outcome, {'success': 2, 'failure': 2, 'cancelled': 1, 'pending': 1})
 
         by_source = {
             group['settled_by']: group['__count']
@@ -178,24 +195,84 @@ class TestMonitoring(AccountPaymentCommon, SaleCommon):
         self.assertAlmostEqual(group['settle_seconds'], 30.0)
         self.assertTrue(self.env.ref('muchiri_mpesa.menu_mpesa_report').action)
 
+    def test_report_averages_leave_out_rows_without_a_value(self):
+        self._paid(ago=100)  # Callback 10 s after the push.
+        self._tx('done', pushed=200, callback=170, settled=170, settled_by='callback', code='0')
+        self._tx('done', pushed=300, settled=250, settled_by='query', code='0')  # No callback.
+        self._tx('pending', pushed=30)  # Neither a callback nor a final state.
+        [totals] = self._report([], ['callback_delay_seconds:avg', 'settle_seconds:avg'])
+        self.assertAlmostEqual(totals['callback_delay_seconds'], (10 + 30) / 2,
+                               msg="the rows without a callback are not 0 s")
+        self.assertAlmostEqual(totals['settle_seconds'], (10 + 30 + 50) / 3)
+
+        # The list shows no average that disagrees with the pivot: Odoo's list averages in the
+        # browser over the loaded rows and reads an empty figure as 0 (10, 30, 0, 0: 10 s).
+        Report = self.env['muchiri.mpesa.report']
+        arch = etree.fromstring(Report.get_view(view_type='list')['arch'])
+        listed = [node.get('name') for node in arch.iter('field')]
+        rows = Report.search_read([('provider_id', '=', self.provider.id)], listed)
+        for name, pivot_average in (('callback_delay_seconds', totals['callback_delay_seconds']),
+                                    ('settle_seconds', totals['settle_seconds'])):
+            [node] = arch.xpath(f"//field[@name='{name}']")
+            if node.get('avg'):
+                values = [row[name] for row in rows]
+                self.assertAlmostEqual(sum(values) / len(values), pivot_average,
+                                       msg=f"the list's average of {name} is the pivot's")
+            # A row without the figure shows an empty cell, not 0.0.
+            shown = [row[name] for row in rows if not safe_eval(node.get('invisible', 'False'), row)]
+            self.assertEqual(len(shown), 2 if name == 'callback_delay_seconds' else 3)
+            self.assertNotIn(0.0, shown)
+
+    def test_report_default_views_show_the_overall_figures(self):
+        Report = self.env['muchiri.mpesa.report']
+        pivot = etree.fromstring(Report.get_view(view_type='pivot')['arch'])
+        self.assertFalse(pivot.xpath("//field[@type='col']"), "no split by outcome by default")
+        measures = pivot.xpath("//field[@type='measure']/@name")
+        self.assertEqual(measures[0], 'success_rate')
+        for measure in ('success_count', 'failure_count', 'cancelled_count', 'paid_amount'):
+            self.assertIn(measure, measures)
+        self.assertNotIn('amount', measures, "what was asked is not what was paid")
+        graph = etree.fromstring(Report.get_view(view_type='graph')['arch'])
+        self.assertEqual(graph.xpath("//field[@type='measure']/@name"), ['paid_amount'])
+        self.assertIn("cancellations", Report._fields['success_rate'].help,
+                      "the help says what the rate is over")
+
     # === SUCCESS RATE === #
 
     def test_success_rate_alert_fires(self):
         for _i in range(3):
             self._paid()
-        self._failed(code='1032')
-        self._failed(code='1', desc="Insufficient funds")
+        self._failed(code='2001', desc="The initiator information is invalid.")
+        self._failed(code='1', desc="The balance is insufficient for the transaction.")
+        cancelled = self._failed(code='1032')
         alerts = self._check()
-        self.assertEqual(alerts.kind, 'success_rate', "3 of 5 is 60%")
+        self.assertEqual(alerts.kind, 'success_rate', "3 of 5 paid or failed is 60%")
         self.assertEqual(alerts.state, 'open')
         self.assertIn('60.0%', alerts.message)
-        self.assertIn('1032', alerts.message)
-        self.assertIn('Insufficient funds', alerts.message)
+        self.assertIn("The M-Pesa PIN entered was wrong (2001): 1", alerts.message)
+        self.assertIn("The M-Pesa balance is too low for this payment (1): 1", alerts.message)
+        self.assertNotIn("initiator", alerts.message, "Daraja's wording stays in the transaction")
+        self.assertIn("Prompts cancelled by the customer, not counted: 1.", alerts.message)
         self.assertEqual(len(alerts.transaction_ids), 2, "the failures are linked")
+        self.assertNotIn(cancelled, alerts.transaction_ids)
         activities = self._activities(alerts)
         self.assertEqual(activities.user_id, self.watcher_1 | self.watcher_2,
                          "one activity for each user of the alert group")
         self.assertEqual(len(activities), 2)
+
+    def test_success_rate_leaves_customers_cancellations_out(self):
+        for _i in range(9):
+            self._paid()
+        for _i in range(5):
+            self._failed(code='1032')
+        self.assertFalse(self._check(), "9 paid of 9 paid or failed: customers who say no are no alert")
+        self._failed(code='1037', desc="DS timeout user cannot be reached")
+        self._failed(code='1037', desc="DS timeout user cannot be reached")
+        alert = self._check()
+        self.assertEqual(alert.kind, 'success_rate', "9 of 11 is 82%")
+        self.assertIn('81.8%', alert.message)
+        self.assertIn("The phone did not answer the M-Pesa prompt (1037): 2", alert.message)
+        self.assertNotIn("DS timeout", alert.message)
 
     def test_success_rate_quiet_on_a_small_sample(self):
         self._failed()
@@ -228,7 +305,9 @@ class TestMonitoring(AccountPaymentCommon, SaleCommon):
         self.assertEqual(alerts.sale_order_ids, self.order_a | self.order_b)
         for tx in late | later | latest:
             self.assertIn(tx.reference, alerts.message)
-        self.assertIn('2547******49', alerts.message, "phones are masked")
+        self.assertIn('254708374149', alerts.message, "accountants read the full number")
+        self.assertIn(formatLang(self.env, late.amount, currency_obj=late.currency_id), alerts.message,
+                      "amounts in the currency's format")
         self.assertEqual(len(self._activities(alerts)), 2, "one activity per user, not per transaction")
 
     def test_pending_quiet_when_young_or_with_a_callback(self):
@@ -268,7 +347,7 @@ class TestMonitoring(AccountPaymentCommon, SaleCommon):
         alerts = self._check()
         self.assertEqual(alerts.kind, 'unmatched_callback')
         self.assertIn(lost.checkout_request_id, alerts.message)
-        self.assertIn('2547******49', alerts.message, "phones are masked")
+        self.assertIn('254708374149', alerts.message, "accountants read the full number")
         self.assertEqual(len(self._activities(alerts)), 2)
         lost._mark('processed', "Matched by hand.")
         self.assertFalse(self._check().filtered(lambda alert: alert.state == 'open'))
@@ -277,9 +356,10 @@ class TestMonitoring(AccountPaymentCommon, SaleCommon):
 
     def test_several_failures_on_an_order(self):
         self.provider.mpesa_alert_min_sample = 100  # Only the order rule is under test.
-        failures = self._failed(order=self.order_a, code='2001', desc="Wrong PIN")
+        failures = self._failed(order=self.order_a, code='2001', desc="The initiator information is invalid.")
         failures |= self._failed(ago=2000, order=self.order_a, code='1032')
-        failures |= self._failed(ago=5000, order=self.order_a, code='1', desc="Insufficient funds")
+        failures |= self._failed(ago=5000, order=self.order_a, code='1037',
+                                 desc="DS timeout user cannot be reached")
         self._paid(order=self.order_a)
         # Order B: two recent failures and one outside the 24-hour look-back.
         self._failed(order=self.order_b)
@@ -292,7 +372,12 @@ class TestMonitoring(AccountPaymentCommon, SaleCommon):
         self.assertEqual(alerts.sale_order_ids, self.order_a)
         self.assertEqual(alerts.transaction_ids, failures)
         self.assertIn(self.order_a.name, alerts.name)
-        self.assertIn('Wrong PIN', alerts.message)
+        for tx, result in zip(failures, ("The M-Pesa PIN entered was wrong (2001)",
+                                         "Cancelled by the customer (1032)",
+                                         "The phone did not answer the M-Pesa prompt (1037)"), strict=True):
+            self.assertIn(f"- {tx.reference}: {result}", alerts.message)
+        for raw in ("initiator", "DS timeout", "Request cancelled by user"):
+            self.assertNotIn(raw, alerts.message, "Daraja's wording stays in the transaction")
         self.assertEqual(len(self._activities(alerts)), 2)
 
     # === NO REPEAT, QUIET PERIOD, CLOSING === #
@@ -322,12 +407,27 @@ class TestMonitoring(AccountPaymentCommon, SaleCommon):
         self.assertEqual(alert.reported_transaction_ids, first | second)
         activities = self._activities(alert)
         self.assertEqual(len(activities), 2, "the open activities are updated, not doubled")
-        self.assertIn(second.reference, str(activities[0].note))
+        self.assertIn("New transactions: 1.", str(activities[0].note))
+        self.assertNotIn(second.reference, str(activities[0].note), "the details are on the alert")
 
         # The quiet period over again, but nothing new: nobody is bothered.
         alert.notified_at = self._ago(61 * 60)
         self._check()
         self.assertEqual(alert.notification_count, 2)
+
+    def test_alert_text_written_once(self):
+        tx = self._tx('pending', pushed=120)
+        alert = self._check()
+        self.assertIn(tx.reference, alert.message, "the details are on the alert")
+        for activity in self._activities(alert):
+            self.assertEqual(activity.summary, alert.name)
+            self.assertNotIn(tx.reference, str(activity.note), "the activity points to the alert")
+            self.assertIn("The details are on the alert.", str(activity.note))
+        posted = alert.message_ids.filtered(lambda message: message.body)
+        self.assertFalse(posted.filtered(lambda message: tx.reference in str(message.body)),
+                         "the chatter does not repeat the details")
+        self.assertIn(f"Notified {self.watcher_1.name}, {self.watcher_2.name}.",
+                      posted.mapped(lambda message: message.body.striptags()), "who was told")
 
     def test_alert_closes_when_the_condition_clears_and_comes_back_quietly(self):
         tx = self._tx('pending', pushed=120)
@@ -441,3 +541,53 @@ class TestMonitoring(AccountPaymentCommon, SaleCommon):
         other_alert = self.alerts.search([('provider_id', '=', other.id)])
         self.assertEqual(other_alert.kind, 'pending_callback', "the other provider was checked")
         self.assertEqual(alert.state, 'open', "a check that failed closes nothing")
+
+
+@tagged('post_install', '-at_install')
+class TestMonitoringCallback(MpesaCommon):
+    """What the exchange log keeps of a callback posted to Odoo's real route."""
+
+    def _callback_event(self, checkout_request_id):
+        [event] = self._events(kind='callback', checkout_request_id=checkout_request_id)
+        return event
+
+    def test_callback_event_records_our_answer(self):
+        body = daraja.stk_callback_body(
+            '29115-34620561-1', 'ws_CO_monitoring_1', 1032, "Request cancelled by user",
+        )
+        response = self._post_callback(body, settle=False)
+        self.assertEqual(response.status_code, 200)
+        event = self._callback_event('ws_CO_monitoring_1')
+        self.assertEqual(event.http_status, 200, "the status our route answered")
+        self.assertGreater(event.duration_ms, 0.0, "how long the intake took")
+        self.assertLess(event.duration_ms, 20000.0)
+
+        # A body that is no stkCallback: answered 400, and so recorded.
+        before = self._events(kind='callback')
+        self.assertEqual(self._post_callback(None, raw='{"Body": {}}', settle=False).status_code, 400)
+        rejected = self._events(kind='callback') - before
+        self.assertEqual((rejected.callback_state, rejected.http_status), ('rejected', 400))
+        self.assertGreater(rejected.duration_ms, 0.0)
+
+    def test_callback_body_shown_indented_kept_exact(self):
+        body = daraja.stk_callback_body(
+            '29115-34620561-1', 'ws_CO_monitoring_2', 0, "The service request is processed successfully.",
+            amount=4500, receipt='NLJ7RT61SV', phone='254708374149',
+        )
+        raw = json.dumps(body, separators=(',', ':'))
+        self._post_callback(None, raw=raw, settle=False)
+        event = self._callback_event('ws_CO_monitoring_2')
+        self.assertEqual(event.request_body, raw, "the body is kept exactly")
+        self.assertEqual(event._mpesa_raw_body(), raw.encode())
+        pretty = event.request_body_pretty
+        self.assertEqual(json.loads(pretty), body)
+        self.assertIn('\n      "CheckoutRequestID": "ws_CO_monitoring_2",\n', pretty)
+        self.assertIn('"Value": 4500.0', pretty, "numbers as they came")
+        self.assertEqual(event.amount, 4500.0)
+
+        # What is not JSON is shown as it came.
+        self._post_callback(None, raw='not json {', settle=False)
+        garbage = self._events(kind='callback', request_body='not json {')
+        self.assertEqual(garbage.request_body_pretty, 'not json {')
+        arch = self.env['muchiri.mpesa.event'].get_view(view_type='list')['arch']
+        self.assertIn('name="amount"', arch, "the exchanges list shows the amount")
