@@ -265,6 +265,58 @@ def test_wrong_consumer_secret(daraja_sim, callback_listener):
     assert daraja_sim.requests_for("stk_push") == []
 
 
+class RollingBackStore(MemoryTokenStore):
+    """Fetches in a transaction of its own, as Odoo's database store does: what was written while it
+    held its lock is undone when the fetch fails."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+        self.holding = False
+
+    def refresh(self, key, fetch, stale):
+        kept = len(self.log)
+        self.holding = True
+        try:
+            return super().refresh(key, fetch, stale)
+        except Exception:
+            del self.log[kept:]
+            raise
+        finally:
+            self.holding = False
+
+
+def test_a_refused_token_request_reaches_the_observer(daraja_sim, callback_listener, exchanges):
+    client = make_client(daraja_sim, secret="wrong-secret", observer=exchanges.append)
+    with pytest.raises(DarajaAuthError):
+        pay(client, callback_listener)
+    [exchange] = exchanges
+    assert (exchange.operation, exchange.method, exchange.status) == ("token", "GET", 400)
+    assert exchange.response_body["errorCode"] == "400.008.01"
+    assert exchange.error.startswith("Daraja refused the consumer key and secret.")
+    assert "wrong-secret" not in json.dumps(vars(exchange), default=str)
+
+
+def test_token_exchanges_are_reported_once_the_store_let_go(daraja_sim):
+    """A store that rolls back a failed fetch must not take the refused request's record with it."""
+    log = []
+    store = RollingBackStore(log)
+    refused = make_client(daraja_sim, secret="wrong-secret", token_store=store,
+                          observer=lambda exchange: log.append((exchange, store.holding)))
+    with pytest.raises(DarajaAuthError):
+        refused.access_token()
+    assert [(exchange.operation, exchange.status, holding) for exchange, holding in log] == [
+        ("token", 400, False)
+    ]
+    log.clear()
+    accepted = make_client(daraja_sim, token_store=store,
+                           observer=lambda exchange: log.append((exchange, store.holding)))
+    accepted.access_token()
+    assert [(exchange.operation, exchange.status, holding) for exchange, holding in log] == [
+        ("token", 200, False)
+    ]
+
+
 def test_token_expiry_is_anticipated_with_freezegun(daraja_sim, callback_listener, client):
     with freeze_time("2025-03-01 06:00:00") as frozen:
         pay(client, callback_listener)

@@ -254,7 +254,7 @@ def _client(clock: Clock, store: MemoryTokenStore | None = None) -> tuple[Daraja
     )
     fetches: list[int] = []
 
-    def fetch_token() -> AccessToken:
+    def fetch_token(report: object = None) -> AccessToken:
         fetches.append(1)
         return _token(f"fetched-{len(fetches)}", 3599, clock.now)
 
@@ -307,7 +307,7 @@ def test_client_token_margin_is_used() -> None:
     )
     fetches: list[int] = []
 
-    def fetch_token() -> AccessToken:
+    def fetch_token(report: object = None) -> AccessToken:
         fetches.append(1)
         return _token("t", 3599, clock.now)
 

@@ -342,8 +342,10 @@ class DarajaClient:
         *,
         body: dict[str, Any] | None = None,
         token: AccessToken | None = None,
+        report: Callable[[Exchange], None] | None = None,
     ) -> _T:
-        """Send one request (never retried here), interpret the answer, report the exchange."""
+        """Send one request (never retried here), interpret the answer, report the exchange (to
+        ``report`` when given, else to the observer)."""
         url = self._url(path)
         headers = {"Accept": "application/json"}
         auth = None
@@ -376,7 +378,7 @@ class DarajaClient:
             error = str(exc)
             raise
         finally:
-            self._report(
+            (report or self._report)(
                 Exchange(
                     operation=operation,
                     method=method,
@@ -404,8 +406,11 @@ class DarajaClient:
 
     # -- token ---------------------------------------------------------------------------------
 
-    def fetch_token(self) -> AccessToken:
-        """Ask Daraja for a new access token (TokenStore.refresh calls this under its lock)."""
+    def fetch_token(self, *, report: Callable[[Exchange], None] | None = None) -> AccessToken:
+        """Ask Daraja for a new access token (TokenStore.refresh calls this under its lock).
+
+        The exchange, refused or not, goes to ``report`` when given, else to the observer.
+        """
         # Counted from before the request, in whole seconds (databases may drop microseconds).
         requested_at = self.clock().replace(microsecond=0)
 
@@ -436,7 +441,7 @@ class DarajaClient:
                 )
             return AccessToken(value.strip(), requested_at + timedelta(seconds=seconds))
 
-        token = self._exchange("token", "GET", TOKEN_PATH, interpret)
+        token = self._exchange("token", "GET", TOKEN_PATH, interpret, report=report)
         _log.info("Fetched a Daraja access token valid until %s.", token.expires_at.isoformat())
         return token
 
@@ -449,7 +454,17 @@ class DarajaClient:
             and token.is_fresh(self.clock(), self.token_margin)
         ):
             return token
-        return self.token_store.refresh(self._token_key, self.fetch_token, stale)
+        # The store fetches under its lock, maybe in a transaction of its own that a refused
+        # request rolls back (Odoo's does): the exchange is reported once the store has let go,
+        # so that a refused token request is kept in the audit log like any other exchange.
+        exchanges: list[Exchange] = []
+        try:
+            return self.token_store.refresh(
+                self._token_key, lambda: self.fetch_token(report=exchanges.append), stale
+            )
+        finally:
+            for exchange in exchanges:
+                self._report(exchange)
 
     # -- STK push ------------------------------------------------------------------------------
 

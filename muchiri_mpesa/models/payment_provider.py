@@ -3,10 +3,14 @@ import hmac
 import ipaddress
 import logging
 import secrets
+from decimal import Decimal
 from urllib.parse import urlsplit
+
+from markupsafe import Markup
 
 from odoo import api, fields, models
 from odoo.exceptions import AccessError, UserError, ValidationError
+from odoo.tools.misc import formatLang
 
 from odoo.addons.payment import utils as payment_utils
 
@@ -44,21 +48,33 @@ class PaymentProvider(models.Model):
     # === CREDENTIALS (system administrators only) === #
     mpesa_consumer_key = fields.Char(
         string="Consumer Key", required_if_provider='mpesa', groups='base.group_system', copy=False,
+        help="On the Daraja portal (developer.safaricom.co.ke), under My Apps: the app that has Lipa"
+             " Na M-Pesa Online (M-Pesa Express).  The sandbox app's in test mode, the production"
+             " app's (after Go Live) once enabled.",
     )
     mpesa_consumer_secret = fields.Char(
         string="Consumer Secret", required_if_provider='mpesa', groups='base.group_system',
         copy=False,
+        help="Next to the consumer key: on the Daraja portal (developer.safaricom.co.ke), under My"
+             " Apps, the app that has Lipa Na M-Pesa Online.",
     )
     mpesa_passkey = fields.Char(
         string="Passkey", required_if_provider='mpesa', groups='base.group_system', copy=False,
+        help="Sandbox: on the Lipa Na M-Pesa Online test credentials of the Daraja portal"
+             " (developer.safaricom.co.ke, APIs > M-Pesa Express simulator).  Production: in the"
+             " e-mail Safaricom sends after Go Live.",
     )
     mpesa_shortcode = fields.Char(
         string="Business Shortcode", required_if_provider='mpesa', groups='base.group_system',
-        help="The paybill number, or the store number of a till.",
+        help="The paybill number, or the store number of a till.  Sandbox: 174379, on the Lipa Na"
+             " M-Pesa Online test credentials (developer.safaricom.co.ke, APIs > M-Pesa Express"
+             " simulator).",
     )
     mpesa_shortcode_type = fields.Selection(
         string="Shortcode Type", selection=const.SHORTCODE_TYPES, default='paybill',
         required_if_provider='mpesa', groups='base.group_system',
+        help="Paybill: customers pay to the shortcode.  Buy Goods: the shortcode is the store number"
+             " and the money goes to the till below.  The sandbox shortcode 174379 is a paybill.",
     )
     mpesa_till_number = fields.Char(
         string="Till Number", groups='base.group_system',
@@ -254,6 +270,30 @@ class PaymentProvider(models.Model):
             if provider.mpesa_shortcode_type == 'till' else None,
         )
 
+    def _mpesa_check_amount(self, amount, currency):
+        """The whole shillings the phone will be asked for `amount`, or a ValidationError saying, in
+        Odoo's monetary format, why M-Pesa cannot take it."""
+        self.ensure_one()
+        maximum = self._mpesa_max_amount()
+        try:
+            # Rounded to the currency first: float noise must not round up a whole shilling.
+            return daraja.check_amount(Decimal(str(currency.round(amount))), maximum)
+        except daraja.DarajaValidationError as error:
+            shillings = daraja.to_whole_shillings(Decimal(str(currency.round(amount))))
+            if shillings < daraja.MIN_AMOUNT:
+                raise ValidationError(self.env._(
+                    "%(amount)s is below the %(minimum)s minimum for an M-Pesa payment.",
+                    amount=formatLang(self.env, shillings, currency_obj=currency),
+                    minimum=formatLang(self.env, daraja.MIN_AMOUNT, currency_obj=currency),
+                )) from error
+            if shillings > maximum:
+                raise ValidationError(self.env._(
+                    "%(amount)s is above the %(maximum)s limit for one M-Pesa payment.",
+                    amount=formatLang(self.env, shillings, currency_obj=currency),
+                    maximum=formatLang(self.env, maximum, currency_obj=currency),
+                )) from error
+            raise ValidationError(str(error)) from error
+
     def _mpesa_max_amount(self):
         """Odoo's maximum amount, capped by what Daraja accepts for one payment."""
         self.ensure_one()
@@ -296,15 +336,21 @@ class PaymentProvider(models.Model):
             # Through the shared store: a token fetched aside could invalidate the workers' one.
             client.access_token(stale=client.token_store.load(client.credentials.cache_key))
         except daraja.DarajaAuthError as error:
+            # Daraja's own words once (the client's message would repeat ours).
+            said = ': '.join(part for part in (error.error_code, error.error_message) if part)
             raise UserError(self.env._(
-                "Daraja refused the consumer key and secret (%(detail)s).  Check that they belong to"
-                " this environment (%(env)s) and that the app has Lipa Na M-Pesa Online enabled.",
-                detail=error, env=self._mpesa_api_base_url(),
+                "Daraja at %(url)s refused this consumer key and secret (HTTP %(status)s%(said)s)."
+                "  Copy them again from My Apps on developer.safaricom.co.ke, from the app that has"
+                " Lipa Na M-Pesa Online: the sandbox app's in test mode, the production app's when"
+                " enabled.",
+                url=self._mpesa_api_base_url(), status=error.http_status,
+                said=f", {said}" if said else '',
             )) from error
         except daraja.DarajaConnectionError as error:
             raise UserError(self.env._(
-                "Daraja could not be reached at %(url)s: %(detail)s",
-                url=self._mpesa_api_base_url(), detail=error,
+                "Daraja could not be reached at %(url)s.  Check the API URL (M-Pesa: advanced tab)"
+                " and that this server can reach it.",
+                url=self._mpesa_api_base_url(),
             )) from error
         except daraja.DarajaError as error:
             raise UserError(self.env._("Daraja answered with an error: %s", error)) from error
@@ -354,6 +400,107 @@ class PaymentProvider(models.Model):
         if not allowed:
             _logger.warning("M-Pesa callback from %s, which is not an allowed address.", remote_addr)
         return allowed or mode == 'log'
+
+    # === SET-UP CHECKS: WHAT KEEPS M-PESA FROM BEING OFFERED === #
+
+    mpesa_setup_warnings = fields.Html(
+        string="M-Pesa Set-up Warnings", compute='_compute_mpesa_setup_warnings', sanitize=False,
+        help="What is missing for M-Pesa to be offered to customers.",
+    )
+    mpesa_setup_needs_kes_pricelist = fields.Boolean(compute='_compute_mpesa_setup_warnings')
+
+    @api.depends('code', 'company_id', 'mpesa_distributors_only', 'available_country_ids')
+    def _compute_mpesa_setup_warnings(self):
+        # Not stored: currencies, pricelists and contacts change elsewhere; each read looks again.
+        for provider in self:
+            warnings, needs_pricelist = [], False
+            if provider.code == 'mpesa':
+                warnings, needs_pricelist = provider._mpesa_setup_problems()
+            provider.mpesa_setup_warnings = Markup('<ul class="mb-0">%s</ul>') % Markup().join(
+                Markup('<li>%s</li>') % warning for warning in warnings
+            ) if warnings else False
+            provider.mpesa_setup_needs_kes_pricelist = needs_pricelist
+
+    def _mpesa_setup_problems(self):
+        """What keeps M-Pesa from being offered, in plain words, and whether the one-click KES
+        pricelist would fix it.  Counts only (sudo): nothing of the records shows.
+
+        :return: the warnings, and whether KES or a KES pricelist is missing
+        :rtype: tuple[list[str], bool]
+        """
+        self.ensure_one()
+        company = self.company_id or self.env.company
+        kes = self.env.ref('base.KES').sudo()
+        kenya = self.env.ref('base.ke')
+        warnings = []
+        if not kes.active:
+            warnings.append(self.env._(
+                "The Kenyan shilling (KES) is not active: M-Pesa takes payments in KES only."
+            ))
+        pricelists = self.env['product.pricelist'].sudo().search(
+            [('company_id', 'in', [company.id, False])]
+        )
+        # Without any pricelist, quotations are in the company's currency.
+        no_kes_quotation = not pricelists.filtered(lambda pricelist: pricelist.currency_id == kes) \
+            and (pricelists or company.currency_id != kes)
+        if no_kes_quotation:
+            warnings.append(self.env._(
+                "No pricelist is in KES, so no quotation is in KES and M-Pesa is never offered."
+                "  Create a KES pricelist, then set it on your distributors (contact form, Sales &"
+                " Purchase tab)."
+            ))
+        elif kes.active and company.currency_id != kes and not kes.rate_ids:
+            warnings.append(self.env._(
+                "KES has no exchange rate: prices in %(currency)s would be charged one shilling for"
+                " one %(currency)s.  Set a rate (Accounting > Configuration > Currencies).",
+                currency=company.currency_id.name,
+            ))
+        if self.mpesa_distributors_only and not self.env['res.partner'].sudo().search_count(
+            [('is_distributor', '=', True)], limit=1,
+        ):
+            warnings.append(self.env._(
+                "M-Pesa is offered to distributors only, and no contact is a distributor: tick"
+                " Distributor on their contact form (or untick Distributors Only in the M-Pesa:"
+                " advanced tab)."
+            ))
+        if company.country_id != kenya:
+            warnings.append(self.env._(
+                "%(company)s is not in Kenya: M-Pesa is offered only to customers whose address is"
+                " in Kenya.", company=company.name,
+            ))
+        if self.available_country_ids and kenya not in self.available_country_ids:
+            warnings.append(self.env._(
+                "Kenya is not among the provider's countries (Configuration tab): M-Pesa is offered"
+                " in Kenya only."
+            ))
+        return warnings, not kes.active or bool(no_kes_quotation)
+
+    def action_mpesa_create_kes_pricelist(self):
+        """Activate KES and create a KES pricelist for the provider's company, in one click."""
+        self._mpesa_check_group('base.group_system')
+        self.ensure_one()
+        kes = self.env.ref('base.KES')
+        if not kes.active:
+            kes.active = True
+        company = self.company_id or self.env.company
+        pricelist = self.env['product.pricelist'].search([
+            ('currency_id', '=', kes.id), ('company_id', 'in', [company.id, False]),
+        ], limit=1) or self.env['product.pricelist'].create({
+            'name': self.env._("Kenyan Shilling (KES)"), 'currency_id': kes.id, 'company_id': company.id,
+        })
+        return {
+            'type': 'ir.actions.client',
+            'tag': 'display_notification',
+            'params': {
+                'type': 'success',
+                'message': self.env._(
+                    "KES is active and the pricelist %(pricelist)s is ready: set it on your"
+                    " distributors (contact form, Sales & Purchase tab) so that their quotations"
+                    " are in KES.", pricelist=pricelist.display_name,
+                ),
+                'next': {'type': 'ir.actions.client', 'tag': 'soft_reload'},
+            },
+        }
 
 
 def _is_private(host):
