@@ -14,6 +14,7 @@
         "security/muchiri_mpesa_security.xml",
         "security/ir.model.access.csv",
         "views/payment_provider_views.xml",
+        "views/payment_provider_accounting_views.xml",
         "views/payment_mpesa_templates.xml",
         "views/payment_transaction_views.xml",
         "wizards/mpesa_callback_match_views.xml",  # Its action is a button of the exchanges' form.

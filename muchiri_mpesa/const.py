@@ -36,11 +36,13 @@ SHORTCODE_TYPES = [
 DEFAULT_PUSH_COOLDOWN = 120
 
 # Payment status shown on a sale order, computed from its M-Pesa transactions.
+# Empty on orders without any M-Pesa transaction.  A customer's cancellation is no failure.
 ORDER_PAYMENT_STATUSES = [
     ('unpaid', "Unpaid"),
     ('pending', "Pending"),
     ('partial', "Partially paid"),
     ('paid', "Paid"),
+    ('cancelled', "Cancelled by the customer"),
     ('failed', "Failed"),
 ]
 
@@ -70,9 +72,10 @@ CALLBACK_FINAL_STATES = ('processed', 'ignored', 'rejected', 'conflict')
 # A callback that cannot be settled now is tried again after this, doubling up to the maximum.
 SETTLE_RETRY_FIRST = 5
 SETTLE_RETRY_MAX = 30 * 60
-# One run of the settlement job works at most this long (seconds); Odoo runs it again at once when
-# callbacks are still due.
-SETTLE_RUN_SECONDS = 120
+# One run of the settlement job works at most this long (seconds), well within Odoo's time limit of
+# a cron worker (limit_time_real_cron, 120 s by default); Odoo runs it again at once when callbacks
+# are still due.
+SETTLE_RUN_SECONDS = 45
 
 # How far a transaction's M-Pesa receipt is proven.
 RECEIPT_STATUSES = [
@@ -102,7 +105,8 @@ RECONCILE_BATCH_SIZE = 200
 RECONCILE_THROTTLE_DELAY = 60
 THROTTLE_ERROR_CODES = ('500.003.02', '500.003.03')
 
-# While the distributor's status page polls a prompt older than this (seconds), its status check is
-# brought forward, at most once per interval (the settlement stays in the cron, off the HTTP workers).
+# While the distributor's status page polls a prompt older than this (seconds) whose callback has not
+# come, its status is asked of Daraja at most once per interval (the distributor's request, never
+# Daraja's callback, waits on that query).
 STATUS_POLL_EXPEDITE_AFTER = 20
 STATUS_POLL_EXPEDITE_INTERVAL = 10

@@ -6,6 +6,7 @@ from .const import PROVIDER_CODE
 
 def post_init_hook(env):
     setup_provider(env, PROVIDER_CODE)
+    env['payment.provider']._mpesa_setup_accounting()
 
 
 def uninstall_hook(env):

@@ -51,7 +51,7 @@ class MpesaController(http.Controller):
         ], limit=1)
         if not tx_sudo or not tx_sudo._mpesa_check_access_token(access_token):
             raise ValidationError(request.env._("M-Pesa: this payment request is not valid."))
-        error = tx_sudo._mpesa_send_stk_push(phone)
+        error = tx_sudo._mpesa_send_stk_push_or_refuse(phone)
         return {'error': error} if error else {}
 
     @http.route(const.CALLBACK_ROUTE, type='http', methods=['POST'], auth='public', csrf=False,

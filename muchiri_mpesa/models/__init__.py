@@ -7,6 +7,7 @@ from . import (
     mpesa_report,
     mpesa_token,
     payment_provider,
+    payment_provider_accounting,
     payment_provider_monitoring,
     payment_transaction,
     res_partner,

@@ -37,6 +37,44 @@ def _readable(raw_body):
     return raw_body.decode('utf-8', errors='replace').replace('\x00', '\ufffd')
 
 
+def _indent_json(text):
+    """`text` indented for reading if it is JSON, else as it is.  Only the whitespace between
+    tokens changes: keys keep their order, and duplicate keys and numbers stay as they came."""
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    out, depth, in_string, escaped = [], 0, False, False
+    for char in text:
+        if in_string:
+            out.append(char)
+            if escaped:
+                escaped = False
+            elif char == '\\':
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char in ' \t\r\n':
+            continue
+        elif char in '{[':
+            depth += 1
+            out.extend((char, '\n' + '  ' * depth))
+        elif char in '}]':
+            depth -= 1
+            if out[-2] in '{[' and out[-1].startswith('\n'):  # Empty: {} and [] stay folded.
+                out[-1] = char
+            else:
+                out.append('\n' + '  ' * depth + char)
+        elif char == ',':
+            out.append(',\n' + '  ' * depth)
+        elif char == ':':
+            out.append(': ')
+        else:
+            in_string = char == '"'
+            out.append(char)
+    return ''.join(out)
+
+
 class MpesaEvent(models.Model):
     """One exchange with Daraja: every request we send and every callback we receive.
 
@@ -68,6 +106,10 @@ class MpesaEvent(models.Model):
     url = fields.Char(string="URL", readonly=True)
     remote_addr = fields.Char(string="Source Address", readonly=True)
     request_body = fields.Text(readonly=True, help="Secrets are redacted before they are stored.")
+    request_body_pretty = fields.Text(
+        string="Request Body", compute='_compute_request_body_pretty',
+        help="The request body indented for reading when it is JSON; the stored body is kept as it came.",
+    )
     raw_body = fields.Binary(
         attachment=False, readonly=True, help="The callback's bytes exactly as received.",
     )
@@ -83,6 +125,13 @@ class MpesaEvent(models.Model):
         string="Next Attempt", readonly=True, index='btree_not_null',
         help="When the settlement job takes this callback again.",
     )
+
+    # === COMPUTE METHODS === #
+
+    @api.depends('request_body')
+    def _compute_request_body_pretty(self):
+        for event in self:
+            event.request_body_pretty = _indent_json(event.request_body) if event.request_body else False
 
     # === OUTBOUND === #
 
@@ -128,10 +177,12 @@ class MpesaEvent(models.Model):
 
         Runs on its own cursor, committed once the body is kept and again once it is queued: no
         rollback or replay of the request, and no input, can lose it.  No Daraja call is made here.
+        The event records the HTTP status we answer and how long the intake took.
 
         :return: the HTTP status and the JSON body to answer Daraja with
         :rtype: tuple[int, dict]
         """
+        started = time.monotonic()
         with self.env.registry.cursor() as cr:
             env = self.env(cr=cr, su=True)
             event = env[self._name]._mpesa_keep_callback(provider.with_env(env), raw_body, remote_addr)
@@ -139,11 +190,26 @@ class MpesaEvent(models.Model):
             cr.commit()  # pylint: disable=invalid-commit
             try:
                 with cr.savepoint():
-                    return event._mpesa_intake()
+                    status, answer = event._mpesa_intake()
             except Exception:  # The body is kept: the settlement job takes it from 'received'.
                 _logger.warning("M-Pesa callback %s is kept for the settlement job.", event.id, exc_info=True)
                 event._mpesa_wake_settlement()
-                return 200, dict(daraja.ACCEPTED_RESPONSE)
+                status, answer = 200, dict(daraja.ACCEPTED_RESPONSE)
+            event._mpesa_record_answer(status, started)
+            return status, answer
+
+    def _mpesa_record_answer(self, status, started):
+        """Write on the callback's event the HTTP status we answer and the intake's duration since
+        `started` (a time.monotonic() reading).  Never fails the answer: the body is kept."""
+        self.ensure_one()
+        try:
+            with self.env.cr.savepoint():  # Flushed inside: a failed write is rolled back here.
+                self.write({
+                    'http_status': status,
+                    'duration_ms': round((time.monotonic() - started) * 1000.0, 2),
+                })
+        except Exception:
+            _logger.warning("M-Pesa callback %s: its answer could not be recorded.", self.id, exc_info=True)
 
     @api.model
     def _mpesa_keep_callback(self, provider, raw_body, remote_addr):
@@ -297,9 +363,9 @@ class MpesaEvent(models.Model):
 
         Daraja's answer to one STK Query serves every callback of the same prompt in the run.
         Throttling, or a Daraja that cannot be reached, ends the run; any other failure backs off
-        that callback only.  Settled transactions are post-processed after the settlements are
-        committed: their row locks are not held through invoicing and mails, and a burst of
-        payments turns done without waiting for the invoices.
+        that callback only.  Settled transactions are post-processed by Odoo's own job, woken
+        here: row locks are not held through invoicing and mails, and a burst of payments turns
+        done without waiting for the invoices.
         """
         answers = {}  # (provider id, CheckoutRequestID) -> the STK Query's answer in this run
         settled = 0
@@ -316,21 +382,19 @@ class MpesaEvent(models.Model):
             if not events:
                 break
             tried |= events
-            to_post_process = Transaction.sudo()
             for event in events:
                 outcome = event._mpesa_settle(answers)
                 Transaction._mpesa_commit()
-                if outcome == 'done':
-                    settled += 1
-                    to_post_process |= event.transaction_id.sudo()
-                elif outcome == 'stop':
+                settled += outcome == 'done'
+                if outcome == 'stop':
                     stopped = True
                     break
-            # Once the batch is settled: a burst of payments turns done first, then the orders are
-            # confirmed and invoiced, each committed on its own.
-            for tx in to_post_process:
-                tx._mpesa_post_process()
-                Transaction._mpesa_commit()
+        if settled:
+            # Confirming, invoicing and mailing (a PDF each) are Odoo's post-processing job's, run
+            # next: a burst of payments turns done at once, and the invoices follow.
+            post_process = self.env.ref('payment.cron_post_process_payment_tx', raise_if_not_found=False)
+            if post_process:
+                post_process.sudo()._trigger()
         remaining = 0 if stopped else self.sudo().search_count(self._mpesa_due_callbacks_domain())
         self.env['ir.cron']._notify_progress(done=settled, remaining=min(remaining, batch_size))
         return settled

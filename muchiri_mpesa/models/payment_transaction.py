@@ -61,6 +61,7 @@ class PaymentTransaction(models.Model):
         help="When the reconciliation cron asks Daraja about this pending prompt next.",
     )
     mpesa_check_count = fields.Integer(string="Status Checks", readonly=True, copy=False)
+    mpesa_last_check_at = fields.Datetime(string="Last Status Check", readonly=True, copy=False)
     mpesa_outcome_unknown = fields.Boolean(
         string="Prompt Outcome Unknown", readonly=True, copy=False,
         help="Daraja gave no answer we could read to the STK Push: the prompt may be on the phone,"
@@ -151,12 +152,9 @@ class PaymentTransaction(models.Model):
             raise ValidationError(reason)
         try:
             msisdn = daraja.normalize_msisdn(phone or '')
-            # Rounded to the currency first: float noise must not round up a whole shilling.
-            amount = daraja.check_amount(
-                Decimal(str(self.currency_id.round(self.amount))), provider._mpesa_max_amount(),
-            )
         except daraja.DarajaValidationError as error:
             raise ValidationError(str(error)) from error
+        amount = provider._mpesa_check_amount(self.amount, self.currency_id)
         self._mpesa_check_no_prompt_waiting()
         # Built and checked before the attempt is committed: a configuration error sends nothing
         # and leaves no false "outcome unknown" attempt behind.
@@ -195,6 +193,23 @@ class PaymentTransaction(models.Model):
         self._mpesa_record_push_answer(result.checkout_request_id, result.merchant_request_id)
         self._mpesa_commit()
         return None
+
+    def _mpesa_send_stk_push_or_refuse(self, phone):
+        """The portal's push: a push refused before anything left (a phone M-Pesa cannot prompt, a
+        prompt still on the phone) cancels this draft with the reason, instead of leaving it
+        initiated forever; the distributor's next try is a transaction of its own.
+
+        :return: None when the prompt was sent, else the message to show
+        """
+        self.ensure_one()
+        try:
+            with self.env.cr.savepoint():
+                return self._mpesa_send_stk_push(phone)
+        except ValidationError as error:
+            if self.state != 'draft' or self.mpesa_push_sent_at:
+                raise  # Not a refusal of this attempt (a double click, a replay): change nothing.
+            self._set_canceled(state_message=str(error))
+            return str(error)
 
     def _mpesa_record_push_answer(self, checkout_request_id, merchant_request_id):
         """Daraja took the push: the transaction waits for its answer, first checked soon."""
@@ -503,7 +518,8 @@ class PaymentTransaction(models.Model):
                 "M-Pesa receipt %s", self.mpesa_receipt_number,
             ))
             self._mpesa_flag_overpaid_documents()
-            self._mpesa_send_mail('muchiri_mpesa.mail_template_mpesa_payment_confirmed')
+            if not self.sale_order_ids:  # An order's customer gets Odoo's own mail (confirmed, or paid).
+                self._mpesa_send_mail('muchiri_mpesa.mail_template_mpesa_payment_confirmed')
             return
 
         self.write(settled)
@@ -522,8 +538,9 @@ class PaymentTransaction(models.Model):
             raise ValidationError(self.env._("M-Pesa: a success without a receipt number is refused."))
         if amount is None or Decimal(str(amount)) != Decimal(self.mpesa_requested_amount or 0):
             raise ValidationError(self.env._(
-                "M-Pesa: the callback says KES %(paid)s was paid, but KES %(asked)s was asked.",
-                paid=amount, asked=self.mpesa_requested_amount,
+                "M-Pesa: the callback says %(paid)s was paid, but %(asked)s was asked.",
+                paid=self._mpesa_format_amount(float(amount)) if amount is not None else '-',
+                asked=self._mpesa_format_amount(self.mpesa_requested_amount),
             ))
         self._mpesa_check_receipt_is_new(receipt)
         return {
@@ -727,16 +744,64 @@ class PaymentTransaction(models.Model):
     def _mpesa_format_amount(self, amount):
         return formatLang(self.env, amount, currency_obj=self.currency_id)
 
+    def _mpesa_result_text(self):
+        """What the last M-Pesa answer means, in the catalogue's plain words with Daraja's code
+        beside them (the order's tab, the alerts); Daraja's own wording only for a code the
+        catalogue does not know."""
+        self.ensure_one()
+        code = self.mpesa_result_code
+        if not code:  # No M-Pesa answer (the push was refused, or the cut-off ended it).
+            return self.state_message or dict(self._fields['state']._description_selection(self.env))[self.state]
+        result = daraja.classify_result(code)
+        if result.outcome == CANCELED:
+            text = self.env._("Cancelled by the customer")
+        elif result.outcome == daraja.Outcome.FAILED:
+            # The catalogue's first sentence says what happened; the rest tells the customer what to do.
+            text = result.message.split('. ')[0].rstrip('.')
+        else:  # A success we refused (amount, receipt), or a code the catalogue does not know.
+            text = self.state_message or self.mpesa_result_desc or self.env._("Unknown result")
+        return self.env._("%(text)s (%(code)s)", text=text, code=code)
+
     def _mpesa_send_mail(self, template_xmlid):
+        """Mail the customer through the chatter of what the transaction pays (its orders, else its
+        invoices), so that the mail shows where the salesperson and the accountant look."""
         template = self.env.ref(template_xmlid, raise_if_not_found=False)
         if not (template and self.partner_id.email):
             return
         try:
             with self.env.cr.savepoint():  # A mail problem must never undo a settlement.
-                template.sudo().send_mail(self.id)  # Queued: sent by the mail queue's cron.
+                template = template.sudo()
+                subject = template._render_field('subject', self.ids)[self.id]
+                body = template._render_field('body_html', self.ids, compute_lang=True)[self.id]
+                for document in self._mpesa_documents().sudo() or self.sudo():
+                    if document._name == self._name:
+                        template.send_mail(self.id)  # Nothing else to post on: a plain mail.
+                        continue
+                    document.with_context(mail_notify_force_send=False).message_post(
+                        subject=subject, body=body, partner_ids=self.partner_id.ids,
+                        message_type='comment', subtype_xmlid='mail.mt_comment',
+                        email_layout_xmlid='mail.mail_notification_light',
+                    )
         except Exception:
             _logger.warning("M-Pesa mail %s for %s could not be queued.", template_xmlid, self.reference,
                             exc_info=True)
+
+    def _create_payment(self, **extra_create_values):
+        """Override of `account_payment` to make the M-Pesa receipt the payment's memo, so that it
+        can be matched with the M-Pesa statement."""
+        if self.provider_code == 'mpesa' and 'memo' not in extra_create_values:
+            documents = ', '.join(self._mpesa_documents().mapped('name')) or self.reference
+            extra_create_values['memo'] = self.env._(
+                "%(receipt)s - %(documents)s", documents=documents,
+                receipt=self.mpesa_receipt_number or self.env._("M-Pesa receipt pending"),
+            )
+        return super()._create_payment(**extra_create_values)
+
+    def _post_process(self):
+        """Override of `payment`: a pending M-Pesa prompt waits for its final answer, which comes
+        within a minute or two; Odoo's "payment pending" mail would be one mail too many."""
+        mpesa_pending = self.filtered(lambda tx: tx.provider_code == 'mpesa' and tx.state == 'pending')
+        return super(PaymentTransaction, self - mpesa_pending)._post_process()
 
     # === BUSINESS METHODS - RECONCILIATION === #
 
@@ -833,7 +898,7 @@ class PaymentTransaction(models.Model):
         now = fields.Datetime.now()
         if self.state != 'pending' or not self.mpesa_next_check_at or self.mpesa_next_check_at > now:
             return 'skipped'
-        self.mpesa_check_count += 1
+        self.write({'mpesa_check_count': self.mpesa_check_count + 1, 'mpesa_last_check_at': now})
         try:
             result = self._mpesa_settle_by_query(session=session)
         except (daraja.DarajaConnectionError, daraja.DarajaProtocolError):
@@ -868,25 +933,41 @@ class PaymentTransaction(models.Model):
         return True
 
     def _mpesa_expedite_status_check(self):
-        """The distributor is watching the status page of a prompt whose callback is late: bring
-        its STK Query forward, at most once per interval.  The query itself runs in the cron, so no
-        HTTP worker waits on Daraja (failure mode 19)."""
+        """The distributor is watching the status page of a pending prompt.
+
+        Its callback came: settle it now, for this one transaction, so that the page turns paid at
+        once even when the cron worker is busy with other jobs (one STK Query, in the distributor's
+        request, never in Daraja's).  Its callback is late (the prompt is older than 20 s): ask
+        Daraja now, at most once per 10 s, as the reconciliation would.
+        """
         self.ensure_one()
         now = fields.Datetime.now()
-        if self.provider_code != 'mpesa' or self.state != 'pending' or not self.provider_reference \
-                or not self.mpesa_push_sent_at or not self.mpesa_next_check_at:
+        if self.provider_code != 'mpesa' or self.state != 'pending' or not self.provider_reference:
+            return
+        Event = self.env['muchiri.mpesa.event'].sudo()
+        received = Event.search([
+            *Event._mpesa_due_callbacks_domain(), ('transaction_id', '=', self.id), ('callback_state', '=', 'queued'),
+        ], order='id', limit=1)
+        if received:
+            if received._mpesa_settle({}) == 'done':
+                self.invalidate_recordset()
+            return
+        if not self.mpesa_push_sent_at or not self.mpesa_next_check_at:
             return
         age = (now - self.mpesa_push_sent_at).total_seconds()
-        soon = now + timedelta(seconds=const.STATUS_POLL_EXPEDITE_INTERVAL)
-        if age < const.STATUS_POLL_EXPEDITE_AFTER or self.mpesa_next_check_at <= soon:
+        last = self.mpesa_last_check_at
+        if age < const.STATUS_POLL_EXPEDITE_AFTER or (
+            last and (now - last).total_seconds() < const.STATUS_POLL_EXPEDITE_INTERVAL
+        ):
             return
         try:
-            with self.env.cr.savepoint(flush=False):
-                self._mpesa_lock('nowait')
-        except OperationalError:  # The lock is taken, or the row just changed: the cron has it.
-            return
-        self.mpesa_next_check_at = now
-        self._mpesa_trigger_reconciliation(now)
+            with self.env.cr.savepoint():
+                if not self._mpesa_lock('skip'):
+                    return  # The cron or a callback has it right now.
+                self.mpesa_next_check_at = now
+                self._mpesa_reconcile_locked(session=None)
+        except (OperationalError, daraja.DarajaError):
+            return  # The row just changed, or Daraja cannot answer: the cron asks again.
 
     def _mpesa_post_process(self):
         """Confirm and invoice the orders of the settled transactions now, as Odoo's status page

@@ -1,5 +1,4 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
-from decimal import Decimal
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError, ValidationError
@@ -21,7 +20,7 @@ class SaleOrder(models.Model):
     )
     mpesa_payment_status = fields.Selection(
         string="M-Pesa Status", selection=const.ORDER_PAYMENT_STATUSES,
-        compute='_compute_mpesa_payment', store=True, default='unpaid',
+        compute='_compute_mpesa_payment', store=True,
     )
     mpesa_last_result = fields.Char(
         string="M-Pesa Last Result", compute='_compute_mpesa_payment', store=True,
@@ -29,32 +28,55 @@ class SaleOrder(models.Model):
     mpesa_paid_at = fields.Datetime(
         string="M-Pesa Paid On", compute='_compute_mpesa_payment', store=True,
     )
+    mpesa_receipt_pending = fields.Boolean(
+        string="M-Pesa Receipt Pending", compute='_compute_mpesa_payment', store=True,
+        help="Paid, as Daraja's STK Query confirmed, but the receipt number has not come yet.",
+    )
+
     @api.depends(
         'amount_total', 'transaction_ids.state', 'transaction_ids.amount',
-        'transaction_ids.mpesa_receipt_number', 'transaction_ids.mpesa_result_desc',
-        'transaction_ids.mpesa_paid_at',
+        'transaction_ids.mpesa_receipt_number', 'transaction_ids.mpesa_receipt_status',
+        'transaction_ids.mpesa_result_code', 'transaction_ids.mpesa_paid_at',
     )
     def _compute_mpesa_payment(self):
         for order in self:
             txs = order.transaction_ids.filtered(lambda tx: tx.provider_code == 'mpesa').sorted('id')
             paid = txs.filtered(lambda tx: tx.state == 'done')
             last = txs[-1:]
-            if paid and order.currency_id.compare_amounts(
-                sum(paid.mapped('amount')), order.amount_total
-            ) >= 0:
+            if not txs:
+                status = False
+            elif paid and order.currency_id.compare_amounts(sum(paid.mapped('amount')), order.amount_total) >= 0:
                 status = 'paid'
             elif paid:
                 status = 'partial'
             elif txs.filtered(lambda tx: tx.state == 'pending'):
                 status = 'pending'
-            elif last.state in ('cancel', 'error'):
+            elif last.state == 'cancel':
+                status = 'cancelled'
+            elif last.state == 'error':
                 status = 'failed'
             else:
                 status = 'unpaid'
             order.mpesa_payment_status = status
             order.mpesa_receipt_number = ', '.join(filter(None, paid.mapped('mpesa_receipt_number'))) or False
+            order.mpesa_receipt_pending = any(tx.mpesa_receipt_status == 'pending' for tx in paid)
             order.mpesa_paid_at = paid[-1:].mpesa_paid_at or paid[-1:].last_state_change
-            order.mpesa_last_result = last.mpesa_result_desc or last.state_message or False
+            order.mpesa_last_result = (last and last._mpesa_result_text()) or False
+
+    def _prepare_invoice(self):
+        """Override of `sale` to round the invoice of an order M-Pesa pays to whole shillings, as
+        the phone was asked: the payment then settles it exactly and nothing stays open."""
+        values = super()._prepare_invoice()
+        rounding = self._mpesa_whole_shilling_rounding()
+        if rounding and not values.get('invoice_cash_rounding_id'):
+            values['invoice_cash_rounding_id'] = rounding.id
+        return values
+
+    def _mpesa_whole_shilling_rounding(self):
+        """The cash rounding of the M-Pesa provider that paid this order, if any."""
+        self.ensure_one()
+        paid = self.sudo().transaction_ids.filtered(lambda tx: tx.provider_code == 'mpesa' and tx.state == 'done')
+        return paid[:1].provider_id.mpesa_cash_rounding_id
 
     # === BACK OFFICE: M-PESA PAYMENT REQUESTS AND STATUS CHECKS === #
 
@@ -153,10 +175,7 @@ class SaleOrder(models.Model):
                 amount=self._mpesa_format_amount(amount), due=self._mpesa_format_amount(due),
                 order=self.name,
             ))
-        try:
-            daraja.check_amount(Decimal(str(amount)), provider._mpesa_max_amount())
-        except daraja.DarajaValidationError as error:
-            raise ValidationError(str(error)) from error
+        provider._mpesa_check_amount(amount, currency)
         return provider, msisdn, amount
 
     def _mpesa_request_payment(self, phone, amount):
@@ -185,18 +204,18 @@ class SaleOrder(models.Model):
         })
         error = tx._mpesa_send_stk_push(msisdn)
         values = {
-            'amount': f"{tx.mpesa_requested_amount:,}",
-            'phone': daraja.mask_msisdn(tx.mpesa_phone or msisdn),
+            'amount': self._mpesa_format_amount(tx.mpesa_requested_amount),
+            'phone': tx.mpesa_phone or msisdn,  # Internal notes: staff see the full number.
             'checkout': tx.provider_reference,
             'reason': error,
         }
         if error:
             note = self.env._(
-                "M-Pesa prompt of KES %(amount)s to %(phone)s was refused: %(reason)s", **values,
+                "M-Pesa prompt of %(amount)s to %(phone)s was refused: %(reason)s", **values,
             )
         else:
             note = self.env._(
-                "M-Pesa prompt of KES %(amount)s sent to %(phone)s (CheckoutRequestID %(checkout)s).",
+                "M-Pesa prompt of %(amount)s sent to %(phone)s (CheckoutRequestID %(checkout)s).",
                 **values,
             )
         self.message_post(body=note, subtype_xmlid='mail.mt_note')
@@ -254,24 +273,24 @@ class SaleOrder(models.Model):
     def _mpesa_status_note(self, tx, result):
         """What Daraja says of `tx`, for the chatter (`result`: the query's answer, if one was asked)."""
         values = {
-            'amount': f"{tx.mpesa_requested_amount:,}",
-            'phone': daraja.mask_msisdn(tx.mpesa_phone or ''),
+            'amount': self._mpesa_format_amount(tx.mpesa_requested_amount),
+            'phone': tx.mpesa_phone or '',
             'checkout': tx.provider_reference,
         }
         if tx.state == 'done':
             return self.env._(
-                "M-Pesa confirms the payment of KES %(amount)s from %(phone)s (CheckoutRequestID"
+                "M-Pesa confirms the payment of %(amount)s from %(phone)s (CheckoutRequestID"
                 " %(checkout)s).", **values,
             )
         if tx.state == 'pending':
             return self.env._(
-                "M-Pesa has no final answer yet for the prompt of KES %(amount)s sent to %(phone)s"
+                "M-Pesa has no final answer yet for the prompt of %(amount)s sent to %(phone)s"
                 " (CheckoutRequestID %(checkout)s): %(answer)s", **values,
                 answer=(result and result.result_desc) or self.env._("the customer has not answered."),
             )
         states = dict(tx._fields['state']._description_selection(self.env))
         return self.env._(
-            "M-Pesa answers for the prompt of KES %(amount)s sent to %(phone)s (CheckoutRequestID"
+            "M-Pesa answers for the prompt of %(amount)s sent to %(phone)s (CheckoutRequestID"
             " %(checkout)s): %(answer)s (the payment is now %(state)s).", **values,
             answer=(tx.state_message or (result and result.result_desc) or '').rstrip('.'),
             state=states[tx.state],

@@ -1,5 +1,6 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 from . import (
+    test_accounting,
     test_back_office,
     test_callback,
     test_hostile_callbacks,
@@ -8,5 +9,6 @@ from . import (
     test_portal_payment,
     test_portal_tour,
     test_provider_security,
+    test_provider_setup,
     test_reconciliation,
 )

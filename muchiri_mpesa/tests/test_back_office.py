@@ -60,6 +60,11 @@ class TestBackOffice(MpesaCommon):
     def _tx(self):
         return self.quotation.sudo().transaction_ids
 
+    @staticmethod
+    def _in_html(text):
+        """`text` as the chatter's HTML body holds it (Odoo's amounts have a no-break space)."""
+        return text.replace('\xa0', '&nbsp;')
+
     def _notes(self):
         self.quotation.invalidate_recordset(['message_ids'])
         return '\n'.join(self.quotation.message_ids.mapped('body'))
@@ -114,7 +119,8 @@ class TestBackOffice(MpesaCommon):
         self.assertTrue(self._order().mpesa_has_pending_payment)
         note = self.quotation.message_ids.filtered(lambda m: 'M-Pesa prompt of' in m.body)
         self.assertIn(
-            f"M-Pesa prompt of KES 4,500 sent to 2547******49 (CheckoutRequestID {tx.provider_reference}).",
+            f"M-Pesa prompt of {self._in_html(tx._mpesa_format_amount(4500))} sent to 254708374149"
+            f" (CheckoutRequestID {tx.provider_reference}).",
             note.body,
         )
         self.assertEqual(note.author_id, self.sale_user.partner_id)
@@ -172,7 +178,8 @@ class TestBackOffice(MpesaCommon):
             with self.subTest(**values):
                 self._assert_refused(self._wizard(**values), message)
         self.provider.maximum_amount = 2000
-        self._assert_refused(self._wizard(amount=2500), "above the KES 2,000 limit")
+        limit = self._order()._mpesa_format_amount(2000)
+        self._assert_refused(self._wizard(amount=2500), f"above the {limit} limit")
         self.quotation.invalidate_recordset()
         self.assertFalse(self._tx())
         self.assertEqual(self.quotation.message_ids, messages)
@@ -185,7 +192,9 @@ class TestBackOffice(MpesaCommon):
         tx = self._tx()
         self.assertEqual(tx.state, 'error', "a real, audited attempt")
         self.assertFalse(tx.provider_reference)
-        self.assertIn("M-Pesa prompt of KES 4,500 to 2547******09 was refused", self._notes())
+        amount = self._in_html(self._order()._mpesa_format_amount(4500))
+        self.assertIn(f"M-Pesa prompt of {amount} to 254700000009 was refused",
+                      self._notes(), "staff read the full number and Odoo's amount format")
         self.assertEqual(self.quotation.state, 'draft')
         self.assertFalse(self._order().mpesa_has_pending_payment)
         self.assertTrue(self._order().mpesa_can_request_payment, "another request may follow")
@@ -215,7 +224,8 @@ class TestBackOffice(MpesaCommon):
         self.assertEqual(tx.state, 'done')
         self.assertEqual(tx.mpesa_settled_by, 'query')
         self.assertIn(
-            f"M-Pesa confirms the payment of KES 4,500 from 2547******05 (CheckoutRequestID"
+            f"M-Pesa confirms the payment of {self._in_html(tx._mpesa_format_amount(4500))} from 254700000005"
+            " (CheckoutRequestID"
             f" {tx.provider_reference}).", self._notes(),
         )
         self.assertTrue(tx.is_post_processed, "post-processed at once, as the status page does")
@@ -233,7 +243,8 @@ class TestBackOffice(MpesaCommon):
         self.assertEqual(action['params']['type'], 'info')
         self.assertEqual(tx.state, 'pending')
         self.assertEqual(self.simulator.transaction(tx.provider_reference).queries, 1)
-        self.assertIn("M-Pesa has no final answer yet for the prompt of KES 4,500 sent to 2547******02",
+        amount = self._in_html(tx._mpesa_format_amount(4500))
+        self.assertIn(f"M-Pesa has no final answer yet for the prompt of {amount} sent to 254700000002",
                       self._notes())
         self.assertTrue(self._order().mpesa_has_pending_payment)
         self.assertEqual(self.quotation.state, 'draft')

@@ -76,5 +76,10 @@ class TestPortalTour(MpesaCommon):
         self.assertFalse(txs.mpesa_receipt_number)
         order = self.quotation
         self.assertEqual(order.state, 'sent', "the order is still a quotation")
-        self.assertEqual(order.mpesa_payment_status, 'failed')
+        self.assertEqual(order.mpesa_payment_status, 'cancelled', "a customer's cancellation, no failure")
         self.assertFalse(order.mpesa_receipt_number)
+
+    def test_portal_form_tells_the_whole_shillings(self):
+        self.quotation.order_line.price_unit = 1500.40  # 3 units: KES 4,501.20, the phone asks 4,502.
+        self.start_tour('/web/login', 'muchiri_mpesa_portal_whole_shillings', timeout=90)
+        self.assertFalse(self.quotation.transaction_ids, "only looked at: nothing was sent")

@@ -1,6 +1,6 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 from odoo.exceptions import AccessError, UserError, ValidationError
-from odoo.tests import JsonRpcException, tagged
+from odoo.tests import tagged
 from odoo.tools import mute_logger
 
 from .common import PHONE_SUCCESS, MpesaCommon
@@ -33,8 +33,7 @@ class TestProviderAndSecurity(MpesaCommon):
     def test_non_distributor_cannot_push_through_the_routes(self):
         self.distributor.is_distributor = False
         values = self._start_portal_payment()
-        with self.assertRaises(JsonRpcException):
-            self._stk_push(values, PHONE_SUCCESS)
+        self.assertIn('distributors only', self._stk_push_refusal(values, PHONE_SUCCESS))
         self.assertEqual(len(self.simulator.pushes), 0)
 
     def test_secrets_unreadable_without_admin_rights(self):

@@ -1,8 +1,6 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 from odoo import api, fields, models
 
-from .. import daraja
-
 
 class MpesaPaymentRequest(models.TransientModel):
     """Staff send an M-Pesa prompt for a sales order to the distributor's phone."""
@@ -77,9 +75,9 @@ class MpesaPaymentRequest(models.TransientModel):
                 'type': 'success',
                 'title': self.env._("M-Pesa prompt sent"),
                 'message': self.env._(
-                    "The customer confirms KES %(amount)s on %(phone)s with their M-Pesa PIN; the"
+                    "The customer confirms %(amount)s on %(phone)s with their M-Pesa PIN; the"
                     " order is updated when M-Pesa answers.",
-                    amount=f"{tx.mpesa_requested_amount:,}", phone=daraja.mask_msisdn(tx.mpesa_phone),
+                    amount=tx._mpesa_format_amount(tx.mpesa_requested_amount), phone=tx.mpesa_phone,
                 ),
                 'sticky': False,
             }

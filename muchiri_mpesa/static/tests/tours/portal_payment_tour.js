@@ -137,3 +137,14 @@ registry.category("web_tour.tours").add("muchiri_mpesa_portal_pay_cancelled", {
         },
     ],
 });
+
+registry.category("web_tour.tours").add("muchiri_mpesa_portal_whole_shillings", {
+    url: "/web/login",
+    steps: () => [
+        ...loginAndOpenQuotation(),
+        {
+            content: "Before the prompt, the form says what the phone will ask: whole shillings",
+            trigger: "#modalaccept .o_mpesa_whole_shillings:contains(M-Pesa takes whole shillings):contains(4,502.00)",
+        },
+    ],
+});
