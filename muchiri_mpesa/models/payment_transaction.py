@@ -636,6 +636,7 @@ class PaymentTransaction(models.Model):
                 self.write({**values, 'mpesa_receipt_status': 'unverified'})
         except ValidationError as error:
             return 'rejected', str(error)
+        self._mpesa_update_payment_memo()
         return 'processed', self.env._(
             "Receipt recorded, unverified, for a payment settled by STK Query."
         )
@@ -790,12 +791,29 @@ class PaymentTransaction(models.Model):
         """Override of `account_payment` to make the M-Pesa receipt the payment's memo, so that it
         can be matched with the M-Pesa statement."""
         if self.provider_code == 'mpesa' and 'memo' not in extra_create_values:
-            documents = ', '.join(self._mpesa_documents().mapped('name')) or self.reference
-            extra_create_values['memo'] = self.env._(
-                "%(receipt)s - %(documents)s", documents=documents,
-                receipt=self.mpesa_receipt_number or self.env._("M-Pesa receipt pending"),
-            )
+            extra_create_values['memo'] = self._mpesa_payment_memo()
         return super()._create_payment(**extra_create_values)
+
+    def _mpesa_payment_memo(self):
+        documents = ', '.join(self._mpesa_documents().mapped('name')) or self.reference
+        return self.env._(
+            "%(receipt)s - %(documents)s", documents=documents,
+            receipt=self.mpesa_receipt_number or self.env._("M-Pesa receipt pending"),
+        )
+
+    def _mpesa_update_payment_memo(self):
+        """The receipt came after the payment was made: the memo (and its entry's reference) say
+        it, so that the payment still matches the M-Pesa statement."""
+        payment = self.payment_id
+        if not payment:
+            return
+        try:
+            with self.env.cr.savepoint():
+                memo = self._mpesa_payment_memo()
+                payment.sudo().memo = memo
+                payment.move_id.sudo().ref = memo
+        except Exception:  # Never undo a receipt over a memo: the transaction holds the receipt.
+            _logger.warning("The memo of payment %s could not be updated.", payment.id, exc_info=True)
 
     def _post_process(self):
         """Override of `payment`: a pending M-Pesa prompt waits for its final answer, which comes
