@@ -303,11 +303,12 @@ class Harness:
 
     # -- what the workers run ------------------------------------------------------------------------------
     def controller_push(self, env, reference: str, phone: str):
-        """MpesaController.mpesa_stk_push, minus the access token check."""
+        """MpesaController.mpesa_stk_push, minus the access token check: None when the prompt went,
+        the refusal's message (the draft is then cancelled), or a ValidationError."""
         tx_sudo = env["payment.transaction"].sudo().search([
             ("reference", "=", reference), ("provider_code", "=", "mpesa"),
         ], limit=1)
-        return tx_sudo._mpesa_send_stk_push(phone)
+        return tx_sudo._mpesa_send_stk_push_or_refuse(phone)
 
     def controller_callback(self, env, raw_body: bytes):
         """MpesaController.mpesa_callback (from a Safaricom address): the body kept and queued on the
@@ -618,9 +619,9 @@ class Harness:
             errors = self.worker_errors(slots, expected=(ValidationError,))
             sent = self.pushes_sent(pushes_before)
             resent += self.pushes_refused(pushes_before)
-            refused = [s for s in slots.values() if isinstance(s.error, ValidationError)]
+            refused = [s for s in slots.values() if isinstance(s.error, ValidationError) or isinstance(s.value, str)]
             winners = [s for s in slots.values() if s.error is None and s.value is None]
-            outcomes.update(["refused: " + str(s.error.args[0])[:45] for s in refused])
+            outcomes.update(["refused: " + (str(s.error.args[0]) if s.error else s.value)[:45] for s in refused])
             if not two_txs and len(winners) == 2 and len(sent) == 1:
                 # A click replayed (serialization failure) once the other's prompt is recorded returns
                 # quietly without sending (see _mpesa_send_stk_push): one prompt, both "sent".
@@ -643,7 +644,8 @@ class Harness:
                          prefix + f"{len(pending)} pending transactions, {len(pushed_events)} accepted stk_push events")
                 if two_txs and len(pending) == 1:
                     loser = txs - pending
-                    c.expect(loser.state == "draft" and not loser.mpesa_push_sent_at,
+                    # Refused before anything left: cancelled with the reason (or left draft by a replay).
+                    c.expect(loser.state in ("draft", "cancel") and not loser.mpesa_push_sent_at,
                              prefix + f"the refused transaction is {loser.state}, sent at {loser.mpesa_push_sent_at}")
                     c.expect(order.mpesa_phone == pending.mpesa_phone, prefix + "the order's phone is not the winner's")
                 if sent and len(pending) == 1:

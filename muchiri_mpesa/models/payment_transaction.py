@@ -202,12 +202,14 @@ class PaymentTransaction(models.Model):
         :return: None when the prompt was sent, else the message to show
         """
         self.ensure_one()
+        # A second click fails here, before anything else: it never cancels the push in progress.
+        self._mpesa_lock_for_push()
+        # No savepoint: the push commits its attempt.  Its refusals come before any write.
         try:
-            with self.env.cr.savepoint():
-                return self._mpesa_send_stk_push(phone)
+            return self._mpesa_send_stk_push(phone)
         except ValidationError as error:
             if self.state != 'draft' or self.mpesa_push_sent_at:
-                raise  # Not a refusal of this attempt (a double click, a replay): change nothing.
+                raise  # Not a refusal of this attempt (a replay): change nothing.
             self._set_canceled(state_message=str(error))
             return str(error)
 
