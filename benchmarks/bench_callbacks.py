@@ -231,15 +231,10 @@ def create_transactions(odoo: Any, db: str, sim: Any, n: int, callback_base_url:
     registry = odoo.modules.registry.Registry(db)
     with registry.cursor() as cr:
         env = odoo.api.Environment(cr, odoo.SUPERUSER_ID, {})
-        kes = env.ref("base.KES")
-        kes.active = True
-        provider = env.ref("muchiri_mpesa.payment_provider_mpesa")
-        provider.write({
-            "state": "test", "mpesa_consumer_key": KEY, "mpesa_consumer_secret": SECRET,
-            "mpesa_shortcode": SHORTCODE, "mpesa_passkey": PASSKEY, "mpesa_api_url": sim.base_url,
-            "mpesa_callback_base_url": callback_base_url, "mpesa_confirm_by_query": True,
-            "mpesa_ip_check": "log",  # The benchmark posts from 127.0.0.1: logged, not refused.
-        })
+        provider = odoo_scratch_db.simulator_provider(
+            env, sim.base_url, KEY, SECRET, SHORTCODE, PASSKEY, mpesa_callback_base_url=callback_base_url,
+            mpesa_ip_check="log",  # The benchmark posts from 127.0.0.1: logged, not refused.
+        )
         callback_path = f"/payment/mpesa/callback/{provider.mpesa_callback_secret}"
 
         # One phone for every prompt: the simulated customer answers at once (callback delay 0), so the phone
@@ -258,7 +253,7 @@ def create_transactions(odoo: Any, db: str, sim: Any, n: int, callback_base_url:
             "provider_id": provider.id,
             "payment_method_id": env.ref("payment.payment_method_mpesa").id,
             "reference": f"CBENCH-{run}-{i}",
-            "amount": AMOUNT, "currency_id": kes.id, "partner_id": partner.id,
+            "amount": AMOUNT, "currency_id": env.ref("base.KES").id, "partner_id": partner.id,
             "state": "pending", "provider_reference": checkout_id,
             "mpesa_phone": PHONE_CALLBACK_LOST, "mpesa_requested_amount": AMOUNT,
             "mpesa_push_sent_at": now - timedelta(seconds=5),

@@ -60,21 +60,14 @@ def main() -> int:
         registry = odoo.modules.registry.Registry(args.db)
         with registry.cursor() as cr:
             env = odoo.api.Environment(cr, odoo.SUPERUSER_ID, {})
-            kes = env.ref("base.KES")
-            kes.active = True
-            provider = env.ref("muchiri_mpesa.payment_provider_mpesa")
-            provider.write({
-                "state": "test", "mpesa_consumer_key": key, "mpesa_consumer_secret": secret,
-                "mpesa_shortcode": shortcode, "mpesa_passkey": passkey, "mpesa_api_url": sim.base_url,
-                "mpesa_confirm_by_query": True,
-            })
+            provider = odoo_scratch_db.simulator_provider(env, sim.base_url, key, secret, shortcode, passkey)
             partner = env["res.partner"].create({"name": "Bench Distributor", "is_distributor": True})
             now = odoo.fields.Datetime.now()
             env["payment.transaction"].create([{
                 "provider_id": provider.id,
                 "payment_method_id": env.ref("payment.payment_method_mpesa").id,
                 "reference": f"BENCH-{i}",
-                "amount": 100, "currency_id": kes.id, "partner_id": partner.id,
+                "amount": 100, "currency_id": env.ref("base.KES").id, "partner_id": partner.id,
                 "state": "pending", "provider_reference": checkout_id,
                 "mpesa_requested_amount": 100,
                 "mpesa_push_sent_at": now - timedelta(seconds=40),

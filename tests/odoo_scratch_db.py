@@ -47,3 +47,15 @@ def configure(db: str, *extra: str) -> None:
     import odoo  # noqa: PLC0415
 
     odoo.tools.config.parse_config(["-d", db, *db_args(), "--log-level=warn", *extra])
+
+
+def simulator_provider(env, base_url: str, key: str, secret: str, shortcode: str, passkey: str, **values):
+    """The addon's M-Pesa provider in test mode, pointed at a Daraja simulator, with KES active."""
+    env.ref("base.KES").active = True
+    provider = env.ref("muchiri_mpesa.payment_provider_mpesa")
+    provider.write({
+        "state": "test", "mpesa_consumer_key": key, "mpesa_consumer_secret": secret,
+        "mpesa_shortcode": shortcode, "mpesa_passkey": passkey, "mpesa_api_url": base_url,
+        "mpesa_confirm_by_query": True, **values,
+    })
+    return provider
