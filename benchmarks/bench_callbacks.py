@@ -235,7 +235,7 @@ def create_transactions(odoo: Any, db: str, sim: Any, n: int, callback_base_url:
             env, sim.base_url, KEY, SECRET, SHORTCODE, PASSKEY, mpesa_callback_base_url=callback_base_url,
             mpesa_ip_check="log",  # The benchmark posts from 127.0.0.1: logged, not refused.
         )
-        callback_path = f"/payment/mpesa/callback/{provider.mpesa_callback_secret}"
+        callback_path = provider._mpesa_daraja_url("stk").removeprefix(provider._mpesa_callback_base_url())
 
         # One phone for every prompt: the simulated customer answers at once (callback delay 0), so the phone
         # is free again for the next push.
@@ -366,7 +366,7 @@ def main() -> int:
     in_burst = [h for h in health if h[0] + h[1] <= burst_ended]
     callback_rate = len(answered) / duration
     health_rate = len(in_burst) / duration
-    callback_lines = [line for line in log_lines if line.path.startswith("/payment/mpesa/callback/")]
+    callback_lines = [line for line in log_lines if line.path.startswith("/payment/lnm/")]
     health_lines = [line for line in log_lines if line.path.startswith("/web/health")]
     sql = [line.queries for line in callback_lines if line.queries is not None]
     to_done = [poller.done_at[d.tx_id] - d.first_sent for d in deliveries if d.tx_id in poller.done_at]

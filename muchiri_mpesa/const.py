@@ -4,7 +4,25 @@
 PROVIDER_CODE = 'mpesa'
 
 # The route Daraja posts STK callbacks to; the secret authenticates the provider.
+# The STK callback's first path: kept for the prompts sent before the neutral prefix (below).
 CALLBACK_ROUTE = '/payment/mpesa/callback/<string:secret>'
+
+# Every URL handed to Daraja lives under this neutral prefix: Daraja refuses URLs that hold "M-Pesa",
+# "Safaricom", "exe", "exec", "cmd", "sql" or "query" (DESIGN.md section 6).  The provider's
+# callback secret names the provider; the last part names what Daraja is telling us.
+LNM_PREFIX = '/payment/lnm'
+LNM_ROUTES = {
+    'stk': LNM_PREFIX + '/<string:secret>/stk',
+    'c2b_validation': LNM_PREFIX + '/<string:secret>/c2b/validation',
+    'c2b_confirmation': LNM_PREFIX + '/<string:secret>/c2b/confirmation',
+    'pull': LNM_PREFIX + '/<string:secret>/pull',
+    'reversal_result': LNM_PREFIX + '/<string:secret>/reversal/result',
+    'reversal_timeout': LNM_PREFIX + '/<string:secret>/reversal/timeout',
+    'status_result': LNM_PREFIX + '/<string:secret>/status/result',
+    'status_timeout': LNM_PREFIX + '/<string:secret>/status/timeout',
+}
+# Routes whose raw body is kept before Odoo's form parser may read it (models/ir_http.py).
+INBOUND_ROUTES = frozenset((CALLBACK_ROUTE, *LNM_ROUTES.values()))
 
 # M-Pesa takes Kenyan shillings only.
 SUPPORTED_CURRENCIES = ['KES']
@@ -52,6 +70,16 @@ EVENT_KINDS = [
     ('stk_push', "STK Push"),
     ('stk_query', "STK Query"),
     ('callback', "Callback"),
+    ('c2b_register', "C2B URL registration"),
+    ('c2b_validation', "C2B validation"),
+    ('c2b_confirmation', "C2B confirmation"),
+    ('pull_register', "Pull registration"),
+    ('pull_query', "Pull query"),
+    ('pull_callback', "Pull callback"),
+    ('reversal', "Reversal request"),
+    ('transaction_status', "Transaction Status request"),
+    ('initiator_result', "Reversal / Transaction Status result"),
+    ('initiator_timeout', "Reversal / Transaction Status timeout"),
 ]
 
 # What became of a received callback (DESIGN.md section 2: kept, queued by the request, settled by

@@ -803,7 +803,8 @@ class Harness:
 
     def callback_path(self) -> str:
         with self.env() as env:
-            return f"/payment/mpesa/callback/{env['payment.provider'].browse(self.provider_id).mpesa_callback_secret}"
+            provider = env["payment.provider"].browse(self.provider_id)
+            return provider._mpesa_daraja_url("stk").removeprefix(provider._mpesa_callback_base_url())
 
     @staticmethod
     def http_post(port: int, path: str, body: bytes, timeout: float = 60.0) -> tuple[int | None, bytes]:

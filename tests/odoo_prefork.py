@@ -65,7 +65,7 @@ class AccessLogLine:
     logged_at: str  # the log's own timestamp (server time, millisecond resolution)
     pid: int  # the worker that served it
     method: str
-    path: str  # as logged: the callback secret is masked ("/payment/mpesa/callback/***")
+    path: str  # as logged: the callback secret is masked ("/payment/lnm/***/stk")
     status: int
     queries: int | None  # SQL queries of the request's thread; None when Odoo logged "-"
     query_time: float | None  # seconds in SQL

@@ -14,7 +14,9 @@ from .. import const
 
 _logger = logging.getLogger(__name__)
 
-_CALLBACK_SECRET = re.compile(r'(/payment/mpesa/callback/)[^/\s?"]+')
+# The secret path of every inbound route (the old STK one and the neutral prefix).
+_SECRET_PATHS = ('/payment/mpesa/callback/', const.LNM_PREFIX + '/')
+_CALLBACK_SECRET = re.compile('(' + '|'.join(map(re.escape, _SECRET_PATHS)) + r')[^/\s?"]+')
 
 
 class _MaskCallbackSecret(logging.Filter):
@@ -22,7 +24,7 @@ class _MaskCallbackSecret(logging.Filter):
 
     def filter(self, record):
         if isinstance(record.args, tuple) and any(
-            isinstance(arg, str) and '/payment/mpesa/callback/' in arg for arg in record.args
+            isinstance(arg, str) and any(path in arg for path in _SECRET_PATHS) for arg in record.args
         ):
             record.args = tuple(
                 _CALLBACK_SECRET.sub(r'\1***', arg) if isinstance(arg, str) else arg
@@ -54,8 +56,8 @@ class MpesaController(http.Controller):
         error = tx_sudo._mpesa_send_stk_push_or_refuse(phone)
         return {'error': error} if error else {}
 
-    @http.route(const.CALLBACK_ROUTE, type='http', methods=['POST'], auth='public', csrf=False,
-                save_session=False)
+    @http.route([const.LNM_ROUTES['stk'], const.CALLBACK_ROUTE], type='http', methods=['POST'],
+                auth='public', csrf=False, save_session=False)
     def mpesa_callback(self, secret):
         """Receive Daraja's stkCallback: plain JSON, not JSON-RPC.
 

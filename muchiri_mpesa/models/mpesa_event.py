@@ -3,6 +3,7 @@ import base64
 import json
 import logging
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 
 from psycopg2.errors import DeadlockDetected, LockNotAvailable, SerializationFailure
@@ -213,16 +214,38 @@ class MpesaEvent(models.Model):
 
     @api.model
     def _mpesa_keep_callback(self, provider, raw_body, remote_addr):
+        event = self._mpesa_inbound_values(provider, 'callback', raw_body, remote_addr)
+        event['next_attempt_at'] = fields.Datetime.now() + ADMISSION_GRACE
+        return self.create(event)
+
+    @api.model
+    def _mpesa_inbound_values(self, provider, kind, raw_body, remote_addr):
         raw_body = bytes(raw_body or b'')
-        return self.create({
-            'kind': 'callback',
+        return {
+            'kind': kind,
             'provider_id': provider.id,
             'remote_addr': remote_addr,
             'raw_body': base64.b64encode(raw_body),
             'request_body': _readable(raw_body),
             'callback_state': 'received',
-            'next_attempt_at': fields.Datetime.now() + ADMISSION_GRACE,
-        })
+        }
+
+    @api.model
+    @contextmanager
+    def _mpesa_keep_inbound(self, provider, kind, raw_body, remote_addr):
+        """Keep the exact bytes Daraja posted on one of `provider`'s routes (C2B, Pull, initiator
+        results) on a cursor of its own, committed before anything reads them: whatever fails
+        later, the body is in the log and can be handled again.
+
+        Yields the event on that cursor's environment; what the caller does with it is committed
+        when the block ends, and rolled back (the body staying kept) when it raises.
+        """
+        with self.env.registry.cursor() as cr:
+            env = self.env(cr=cr, su=True)
+            event = env[self._name].create(
+                env[self._name]._mpesa_inbound_values(provider.with_env(env), kind, raw_body, remote_addr))
+            cr.commit()  # pylint: disable=invalid-commit
+            yield event
 
     def _mpesa_raw_body(self):
         """The exact bytes of a received callback."""

@@ -254,10 +254,16 @@ class PaymentProvider(models.Model):
         self.ensure_one()
         return (self.sudo().mpesa_callback_base_url or self.get_base_url()).rstrip('/')
 
-    def _mpesa_callback_url(self):
-        """The URL given to Daraja as CallBackURL; the secret path authenticates the callback."""
+    def _mpesa_daraja_url(self, name):
+        """The URL Daraja must call to tell us `name` (a key of const.LNM_ROUTES): under the neutral
+        prefix Daraja accepts, with the secret path that names and authenticates this provider."""
         self.ensure_one()
-        return f"{self._mpesa_callback_base_url()}/payment/mpesa/callback/{self.sudo().mpesa_callback_secret}"
+        path = const.LNM_ROUTES[name].replace('<string:secret>', self.sudo().mpesa_callback_secret or '')
+        return f"{self._mpesa_callback_base_url()}{path}"
+
+    def _mpesa_callback_url(self):
+        """The URL given to Daraja as the STK Push's CallBackURL."""
+        return self._mpesa_daraja_url('stk')
 
     def _mpesa_shortcode_config(self):
         self.ensure_one()

@@ -1,10 +1,12 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+import logging
 from datetime import datetime, timedelta
 
 from odoo.exceptions import UserError
 from odoo.tests import tagged
 
-from odoo.addons.muchiri_mpesa import daraja
+from odoo.addons.muchiri_mpesa import const, daraja
+from odoo.addons.muchiri_mpesa.controllers.main import _MaskCallbackSecret
 
 from .common import CALLBACK_DELAY, PHONE_CALLBACK_LOST, PHONE_NO_ANSWER, MpesaCommon
 
@@ -40,6 +42,38 @@ class TestCallback(MpesaCommon):
         self.env.invalidate_all()
         self.assertEqual(tx.state, 'done')
         self.assertEqual(tx.mpesa_receipt_number, 'SIM1234567')
+
+    def test_old_callback_path_still_settles_prompts_in_flight(self):
+        """Prompts sent before the neutral prefix named the first path as their CallBackURL."""
+        tx = self._pending_tx()
+        self._settled_at_simulator(tx)
+        response = self._post_callback(self._success_body(tx), route=const.CALLBACK_ROUTE)
+        self.assertEqual(response.status_code, 200)
+        self.env.invalidate_all()
+        self.assertEqual(tx.state, 'done')
+
+    def test_daraja_urls_hold_no_word_daraja_refuses(self):
+        """Every URL handed to Daraja, and the push's CallBackURL the simulator really received."""
+        banned = ('mpesa', 'm-pesa', 'safaricom', 'exe', 'exec', 'cmd', 'sql', 'query')
+        base = self.provider._mpesa_callback_base_url()
+        for name in const.LNM_ROUTES:
+            path = self.provider._mpesa_daraja_url(name).removeprefix(base).lower()
+            self.assertTrue(path.startswith(const.LNM_PREFIX + '/'), path)
+            self.assertFalse([word for word in banned if word in path], path)
+        tx = self._pending_tx()
+        sent = self.simulator.transaction(tx.provider_reference).callback_url
+        self.assertEqual(sent, self.provider._mpesa_daraja_url('stk'))
+
+    def test_access_log_masks_the_secret_of_every_inbound_path(self):
+        secret = self.provider.mpesa_callback_secret
+        paths = [self.provider._mpesa_daraja_url(name) for name in const.LNM_ROUTES]
+        paths.append(f'/payment/mpesa/callback/{secret}')
+        for path in paths:
+            record = logging.LogRecord('werkzeug', logging.INFO, __file__, 1, '%s - "%s" %s',
+                                       ('127.0.0.1', f'POST {path} HTTP/1.1', '200'), None)
+            _MaskCallbackSecret().filter(record)
+            self.assertNotIn(secret, record.getMessage())
+            self.assertIn('/***', record.getMessage())
 
     def test_wrong_secret_changes_nothing(self):
         tx = self._pending_tx()

@@ -5,6 +5,8 @@ from odoo import http
 from odoo.modules import module
 from odoo.tests import TEST_CURSOR_COOKIE_NAME, tagged
 
+from odoo.addons.muchiri_mpesa import const
+
 from .common import PHONE_CANCELLED, PHONE_SUCCESS, MpesaCommon
 
 
@@ -35,7 +37,7 @@ class TestPortalTour(MpesaCommon):
         request = http.request
         if (
             request and not isinstance(request, Mock)
-            and request.httprequest.path.startswith('/payment/mpesa/callback/')
+            and request.httprequest.path.startswith(('/payment/mpesa/callback/', const.LNM_PREFIX + '/'))
             and not request.httprequest.cookies.get(TEST_CURSOR_COOKIE_NAME)
             and self.http_request_key  # Not between two tests.
             and module.current_test is self
