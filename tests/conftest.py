@@ -47,3 +47,26 @@ def callback_listener():
     with CallbackListener() as listener:
         yield listener
     assert _live_threads("daraja-callback-listener") == [], "the callback listener leaked threads"
+
+
+# --- A DarajaClient on the simulator (tests/test_simulator_initiator.py, test_simulator_c2b.py, ...) -------
+@pytest.fixture
+def daraja_client(daraja_sim):
+    """make(sim=daraja_sim, **client_kwargs): a DarajaClient with the simulator's default credentials."""
+    from muchiri_mpesa.daraja import DarajaClient, DarajaCredentials, ShortcodeConfig  # noqa: PLC0415
+    from muchiri_mpesa.daraja.simulator import (  # noqa: PLC0415
+        DEFAULT_CONSUMER_KEY,
+        DEFAULT_CONSUMER_SECRET,
+        DEFAULT_SHORTCODE,
+        SANDBOX_PASSKEY,
+    )
+
+    def make(sim=None, **kwargs):
+        sim = sim or daraja_sim
+        return DarajaClient(
+            DarajaCredentials(DEFAULT_CONSUMER_KEY, DEFAULT_CONSUMER_SECRET, base_url=sim.base_url),
+            ShortcodeConfig(DEFAULT_SHORTCODE, SANDBOX_PASSKEY),
+            **{"timeout": (2.0, 5.0), **kwargs},
+        )
+
+    return make

@@ -1,4 +1,4 @@
-"""The Daraja (Safaricom M-Pesa STK Push) layer: plain Python, ``requests`` only, no Odoo.
+"""The Daraja (Safaricom M-Pesa) layer: plain Python, ``requests`` and ``cryptography`` (initiator APIs), no Odoo.
 
 The Odoo models call this package; it knows nothing of Odoo, the database or incoming HTTP.
 Payload shapes, passwords, timestamps and the meaning of Daraja's codes live here and only here.
@@ -6,6 +6,24 @@ Payload shapes, passwords, timestamps and the meaning of Daraja's codes live her
 
 from __future__ import annotations
 
+from .c2b import (
+    C2B_CONFIRMATION_ACK,
+    C2B_INVALID_ACCOUNT,
+    C2B_INVALID_AMOUNT,
+    C2B_INVALID_KYC,
+    C2B_INVALID_MSISDN,
+    C2B_INVALID_SHORTCODE,
+    C2B_OTHER_ERROR,
+    C2B_REJECTION_CODES,
+    RESPONSE_CANCELLED,
+    RESPONSE_COMPLETED,
+    C2BPayment,
+    C2BRegistration,
+    c2b_validation_accept,
+    c2b_validation_reject,
+    hash_msisdn,
+    parse_c2b_payment,
+)
 from .callback import (
     ACCEPTED_RESPONSE,
     StkCallback,
@@ -42,6 +60,21 @@ from .errors import (
     InvalidConfiguration,
     InvalidPhoneNumber,
 )
+from .initiator import (
+    IDENTIFIER_MSISDN,
+    IDENTIFIER_SHORTCODE,
+    IDENTIFIER_TILL,
+    INITIATOR_RESULT_CODES,
+    CertificateSummary,
+    InitiatorAck,
+    InitiatorResult,
+    build_reversal_payload,
+    build_transaction_status_payload,
+    certificate_summary,
+    describe_initiator_result,
+    parse_initiator_result,
+    security_credential,
+)
 from .money import (
     DARAJA_MAX_AMOUNT,
     DEFAULT_MAX_AMOUNT,
@@ -50,6 +83,7 @@ from .money import (
     to_whole_shillings,
 )
 from .phone import mask_msisdn, normalize_msisdn, phones_may_match
+from .pull import PULL_WINDOW, PullTransaction, parse_pull_rows, pull_date
 from .stk import (
     KENYA_TZ,
     PAYBILL,
@@ -65,23 +99,42 @@ from .stk import (
     transaction_desc,
 )
 from .tokens import AccessToken, MemoryTokenStore, TokenStore, token_cache_key
+from .urls import check_daraja_url
 
 __all__ = [
     "ACCEPTED_RESPONSE",
+    "C2B_CONFIRMATION_ACK",
+    "C2B_INVALID_ACCOUNT",
+    "C2B_INVALID_AMOUNT",
+    "C2B_INVALID_KYC",
+    "C2B_INVALID_MSISDN",
+    "C2B_INVALID_SHORTCODE",
+    "C2B_OTHER_ERROR",
+    "C2B_REJECTION_CODES",
     "DARAJA_MAX_AMOUNT",
     "DEFAULT_MAX_AMOUNT",
     "ERROR_CODES",
+    "IDENTIFIER_MSISDN",
+    "IDENTIFIER_SHORTCODE",
+    "IDENTIFIER_TILL",
+    "INITIATOR_RESULT_CODES",
     "INVALID_TOKEN_CODES",
     "KENYA_TZ",
     "MIN_AMOUNT",
     "PAYBILL",
     "PRODUCTION_URL",
+    "PULL_WINDOW",
+    "RESPONSE_CANCELLED",
+    "RESPONSE_COMPLETED",
     "RESULT_CODES",
     "SANDBOX_URL",
     "TILL",
     "AccessToken",
     "ApiErrorCode",
+    "C2BPayment",
+    "C2BRegistration",
     "CallbackParseError",
+    "CertificateSummary",
     "DarajaApiError",
     "DarajaAuthError",
     "DarajaClient",
@@ -91,11 +144,14 @@ __all__ = [
     "DarajaProtocolError",
     "DarajaValidationError",
     "Exchange",
+    "InitiatorAck",
+    "InitiatorResult",
     "InvalidAmount",
     "InvalidConfiguration",
     "InvalidPhoneNumber",
     "MemoryTokenStore",
     "Outcome",
+    "PullTransaction",
     "ResultCode",
     "ShortcodeConfig",
     "StkCallback",
@@ -103,17 +159,30 @@ __all__ = [
     "StkQueryResult",
     "TokenStore",
     "account_reference",
+    "build_reversal_payload",
     "build_stk_push_payload",
     "build_stk_query_payload",
+    "build_transaction_status_payload",
+    "c2b_validation_accept",
+    "c2b_validation_reject",
+    "certificate_summary",
     "check_amount",
+    "check_daraja_url",
     "classify_result",
     "describe_api_error",
+    "describe_initiator_result",
+    "hash_msisdn",
     "is_being_processed",
     "mask_msisdn",
     "normalize_msisdn",
+    "parse_c2b_payment",
+    "parse_initiator_result",
+    "parse_pull_rows",
     "parse_stk_callback",
     "phones_may_match",
+    "pull_date",
     "redact",
+    "security_credential",
     "stk_callback_body",
     "timestamp_and_password",
     "to_whole_shillings",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -25,6 +25,15 @@ from urllib.parse import urlsplit
 import requests
 import urllib3.exceptions
 
+from .c2b import (
+    C2B_REGISTER_PATHS,
+    C2B_SIMULATE_PATH,
+    PRODUCT_MISMATCH_CODE,
+    C2BRegistration,
+    build_c2b_register_payload,
+    build_c2b_simulate_payload,
+    is_already_registered,
+)
 from .codes import (
     INVALID_TOKEN_CODES,
     Outcome,
@@ -34,6 +43,7 @@ from .codes import (
     is_being_processed,
 )
 from .errors import (
+    CallbackParseError,
     DarajaApiError,
     DarajaAuthError,
     DarajaConnectionError,
@@ -41,9 +51,27 @@ from .errors import (
     DarajaProtocolError,
     InvalidConfiguration,
 )
+from .initiator import (
+    REVERSAL_PATH,
+    TRANSACTION_STATUS_PATH,
+    InitiatorAck,
+    build_reversal_payload,
+    build_transaction_status_payload,
+)
 from .money import DEFAULT_MAX_AMOUNT, MIN_AMOUNT, check_amount
 from .phone import mask_msisdn
+from .pull import (
+    PULL_NONE_FOUND,
+    PULL_QUERY_PATH,
+    PULL_REGISTER_PATH,
+    PULL_SUCCESS,
+    PullTransaction,
+    build_pull_query_payload,
+    build_pull_register_payload,
+    parse_pull_rows,
+)
 from .stk import (
+    PAYBILL,
     SANDBOX_URL,
     ShortcodeConfig,
     build_stk_push_payload,
@@ -143,7 +171,7 @@ class StkQueryResult:
 class Exchange:
     """One HTTP exchange with Daraja, redacted, for the audit log."""
 
-    operation: str  # "token" | "stk_push" | "stk_query"
+    operation: str  # "token" | "stk_push" | "stk_query" | "reversal" | "transaction_status" | "c2b_..." | "pull_..."
     method: str
     url: str
     request_body: dict[str, Any] | None
@@ -157,10 +185,20 @@ class _TokenRejected(DarajaAuthError):
     """Daraja refused the bearer token (before processing the request): refresh once and resend."""
 
 
+class _ProductMismatch(DarajaApiError):
+    """401.003.01 "no apiproduct match": this app has the other version of the API (not a token problem)."""
+
+
 _ACTION = {
     "token": "the access token request",
     "stk_push": "the STK push",
     "stk_query": "the STK push query",
+    "reversal": "the reversal request",
+    "transaction_status": "the transaction status query",
+    "c2b_register": "the C2B URL registration",
+    "c2b_simulate": "the C2B payment simulation",
+    "pull_register": "the Pull Transactions registration",
+    "pull_query": "the Pull Transactions query",
 }
 
 
@@ -615,3 +653,275 @@ class DarajaClient:
         result = self._with_token(send)
         _log.info("STK query of %s: %s (%s).", checkout, result.outcome.value, result.result_code)
         return result
+
+    # -- initiator APIs (Reversal, Transaction Status) -----------------------------------------------------------
+
+    def _initiator_request(
+        self, operation: str, path: str, payload: dict[str, Any], shown: str
+    ) -> InitiatorAck:
+        """Send one initiator request; only a refused token is resent (Daraja refuses it before processing)."""
+
+        def interpret(status: int, data: dict[str, Any] | None) -> InitiatorAck:
+            if _token_rejected(status, data):
+                raise _rejected_token(status, data)
+            if data is not None and _text(data.get("errorCode")):
+                raise _api_error(operation, status, data, unknown_retryable=False)
+            response_code = _text(data.get("ResponseCode")) if data is not None else None
+            if status != 200 or data is None or response_code is None:
+                raise DarajaProtocolError(
+                    f"Daraja answered {_ACTION[operation]} with HTTP {status} and a body that is not Daraja's; "
+                    "it may or may not have been accepted.",
+                    http_status=status,
+                )
+            description_text = _text(data.get("ResponseDescription")) or ""
+            if response_code != "0":
+                raise DarajaApiError(
+                    f"Daraja did not accept {_ACTION[operation]} (ResponseCode {response_code}"
+                    f"{': ' + description_text if description_text else ''}).",
+                    http_status=status,
+                    error_code=response_code,
+                    error_message=description_text or None,
+                    retryable=False,
+                )
+            return InitiatorAck(
+                originator_conversation_id=_text(data.get("OriginatorConversationID")) or "",
+                conversation_id=_text(data.get("ConversationID")) or "",
+                response_code=response_code,
+                description=description_text,
+                raw=data,
+            )
+
+        def send(token: AccessToken) -> InitiatorAck:
+            return self._exchange(operation, "POST", path, interpret, body=payload, token=token)
+
+        try:
+            ack = self._with_token(send)
+        except DarajaError as exc:
+            _log.warning("%s of %s failed: %s", _ACTION[operation].capitalize(), shown, exc)
+            raise
+        _log.info(
+            "%s of %s accepted: ConversationID %s.", _ACTION[operation].capitalize(), shown, ack.conversation_id
+        )
+        return ack
+
+    def reverse(
+        self,
+        *,
+        initiator: str,
+        security_credential: str,
+        transaction_id: str,
+        amount: Decimal | int | str,
+        receiver_party: str,
+        result_url: str,
+        timeout_url: str,
+        remarks: str,
+        occasion: str = "",
+    ) -> InitiatorAck:
+        """Ask M-Pesa to reverse a whole payment.  Accepted is not reversed: the Result says so later.
+
+        Never resent automatically after it left (a read timeout raises DarajaConnectionError with
+        ``request_may_have_reached`` True): ask Transaction Status first, a second reversal answers R000001.
+        """
+        payload = build_reversal_payload(
+            initiator=initiator,
+            security_credential=security_credential,
+            transaction_id=transaction_id,
+            amount=amount,
+            receiver_party=receiver_party,
+            result_url=result_url,
+            timeout_url=timeout_url,
+            remarks=remarks,
+            occasion=occasion,
+        )
+        shown = f"{payload['TransactionID']} (KES {payload['Amount']:,})"
+        return self._initiator_request("reversal", REVERSAL_PATH, payload, shown)
+
+    def transaction_status(
+        self,
+        *,
+        initiator: str,
+        security_credential: str,
+        transaction_id: str,
+        party_a: str,
+        identifier_type: str,
+        result_url: str,
+        timeout_url: str,
+        remarks: str,
+        occasion: str = "",
+    ) -> InitiatorAck:
+        """Ask M-Pesa where a receipt stands; the Result (ReceiptNo, Amount, TransactionStatus...) comes later."""
+        payload = build_transaction_status_payload(
+            initiator=initiator,
+            security_credential=security_credential,
+            transaction_id=transaction_id,
+            party_a=party_a,
+            identifier_type=identifier_type,
+            result_url=result_url,
+            timeout_url=timeout_url,
+            remarks=remarks,
+            occasion=occasion,
+        )
+        return self._initiator_request(
+            "transaction_status", TRANSACTION_STATUS_PATH, payload, payload["TransactionID"]
+        )
+
+    # -- C2B -----------------------------------------------------------------------------------------------------
+
+    def _plain_request(
+        self,
+        operation: str,
+        path: str,
+        payload: dict[str, Any],
+        accept: Callable[[int, dict[str, Any]], _T],
+    ) -> _T:
+        """A request whose 200 answer ``accept`` reads; token refusals are refreshed once, errors raised."""
+
+        def interpret(status: int, data: dict[str, Any] | None) -> _T:
+            code = _text(data.get("errorCode")) if data is not None else None
+            if code == PRODUCT_MISMATCH_CODE:  # checked before the 401 rule: no new token helps here
+                raise _refusal(
+                    _ProductMismatch, f"Daraja refused {_ACTION[operation]}: the app has no matching API product.",
+                    status, data, retryable=False,
+                )
+            if _token_rejected(status, data):
+                raise _rejected_token(status, data)
+            if data is not None and code:
+                raise _api_error(operation, status, data, unknown_retryable=False)
+            if status != 200 or data is None:
+                raise DarajaProtocolError(
+                    f"Daraja answered {_ACTION[operation]} with HTTP {status} and a body that is not Daraja's.",
+                    http_status=status,
+                )
+            return accept(status, data)
+
+        def send(token: AccessToken) -> _T:
+            return self._exchange(operation, "POST", path, interpret, body=payload, token=token)
+
+        return self._with_token(send)
+
+    def register_c2b_urls(
+        self, shortcode: str, response_type: str, confirmation_url: str, validation_url: str
+    ) -> C2BRegistration:
+        """Register the ConfirmationURL and ValidationURL: v2 first, v1 when the app has the v1 product.
+
+        "Urls are already registered" (production registers once) is returned with ``already_registered``;
+        every other refusal raises.
+        """
+        payload = build_c2b_register_payload(shortcode, response_type, confirmation_url, validation_url)
+        mismatch: _ProductMismatch | None = None
+        for version in ("v2", "v1"):
+
+            def accept(status: int, data: dict[str, Any], version: str = version) -> C2BRegistration:
+                code = _text(data.get("ResponseCode")) or ""
+                description = _text(data.get("ResponseDescription")) or ""
+                if is_already_registered(code, description):
+                    return C2BRegistration(version, True, code, description)
+                if code != "0":
+                    raise DarajaApiError(
+                        f"Daraja did not accept the C2B URL registration (ResponseCode {code or 'none'}"
+                        f"{': ' + description if description else ''}).",
+                        http_status=status, error_code=code or None, error_message=description or None,
+                    )
+                return C2BRegistration(version, False, code, description)
+
+            try:
+                registration = self._plain_request("c2b_register", C2B_REGISTER_PATHS[version], payload, accept)
+            except _ProductMismatch as exc:
+                mismatch = exc
+                _log.info("C2B URL registration %s: no API product match; trying the other version.", version)
+                continue
+            except DarajaApiError as exc:
+                if is_already_registered(exc.error_code, exc.error_message):
+                    _log.info("C2B URLs of %s were already registered (%s).", payload["ShortCode"], version)
+                    return C2BRegistration(version, True, exc.error_code or "", exc.error_message or "")
+                raise
+            _log.info("C2B URLs of %s registered (%s).", payload["ShortCode"], version)
+            return registration
+        assert mismatch is not None
+        raise DarajaApiError(
+            "Daraja refused both C2B registration versions (v2 and v1): add the C2B API product to the Daraja "
+            "app." + _detail(mismatch.http_status, mismatch.error_code, mismatch.error_message),
+            http_status=mismatch.http_status, error_code=mismatch.error_code,
+            error_message=mismatch.error_message, request_id=mismatch.request_id,
+        )
+
+    def simulate_c2b(
+        self,
+        shortcode: str,
+        amount: Decimal | int | str,
+        msisdn: str | int,
+        bill_ref: str,
+        command_id: str = PAYBILL,
+    ) -> dict[str, Any]:
+        """Sandbox only: make Daraja play a customer paying from the phone's menu (the answer, as sent)."""
+        payload = build_c2b_simulate_payload(shortcode, amount, msisdn, bill_ref, command_id)
+
+        def accept(status: int, data: dict[str, Any]) -> dict[str, Any]:
+            code = _text(data.get("ResponseCode"))
+            if code not in (None, "0"):
+                raise DarajaApiError(
+                    f"Daraja did not accept the C2B simulation (ResponseCode {code}).",
+                    http_status=status, error_code=code, error_message=_text(data.get("ResponseDescription")),
+                )
+            return data
+
+        return self._plain_request("c2b_simulate", C2B_SIMULATE_PATH, payload, accept)
+
+    # -- Pull Transactions -----------------------------------------------------------------------------------------
+
+    def pull_register(self, shortcode: str, nominated_number: str | int, callback_url: str) -> dict[str, Any]:
+        """Register the shortcode for Pull Transactions (once); the answer, as sent."""
+        payload = build_pull_register_payload(shortcode, nominated_number, callback_url)
+
+        def accept(status: int, data: dict[str, Any]) -> dict[str, Any]:
+            code = _text(data.get("ResponseStatus")) or _text(data.get("ResponseCode"))
+            if code not in (None, "0", PULL_SUCCESS):
+                raise DarajaApiError(
+                    f"Daraja did not register the shortcode for Pull Transactions (ResponseCode {code}).",
+                    http_status=status, error_code=code, error_message=_text(data.get("ResponseDescription")),
+                )
+            return data
+
+        return self._plain_request("pull_register", PULL_REGISTER_PATH, payload, accept)
+
+    def pull_query(
+        self, shortcode: str, start: datetime, end: datetime, offset: int = 0
+    ) -> tuple[list[PullTransaction], bool]:
+        """One page of Pull Transactions from ``offset``; ``more`` is True when the page had rows (ask again
+        from ``offset + len(rows)``; Daraja answers 1001 when nothing is left)."""
+        payload = build_pull_query_payload(shortcode, start, end, offset)
+
+        def accept(status: int, data: dict[str, Any]) -> tuple[list[PullTransaction], bool]:
+            try:
+                code, rows = parse_pull_rows(data)
+            except CallbackParseError as exc:
+                raise DarajaProtocolError(
+                    f"Daraja's Pull Transactions answer cannot be read: {exc}", http_status=status
+                ) from None
+            if code == PULL_NONE_FOUND:
+                return [], False
+            if code != PULL_SUCCESS:
+                raise DarajaApiError(
+                    f"Daraja refused the Pull Transactions query (ResponseCode {code}).",
+                    http_status=status, error_code=code, error_message=_text(data.get("ResponseMessage")),
+                )
+            return rows, bool(rows)
+
+        return self._plain_request("pull_query", PULL_QUERY_PATH, payload, accept)
+
+    def pull_transactions(
+        self, shortcode: str, start: datetime, end: datetime, *, max_pages: int = 1000
+    ) -> Iterator[PullTransaction]:
+        """Every row from ``start`` to ``end`` (Daraja keeps 48 hours), page after page, each receipt once."""
+        offset = 0
+        seen: set[str] = set()
+        for _page in range(max_pages):
+            rows, more = self.pull_query(shortcode, start, end, offset)
+            for row in rows:
+                if row.transaction_id not in seen:
+                    seen.add(row.transaction_id)
+                    yield row
+            if not more:
+                return
+            offset += len(rows)
+        _log.warning("Pull Transactions of %s stopped after %s pages.", shortcode, max_pages)

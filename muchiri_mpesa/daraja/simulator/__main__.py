@@ -10,6 +10,8 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from .c2b import C2B_MAGIC_NUMBERS
+from .initiator import MAGIC_REMARKS
 from .scenarios import magic_numbers_table
 from .server import (
     DEFAULT_CALLBACK_DELAY,
@@ -18,14 +20,22 @@ from .server import (
     DEFAULT_CONSUMER_KEY,
     DEFAULT_CONSUMER_SECRET,
     DEFAULT_HOST,
+    DEFAULT_INITIATOR_NAME,
+    DEFAULT_INITIATOR_PASSWORD,
     DEFAULT_PORT,
     DEFAULT_PROMPT_TIMEOUT,
+    DEFAULT_PULL_PAGE_SIZE,
     DEFAULT_SHORTCODE,
     DEFAULT_TILL,
+    DEFAULT_VALIDATION_TIMEOUT,
     SANDBOX_PASSKEY,
     TOKEN_LIFETIME,
     DarajaSimulator,
 )
+
+
+def c2b_magic_table() -> str:
+    return "\n".join(f"| {number} | {summary} |" for number, summary in C2B_MAGIC_NUMBERS.items())
 
 
 def _delays(text: str) -> tuple[float, ...]:
@@ -46,6 +56,13 @@ def _seconds(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError("seconds must be >= 0")
     return value
+
+
+def _versions(text: str) -> tuple[str, ...]:
+    values = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not values or not set(values) <= {"v1", "v2"}:
+        raise argparse.ArgumentTypeError(f"expected v1, v2 or v1,v2, got {text!r}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +152,60 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help='refuse CallBackURLs containing "mpesa", "m-pesa" or "safaricom", as integrators report Daraja does',
     )
+    parser.add_argument(
+        "--initiator-name",
+        default=DEFAULT_INITIATOR_NAME,
+        help="the Initiator of Reversal and Transaction Status requests (default: %(default)s, Safaricom's "
+        "sandbox initiator)",
+    )
+    parser.add_argument(
+        "--initiator-password",
+        default=DEFAULT_INITIATOR_PASSWORD,
+        help="the initiator password the SecurityCredential must carry, encrypted with the certificate printed at "
+        "start and served at GET /__sim__/certificate (default: %(default)s, Safaricom's sandbox one)",
+    )
+    parser.add_argument(
+        "--result-delay",
+        type=_seconds,
+        default=None,
+        help="seconds from an accepted Reversal / Transaction Status to its Result (default: --callback-delay)",
+    )
+    parser.add_argument(
+        "--c2b-versions",
+        type=_versions,
+        default=("v1", "v2"),
+        help="the C2B API product(s) of the app, comma-separated; registerurl of another version answers "
+        "401.003.01 (default: v1,v2)",
+    )
+    parser.add_argument(
+        "--c2b-register-once",
+        action="store_true",
+        help='production-like: a second C2B registration answers "500.003.1001 Urls are already registered"',
+    )
+    parser.add_argument(
+        "--c2b-external-validation",
+        action="store_true",
+        help="ask the registered ValidationURL before each C2B payment (Safaricom switches it on per shortcode)",
+    )
+    parser.add_argument(
+        "--validation-timeout",
+        type=_seconds,
+        default=DEFAULT_VALIDATION_TIMEOUT,
+        help="seconds to wait for the ValidationURL before the registered ResponseType decides "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--c2b-msisdn-format",
+        choices=("hash", "masked", "plain"),
+        default="hash",
+        help="the MSISDN of C2B validation and confirmation bodies (default: %(default)s, SHA-256 hex)",
+    )
+    parser.add_argument(
+        "--pull-page-size",
+        type=int,
+        default=DEFAULT_PULL_PAGE_SIZE,
+        help="rows per Pull Transactions page (default: %(default)s)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every HTTP line")
     return parser
@@ -162,6 +233,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         token_lifetime=args.token_lifetime,
         invalidate_previous_tokens=not args.keep_previous_tokens,
         reject_mpesa_in_callback_url=args.reject_mpesa_urls,
+        initiator_name=args.initiator_name,
+        initiator_password=args.initiator_password,
+        result_delay=args.result_delay,
+        c2b_versions=args.c2b_versions,
+        c2b_register_once=args.c2b_register_once,
+        c2b_external_validation=args.c2b_external_validation,
+        c2b_validation_timeout=args.validation_timeout,
+        c2b_msisdn_format=args.c2b_msisdn_format,
+        pull_page_size=args.pull_page_size,
     )
     try:
         simulator.start()
@@ -169,6 +249,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
 
+    try:
+        certificate = simulator.certificate_pem  # the key pair is made now, so the banner can show it
+    except ImportError:
+        certificate = "(unavailable: install cryptography for the Reversal and Transaction Status APIs)\n"
+
+    # The default is Safaricom's published sandbox password; one given on the command line is not echoed.
+    shown_password = args.initiator_password if args.initiator_password == DEFAULT_INITIATOR_PASSWORD else "(as given)"
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -181,7 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  consumer key / secret : {args.consumer_key} / {args.consumer_secret}\n"
         f"  shortcode / till      : {args.shortcode} / {args.till or '-'}\n"
         f"  callback delay        : {args.callback_delay} s, prompt timeout {args.prompt_timeout} s\n"
+        f"  initiator / password  : {args.initiator_name} / {shown_password}\n"
+        f"Certificate for SecurityCredentials (also GET {simulator.base_url}/__sim__/certificate):\n"
+        f"{certificate}"
         f"Magic phone numbers:\n{magic_numbers_table()}\n"
+        f"C2B magic payer numbers:\n{c2b_magic_table()}\n"
+        f"Initiator magic Remarks / Occasion: {', '.join(MAGIC_REMARKS)}\n"
         "Ctrl-C to stop.",
         flush=True,
     )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .server import _monotonic
+from .state import _monotonic
 
 ACCEPTED = {"ResultCode": 0, "ResultDesc": "Accepted"}
 

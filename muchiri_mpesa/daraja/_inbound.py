@@ -1,0 +1,110 @@
+"""The hardening every body Daraja posts to us goes through (C2B, initiator results), in one place.
+
+The same rules as ``callback.parse_stk_callback`` (failure mode 18): any bytes at all are either a JSON object
+or a ``CallbackParseError``: not UTF-8, invalid JSON, NaN / Infinity, nesting past the interpreter's limit,
+integers too long to read, NUL, lone surrogates, over-long text and absurd amounts are all refused here, so the
+Odoo layer only ever stores what a database and Decimal arithmetic can take.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from .errors import CallbackParseError
+from .stk import KENYA_TZ
+from .tokens import UTC
+
+# Far above any M-Pesa amount (250,000 per payment): a larger number is not a Daraja body.
+MAX_AMOUNT = Decimal(10) ** 9
+MAX_ID_LENGTH = 100
+MAX_TEXT_LENGTH = 1000
+MAX_BODY_BYTES = 1 << 20  # Daraja's bodies are a few hundred bytes.
+_DATE_FORMAT = "%Y%m%d%H%M%S"
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python's json accepts them, JSON does not.
+
+
+def load_object(body: bytes | str | dict[str, Any], what: str) -> dict[str, Any]:
+    """``body`` as a JSON object, or CallbackParseError naming ``what`` ("The C2B body", ...)."""
+    if isinstance(body, dict):
+        return body
+    if isinstance(body, (bytes, bytearray)):
+        if len(body) > MAX_BODY_BYTES:
+            raise CallbackParseError(f"{what} is too large to be a Daraja body.")
+        try:
+            body = bytes(body).decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise CallbackParseError(f"{what} is not UTF-8 text.") from None
+    if not isinstance(body, str):
+        raise CallbackParseError(f"{what} is a {type(body).__name__}, not JSON.")
+    if len(body) > MAX_BODY_BYTES:
+        raise CallbackParseError(f"{what} is too large to be a Daraja body.")
+    try:
+        data = json.loads(body, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):  # RecursionError: nesting past the interpreter's limit.
+        raise CallbackParseError(f"{what} is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise CallbackParseError(f"{what} is not a JSON object.")
+    return data
+
+
+def clean(text: str, what: str, name: str, limit: int = MAX_TEXT_LENGTH, *, ascii_only: bool = False) -> str:
+    """A text field as a database can store it: no NUL, no lone surrogate, of a sane length (identifiers:
+    printable ASCII)."""
+    refused = CallbackParseError(f"The {what} {name} is not a Daraja value.")
+    if "\x00" in text or len(text) > limit or (ascii_only and not (text.isascii() and text.isprintable())):
+        raise refused
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # A lone surrogate, from a \ud800 escape.
+        raise refused from None
+    return text
+
+
+def scalar_text(value: Any, what: str, name: str, limit: int = MAX_TEXT_LENGTH, *, ascii_only: bool = False) -> str:
+    """A JSON string or number as stripped text ('' for null); objects, arrays and booleans are refused."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise CallbackParseError(f"The {what} {name} is not a Daraja value.")
+    return clean(str(value).strip(), what, name, limit, ascii_only=ascii_only)
+
+
+def amount(value: Any, what: str, name: str = "Amount") -> Decimal:
+    """A non-negative, finite amount below MAX_AMOUNT; whole amounts lose their ".00"."""
+    refused = CallbackParseError(f"The {what} {name} is not an amount of money.")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise refused
+    try:
+        number = Decimal(str(value).strip())
+    except (InvalidOperation, ValueError):
+        raise refused from None
+    if not number.is_finite() or not 0 <= number < MAX_AMOUNT:
+        raise refused
+    if number == number.to_integral_value():
+        number = number.quantize(Decimal(1))
+    return number
+
+
+def kenya_time(value: Any) -> datetime | None:
+    """YYYYMMDDHHmmss (number or text) in Kenya time, as aware UTC; None when it is no such date."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return None
+    text = str(value).strip()
+    if len(text) != 14 or not text.isdigit():
+        return None
+    try:
+        moment = datetime.strptime(text, _DATE_FORMAT).replace(tzinfo=KENYA_TZ)
+    except ValueError:
+        return None
+    # Years a conversion to UTC could overflow (0001, 9999) are no M-Pesa date either.
+    return moment.astimezone(UTC) if 2000 <= moment.year <= 2200 else None

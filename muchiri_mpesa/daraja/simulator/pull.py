@@ -1,0 +1,124 @@
+"""Pull Transactions: ``/pulltransactions/v1/register`` and ``/pulltransactions/v1/query``.
+
+The query returns every STK and C2B payment into the registered shortcode (its paybill, or its till) from the
+ledger, oldest first, between StartDate and EndDate ("YYYY-MM-DD HH:MM:SS", Kenya time) and within the last 48
+hours only (``sim.age_transaction`` moves a receipt back in time), ``pull_page_size`` rows from OffSetValue:
+ResponseCode "1000" with rows, "1001" when there are none (HTTP 200 both).  A lost confirmation is here too.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from .state import (
+    KENYA_TZ,
+    PAYBILL,
+    PULL_WINDOW,
+    SimState,
+    _invalid,
+    _monotonic,
+    _now_utc,
+    _Response,
+    check_digits,
+    check_msisdn,
+    check_url,
+    text_of,
+)
+
+PULL_REGISTER_PATH = "/pulltransactions/v1/register"
+PULL_QUERY_PATH = "/pulltransactions/v1/query"
+_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def _date(body: dict[str, Any], name: str) -> datetime:
+    text = body.get(name)
+    if not isinstance(text, str):
+        raise _invalid(name)
+    try:
+        return datetime.strptime(text.strip(), _DATE_FORMAT).replace(tzinfo=KENYA_TZ)
+    except ValueError:
+        raise _invalid(name) from None
+
+
+class PullApi:
+    """Pull Transactions over the shared ledger."""
+
+    def __init__(self, state: SimState) -> None:
+        self.state = state
+
+    def register(self, body: dict[str, Any]) -> _Response:
+        state = self.state
+        shortcode = check_digits(body, "ShortCode")
+        if not state.owns_shortcode(shortcode):
+            raise _invalid("ShortCode")
+        if body.get("RequestType") != "Pull":
+            raise _invalid("RequestType")
+        nominated = check_msisdn(body, "NominatedNumber")
+        callback_url = check_url(body, "CallBackURL")
+        with state.lock:
+            state.pull_registrations[shortcode] = {"NominatedNumber": nominated, "CallBackURL": callback_url}
+        return _Response(
+            200,
+            {
+                "ResponseRefID": state.request_id(),
+                "ResponseStatus": "1000",
+                "ShortCode": shortcode,
+                "ResponseDescription": "Shortcode Registered Successfully",
+            },
+        )
+
+    def query(self, body: dict[str, Any]) -> _Response:
+        state = self.state
+        shortcode = check_digits(body, "ShortCode")
+        start = _date(body, "StartDate")
+        end = _date(body, "EndDate")
+        if end < start:
+            raise _invalid("EndDate")
+        offset_text = text_of(body.get("OffSetValue", "0")) or "0"
+        if not offset_text.isdigit():
+            raise _invalid("OffSetValue")
+        offset = int(offset_text)
+        oldest = _now_utc() - PULL_WINDOW
+        now = _monotonic()
+        with state.lock:
+            if shortcode not in state.pull_registrations:
+                raise _invalid("ShortCode")  # not registered for Pull Transactions
+            payments = sorted(
+                (
+                    p
+                    for p in state.ledger.values()
+                    if p.source in ("stk", "c2b")
+                    and shortcode in (p.shortcode, p.business_shortcode)
+                    and p.visible_at <= now
+                    and p.at >= oldest
+                    and start <= p.at <= end
+                ),
+                key=lambda p: (p.at, p.receipt),
+            )
+            page = payments[offset : offset + max(1, state.settings.pull_page_size)]
+            organization = state.settings.organization_name
+        if not page:
+            return _Response(
+                200,
+                {"ResponseRefID": state.request_id(), "ResponseCode": "1001", "ResponseMessage": "No records found",
+                 "Response": [[]]},
+            )
+        rows = [
+            {
+                "transactionId": p.receipt,
+                "trxDate": p.at.astimezone(KENYA_TZ).isoformat(timespec="milliseconds"),
+                "msisdn": int(p.msisdn),
+                "sender": "MPESA",
+                "transactiontype": "c2b-pay-bill-debit" if p.transaction_type == PAYBILL else "c2b-buy-goods-debit",
+                "billreference": p.bill_ref,
+                "amount": f"{p.amount}.0",
+                "organizationname": organization,
+            }
+            for p in page
+        ]
+        return _Response(
+            200,
+            {"ResponseRefID": state.request_id(), "ResponseCode": "1000", "ResponseMessage": "Success",
+             "Response": [rows]},
+        )
