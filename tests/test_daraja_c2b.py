@@ -103,8 +103,10 @@ def test_hostile_c2b_bodies_raise_callback_parse_error(body):
 def test_hash_msisdn_normalises_first():
     assert hash_msisdn("0708374149") == hash_msisdn("+254 708 374 149") == hash_msisdn(254708374149) == HASH
     assert len(HASH) == 64 and HASH == HASH.lower()
+    # Any Kenyan mobile number hashes: a line ported to Safaricom keeps its 0733 number and pays with M-Pesa.
+    assert hash_msisdn("0733000000") == hashlib.sha256(b"254733000000").hexdigest()
     with pytest.raises(InvalidPhoneNumber):
-        hash_msisdn("0733000000")  # not a Safaricom line: M-Pesa has no such payer
+        hash_msisdn("0203000000")  # a Nairobi landline: no M-Pesa payer
 
 
 def test_validation_and_confirmation_answers():

@@ -75,8 +75,11 @@ def test_security_credential_is_randomised_and_accepts_bytes_and_der(rsa_key, rs
 def test_another_key_cannot_read_the_credential(rsa_pem):
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     encrypted = base64.b64decode(security_credential("pw", rsa_pem))
-    with pytest.raises(ValueError):
-        other.decrypt(encrypted, padding.PKCS1v15())
+    try:
+        plain = other.decrypt(encrypted, padding.PKCS1v15())
+    except ValueError:  # cryptography 3.4.8 / OpenSSL < 3.2
+        return
+    assert plain != b"pw"  # OpenSSL 3.2+ "implicit rejection": random bytes instead of an error (Marvin)
 
 
 @pytest.mark.parametrize("bad", [

@@ -9,6 +9,7 @@ Odoo layer only ever stores what a database and Decimal arithmetic can take.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -23,10 +24,21 @@ MAX_ID_LENGTH = 100
 MAX_TEXT_LENGTH = 1000
 MAX_BODY_BYTES = 1 << 20  # Daraja's bodies are a few hundred bytes.
 _DATE_FORMAT = "%Y%m%d%H%M%S"
+# What Daraja writes for money ("5.00", 5, 5.0, "1E+2" from a float): ASCII only, so Decimal's extras (Unicode
+# digits, "1_000", "Infinity") never pass, and no exponent long enough to make Decimal work hard.
+_AMOUNT = re.compile(r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][+-]?[0-9]{1,3})?")
+_CENT = Decimal("0.01")
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python's json accepts them, JSON does not.
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):  # {"TransID": "A", "TransID": "B"}: which one would the ledger believe?
+        raise ValueError("a JSON object repeats a key")
+    return data
 
 
 def load_object(body: bytes | str | dict[str, Any], what: str) -> dict[str, Any]:
@@ -45,7 +57,7 @@ def load_object(body: bytes | str | dict[str, Any], what: str) -> dict[str, Any]
     if len(body) > MAX_BODY_BYTES:
         raise CallbackParseError(f"{what} is too large to be a Daraja body.")
     try:
-        data = json.loads(body, parse_constant=_refuse_constant)
+        data = json.loads(body, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError):  # RecursionError: nesting past the interpreter's limit.
         raise CallbackParseError(f"{what} is not valid JSON.") from None
     if not isinstance(data, dict):
@@ -78,15 +90,24 @@ def scalar_text(value: Any, what: str, name: str, limit: int = MAX_TEXT_LENGTH, 
 
 
 def amount(value: Any, what: str, name: str = "Amount") -> Decimal:
-    """A non-negative, finite amount below MAX_AMOUNT; whole amounts lose their ".00"."""
+    """A non-negative, finite amount below MAX_AMOUNT in whole cents; whole amounts lose their ".00"."""
     refused = CallbackParseError(f"The {what} {name} is not an amount of money.")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise refused
-    try:
-        number = Decimal(str(value).strip())
-    except (InvalidOperation, ValueError):
-        raise refused from None
+    text = value.strip() if isinstance(value, str) else repr(value) if isinstance(value, float) else ""
+    if isinstance(value, int):
+        number = Decimal(value) if abs(value) < MAX_AMOUNT else MAX_AMOUNT  # no str() of a 5,000-digit int
+    elif not _AMOUNT.fullmatch(text):
+        raise refused
+    else:
+        try:
+            number = Decimal(text)
+        except (InvalidOperation, ValueError):
+            raise refused from None
     if not number.is_finite() or not 0 <= number < MAX_AMOUNT:
+        raise refused
+    # Shillings and cents only: "0.001" or "1E-999999999" is no M-Pesa amount (and no database numeric).
+    if number != number.quantize(_CENT):
         raise refused
     if number == number.to_integral_value():
         number = number.quantize(Decimal(1))

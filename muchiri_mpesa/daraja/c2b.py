@@ -98,11 +98,13 @@ def c2b_validation_reject(code: str = C2B_OTHER_ERROR) -> dict[str, Any]:
 
 
 def hash_msisdn(phone: str | int) -> str:
-    """The SHA-256 hex (lowercase) of the normalised MSISDN "2547XXXXXXXX", as C2B confirmations carry it.
+    """The SHA-256 hex (lowercase) of the normalised MSISDN "2547XXXXXXXX" / "2541XXXXXXXX", as C2B
+    confirmations carry it (sha256("254712345678") = "7132104d...").
 
-    Raises InvalidPhoneNumber for what is not a Safaricom number (M-Pesa has no other payers).
+    Raises InvalidPhoneNumber for what is not a Kenyan mobile number.  Any 2547/2541 number is hashed, not only
+    Safaricom's ranges: a number ported to Safaricom pays with M-Pesa too, and must still match its partner.
     """
-    return hashlib.sha256(normalize_msisdn(phone).encode("ascii")).hexdigest()
+    return hashlib.sha256(normalize_msisdn(phone, safaricom_only=False).encode("ascii")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class C2BPayment:
     def matches_phone(self, phone: str | int) -> bool:
         """Whether the payer is ``phone``: by hash when Daraja hashed, by number when it sent one."""
         try:
-            wanted = normalize_msisdn(phone)
+            wanted = normalize_msisdn(phone, safaricom_only=False)
         except InvalidPhoneNumber:
             return False
         if self.msisdn_hash is not None:
@@ -152,7 +154,7 @@ def _payer(value: Any) -> tuple[str, str | None, str | None]:
     phone = None
     if msisdn.isdigit():
         try:
-            phone = normalize_msisdn(msisdn)
+            phone = normalize_msisdn(msisdn, safaricom_only=False)  # a ported number is a payer too
         except InvalidPhoneNumber:
             phone = None
     return msisdn, None, phone

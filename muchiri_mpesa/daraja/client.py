@@ -917,11 +917,17 @@ class DarajaClient:
         seen: set[str] = set()
         for _page in range(max_pages):
             rows, more = self.pull_query(shortcode, start, end, offset)
+            fresh = 0
             for row in rows:
                 if row.transaction_id not in seen:
                     seen.add(row.transaction_id)
+                    fresh += 1
                     yield row
             if not more:
+                return
+            if not fresh:  # the same page again: this Daraja ignores OffSetValue, asking more would loop
+                _log.warning("Pull Transactions of %s: page at offset %s repeats earlier rows; stopped.",
+                             shortcode, offset)
                 return
             offset += len(rows)
         _log.warning("Pull Transactions of %s stopped after %s pages.", shortcode, max_pages)

@@ -76,6 +76,7 @@ class CertificateSummary:
 def _load_certificate(certificate: str | bytes) -> Any:
     """A PEM (or DER, as some .cer files are) X.509 certificate with an RSA key; InvalidConfiguration otherwise."""
     from cryptography import x509  # noqa: PLC0415 - only the initiator APIs need cryptography
+    from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415
     from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
 
     data = certificate.encode("ascii", "replace") if isinstance(certificate, str) else bytes(certificate or b"")
@@ -92,7 +93,7 @@ def _load_certificate(certificate: str | bytes) -> Any:
         else:
             loaded = x509.load_der_x509_certificate(data)
         key = loaded.public_key()
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # the last: a key type this cryptography cannot load
         raise refused from None
     if not isinstance(key, rsa.RSAPublicKey):
         raise InvalidConfiguration(
@@ -104,8 +105,10 @@ def _load_certificate(certificate: str | bytes) -> Any:
 def certificate_summary(certificate_pem: str | bytes) -> CertificateSummary:
     """Subject and expiry of the certificate; InvalidConfiguration on a bad PEM or a non-RSA key."""
     loaded = _load_certificate(certificate_pem)
-    not_after = loaded.not_valid_after  # naive UTC in every cryptography version
-    return CertificateSummary(subject=loaded.subject.rfc4514_string(), not_after=not_after.replace(tzinfo=UTC))
+    # cryptography 42+ deprecates the naive property (a warning, an error under -W error); 3.4.8 has only it.
+    aware = getattr(loaded, "not_valid_after_utc", None)
+    not_after = aware if aware is not None else loaded.not_valid_after.replace(tzinfo=UTC)
+    return CertificateSummary(subject=loaded.subject.rfc4514_string(), not_after=not_after.astimezone(UTC))
 
 
 def security_credential(password: str, certificate_pem: str | bytes) -> str:
@@ -374,7 +377,10 @@ def _pairs(container: Any, list_key: str, name: str) -> dict[str, str]:
         key = _inbound.clean(item["Key"].strip(), _WHAT, f"{name} Key", _inbound.MAX_ID_LENGTH)
         value = item.get("Value")
         if isinstance(value, (dict, list)):  # e.g. a balance structure: kept as compact JSON text
-            value = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+            try:
+                value = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            except (TypeError, ValueError, RecursionError):  # a decoded dict may hold anything, at any depth
+                raise CallbackParseError(f"The initiator result {name} {key} is not a Daraja value.") from None
         pairs.setdefault(key, _inbound.scalar_text(value, _WHAT, f"{name} {key}"))
     return pairs
 

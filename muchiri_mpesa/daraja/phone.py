@@ -34,8 +34,12 @@ def _shown(raw: object) -> str:
     return text if len(text) <= 30 else text[:27] + "..."
 
 
-def normalize_msisdn(raw: str | int) -> str:
-    """Return ``254`` + 9 digits for a Safaricom number, or raise InvalidPhoneNumber saying why."""
+def normalize_msisdn(raw: str | int, *, safaricom_only: bool = True) -> str:
+    """Return ``254`` + 9 digits for a Safaricom number, or raise InvalidPhoneNumber saying why.
+
+    ``safaricom_only=False`` takes any Kenyan mobile number (2547XXXXXXXX / 2541XXXXXXXX): a payer's number,
+    where a line ported to Safaricom (or a range newer than this list) still pays with M-Pesa.
+    """
     if isinstance(raw, bool) or not isinstance(raw, (str, int)):
         raise InvalidPhoneNumber(f"{_shown(raw)!r} is not a phone number.")
     if isinstance(raw, int) and raw < 0:
@@ -74,7 +78,7 @@ def normalize_msisdn(raw: str | int) -> str:
         raise InvalidPhoneNumber(f"{shown} has too many digits for a Kenyan mobile number.")
     if subscriber[0] not in "71":
         raise InvalidPhoneNumber(f"{shown} is not a Kenyan mobile number.")
-    if not subscriber.startswith(_SAFARICOM_PREFIXES):
+    if safaricom_only and not subscriber.startswith(_SAFARICOM_PREFIXES):
         raise InvalidPhoneNumber(
             f"{shown} is not a Safaricom number: M-Pesa prompts can only be sent to Safaricom lines."
         )

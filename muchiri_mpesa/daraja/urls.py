@@ -8,7 +8,7 @@ the provider's secret path.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .errors import InvalidConfiguration
 
@@ -42,12 +42,24 @@ BANNED_URL_HOSTS: tuple[str, ...] = (
 def check_daraja_url(url: object, field: str = "url") -> str:
     """The URL, stripped, if Daraja can be given it; else InvalidConfiguration naming the banned word or host."""
     text = url.strip() if isinstance(url, str) else ""
-    parts = urlsplit(text) if text and not any(c.isspace() for c in text) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidConfiguration(
-            "A URL given to Daraja must be an absolute http:// or https:// address.", field=field
-        )
-    lowered = text.casefold()
+    refused = InvalidConfiguration(
+        "A URL given to Daraja must be an absolute http:// or https:// address, in plain ASCII (an international "
+        "domain name in its xn-- form).",
+        field=field,
+    )
+    # Printable ASCII only: no spaces, NUL or soft hyphens, and no fullwidth "MPESA" (U+FF2D...) that IDNA turns back
+    # into "mpesa" after our check.
+    if not text or not text.isascii() or not text.isprintable() or " " in text:
+        raise refused
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:  # "http://[abc/": an invalid IPv6 host
+        raise refused from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise refused
+    # Percent-encoding does not hide a word: "/%6Dpesa/" is "/mpesa/" to the server (and maybe to Daraja).
+    lowered = unquote(unquote(text)).casefold()
     for word in BANNED_URL_WORDS:
         if word in lowered:
             raise InvalidConfiguration(

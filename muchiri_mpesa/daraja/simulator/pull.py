@@ -8,6 +8,7 @@ ResponseCode "1000" with rows, "1001" when there are none (HTTP 200 both).  A lo
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -76,7 +77,7 @@ class PullApi:
         if end < start:
             raise _invalid("EndDate")
         offset_text = text_of(body.get("OffSetValue", "0")) or "0"
-        if not offset_text.isdigit():
+        if not re.fullmatch(r"[0-9]{1,12}", offset_text):  # not isdigit(): "٣", or 5,000 digits int() refuses
             raise _invalid("OffSetValue")
         offset = int(offset_text)
         oldest = _now_utc() - PULL_WINDOW

@@ -415,10 +415,10 @@ def check_whole_amount(body: Mapping[str, Any], name: str = "Amount") -> int:
         amount = None
     elif isinstance(value, int):
         amount = value
-    elif (isinstance(value, float) and value.is_integer()) or (
-        isinstance(value, str) and re.fullmatch(r"\s*\d+(\.0+)?\s*", value)
-    ):
-        amount = int(float(value))
+    elif isinstance(value, float) and value.is_integer():
+        amount = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,15}(\.0+)?\s*", value):
+        amount = int(value.strip().split(".")[0])  # not float(): "9" * 400 is inf, an OverflowError (HTTP 500)
     if amount is None or amount < 1:
         raise _invalid(name)
     return amount
