@@ -4,5 +4,5 @@
 # simulator, from the repository root where Odoo may not be installed.  Odoo loads this package as
 # ``odoo.addons.muchiri_mpesa``: only then are the Odoo parts imported.
 if __name__.startswith("odoo.addons."):
-    from . import controllers, models, wizards
+    from . import controllers, demo, models, wizards
     from .hooks import post_init_hook, uninstall_hook

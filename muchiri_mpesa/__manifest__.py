@@ -32,6 +32,10 @@
         # Refers to the inline form of payment_mpesa_templates.xml.
         "data/payment_provider_data.xml",
     ],
+    # Databases with demo data only: a provider on the local simulator, a distributor, quotations.
+    "demo": [
+        "demo/mpesa_demo.xml",
+    ],
     "assets": {
         "web.assets_frontend": [
             "muchiri_mpesa/static/src/js/payment_form.js",

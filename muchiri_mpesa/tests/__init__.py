@@ -3,6 +3,7 @@ from . import (
     test_accounting,
     test_back_office,
     test_callback,
+    test_demo_data,
     test_hostile_callbacks,
     test_money_safety,
     test_monitoring,

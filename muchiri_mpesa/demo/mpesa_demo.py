@@ -1,0 +1,99 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+"""What the demo data cannot say in XML: where the simulator and this Odoo are, and quotations that
+a restart must not reset.  Called by demo/mpesa_demo.xml only, so only on a database with demo data."""
+import logging
+import os
+
+from odoo import api, models
+from odoo.fields import Command
+
+_logger = logging.getLogger(__name__)
+
+# The local simulator's defaults (python3 -m muchiri_mpesa.daraja.simulator --help).
+DEMO_API_URL = 'http://127.0.0.1:8089'
+DEMO_CREDENTIALS = {
+    'mpesa_consumer_key': 'sim-consumer-key',
+    'mpesa_consumer_secret': 'sim-consumer-secret',
+    'mpesa_shortcode': '174379',
+    'mpesa_shortcode_type': 'paybill',
+    'mpesa_passkey': 'bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919',
+}
+
+# xmlid, then (product xmlid, quantity, unit price in KES): the third shows the whole-shilling rounding.
+DEMO_QUOTATIONS = [
+    ('demo_quotation_maize', [('demo_product_maize', 3, 1500.0)]),
+    ('demo_quotation_oil', [('demo_product_oil', 10, 2350.0), ('demo_product_maize', 2, 812.5)]),
+    ('demo_quotation_sugar', [('demo_product_sugar', 1, 8326.12)]),
+]
+
+
+def demo_setting(env, variable, parameter, default):
+    """The environment wins (docker compose sets it), then the system parameter, then `default`."""
+    return (
+        os.environ.get(variable)
+        or env['ir.config_parameter'].sudo().get_param(parameter)
+        or default
+    ).strip().rstrip('/')
+
+
+class PaymentProvider(models.Model):
+    _inherit = 'payment.provider'
+
+    @api.model
+    def _mpesa_demo_setup(self):
+        """Point the M-Pesa provider at the local simulator, in test mode, published.
+
+        Runs at each load of the demo data, so that a restarted container picks up its URLs.  A
+        provider that went live (enabled) is never touched: only Safaricom may confirm its money.
+        """
+        provider = self.env.ref('muchiri_mpesa.payment_provider_mpesa')
+        if provider.state == 'enabled':
+            _logger.warning("M-Pesa demo data: %s is enabled; it stays as it is.", provider.name)
+            return
+        api_url = demo_setting(self.env, 'MPESA_DEMO_API_URL', 'muchiri_mpesa.demo_api_url', DEMO_API_URL)
+        # Empty: the web base URL (Odoo's own address as the browser last saw it).
+        callback_url = demo_setting(
+            self.env, 'MPESA_DEMO_CALLBACK_URL', 'muchiri_mpesa.demo_callback_base_url', '',
+        )
+        provider.write({
+            **DEMO_CREDENTIALS,
+            'state': 'test',
+            'is_published': True,
+            'mpesa_api_url': api_url,
+            'mpesa_callback_base_url': callback_url or False,
+            # The simulator posts from wherever it runs (another container, this machine).
+            'mpesa_ip_check': 'log',
+        })
+        _logger.info("M-Pesa demo data: the provider talks to %s; callbacks go to %s.",
+                     api_url, provider._mpesa_callback_base_url())
+
+    @api.model
+    def _mpesa_demo_quotations(self):
+        """The distributor's quotations, sent and ready to pay: created once, never reset (a paid
+        one stays paid when the module is loaded again)."""
+        IrModelData = self.env['ir.model.data']
+        partner = self.env.ref('muchiri_mpesa.demo_distributor_contact')
+        pricelist = self.env.ref('muchiri_mpesa.demo_pricelist_kes')
+        for name, lines in DEMO_QUOTATIONS:
+            if self.env.ref(f'muchiri_mpesa.{name}', raise_if_not_found=False):
+                continue
+            order = self.env['sale.order'].create({
+                'partner_id': partner.id,
+                'pricelist_id': pricelist.id,
+                'require_payment': True,
+                'require_signature': False,
+                'prepayment_percent': 1.0,
+                'order_line': [Command.create({
+                    'product_id': self.env.ref(f'muchiri_mpesa.{product}').id,
+                    'product_uom_qty': quantity,
+                    'price_unit': price,
+                    'tax_id': [Command.clear()],
+                }) for product, quantity, price in lines],
+            })
+            # Sent, with the distributor following it: listed under the portal's Quotations.
+            order.message_subscribe(partner_ids=partner.ids)
+            order.state = 'sent'
+            IrModelData.create({
+                'module': 'muchiri_mpesa',
+                'name': name, 'model': 'sale.order', 'res_id': order.id, 'noupdate': True,
+            })

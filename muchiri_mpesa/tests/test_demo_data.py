@@ -1,0 +1,98 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+import os
+from unittest.mock import patch
+
+from odoo.tests import TransactionCase, tagged
+from odoo.tools import convert_file
+
+DEMO_FILE = 'demo/mpesa_demo.xml'
+
+
+@tagged('post_install', '-at_install')
+class TestDemoData(TransactionCase):
+    """The demo data: nothing of it on a database without demo data (these tests run on one), and
+    a working shop on the simulator when it is loaded (loaded here by hand, inside the test)."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.provider = cls.env.ref('muchiri_mpesa.payment_provider_mpesa')
+        cls.ICP = cls.env['ir.config_parameter'].sudo()
+
+    def _load_demo(self, **environ):
+        env_vars = {'MPESA_DEMO_API_URL': '', 'MPESA_DEMO_CALLBACK_URL': '', **environ}
+        with patch.dict(os.environ, env_vars):
+            convert_file(self.env, 'muchiri_mpesa', DEMO_FILE, {}, mode='init', noupdate=True, kind='demo')
+        self.env.invalidate_all()
+
+    def test_nothing_without_demo_data(self):
+        self.assertFalse(self.env['ir.module.module'].search([('name', '=', 'muchiri_mpesa')]).demo)
+        self.assertFalse(self.env['ir.model.data'].search_count([
+            ('module', '=', 'muchiri_mpesa'), ('name', '=like', 'demo\\_%'),
+        ]), "no demo record exists")
+        self.assertFalse(self.env['res.users'].search_count([('login', 'in', ('wanjiku', 'accountant'))]))
+        self.assertEqual(self.provider.state, 'disabled')
+        self.assertFalse(self.provider.mpesa_api_url, "no provider talks to a simulator")
+        self.assertFalse(self.provider.mpesa_consumer_key)
+
+    def test_demo_points_at_the_configured_simulator(self):
+        self.ICP.set_param('muchiri_mpesa.demo_api_url', 'http://sim.internal:9000/')
+        self._load_demo(MPESA_DEMO_CALLBACK_URL='http://odoo:8069')
+        provider = self.provider
+        self.assertEqual(provider.state, 'test')
+        self.assertTrue(provider.is_published)
+        self.assertEqual(provider.mpesa_api_url, 'http://sim.internal:9000', "the system parameter")
+        self.assertEqual(provider._mpesa_callback_base_url(), 'http://odoo:8069', "the environment")
+        self.assertEqual(provider.mpesa_consumer_key, 'sim-consumer-key')
+        self.assertEqual(provider.mpesa_shortcode, '174379')
+        self.assertTrue(self.env.ref('payment.payment_method_mpesa').active)
+        self.assertFalse(provider.mpesa_setup_warnings, "nothing keeps M-Pesa from being offered")
+
+        contact = self.env.ref('muchiri_mpesa.demo_distributor_contact')
+        user = self.env['res.users'].search([('login', '=', 'wanjiku')])
+        self.assertEqual(user.partner_id, contact)
+        self.assertTrue(user._is_portal())
+        self.assertTrue(contact._mpesa_is_distributor())
+        self.assertEqual(contact.country_id, self.env.ref('base.ke'))
+        self.assertEqual(self.env.ref('muchiri_mpesa.demo_distributor_contact_cancels').mobile, '0700 000 001')
+        accountant = self.env['res.users'].search([('login', '=', 'accountant')])
+        self.assertIn(accountant, provider.mpesa_alert_group_id.users)
+
+        orders = self.env['sale.order'].search([('partner_id', '=', contact.id)])
+        self.assertEqual(len(orders), 3)
+        self.assertEqual(set(orders.mapped('state')), {'sent'})
+        self.assertEqual(orders.currency_id, self.env.ref('base.KES'))
+        self.assertIn(contact, orders.message_partner_ids, "listed in the distributor's portal")
+        for order in orders:
+            self.assertFalse(provider._mpesa_unavailability_reason(order.partner_id, order.currency_id))
+            self.assertIn(provider, self.env['payment.provider']._get_compatible_providers(
+                order.company_id.id, order.partner_id.id, order.amount_total, currency_id=order.currency_id.id,
+            ))
+
+    def test_defaults_and_reload(self):
+        """Without settings the simulator's default address and the web base URL; loading the demo
+        data again (a container's restart: -i) re-points the provider and resets no quotation."""
+        self._load_demo()
+        self.assertEqual(self.provider.mpesa_api_url, 'http://127.0.0.1:8089')
+        self.assertFalse(self.provider.mpesa_callback_base_url)
+        self.assertEqual(self.provider._mpesa_callback_base_url(), self.provider.get_base_url().rstrip('/'))
+        order = self.env.ref('muchiri_mpesa.demo_quotation_maize')
+        order.action_confirm()
+
+        self._load_demo(MPESA_DEMO_API_URL='http://daraja:8089')
+        self.assertEqual(self.provider.mpesa_api_url, 'http://daraja:8089')
+        self.assertEqual(order.state, 'sale', "a paid quotation stays paid")
+        self.assertEqual(self.env['sale.order'].search_count([
+            ('partner_id', '=', self.env.ref('muchiri_mpesa.demo_distributor_contact').id),
+        ]), 3)
+
+    def test_never_touches_an_enabled_provider(self):
+        self.provider.write({
+            'state': 'enabled', 'mpesa_consumer_key': 'live-key', 'mpesa_consumer_secret': 'live-secret',
+            'mpesa_shortcode': '888880', 'mpesa_passkey': 'live-passkey',
+            'mpesa_callback_base_url': 'https://shop.example.com',
+        })
+        self._load_demo(MPESA_DEMO_API_URL='http://daraja:8089')
+        self.assertEqual(self.provider.state, 'enabled')
+        self.assertFalse(self.provider.mpesa_api_url)
+        self.assertEqual(self.provider.mpesa_consumer_key, 'live-key')
