@@ -236,7 +236,7 @@ class TestBackOffice(MpesaCommon):
             self._order().action_mpesa_check_status()
 
     def test_check_status_leaves_a_prompt_being_processed_pending(self):
-        with patch.object(self.simulator, 'prompt_timeout', 60.0):  # The customer is slow.
+        with patch.object(self.simulator.settings, 'prompt_timeout', 60.0):  # The customer is slow.
             self._send(self._wizard(phone=PHONE_NO_ANSWER))
         tx = self._tx()
         action = self._check_status()

@@ -141,7 +141,7 @@ class TestCallback(MpesaCommon):
         self.assertIn(forged.callback_state, ('rejected', 'ignored'))
 
     def test_success_while_daraja_still_processing_waits(self):
-        self.patch(self.simulator, 'callback_delay', 60)  # The customer has not answered: "being processed".
+        self.patch(self.simulator.settings, 'callback_delay', 60)  # The customer has not answered: "being processed".
         tx = self._pending_tx()
         self._post_callback(self._success_body(tx))
         self.env.invalidate_all()
@@ -215,7 +215,7 @@ class TestCallback(MpesaCommon):
         self.assertEqual(len(self.simulator.requests_for('stk_query')), 1, "the first was asked about")
 
     def test_late_payment_of_an_abandoned_prompt_is_flagged_for_refund(self):
-        self.patch(self.simulator, 'callback_delay', 2)  # The first customer takes their time.
+        self.patch(self.simulator.settings, 'callback_delay', 2)  # The first customer takes their time.
         first = self._pending_tx()
         # The cron gave up on it (cut-off), and the order was paid by a second prompt.
         first.write({'mpesa_push_sent_at': first.mpesa_push_sent_at - timedelta(hours=25),

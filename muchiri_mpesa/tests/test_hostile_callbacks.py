@@ -633,7 +633,7 @@ class TestHostileCallbacks(MpesaCommon):
         a done transaction holding a receipt; none of them ever gets the simulator's own callback."""
         paid = self._push(self.quotation)
         self._wait(lambda: self._result_known(paid), message="the simulator to know the first result")
-        self.patch(self.simulator, 'callback_delay', 3600)  # The second customer never answers.
+        self.patch(self.simulator.settings, 'callback_delay', 3600)  # The second customer never answers.
         processing = self._push(self.quotation.copy())
         done = paid.copy({
             'reference': f'{paid.reference}-HOSTILE-DONE',

@@ -25,7 +25,7 @@ class TestPortalTour(MpesaCommon):
         super().setUp()
         # Long enough for the status page to show the pending state before the callback comes,
         # even when the first render of the page compiles its templates (about 1.5 s here).
-        self.patch(self.simulator, 'callback_delay', 3.0)
+        self.patch(self.simulator.settings, 'callback_delay', 3.0)
 
     def check_test_cursor(self, operation):
         """Let Daraja's callbacks in while the browser runs.

@@ -65,7 +65,7 @@ class TestReconciliation(MpesaCommon):
         self.assertEqual(self._queries(), 1)
 
     def test_being_processed_stays_pending_on_a_back_off_schedule(self):
-        self.patch(self.simulator, 'callback_delay', 3600)  # The customer never answers during the test.
+        self.patch(self.simulator.settings, 'callback_delay', 3600)  # The customer never answers during the test.
         tx = self._lost_callback_tx()
         self._make_due(tx)
         self._cron()
@@ -81,7 +81,7 @@ class TestReconciliation(MpesaCommon):
         self.assertEqual(tx.state, 'pending')
 
     def test_cutoff_ends_in_error_and_a_late_success_still_wins(self):
-        self.patch(self.simulator, 'callback_delay', 2)  # Still "being processed" when the cron gives up.
+        self.patch(self.simulator.settings, 'callback_delay', 2)  # Still "being processed" when the cron gives up.
         tx = self._lost_callback_tx()
         self._make_due(tx, age=timedelta(hours=25))
         self._cron()
