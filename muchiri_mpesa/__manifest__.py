@@ -25,10 +25,13 @@
         "views/mpesa_report_views.xml",
         "views/mpesa_alert_views.xml",
         "views/payment_provider_monitoring_views.xml",
+        "views/payment_provider_initiator_views.xml",
         "data/mpesa_monitoring_cron.xml",
         "wizards/mpesa_payment_request_views.xml",
         "data/mail_templates.xml",
         "data/ir_cron_data.xml",
+        "data/mpesa_initiator_cron.xml",
+        "data/payment_method_data.xml",
         # Refers to the inline form of payment_mpesa_templates.xml.
         "data/payment_provider_data.xml",
     ],

@@ -138,3 +138,12 @@ THROTTLE_ERROR_CODES = ('500.003.02', '500.003.03')
 # Daraja's callback, waits on that query).
 STATUS_POLL_EXPEDITE_AFTER = 20
 STATUS_POLL_EXPEDITE_INTERVAL = 10
+
+# Initiator APIs (Reversal, Transaction Status; DESIGN.md section 8).  A result that has not come
+# this many seconds after the request is asked again by Transaction Status (never a second
+# reversal), at most INITIATOR_MAX_CHECKS times; then the transaction waits for an accountant.
+INITIATOR_RESULT_WAIT = 10 * 60
+INITIATOR_MAX_CHECKS = 6
+# Results posted by Daraja that match no transaction yet (the answer to our request is not recorded
+# yet) are matched again this long.
+INITIATOR_KEEP_MATCHING_DAYS = 7

@@ -3,6 +3,7 @@ UPDATE payment_provider
    SET mpesa_consumer_key = 'dummykey',
        mpesa_consumer_secret = 'dummysecret',
        mpesa_passkey = 'dummypasskey',
+       mpesa_initiator_password = NULL,
        mpesa_callback_secret = md5(random()::text),
        mpesa_callback_base_url = NULL
  WHERE code = 'mpesa';

@@ -479,7 +479,8 @@ class MpesaEvent(models.Model):
 
     def _mpesa_match_by_hand(self, tx, override_reason=None):
         """Give this kept callback the transaction whose push answer was never read, and settle it
-        as any other: confirmed by STK Query, its receipt and CheckoutRequestID unique.
+        as any other: confirmed by STK Query, its receipt and CheckoutRequestID unique.  The
+        receipt then waits, unverified, for M-Pesa's Transaction Status (the initiator job).
 
         :raise UserError: when the callback or the transaction cannot be matched, or the payment
                           is refused; nothing is changed then
@@ -493,8 +494,13 @@ class MpesaEvent(models.Model):
         self.write({'transaction_id': tx.id, 'next_attempt_at': False})
         self._mark('queued', self.env._("Matched by hand with %s.", tx.reference))
         try:
-            return self._mpesa_settle_locked({})
+            outcome = self._mpesa_settle_locked({})
         except daraja.DarajaError as error:
             raise UserError(self.env._(
                 "M-Pesa cannot confirm this payment now (%s); try again in a few minutes.", error,
             )) from error
+        if self.callback_state == 'processed' and tx.state == 'done' and tx.mpesa_receipt_number:
+            # STK Query confirmed the prompt, not this receipt: the match is a person's word until
+            # M-Pesa's Transaction Status says the receipt is this payment's.
+            tx._mpesa_request_receipt_proof()
+        return outcome

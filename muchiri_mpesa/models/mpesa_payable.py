@@ -37,11 +37,15 @@ class MpesaPayable(models.AbstractModel):
         self.sudo().write({'mpesa_last_prompt_at': fields.Datetime.now()})
 
     def _mpesa_paid_amount(self):
-        """What was paid of this document by Odoo payment transactions (done or authorized), as
+        """What was paid of this document by Odoo payment transactions (done or authorized), less
+        their done refunds (a reversed payment pays nothing: the customer has the money back), as
         read now: Odoo's own figures do not follow the transactions' states within a request."""
         self.ensure_one()
-        txs = self.sudo().transaction_ids.filtered(lambda tx: tx.state in ('done', 'authorized'))
-        return sum(txs.mapped('amount'))
+        txs = self.sudo().transaction_ids.filtered(
+            lambda tx: tx.state in ('done', 'authorized') and tx.operation != 'refund')
+        # Refund children are not linked to the documents; their amounts are negative.
+        refunds = txs.child_transaction_ids.filtered(lambda tx: tx.operation == 'refund' and tx.state == 'done')
+        return sum(txs.mapped('amount')) + sum(refunds.mapped('amount'))
 
     def _mpesa_format_amount(self, amount):
         return formatLang(self.env, amount, currency_obj=self.currency_id)
@@ -71,7 +75,13 @@ class AccountMove(models.Model):
     def _mpesa_paid_amount(self):
         """Paid so far: what is reconciled, and the done transactions not turned into payments yet."""
         self.ensure_one()
-        unposted = self.sudo().transaction_ids.filtered(
-            lambda tx: tx.state in ('done', 'authorized') and not tx.payment_id
+        txs = self.sudo().transaction_ids
+        unposted = txs.filtered(lambda tx: tx.state in ('done', 'authorized') and not tx.payment_id)
+        # A done refund of money still counted here (unposted, or its payment still reconciled
+        # with this invoice: the refund's reconciliation reopens it): the money went back already.
+        reconciled = self._get_reconciled_payments()
+        unposted |= txs.child_transaction_ids.filtered(
+            lambda tx: tx.operation == 'refund' and tx.state == 'done' and (
+                tx.source_transaction_id in unposted or tx.source_transaction_id.payment_id & reconciled)
         )
         return self.amount_total - self.amount_residual + sum(unposted.mapped('amount'))

@@ -418,6 +418,7 @@ class PaymentTransaction(models.Model):
         tx = self.sudo().search([
             ('provider_id', '=', provider.id), ('provider_code', '=', 'mpesa'),
             ('provider_reference', '=', checkout_request_id),
+            ('operation', '!=', 'refund'),  # A refund's reference is its reversal's ConversationID.
         ], limit=1)
         if tx and lock:
             tx._mpesa_lock()
@@ -619,7 +620,9 @@ class PaymentTransaction(models.Model):
         Query (which carries none), or a duplicate; never a second payment of the same prompt.
 
         A late receipt is not proven by anything Daraja told us: it is recorded as unverified, and
-        a different one after it is a conflict for accountants, neither replacing nor dropped.
+        a different one after it is a conflict for accountants, neither replacing nor dropped.  The
+        initiator job then asks M-Pesa's Transaction Status about it (not this job: its run must
+        stay short), whose result confirms it or raises the conflict.
         """
         receipt = callback.receipt_number
         if self.mpesa_receipt_number:
@@ -636,12 +639,14 @@ class PaymentTransaction(models.Model):
                 values = self._mpesa_check_paid_amount_and_receipt(
                     self._mpesa_callback_notification(callback, False)
                 )
-                self.write({**values, 'mpesa_receipt_status': 'unverified'})
+                self.write(values)
+                self._mpesa_request_receipt_proof()
         except ValidationError as error:
             return 'rejected', str(error)
         self._mpesa_update_payment_memo()
         return 'processed', self.env._(
-            "Receipt recorded, unverified, for a payment settled by STK Query."
+            "Receipt recorded, unverified, for a payment settled by STK Query; M-Pesa's Transaction"
+            " Status is asked about it."
         )
 
     def _mpesa_check_match_by_hand(self, event, override_reason):

@@ -11,5 +11,7 @@ from . import (
     test_portal_tour,
     test_provider_security,
     test_provider_setup,
+    test_receipt_proof,
     test_reconciliation,
+    test_refund,
 )

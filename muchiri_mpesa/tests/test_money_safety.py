@@ -292,6 +292,9 @@ class TestButtonsCheckTheirGroup(MoneySafetyCommon):
         return {
             'payment.provider': self.provider,
             'sale.order': self.quotation,
+            'account.move': self.env['account.move'].create({
+                'move_type': 'out_invoice', 'partner_id': self.distributor.id,
+            }),
             'muchiri.mpesa.alert': self.env['muchiri.mpesa.alert'].create({
                 'name': "Alert", 'kind': 'success_rate', 'key': 'test', 'provider_id': self.provider.id,
             }),
