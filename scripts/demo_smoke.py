@@ -115,8 +115,16 @@ def pay(base: str, db: str, timeout: float) -> int:
     print(f"smoke: order {order['name']} is {order['state']}; transaction {tx.get('state')}, receipt "
           f"{tx.get('mpesa_receipt_number')}, post-processed {tx.get('is_post_processed')}")
     paid = order["state"] == "sale" and tx.get("state") == "done" and bool(tx.get("mpesa_receipt_number"))
-    print("smoke: PAID and confirmed" if paid else "smoke: NOT paid", flush=True)
-    return 0 if paid else 1
+    # The demo invoices on payment: the order's invoice is posted and paid by the M-Pesa payment.
+    invoices = models.execute_kw(db, uid, ADMIN[1], "account.move", "search_read",
+                                 [[("invoice_origin", "=", order["name"]), ("move_type", "=", "out_invoice")]],
+                                 {"fields": ["name", "state", "payment_state"]})
+    print(f"smoke: invoices {[(i['name'], i['state'], i['payment_state']) for i in invoices]}")
+    invoiced = len(invoices) == 1 and invoices[0]["state"] == "posted" \
+        and invoices[0]["payment_state"] in ("paid", "in_payment")
+    print("smoke: PAID, confirmed and invoiced" if paid and invoiced else "smoke: NOT paid and invoiced",
+          flush=True)
+    return 0 if paid and invoiced else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,8 @@ class PaymentProvider(models.Model):
             # The simulator posts from wherever it runs (another container, this machine).
             'mpesa_ip_check': 'log',
         })
+        # A paid order is invoiced and its payment reconciled, as the README shows.
+        self.env['ir.config_parameter'].sudo().set_param('sale.automatic_invoice', True)
         _logger.info("M-Pesa demo data: the provider talks to %s; callbacks go to %s.",
                      api_url, provider._mpesa_callback_base_url())
 
@@ -79,6 +81,7 @@ class PaymentProvider(models.Model):
                 continue
             order = self.env['sale.order'].create({
                 'partner_id': partner.id,
+                'user_id': self.env.ref('base.user_admin').id,  # The distributor's contact at the warehouse.
                 'pricelist_id': pricelist.id,
                 'require_payment': True,
                 'require_signature': False,

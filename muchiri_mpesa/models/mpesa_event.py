@@ -106,7 +106,9 @@ class MpesaEvent(models.Model):
     http_status = fields.Integer(string="HTTP Status", readonly=True)
     url = fields.Char(string="URL", readonly=True)
     remote_addr = fields.Char(string="Source Address", readonly=True)
-    request_body = fields.Text(readonly=True, help="Secrets are redacted before they are stored.")
+    request_body = fields.Text(
+        string="Request Body (as stored)", readonly=True, help="Secrets are redacted before they are stored.",
+    )
     request_body_pretty = fields.Text(
         string="Request Body", compute='_compute_request_body_pretty',
         help="The request body indented for reading when it is JSON; the stored body is kept as it came.",

@@ -57,12 +57,15 @@ class TestDemoData(TransactionCase):
         self.assertEqual(self.env.ref('muchiri_mpesa.demo_distributor_contact_cancels').mobile, '0700 000 001')
         accountant = self.env['res.users'].search([('login', '=', 'accountant')])
         self.assertIn(accountant, provider.mpesa_alert_group_id.users)
+        self.assertTrue(provider.mpesa_invoice_on_payment, "a paid demo order is invoiced")
 
         orders = self.env['sale.order'].search([('partner_id', '=', contact.id)])
         self.assertEqual(len(orders), 3)
         self.assertEqual(set(orders.mapped('state')), {'sent'})
         self.assertEqual(orders.currency_id, self.env.ref('base.KES'))
         self.assertIn(contact, orders.message_partner_ids, "listed in the distributor's portal")
+        self.assertEqual(orders.with_user(accountant).search_count([('id', 'in', orders.ids)]), 3,
+                         "the accountant opens the distributors' orders")
         for order in orders:
             self.assertFalse(provider._mpesa_unavailability_reason(order.partner_id, order.currency_id))
             self.assertIn(provider, self.env['payment.provider']._get_compatible_providers(
