@@ -32,6 +32,11 @@
         "data/ir_cron_data.xml",
         "data/mpesa_initiator_cron.xml",
         "data/payment_method_data.xml",
+        "security/mpesa_ledger_security.xml",
+        "wizards/mpesa_ledger_match_views.xml",  # Its actions are buttons of the ledger's form.
+        "views/mpesa_ledger_views.xml",
+        "views/payment_provider_c2b_views.xml",
+        "data/mpesa_ledger_cron.xml",
         # Refers to the inline form of payment_mpesa_templates.xml.
         "data/payment_provider_data.xml",
     ],

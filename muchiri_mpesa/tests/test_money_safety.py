@@ -292,11 +292,18 @@ class TestButtonsCheckTheirGroup(MoneySafetyCommon):
         """One record of each model with buttons (created as the administrator)."""
         tx = self._pending_tx()  # Something for the status check to ask Daraja about.
         event = self.env['muchiri.mpesa.event'].sudo().create({'kind': 'callback', 'provider_id': self.provider.id})
+        ledger_row = self.env['muchiri.mpesa.ledger'].sudo()._mpesa_record(
+            self.provider, 'TSTSEC0001', 'c2b', {'amount': 100.0})[0]
         return {
             'payment.provider': self.provider,
             'sale.order': self.quotation,
             'account.move': self.env['account.move'].create({
                 'move_type': 'out_invoice', 'partner_id': self.distributor.id,
+            }),
+            'muchiri.mpesa.ledger': ledger_row,
+            'muchiri.mpesa.ledger.match': self.env['muchiri.mpesa.ledger.match'].create({'ledger_id': ledger_row.id}),
+            'muchiri.mpesa.ledger.decide': self.env['muchiri.mpesa.ledger.decide'].create({
+                'ledger_id': ledger_row.id, 'reason': "Not ours",
             }),
             'muchiri.mpesa.alert': self.env['muchiri.mpesa.alert'].create({
                 'name': "Alert", 'kind': 'success_rate', 'key': 'test', 'provider_id': self.provider.id,

@@ -1,0 +1,265 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+"""Money paid to the shortcode from the phone's menu (C2B) and Safaricom's own list of it (Pull
+Transactions): registration, the validation rule, and the hourly Pull backfill of the ledger."""
+import logging
+from datetime import timedelta, timezone
+
+import requests
+
+from odoo import api, fields, models
+from odoo.exceptions import UserError
+
+from .. import const, daraja
+from .mpesa_payable_reference import reference_key
+
+_logger = logging.getLogger(__name__)
+
+C2B_RESPONSE_TYPES = [
+    ('Completed', "Completed: the payment goes through"),
+    ('Cancelled', "Cancelled: the payment is refused"),
+]
+C2B_VALIDATION_RULES = [
+    ('any', "Any account"),
+    ('open_document', "An open order or invoice number only"),
+]
+# Each Pull query reaches back over the end of the previous one (rows Safaricom lists late), and
+# never before what Daraja keeps (48 hours, less a margin for the clocks).
+PULL_OVERLAP = timedelta(minutes=30)
+PULL_CLOCK_MARGIN = timedelta(minutes=5)
+
+
+class PaymentProvider(models.Model):
+    _inherit = 'payment.provider'
+
+    # === C2B (PAYBILL / TILL PAYMENTS FROM THE PHONE'S MENU) === #
+    mpesa_c2b_response_type = fields.Selection(
+        string="When Validation Does Not Answer", selection=C2B_RESPONSE_TYPES, default='Completed',
+        groups='base.group_system',
+        help="Registered with Safaricom (ResponseType): what M-Pesa does with a payment when this"
+             " Odoo does not answer its validation within about 8 seconds.  Register the URLs again"
+             " after a change.",
+    )
+    mpesa_c2b_validation_rule = fields.Selection(
+        string="Accept Payments To", selection=C2B_VALIDATION_RULES, default='any',
+        groups='base.group_system',
+        help="Only for shortcodes where Safaricom enabled external validation: which account"
+             " numbers are accepted before M-Pesa takes the money.  An open order or invoice number"
+             " only: any other account is refused (C2B00012).",
+    )
+    mpesa_c2b_registered_at = fields.Datetime(string="C2B URLs Registered", readonly=True, copy=False)
+    mpesa_c2b_registration = fields.Char(
+        string="C2B Registration", readonly=True, copy=False, help="Daraja's answer to the last registration.",
+    )
+
+    # === PULL TRANSACTIONS === #
+    mpesa_pull_nominated_number = fields.Char(
+        string="Pull Nominated Number", groups='base.group_system',
+        help="The Safaricom number of the shortcode's administrator that Safaricom nominated for Pull"
+             " Transactions (it receives the registration's confirmation).",
+    )
+    mpesa_pull_registered_at = fields.Datetime(string="Pull Registered", readonly=True, copy=False)
+    mpesa_pull_synced_until = fields.Datetime(
+        string="Pull Synced Until", readonly=True, copy=False,
+        help="The end of the last Pull Transactions query that completed.",
+    )
+
+    # === BUSINESS METHODS - C2B === #
+
+    def _mpesa_c2b_shortcodes(self):
+        """The shortcodes money paid to this provider may name (paybill, or a till's store and till)."""
+        self.ensure_one()
+        provider = self.sudo()
+        return {code.strip() for code in (provider.mpesa_shortcode, provider.mpesa_till_number) if code}
+
+    def _mpesa_c2b_refusal(self, payment):
+        """Why Daraja's validation of `payment` (a daraja.C2BPayment) is refused, or None.
+
+        One indexed lookup per kind of document, no Daraja call: Daraja waits about 8 s.
+
+        :return: the C2B result code and the reason, or None to accept
+        :rtype: tuple[str, str] | None
+        """
+        self.ensure_one()
+        if payment.amount <= 0 or payment.amount > daraja.DARAJA_MAX_AMOUNT:
+            return daraja.C2B_INVALID_AMOUNT, self.env._("%s is not an amount M-Pesa pays.", payment.amount)
+        if payment.shortcode and payment.shortcode not in self._mpesa_c2b_shortcodes():
+            return daraja.C2B_INVALID_SHORTCODE, self.env._("%s is not this provider's shortcode.", payment.shortcode)
+        if self.sudo().mpesa_c2b_validation_rule != 'open_document':
+            return None
+        documents = self.env['muchiri.mpesa.matching']._mpesa_find_documents(
+            self.company_id, reference_key(payment.bill_ref), open_only=True,
+        )
+        if not documents:
+            return daraja.C2B_INVALID_ACCOUNT, self.env._(
+                "No open order or invoice has the number %s.", payment.bill_ref or '-',
+            )
+        return None
+
+    def action_mpesa_c2b_register(self):
+        """Register the confirmation and validation URLs of the shortcode with Safaricom."""
+        self.ensure_one()
+        self._mpesa_check_group('base.group_system')
+        provider = self.sudo()
+        urls = {name: self._mpesa_daraja_url(name) for name in ('c2b_confirmation', 'c2b_validation')}
+        try:
+            for url in urls.values():
+                daraja.check_daraja_url(url)
+            registration = self._mpesa_client().register_c2b_urls(
+                provider.mpesa_shortcode.strip(), provider.mpesa_c2b_response_type or 'Completed',
+                urls['c2b_confirmation'], urls['c2b_validation'],
+            )
+        except daraja.InvalidConfiguration as error:
+            raise UserError(self.env._(
+                "Daraja would refuse this URL: %(error)s  Set a Callback Base URL (M-Pesa: advanced tab)"
+                " that Safaricom accepts.", error=error,
+            )) from error
+        except daraja.DarajaError as error:
+            raise UserError(self.env._("Daraja refused the C2B registration: %s", error)) from error
+        said = f"{registration.version}: {registration.response_code} {registration.description}".strip()
+        if registration.already_registered:
+            provider.mpesa_c2b_registration = said
+            message = self.env._(
+                "Safaricom already has URLs registered for shortcode %(shortcode)s (%(said)s).  In"
+                " production, registration is one-time: if the registered URLs are not this Odoo's,"
+                " ask Safaricom (apisupport@safaricom.co.ke) to delete them, then register again.",
+                shortcode=provider.mpesa_shortcode, said=said,
+            )
+            kind = 'warning'
+        else:
+            provider.write({'mpesa_c2b_registered_at': fields.Datetime.now(), 'mpesa_c2b_registration': said})
+            message = self.env._(
+                "M-Pesa will send the payments made to %(shortcode)s to this Odoo (%(version)s).",
+                shortcode=provider.mpesa_shortcode, version=registration.version,
+            )
+            kind = 'success'
+        return _notification(message, kind)
+
+    # === BUSINESS METHODS - PULL TRANSACTIONS === #
+
+    def _mpesa_pull_refusal(self):
+        """Why this provider may not use Pull Transactions, or None.
+
+        Safaricom offers Pull to production shortcodes: an enabled provider registers.  In test mode,
+        only a provider that talks to a simulator (a custom API URL) does, so that the backfill can
+        be proved without Safaricom.
+        """
+        self.ensure_one()
+        if self.code != const.PROVIDER_CODE:
+            return self.env._("Pull Transactions is for M-Pesa providers.")
+        if self.state == 'disabled':
+            return self.env._("The provider is disabled.")
+        if self.state == 'test' and not self.sudo().mpesa_api_url:
+            return self.env._(
+                "Safaricom offers Pull Transactions in production only: enable the provider first (or,"
+                " in test mode, use a Daraja simulator as the API URL)."
+            )
+        return None
+
+    def action_mpesa_pull_register(self):
+        """Register the shortcode for Pull Transactions (once, with the nominated number)."""
+        self.ensure_one()
+        self._mpesa_check_group('base.group_system')
+        provider = self.sudo()
+        refusal = self._mpesa_pull_refusal()
+        if refusal:
+            raise UserError(refusal)
+        try:
+            nominated = daraja.normalize_msisdn(provider.mpesa_pull_nominated_number or '')
+        except daraja.DarajaValidationError as error:
+            raise UserError(self.env._("The Pull nominated number: %s", error)) from error
+        callback_url = self._mpesa_daraja_url('pull')
+        try:
+            daraja.check_daraja_url(callback_url)
+            self._mpesa_client().pull_register(provider.mpesa_shortcode.strip(), nominated, callback_url)
+        except daraja.DarajaError as error:
+            raise UserError(self.env._("Daraja refused the Pull Transactions registration: %s", error)) from error
+        provider.mpesa_pull_registered_at = fields.Datetime.now()
+        return _notification(self.env._(
+            "Shortcode %s is registered for Pull Transactions: the ledger is completed from it every hour.",
+            provider.mpesa_shortcode,
+        ), 'success')
+
+    def action_mpesa_pull_now(self):
+        """Run the Pull Transactions backfill of this provider now."""
+        self.ensure_one()
+        self._mpesa_check_group('account.group_account_manager')
+        if not self.sudo().mpesa_pull_registered_at:
+            raise UserError(self.env._("Register the shortcode for Pull Transactions first."))
+        try:
+            seen, new = self.sudo()._mpesa_pull()
+        except daraja.DarajaError as error:
+            raise UserError(self.env._("Daraja could not list the transactions now: %s", error)) from error
+        return _notification(self.env._(
+            "Safaricom listed %(seen)s payments; %(new)s were new to the ledger.", seen=seen, new=new,
+        ), 'success')
+
+    @api.model
+    def _cron_mpesa_pull_transactions(self):
+        """Complete the ledger from Safaricom's list of the shortcode's payments, hourly: a lost C2B
+        confirmation is recovered, and a prompt whose callback was lost gets its receipt."""
+        providers = self.sudo().search([
+            ('code', '=', const.PROVIDER_CODE), ('state', '!=', 'disabled'), ('mpesa_pull_registered_at', '!=', False),
+        ])
+        for provider in providers.filtered(lambda p: not p._mpesa_pull_refusal()):
+            try:
+                provider._mpesa_pull()
+            except Exception:  # Each row was committed on its own: the next run goes on from there.
+                _logger.warning("M-Pesa Pull Transactions of provider %s failed; the next run asks again.",
+                                provider.id, exc_info=True)
+
+    def _mpesa_pull(self, now=None):
+        """Query the window since the last completed query (with overlap; at most Daraja's 48 h),
+        page by page, and record every row in the ledger (the ledger skips what it has).
+
+        Each row is committed on its own (a crash loses nothing); the window moves on only once
+        every page was read.
+
+        :return: the rows Safaricom listed, and how many were new to the ledger
+        :rtype: tuple[int, int]
+        """
+        self.ensure_one()
+        provider = self.sudo()
+        now = now or fields.Datetime.now()
+        start = now - daraja.PULL_WINDOW + PULL_CLOCK_MARGIN
+        if provider.mpesa_pull_synced_until:
+            start = max(start, provider.mpesa_pull_synced_until - PULL_OVERLAP)
+        Ledger = self.env['muchiri.mpesa.ledger'].sudo()
+        Transaction = self.env['payment.transaction']
+        session = requests.Session()
+        seen = new = failed = 0
+        try:
+            client = provider._mpesa_client(session=session)
+            for pulled in client.pull_transactions(provider.mpesa_shortcode.strip(), _aware(start), _aware(now)):
+                seen += 1
+                try:
+                    with self.env.cr.savepoint():
+                        row, created = Ledger._mpesa_record_pull(provider, pulled)
+                        new += created
+                        row.transaction_ids._mpesa_post_process()
+                except Exception:
+                    failed += 1
+                    _logger.warning("M-Pesa Pull row %s could not be recorded now.", pulled.transaction_id,
+                                    exc_info=True)
+                Transaction._mpesa_commit()
+        finally:
+            session.close()
+        if not failed:  # A row that failed is asked for again: the window stays until it lands.
+            provider.mpesa_pull_synced_until = now
+        self.env['muchiri.mpesa.alert'].sudo()._mpesa_raise_ledger_gaps(provider)
+        Transaction._mpesa_commit()
+        return seen, new
+
+
+def _aware(value):
+    """An Odoo datetime (naive UTC) as the aware datetime the Daraja layer takes."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+def _notification(message, kind):
+    return {
+        'type': 'ir.actions.client',
+        'tag': 'display_notification',
+        'params': {'type': kind, 'message': message, 'sticky': kind != 'success',
+                   'next': {'type': 'ir.actions.client', 'tag': 'soft_reload'}},
+    }
+

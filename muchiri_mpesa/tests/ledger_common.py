@@ -1,0 +1,89 @@
+# Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+"""What the ledger's tests share: KES invoices of the distributor, and C2B bodies posted to this
+Odoo's real routes as Daraja posts them."""
+import itertools
+import json
+
+from odoo.fields import Command
+
+from odoo.addons.muchiri_mpesa import const, daraja
+
+from .common import PHONE_SUCCESS, SIM_SHORTCODE, MpesaCommon
+
+_receipts = itertools.count(1)
+
+
+class MpesaLedgerCommon(MpesaCommon):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.provider.mpesa_invoice_on_payment = True  # Odoo's sale.automatic_invoice.
+        cls.accountant = cls.env['res.users'].create({
+            'name': "Akinyi Accountant", 'login': 'accountant', 'password': 'accountant',
+            'email': 'akinyi@example.com',
+            'groups_id': [Command.set([cls.env.ref('account.group_account_invoice').id,
+                                       cls.env.ref('base.group_user').id])],
+        })
+
+    # === DOCUMENTS === #
+
+    def _invoice(self, amount=4500.0, partner=None, company=None):
+        """A posted KES customer invoice."""
+        env = self.env(context=dict(self.env.context, allowed_company_ids=(company or self.env.company).ids))
+        invoice = env['account.move'].create({
+            'move_type': 'out_invoice',
+            'partner_id': (partner or self.distributor).id,
+            'currency_id': self.currency_kes.id,
+            'company_id': (company or self.env.company).id,
+            'invoice_line_ids': [Command.create({
+                'name': "Maize flour", 'quantity': 1, 'price_unit': amount, 'tax_ids': [Command.clear()],
+            })],
+        })
+        invoice.action_post()
+        return invoice
+
+    # === DARAJA'S BODIES === #
+
+    @staticmethod
+    def _receipt():
+        return f"TST{next(_receipts):07d}"
+
+    def _c2b_body(self, amount, bill_ref, receipt=None, phone=PHONE_SUCCESS, hashed=True, shortcode=SIM_SHORTCODE):
+        """A C2B validation or confirmation body, in Daraja's documented shape (DESIGN.md section 7)."""
+        return {
+            'TransactionType': "Pay Bill",
+            'TransID': receipt or self._receipt(),
+            'TransTime': "20260115093012",
+            'TransAmount': f"{amount:.2f}" if isinstance(amount, (int, float)) else amount,
+            'BusinessShortCode': shortcode,
+            'BillRefNumber': bill_ref,
+            'InvoiceNumber': "",
+            'OrgAccountBalance': "",
+            'ThirdPartyTransID': "",
+            'MSISDN': daraja.hash_msisdn(phone) if hashed else phone,
+            'FirstName': "Wanjiku",
+            'MiddleName': "",
+            'LastName': "",
+        }
+
+    def _post_c2b(self, body, kind='c2b_confirmation', secret=None, raw=None):
+        """POST to one of the provider's C2B routes, then run the jobs the request wakes."""
+        self.env.flush_all()  # The request reads the database on a cursor of its own.
+        return self._post_callback(body, secret=secret, raw=raw, route=const.LNM_ROUTES[kind])
+
+    def _confirm(self, amount, bill_ref, **kwargs):
+        """A confirmation posted to Odoo; the ledger row it made."""
+        body = self._c2b_body(amount, bill_ref, **kwargs)
+        response = self._post_c2b(body)
+        self.assertEqual(response.status_code, 200, response.text)
+        self.assertEqual(response.json(), {'ResultCode': 0, 'ResultDesc': "Accepted"})
+        return self._row(body['TransID'])
+
+    def _row(self, receipt):
+        with self.registry.test_lock:
+            self.env.invalidate_all()
+            return self.env['muchiri.mpesa.ledger'].sudo().search([('name', '=', receipt)])
+
+    def _raw(self, body):
+        return json.dumps(body)
