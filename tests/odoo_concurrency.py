@@ -780,6 +780,54 @@ class Harness:
                      f"the prompt is on the phone but the transaction is {tx.state} without its CheckoutRequestID")
 
 
+    def s8_double_refund(self, c: Checks) -> None:
+        """Two accountants (or a double click on two workers) refund one M-Pesa payment at once."""
+        with self.env() as env:
+            env["payment.provider"].browse(self.provider_id).write({
+                "mpesa_initiator_name": self.sim.initiator_name,
+                "mpesa_initiator_password": self.sim.initiator_password,
+                "mpesa_initiator_certificate": self.sim.certificate_pem,
+            })
+        outcomes, replays, slowest = Counter(), Counter(), 0.0
+        for i in range(self.repeat):
+            _order_id, tx_id, checkout_request_id = self.settled_prompt(f"S8R{i}", due=False)
+            sim_tx = self.sim.transaction(checkout_request_id)
+            with self.env() as env:  # Paid by its callback, then post-processed: a posted payment.
+                self.controller_callback(env, json.dumps(sim_tx.callback_body).encode())
+            with self.env() as env:
+                self.cron_settle(env)
+            with self.env() as env:
+                tx = env["payment.transaction"].browse(tx_id)
+                tx._post_process()
+                amount = tx.amount
+            reversals_before = len(self.sim.initiator_requests)
+
+            def refund(env, tx_id=tx_id, amount=amount):
+                env["payment.transaction"].browse(tx_id).action_refund(amount_to_refund=amount)
+
+            delay = [0.0, 0.0, 0.002, 0.005, 0.01][i % 5]
+            slots = self.race(f"s8r{i}", [
+                Job(f"accountant{k}", refund, public=False, delay=delay if k else 0.0) for k in range(2)
+            ])
+            self.replays(slots, replays)
+            slowest = max([slowest] + [s.elapsed for s in slots.values()])
+            prefix = f"round {i}: "
+            sent = [r for r in self.sim.initiator_requests[reversals_before:] if r["api"] == "reversal"]
+            for slot in slots.values():
+                outcomes["refund sent" if slot.error is None else f"refused: {str(slot.error)[:45]}"] += 1
+            errors = self.worker_errors(slots, expected=(self.odoo.exceptions.ValidationError,))
+            c.expect(not errors, prefix + "worker errors:\n" + "\n".join(errors))
+            c.expect(len(sent) == 1, prefix + f"{len(sent)} reversals reached Daraja (expected 1)")
+            with self.env() as env:
+                tx = env["payment.transaction"].browse(tx_id)
+                refunds = tx.child_transaction_ids.filtered(lambda t: t.operation == "refund")
+                c.expect(len(refunds) == 1 and refunds.state in ("pending", "done"),
+                         prefix + f"refund transactions {refunds.mapped('state')} (expected one, pending or done)")
+                c.expect(sum(1 for slot in slots.values() if slot.error is None) == 1,
+                         prefix + "exactly one worker sent the refund")
+        c.fact(f"{self.repeat} rounds, one reversal each; workers {dict(outcomes)}; replays: "
+               f"{self.sites(replays)}; slowest worker {slowest:.2f} s")
+
     # -- the kill -9 scenarios: a real prefork Odoo --------------------------------------------------------------
     @contextlib.contextmanager
     def prefork(self, callback_base_url: bool = False):
@@ -1211,6 +1259,7 @@ def main() -> int:
             ("5", "success callback vs reconciliation cron", harness.s5_callback_vs_cron),
             ("6", "duplicate success callbacks racing", harness.s6_duplicate_callbacks),
             ("7", "extra: the order is saved while its push is at Daraja", harness.s7_order_edited_during_push),
+            ("8", "two refunds of one M-Pesa payment at once (Reversal API)", harness.s8_double_refund),
             ("K1", "kill -9 of an HTTP worker, then of the cron worker, during a burst of duplicated callbacks",
              harness.k1_kill_during_callbacks),
             ("K2", "kill -9 of the worker of a portal push while Daraja holds its answer (prefork Odoo)",
