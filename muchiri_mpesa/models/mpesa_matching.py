@@ -3,7 +3,8 @@
 
 1. Prompt.  The receipt of one of our STK prompts (a C2B or Pull report of money a prompt took) is
    that prompt's: linked, never paid a second time.  A prompt settled by STK Query (no receipt)
-   gets its receipt from the Pull row that fits it; a prompt still pending is waited for.
+   gets its receipt from the Pull row that fits it (by account or payer, never by amount alone); a
+   prompt still unsettled (pending, or its push answer lost) is waited for.
 2. Partner.  The payer by phone: the plain MSISDN, or the SHA-256 C2B confirmations now carry.
 3. Account.  BillRefNumber to an order or invoice of the provider's company, normalised (case,
    spaces, slashes, dashes); none, or more than one: the exceptions queue, never a guess.
@@ -81,7 +82,7 @@ class MpesaMatching(models.AbstractModel):
             return True
         if not prompts:
             return False
-        if prompts.state == 'pending':
+        if prompts.state != 'done':
             row.note = self.env._("Waiting for prompt %s to be settled.", prompts.reference)
             return True
         # Settled by STK Query, which carries no receipt: Safaricom's own report brings it.
@@ -104,7 +105,10 @@ class MpesaMatching(models.AbstractModel):
             ('mpesa_push_sent_at', '<=', row.trans_time + timedelta(minutes=5)),
             ('mpesa_receipt_number', '=', False),
             ('mpesa_requested_amount', '=', round(row.amount)),
-            ('state', 'in', ('pending', 'done')),
+            # A prompt whose push answer never came (still draft, or failed with its outcome
+            # unknown) may be paid too: its late callback would pay its documents a second time.
+            '|', ('state', 'in', ('draft', 'pending', 'done')),
+            '&', ('state', '=', 'error'), ('mpesa_outcome_unknown', '=', True),
         ], limit=20)
         return prompts.filtered(lambda tx: self._mpesa_prompt_fits(tx, row))
 
@@ -121,9 +125,9 @@ class MpesaMatching(models.AbstractModel):
         payer = row.phone or row.msisdn_hash
         if payer and tx.mpesa_phone:
             return payer in (tx.mpesa_phone, daraja.hash_msisdn(tx.mpesa_phone))
-        # Neither the account nor the payer says it is the prompt's: waiting for a pending prompt
-        # is harmless, but a settled one taking the receipt would hide another payer's money.
-        return bool(row.bill_ref_key) or tx.state == 'pending'
+        # Neither the account nor the payer says it is the prompt's: waiting for an unsettled
+        # prompt is harmless, but a settled one taking the receipt would hide another payer's money.
+        return bool(row.bill_ref_key) or tx.state != 'done'
 
     # === RULE 2: THE PAYER === #
 

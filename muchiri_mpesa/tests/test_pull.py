@@ -7,11 +7,13 @@ from unittest.mock import patch
 
 from odoo import fields
 from odoo.exceptions import UserError
-from odoo.tools import mute_logger
 from odoo.tests import tagged
+from odoo.tools import mute_logger
 
+from odoo.addons.muchiri_mpesa import daraja
 from odoo.addons.muchiri_mpesa.daraja.simulator import C2B_CONFIRMATION
 from odoo.addons.muchiri_mpesa.daraja.simulator.c2b import LOST_CONFIRMATION
+from odoo.addons.muchiri_mpesa.models.mpesa_payable_reference import reference_key
 
 from .common import PHONE_CALLBACK_LOST, PHONE_SUCCESS
 from .ledger_common import MpesaLedgerCommon
@@ -146,3 +148,21 @@ class TestPull(MpesaLedgerCommon):
         row = self._row(body['TransID'])
         self.assertEqual(row.state, 'unmatched', row.note)
         self.assertFalse(tx.mpesa_receipt_number, "another payer's receipt is not the prompt's")
+
+    def test_a_confirmation_of_a_prompt_whose_outcome_is_unknown_waits_for_it(self):
+        """A prompt whose push answer never came (timed out: 'error', outcome unknown) may still be
+        paid: the C2B report of its money waits for it instead of paying the order a second time
+        when the prompt's callback, late, settles it."""
+        tx, _result = self._pay_from_portal(PHONE_CALLBACK_LOST)
+        with self.registry.test_lock:
+            tx.write({'state': 'error', 'mpesa_outcome_unknown': True})
+            self.env.flush_all()
+        body = self._c2b_body(tx.amount, daraja.account_reference(tx.reference), phone=PHONE_CALLBACK_LOST)
+        body['TransTime'] = (fields.Datetime.now() + timedelta(hours=3)).strftime('%Y%m%d%H%M%S')  # Kenya time.
+        self.assertEqual(reference_key(body['BillRefNumber']), reference_key(self.quotation.name))
+        response = self._post_c2b(body)
+        self.assertEqual(response.json(), {'ResultCode': 0, 'ResultDesc': "Accepted"})
+        row = self._row(body['TransID'])
+        self.assertEqual(row.state, 'unmatched', row.note)
+        self.assertIn(tx.reference, row.note)
+        self.assertFalse(row.transaction_ids, "not paid while the prompt may say it is its money")
