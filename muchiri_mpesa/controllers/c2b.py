@@ -41,12 +41,15 @@ class MpesaC2BController(http.Controller):
             _logger.warning("M-Pesa %s on an unknown secret path was refused.", kind)
             raise NotFound()
         Event = request.env['muchiri.mpesa.event'].sudo()
-        try:
-            with Event._mpesa_keep_inbound(
-                provider_sudo, kind, request.httprequest.get_data(cache=True), request.httprequest.remote_addr,
-            ) as event:
+        # A body that could not be kept is not acknowledged (Odoo's own error answer): only what is
+        # kept may be accepted, or the payment's report would be lost.
+        with Event._mpesa_keep_inbound(
+            provider_sudo, kind, request.httprequest.get_data(cache=True), request.httprequest.remote_addr,
+        ) as event:
+            try:
                 status, answer = event._mpesa_handle_inbound()
-        except Exception:  # The body is kept: never a 5xx (see the class docstring).
-            _logger.warning("M-Pesa %s could not be handled now; it is kept.", kind, exc_info=True)
-            status, answer = Event._mpesa_inbound_fallback(provider_sudo, kind)
+            except Exception:  # The body is kept: never a 5xx (see the class docstring).
+                _logger.warning("M-Pesa %s %s could not be handled now; it is kept.", kind, event.id, exc_info=True)
+                event.env.cr.rollback()  # Back to the kept body, committed: the retry job takes it.
+                status, answer = Event._mpesa_inbound_fallback(provider_sudo, kind)
         return request.make_json_response(answer, status=status)

@@ -1,5 +1,7 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 """The ledger's matching, one test per rule, through this Odoo's real C2B confirmation route."""
+from unittest.mock import patch
+
 from odoo.exceptions import AccessError, UserError
 from odoo.fields import Command
 from odoo.tests import JsonRpcException, tagged
@@ -164,6 +166,41 @@ class TestLedgerMatching(MpesaLedgerCommon):
         self.assertEqual(event.callback_state, 'processed')
         self.assertEqual(self._row(body['TransID']).state, 'matched')
         self.assertEqual(Event._cron_mpesa_ledger_inbound(), 0, "once")
+
+    @mute_logger('odoo.addons.muchiri_mpesa.controllers.c2b')
+    def test_a_confirmation_whose_handling_fails_is_kept_accepted_and_recorded_later(self):
+        """A fault after the body is kept (patched in: no network is patched) answers Accepted, never
+        a 5xx, leaves no money half-recorded, and the retry job records the kept body."""
+        invoice = self._invoice(700)
+        body = self._c2b_body(700, invoice.name)
+        Event = self.env.registry['muchiri.mpesa.event']
+        with patch.object(Event, '_mpesa_dispatch_inbound', side_effect=RuntimeError("worker fault")):
+            response = self._post_c2b(body)
+        self.assertEqual(response.status_code, 200, response.text)
+        self.assertEqual(response.json(), {'ResultCode': 0, 'ResultDesc': "Accepted"})
+        self.assertFalse(self._row(body['TransID']), "nothing recorded by the failed handling")
+        event = self.env['muchiri.mpesa.event'].sudo().search([('kind', '=', 'c2b_confirmation')], order='id desc',
+                                                              limit=1)
+        self.assertEqual(event.callback_state, 'received', "kept for the retry job")
+        self.assertIn(body['TransID'].encode(), event._mpesa_raw_body())
+        self.env.cr.execute(
+            "UPDATE muchiri_mpesa_event SET create_date = create_date - interval '3 minutes' WHERE id = %s",
+            [event.id])
+        event.invalidate_recordset()
+        self.assertEqual(self.env['muchiri.mpesa.event'].sudo()._cron_mpesa_ledger_inbound(), 1)
+        self.assertEqual(self._row(body['TransID']).state, 'matched')
+
+    @mute_logger('odoo.http')
+    def test_a_confirmation_that_could_not_be_kept_is_not_acknowledged(self):
+        """Only a kept body may be accepted: Daraja (or the Pull job) must still bring one we lost."""
+        invoice = self._invoice(600)
+        body = self._c2b_body(600, invoice.name)
+        Event = self.env.registry['muchiri.mpesa.event']
+        with patch.object(Event, '_mpesa_inbound_values', side_effect=RuntimeError("disk full")):
+            response = self._post_c2b(body)
+        self.assertNotEqual(response.status_code, 200, response.text)
+        self.assertNotIn('Accepted', response.text)
+        self.assertFalse(self._row(body['TransID']))
 
     # === THE EXCEPTIONS QUEUE === #
 
