@@ -6,6 +6,7 @@ from . import (
     test_callback,
     test_demo_data,
     test_hostile_callbacks,
+    test_inbound_attacks,
     test_ledger_matching,
     test_money_safety,
     test_monitoring,
