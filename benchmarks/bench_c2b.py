@@ -1,5 +1,8 @@
 """How the M-Pesa ledger copes with many paybill payments against many open invoices.
 
+The provider books paybill money on its source check (no initiator, no Pull): what is measured is the
+intake and the matching, not the wait for M-Pesa's confirmation (bench_c2b_confirmation.py).
+
 Creates N posted KES invoices, then hands N C2B confirmations (each naming one invoice by its number,
 typed as a distributor types it) to the entry the confirmation route uses: the body is kept, recorded
 in the ledger and matched.  Then Odoo's post-processing makes and reconciles the payments.  It prints
@@ -180,7 +183,10 @@ def main() -> int:
         env = odoo.api.Environment(cr, odoo.SUPERUSER_ID, {})
         odoo_scratch_db.simulator_provider(env, "http://127.0.0.1:9", "k", "s", "174379",
                                            "bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919",
-                                           mpesa_distributors_only=False, mpesa_ip_check="off")
+                                           mpesa_distributors_only=False, mpesa_ip_check="enforce",
+                                           # No initiator, no Pull: money is booked on the source check
+                                           # (bench_c2b_confirmation.py measures Transaction Status).
+                                           mpesa_allowed_ips="127.0.0.1")
         env["ir.config_parameter"].set_param("sale.automatic_invoice", False)
 
     raced = race(odoo, registry)

@@ -53,6 +53,10 @@ SHORTCODE_TYPES = [
 # about a minute, and Safaricom refuses the same amount to the same customer within two (code 17).
 DEFAULT_PUSH_COOLDOWN = 120
 
+# Less than this over what a document owes is M-Pesa's whole-shilling rounding (a fraction of a
+# shilling is asked as a whole one), not an overpayment.
+ROUNDING_TOLERANCE = 1.0
+
 # Payment status shown on a sale order, computed from its M-Pesa transactions.
 # Empty on orders without any M-Pesa transaction.  A customer's cancellation is no failure.
 ORDER_PAYMENT_STATUSES = [

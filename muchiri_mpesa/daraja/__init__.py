@@ -61,10 +61,13 @@ from .errors import (
     InvalidPhoneNumber,
 )
 from .initiator import (
+    ALREADY_REVERSED_CODE,
     IDENTIFIER_MSISDN,
     IDENTIFIER_SHORTCODE,
     IDENTIFIER_TILL,
+    INITIATOR_INVALID_CODES,
     INITIATOR_RESULT_CODES,
+    UNKNOWN_TRANSACTION_CODES,
     CertificateSummary,
     InitiatorAck,
     InitiatorResult,
@@ -103,6 +106,7 @@ from .urls import check_daraja_url
 
 __all__ = [
     "ACCEPTED_RESPONSE",
+    "ALREADY_REVERSED_CODE",
     "C2B_CONFIRMATION_ACK",
     "C2B_INVALID_ACCOUNT",
     "C2B_INVALID_AMOUNT",
@@ -117,6 +121,7 @@ __all__ = [
     "IDENTIFIER_MSISDN",
     "IDENTIFIER_SHORTCODE",
     "IDENTIFIER_TILL",
+    "INITIATOR_INVALID_CODES",
     "INITIATOR_RESULT_CODES",
     "INVALID_TOKEN_CODES",
     "KENYA_TZ",
@@ -129,6 +134,7 @@ __all__ = [
     "RESULT_CODES",
     "SANDBOX_URL",
     "TILL",
+    "UNKNOWN_TRANSACTION_CODES",
     "AccessToken",
     "ApiErrorCode",
     "C2BPayment",

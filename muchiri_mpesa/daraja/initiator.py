@@ -26,15 +26,18 @@ from .tokens import UTC
 from .urls import check_daraja_url
 
 __all__ = [
+    "ALREADY_REVERSED_CODE",
     "IDENTIFIER_MSISDN",
     "IDENTIFIER_SHORTCODE",
     "IDENTIFIER_TILL",
+    "INITIATOR_INVALID_CODES",
     "INITIATOR_RESULT_CODES",
     "RECEIVER_IDENTIFIER_SHORTCODE",
     "REVERSAL_COMMAND",
     "REVERSAL_PATH",
     "TRANSACTION_STATUS_COMMAND",
     "TRANSACTION_STATUS_PATH",
+    "UNKNOWN_TRANSACTION_CODES",
     "CertificateSummary",
     "InitiatorAck",
     "InitiatorResult",
@@ -340,6 +343,13 @@ INITIATOR_RESULT_CODES: dict[str, str] = {
         "this shortcode."
     ),
 }
+
+
+# What the Odoo layer decides on, by code (compared as text).
+ALREADY_REVERSED_CODE = "R000001"
+UNKNOWN_TRANSACTION_CODES: tuple[str, ...] = ("R000002",)
+# The initiator set-up is wrong: asking again changes nothing until an administrator fixes it.
+INITIATOR_INVALID_CODES: tuple[str, ...] = ("2001",)
 
 
 def describe_initiator_result(code: object) -> str:

@@ -16,18 +16,26 @@ class MpesaAlert(models.Model):
         txs = self.env['payment.transaction'].search([
             ('provider_id', '=', provider.id), ('mpesa_receipt_status', '=', 'conflict'),
         ], order='id')
-        if not txs:
+        # Paybill payments awaiting confirmation that M-Pesa contradicted (forged, most likely).
+        rows = self.env['muchiri.mpesa.ledger'].search([
+            ('provider_id', '=', provider.id), ('state', '=', 'awaiting'), ('conflict', '=', True),
+        ], order='id')
+        if not (txs or rows):
             return []
         lines = [
             self.env._("- %(reference)s, receipt %(receipt)s: %(proof)s", reference=tx.reference,
                        receipt=tx.mpesa_receipt_number or '-', proof=tx.mpesa_receipt_proof or '-')
             for tx in txs
+        ] + [
+            self.env._("- paybill payment %(receipt)s of %(amount)s: %(proof)s", receipt=row.name,
+                       amount=row._mpesa_format(row.amount), proof=row.confirmation_note or row.note or '-')
+            for row in rows
         ]
         return [AlertCondition(
             kind='receipt_conflict',
             key=f'receipt_proof_conflict:{provider.id}',
             name=self.env._("%(provider)s: %(count)s M-Pesa receipts contradicted by M-Pesa",
-                            provider=provider.name, count=len(txs)),
+                            provider=provider.name, count=len(txs) + len(rows)),
             message=self.env._(
                 "M-Pesa's Transaction Status contradicts these receipts, recorded after the payment"
                 " was settled.  Nothing was changed: check each on the M-Pesa statement and correct"

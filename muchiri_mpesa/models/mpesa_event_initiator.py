@@ -70,7 +70,7 @@ class MpesaEvent(models.Model):
             return 403, {'ResultCode': 1, 'ResultDesc': "Rejected"}
         if not self._mpesa_parse_initiator():
             return 400, {'ResultCode': 1, 'ResultDesc': "Rejected: not a Daraja result"}
-        if self._mpesa_match_initiator(lock=False):
+        if self._mpesa_match_initiator(lock=False) or self._mpesa_match_ledger_status(lock=False):
             self._mark('queued', self.env._("Waiting for settlement."))
         else:
             self._mpesa_retry_later('unmatched', self.env._(
@@ -122,6 +122,23 @@ class MpesaEvent(models.Model):
         if tx and lock:
             tx._mpesa_lock()
         return tx
+
+    def _mpesa_match_ledger_status(self, lock):
+        """The ledger row whose confirmation this Transaction Status result answers, among its
+        provider's only (by the query's conversation IDs); locked when `lock`."""
+        self.ensure_one()
+        row = self.ledger_id.sudo()
+        ids = [value for value in (self.conversation_id, self.originator_conversation_id) if value]
+        if not row and ids and self.initiator_api == 'status':
+            row = self.env['muchiri.mpesa.ledger'].sudo().search([
+                ('provider_id', '=', self.provider_id.id),
+                '|', ('status_conversation_id', 'in', ids), ('status_originator_id', 'in', ids),
+            ], limit=1)
+            if row:
+                self.ledger_id = row
+        if row and lock:
+            row._mpesa_lock()
+        return row
 
     @api.model
     def _mpesa_wake_unmatched_results(self, provider, conversation_ids):
@@ -191,6 +208,11 @@ class MpesaEvent(models.Model):
         if not result:
             return 'done'
         tx = self._mpesa_match_initiator(lock=True)
+        row = not tx and self._mpesa_match_ledger_status(lock=True)
+        if row:
+            state, message = row._mpesa_apply_status_result(result)
+            self._mark(state, message)
+            return 'done'
         if not tx:
             self._mpesa_retry_later('unmatched', self.env._(
                 "No transaction of this provider has this ConversationID yet."))

@@ -8,9 +8,18 @@ receipt later only adds itself to the row, under the row's lock, so that two sou
 workers at once never count the money twice.  Matching (models/mpesa_matching.py) turns matched
 money into posted, reconciled account.payment records through payment transactions of the
 provider; money it cannot place waits in the exceptions queue (state 'unmatched') for an accountant.
+
+CONFIRMATION.  Daraja signs nothing it posts: a C2B confirmation is only a claim, which anyone who
+learns the provider's secret path can make.  So a row's money is booked on a document only once
+Daraja itself confirmed the receipt, its amount and the shortcode: the STK Query that settled our
+prompt, a Transaction Status result, or a Pull Transactions row (a list we asked Daraja for).  Until
+then the row is 'awaiting' confirmation: visible, matched to nothing, moving no goods.  A provider
+with no way to ask (no initiator, no Pull) books C2B money on its source check alone when that check
+refuses unknown addresses; otherwise an accountant confirms it against M-Pesa's statement.
 """
 import logging
 from datetime import timedelta, timezone
+from decimal import Decimal
 
 from markupsafe import Markup
 
@@ -24,6 +33,7 @@ from .mpesa_payable_reference import reference_key
 _logger = logging.getLogger(__name__)
 
 LEDGER_STATES = [
+    ('awaiting', "Awaiting confirmation"),
     ('unmatched', "To match"),
     ('matched', "Matched"),
     ('partial', "Part-payment"),
@@ -31,6 +41,18 @@ LEDGER_STATES = [
     ('not_ours', "Not ours"),
     ('refund', "To refund"),
 ]
+# Who confirmed that a row's money reached the shortcode (see CONFIRMATION in the module docstring):
+# Daraja itself (its STK Query, Transaction Status or Pull list), or, where the provider
+# has no way to ask, the source check or an accountant holding M-Pesa's statement.
+CONFIRMATIONS = [
+    ('stk', "STK Query"),
+    ('status', "Transaction Status"),
+    ('pull', "Pull Transactions"),
+    ('source', "Source check only"),
+    ('hand', "An accountant, against the statement"),
+]
+# Confirmations by Daraja itself: the receipts they confirm are verified receipts.
+DARAJA_CONFIRMATIONS = ('stk', 'status', 'pull')
 # Unmatched rows are matched again by the hourly cron for so long (an invoice posted after its
 # payment, an STK prompt settled after its Pull row): later, they wait for an accountant only.
 AUTO_REMATCH_FOR = timedelta(days=7)
@@ -76,6 +98,22 @@ class MpesaLedger(models.Model):
         readonly=True, tracking=True,
         help="Two sources disagree on this receipt (amount), or its money was counted twice.",
     )
+    confirmation = fields.Selection(
+        selection=CONFIRMATIONS, string="Confirmed By", readonly=True, tracking=True,
+        help="Who confirmed that this money reached the shortcode.  Until then nothing is paid with it.",
+    )
+    confirmation_note = fields.Char(string="Confirmation", readonly=True)
+    status_conversation_id = fields.Char(
+        string="Status Check ConversationID", readonly=True, copy=False, index='btree_not_null',
+    )
+    status_originator_id = fields.Char(
+        string="Status Check OriginatorConversationID", readonly=True, copy=False, index='btree_not_null',
+    )
+    status_next_at = fields.Datetime(
+        string="Next Transaction Status Check", readonly=True, copy=False, index='btree_not_null',
+        help="When M-Pesa's Transaction Status is asked to confirm this receipt.",
+    )
+    status_count = fields.Integer(string="Transaction Status Checks", readonly=True, copy=False)
 
     state = fields.Selection(
         selection=LEDGER_STATES, default='unmatched', required=True, readonly=True, index=True, tracking=True,
@@ -170,6 +208,8 @@ class MpesaLedger(models.Model):
         """Add what `source` says of this (locked) row: its flag, the fields still empty, and a
         conflict when it disagrees with what is recorded."""
         self.ensure_one()
+        values = dict(values)
+        confirms = values.pop('confirmation', False)
         amount = values.get('amount')
         already = self[f'source_{source}']
         update = {f'source_{source}': True}
@@ -182,6 +222,7 @@ class MpesaLedger(models.Model):
                            if value not in (None, False, '') and not self[key]})
             if amount is not None and self.currency_id.compare_amounts(amount, self.amount):
                 update['conflict'] = True
+                confirms = False  # Daraja's word disagrees with what was claimed first.
                 self._mpesa_ask_accountants(self.env._(
                     "%(origin)s reports %(new)s for receipt %(receipt)s, recorded as %(old)s: check it"
                     " on the M-Pesa statement.", origin=source.upper(), receipt=self.name,
@@ -191,11 +232,20 @@ class MpesaLedger(models.Model):
             update['pull_amount'] = amount
         if 'bill_ref' in update:
             update['bill_ref_key'] = reference_key(update['bill_ref'])
+        # Daraja's own word (its STK Query, its Pull list) confirms the row, or makes a weaker
+        # confirmation (the source check, a hand) a verified one.
+        if confirms and self.confirmation not in DARAJA_CONFIRMATIONS:
+            update.update(confirmation=confirms, confirmation_note=self.env._(
+                "Reported by Daraja's %s.", source.upper()), status_next_at=False)
+        else:
+            confirms = False
         self.write(update)
         if created:
             self.message_post(body=self.env._("Reported by %(origin)s.", origin=source.upper()))
         elif not already:
             self.message_post(body=self.env._("Also reported by %(origin)s.", origin=source.upper()))
+        if confirms:
+            self._mpesa_confirmed(self.confirmation_note)
 
     @api.model
     def _mpesa_record_c2b(self, provider, payment):
@@ -214,7 +264,7 @@ class MpesaLedger(models.Model):
             'phone': payment.phone or False,
             'payer_name': payment.payer_name or False,
         })
-        if row.state == 'unmatched':
+        if row.state in ('awaiting', 'unmatched'):
             row._mpesa_match()
         return row, created
 
@@ -232,36 +282,258 @@ class MpesaLedger(models.Model):
             'bill_ref': pulled.bill_reference or False,
             'msisdn': pulled.msisdn or False,
             'phone': phone,
+            # Daraja listed it to us, for our shortcode: the receipt and its amount are Daraja's word.
+            'confirmation': 'pull',
         })
-        if row.state == 'unmatched':
+        if row.state in ('awaiting', 'unmatched'):
             row._mpesa_match()
         return row, created
 
     # === MATCHING === #
 
     def _mpesa_match(self):
-        """Match this (locked) row if it still waits, through the matching service.
+        """Match this (locked) row if it still waits, through the matching service.  Money nobody
+        confirmed yet is matched to nothing: the row waits for its confirmation, which is asked.
 
         :return: the row's state
         """
         self.ensure_one()
-        if self.state != 'unmatched':
+        if self.state not in ('awaiting', 'unmatched'):
             return self.state
-        return self.env['muchiri.mpesa.matching']._mpesa_match(self)
+        Matching = self.env['muchiri.mpesa.matching']
+        if not self.confirmation:
+            # Our own prompt's receipt, reported again: linked to the prompt, nothing paid twice.
+            if not Matching._mpesa_match_holder(self):
+                self._mpesa_await_confirmation()
+            return self.state
+        if self.state == 'awaiting':
+            self.state = 'unmatched'
+        return Matching._mpesa_match(self)
+
+    # === CONFIRMATION BY DARAJA (see the module docstring) === #
+
+    def _mpesa_await_confirmation(self):
+        """Hold this unconfirmed row and ask for its confirmation the fastest way the provider has:
+        Transaction Status at once, else the next Pull; with neither, the source check decides when
+        it refuses unknown addresses, else an accountant does."""
+        self.ensure_one()
+        provider = self.provider_id.sudo()
+        first = self.state != 'awaiting'
+        values = {'state': 'awaiting'}
+        if self.conflict:
+            values['note'] = self.env._("M-Pesa's own records disagree with this payment: check it on the statement.")
+        elif provider._mpesa_has_initiator():
+            values.update(status_next_at=self.status_next_at or fields.Datetime.now(), note=self.env._(
+                "Awaiting M-Pesa's confirmation: its Transaction Status is asked."))
+        elif provider.mpesa_pull_registered_at and not provider._mpesa_pull_refusal():
+            values['note'] = self.env._("Awaiting M-Pesa's confirmation: the next Pull Transactions query lists it.")
+        elif provider.mpesa_ip_check == 'enforce':
+            self.write(values)
+            self._mpesa_confirm('source', self.env._(
+                "Booked on the source check alone: the provider can neither ask M-Pesa's Transaction Status"
+                " nor Pull Transactions, and it refuses unknown addresses."))
+            return
+        else:
+            values['note'] = self.env._(
+                "Awaiting an accountant: the provider can ask M-Pesa neither by Transaction Status nor by"
+                " Pull, and its source check does not refuse unknown addresses.  Confirm it against the"
+                " M-Pesa statement.")
+        self.write(values)
+        if values.get('status_next_at'):
+            self.env['payment.transaction']._mpesa_trigger_initiator_job()
+        elif first and not self.conflict and not provider.mpesa_pull_registered_at:
+            self._mpesa_ask_accountants(values['note'], summary=self.env._("M-Pesa: confirm a payment"))
+
+    def _mpesa_confirm(self, how, note):
+        """Record who confirmed this (locked) row's money, then place it."""
+        self.ensure_one()
+        self.write({'confirmation': how, 'confirmation_note': note[:250], 'status_next_at': False})
+        self._mpesa_confirmed(note)
+
+    def _mpesa_confirmed(self, note):
+        """The row's money is confirmed: its receipts are verified ones, and it is placed now."""
+        self.message_post(body=self.env._("Confirmed: %s", note))
+        if self.confirmation in DARAJA_CONFIRMATIONS:
+            self.env['payment.transaction'].sudo().search([
+                ('provider_id', '=', self.provider_id.id), ('mpesa_receipt_number', '=', self.name),
+                ('mpesa_receipt_status', '=', 'unverified'),
+            ])._mpesa_receipt_confirmed_by_ledger(self, note)
+        if self.state == 'awaiting':
+            self.state = 'unmatched'
+            self._mpesa_match()
+            self.transaction_ids._mpesa_post_process()
+
+    def _mpesa_status_party(self):
+        return self.provider_id._mpesa_initiator_party()
+
+    def _mpesa_send_status_query(self, session=None):
+        """Ask M-Pesa's Transaction Status about this row's receipt; the result comes to our ResultURL."""
+        self.ensure_one()
+        provider = self.provider_id
+        initiator, credential = provider._mpesa_initiator()
+        party, identifier = self._mpesa_status_party()
+        self.status_count += 1
+        ack = provider._mpesa_client(session=session).transaction_status(
+            initiator=initiator, security_credential=credential, transaction_id=self.name,
+            party_a=party, identifier_type=identifier,
+            result_url=provider._mpesa_daraja_url('status_result'),
+            timeout_url=provider._mpesa_daraja_url('status_timeout'),
+            remarks=self.env._("Check %s", self.name)[:100],
+        )
+        self.write({
+            'status_conversation_id': ack.conversation_id,
+            'status_originator_id': ack.originator_conversation_id,
+            'status_next_at': fields.Datetime.now() + timedelta(seconds=const.INITIATOR_RESULT_WAIT),
+        })
+        self.env['muchiri.mpesa.event']._mpesa_wake_unmatched_results(
+            provider, [ack.conversation_id, ack.originator_conversation_id])
+        return ack
+
+    def _mpesa_apply_status_result(self, result):
+        """A Transaction Status result of this (locked) row's receipt: completed, for its amount, to
+        our shortcode, it confirms the row; anything else is a conflict for accountants.
+
+        :return: the result event's new state and the message saying why
+        """
+        self.ensure_one()
+        if self.confirmation:
+            return 'ignored', self.env._("Receipt %s is confirmed already.", self.name)
+        unknown = result.result_code in daraja.UNKNOWN_TRANSACTION_CODES
+        if result.is_timeout or (result.result_code != '0' and not unknown):
+            said = self.env._("Daraja's queue timed out") if result.is_timeout else self.env._(
+                "%(meaning)s (%(code)s)", code=result.result_code,
+                meaning=daraja.describe_initiator_result(result.result_code))
+            if result.is_timeout or result.result_code not in daraja.INITIATOR_INVALID_CODES:
+                self._mpesa_schedule_status_check()
+            else:
+                self.status_next_at = False
+            self.confirmation_note = self.env._("Transaction Status did not answer: %s", said)[:250]
+            return 'processed', self.confirmation_note
+        problems = self._mpesa_status_disagreements(result, self.name, self.amount, self._mpesa_status_party()[0])
+        if problems:
+            message = self.env._("M-Pesa's Transaction Status disagrees with receipt %(receipt)s: %(problems)s.",
+                                 receipt=self.name, problems='; '.join(problems))
+            self.write({'conflict': True, 'status_next_at': False, 'confirmation_note': message[:250],
+                        'note': self.env._("M-Pesa's own records disagree with this payment.")})
+            self._mpesa_ask_accountants(message)
+            self.env['muchiri.mpesa.alert'].sudo()._mpesa_raise_receipt_proof_alert(self.provider_id)
+            return 'conflict', message
+        self._mpesa_confirm('status', self.env._(
+            "Confirmed by M-Pesa's Transaction Status on %s.", fields.Date.today()))
+        return 'processed', self.env._("Receipt %s confirmed.", self.name)
+
+    @api.model
+    def _mpesa_status_disagreements(self, result, receipt, amount, party):
+        """What a Transaction Status result says that our record of a receipt does not: an unknown
+        receipt, another receipt, a status other than completed, another amount, another shortcode.
+        The one rule for transactions and ledger rows alike."""
+        if result.result_code in daraja.UNKNOWN_TRANSACTION_CODES:
+            return [self.env._("M-Pesa does not know receipt %(receipt)s: %(meaning)s (%(code)s)",
+                               receipt=receipt, code=result.result_code,
+                               meaning=daraja.describe_initiator_result(result.result_code))]
+        problems = []
+        if result.receipt_no != receipt:
+            problems.append(self.env._("it describes receipt %s", result.receipt_no or '-'))
+        if (result.transaction_status or '').lower() != 'completed':
+            problems.append(self.env._("its status is %s, not completed", result.transaction_status or '-'))
+        if result.amount is None or result.amount != Decimal(str(amount)):
+            problems.append(self.env._(
+                "its amount is %(said)s, the payment recorded %(paid)s",
+                said=result.parameters.get('Amount') or '-', paid=self._mpesa_format(amount),
+            ))
+        if result.credit_party_shortcode != party:
+            problems.append(self.env._(
+                "the money went to %(credit)s, not to %(party)s",
+                credit=result.parameters.get('CreditPartyName') or '-', party=party,
+            ))
+        return problems
+
+    def _mpesa_schedule_status_check(self):
+        if self.status_count >= const.INITIATOR_MAX_CHECKS:
+            self.status_next_at = False
+            self._mpesa_ask_accountants(self.env._(
+                "M-Pesa's Transaction Status gave no answer about receipt %(receipt)s after %(count)s checks:"
+                " confirm it against the M-Pesa statement.", receipt=self.name, count=self.status_count,
+            ), summary=self.env._("M-Pesa: confirm a payment"))
+            return
+        self.status_next_at = fields.Datetime.now() + timedelta(seconds=const.INITIATOR_RESULT_WAIT)
+
+    @api.model
+    def _mpesa_send_due_status_queries(self, session, batch_size=const.RECONCILE_BATCH_SIZE):
+        """Send the Transaction Status queries of the rows whose confirmation is due; each row
+        under its own lock (skipped when another worker has it), committed on its own.
+
+        :return: how many were sent, and whether Daraja asked us to stop (unreachable, throttling)
+        """
+        rows = self.sudo().search([
+            ('status_next_at', '<=', fields.Datetime.now()), ('confirmation', '=', False),
+        ], order='status_next_at, id', limit=batch_size)
+        Transaction = self.env['payment.transaction']
+        sent = 0
+        for row in rows:
+            outcome = 'sent'
+            try:
+                with self.env.cr.savepoint():
+                    if not row._mpesa_lock(skip=True) or row.confirmation or not row.status_next_at \
+                            or row.status_next_at > fields.Datetime.now():
+                        outcome = 'skipped'
+                    else:
+                        row._mpesa_send_status_query(session)
+            except (daraja.DarajaConnectionError, daraja.DarajaProtocolError):
+                outcome = 'stop'
+            except (daraja.DarajaError, UserError) as error:
+                _logger.warning("M-Pesa Transaction Status query of receipt %s failed: %s", row.name, error)
+                outcome = 'stop' if getattr(error, 'error_code', None) in const.THROTTLE_ERROR_CODES else 'failed'
+                if outcome == 'failed':
+                    with self.env.cr.savepoint():
+                        row.invalidate_recordset()
+                        row.status_count += 1
+                        row.confirmation_note = self.env._("Transaction Status could not be asked: %s", error)[:250]
+                        row._mpesa_schedule_status_check()
+            if outcome == 'stop':
+                with self.env.cr.savepoint():
+                    row.invalidate_recordset()
+                    row.status_next_at = fields.Datetime.now() + timedelta(seconds=const.RECONCILE_THROTTLE_DELAY)
+            Transaction._mpesa_commit()
+            sent += outcome == 'sent'
+            if outcome == 'stop':
+                return sent, True
+        return sent, False
+
+    def action_mpesa_confirm_by_hand(self):
+        """An accounting manager found this payment on M-Pesa's statement: its money may be placed.
+        For providers that cannot ask M-Pesa, or whose question got no answer."""
+        self.ensure_one()
+        self.env['payment.provider']._mpesa_check_group('account.group_account_manager')
+        self._mpesa_lock()
+        if self.state != 'awaiting' or self.confirmation:
+            raise UserError(self.env._("M-Pesa payment %s is not awaiting confirmation.", self.name))
+        if self.conflict:
+            raise UserError(self.env._(
+                "M-Pesa's own records disagree with payment %(receipt)s (%(why)s): it cannot be confirmed by"
+                " hand.  Mark it as not ours, or flag it for refund.", receipt=self.name,
+                why=self.confirmation_note or self.note or '-'))
+        row = self.sudo()
+        row._mpesa_close_activities()
+        row._mpesa_confirm('hand', self.env._("Confirmed against the M-Pesa statement by %s.", self.env.user.name))
+        return True
 
     @api.model
     def _cron_mpesa_rematch(self, limit=const.RECONCILE_BATCH_SIZE):
-        """Match again what waits in the exceptions queue: the document may exist now.  Each row
-        under its own lock, skipped when another worker has it; committed one by one."""
+        """Match again what waits in the exceptions queue: the document may exist now; and ask
+        again how to confirm the rows awaiting confirmation that no question is out for (the
+        provider may have an initiator now).  Each row under its own lock, skipped when another
+        worker has it; committed one by one."""
         rows = self.sudo().search([
-            ('state', '=', 'unmatched'), ('create_date', '>=', fields.Datetime.now() - AUTO_REMATCH_FOR),
+            '|', ('state', '=', 'unmatched'), '&', ('state', '=', 'awaiting'), ('status_next_at', '=', False),
+            ('create_date', '>=', fields.Datetime.now() - AUTO_REMATCH_FOR),
         ], order='id', limit=limit)
         Transaction = self.env['payment.transaction']
         matched = 0
         for row in rows:
             try:
                 with self.env.cr.savepoint():
-                    if row._mpesa_lock(skip=True) and row._mpesa_match() != 'unmatched':
+                    if row._mpesa_lock(skip=True) and row._mpesa_match() not in ('awaiting', 'unmatched'):
                         matched += 1
             except Exception:
                 _logger.warning("M-Pesa ledger row %s could not be matched again.", row.id, exc_info=True)
@@ -284,11 +556,16 @@ class MpesaLedger(models.Model):
 
     # === ACCOUNTANTS' ACTIONS (the wizards call these) === #
 
-    def _mpesa_check_can_act(self):
+    def _mpesa_check_can_act(self, states=('unmatched',)):
         self.ensure_one()
         self.env['payment.provider']._mpesa_check_group('account.group_account_invoice')
         self._mpesa_lock()
-        if self.state != 'unmatched':
+        if self.state == 'awaiting' and 'awaiting' not in states:
+            raise UserError(self.env._(
+                "M-Pesa payment %(receipt)s is awaiting M-Pesa's confirmation: nothing is paid with it before"
+                " (%(note)s).", receipt=self.name, note=self.note or '-',
+            ))
+        if self.state not in states:
             raise UserError(self.env._(
                 "M-Pesa payment %(receipt)s is no longer waiting to be matched (it is %(state)s).",
                 receipt=self.name, state=dict(LEDGER_STATES)[self.state],
@@ -328,13 +605,15 @@ class MpesaLedger(models.Model):
         return state
 
     def _mpesa_mark_not_ours(self, reason):
-        """Money of another business (a wrong shortcode typed, a test): kept, placed nowhere."""
-        self._mpesa_check_can_act()
+        """Money of another business (a wrong shortcode typed, a test, a forged report): kept,
+        placed nowhere."""
+        self._mpesa_check_can_act(states=('unmatched', 'awaiting'))
         reason = (reason or '').strip()
         if not reason:
             raise UserError(self.env._("Say why this payment is not ours."))
         row = self.sudo()
-        row.write({'state': 'not_ours', 'not_ours_reason': reason, 'note': self.env._("Not ours.")})
+        row.write({'state': 'not_ours', 'not_ours_reason': reason, 'note': self.env._("Not ours."),
+                   'status_next_at': False})
         row.message_post(body=self.env._("Marked as not ours by %(user)s: %(reason)s",
                                          user=self.env.user.name, reason=reason),
                          author_id=self.env.user.partner_id.id)

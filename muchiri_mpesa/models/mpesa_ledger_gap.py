@@ -120,9 +120,9 @@ class MpesaAlert(models.Model):
         )]
 
     def _mpesa_check_ledger_unmatched(self, provider, now):
-        """Money in the exceptions queue for a while: one alert."""
+        """Money in the exceptions queue, or awaiting its confirmation, for a while: one alert."""
         rows = self.env['muchiri.mpesa.ledger'].search([
-            ('provider_id', '=', provider.id), ('state', '=', 'unmatched'),
+            ('provider_id', '=', provider.id), ('state', 'in', ('awaiting', 'unmatched')),
             ('create_date', '<=', now - UNMATCHED_ALERT_DELAY),
         ], order='id')
         if not rows:

@@ -22,15 +22,14 @@ from datetime import timedelta
 from odoo import models
 from odoo.fields import Command
 
-from .. import daraja
+from .. import const, daraja
+from .mpesa_ledger import DARAJA_CONFIRMATIONS
 from .mpesa_payable_reference import reference_key
 
 _logger = logging.getLogger(__name__)
 
 # An STK prompt's money is reported by Pull at most this long after the prompt was sent.
 PROMPT_WINDOW = timedelta(days=2)
-# Less than this over the amount due is M-Pesa's whole-shilling rounding, not an overpayment.
-ROUNDING_TOLERANCE = 1.0
 
 
 class MpesaMatching(models.AbstractModel):
@@ -61,17 +60,25 @@ class MpesaMatching(models.AbstractModel):
 
     # === RULE 1: OUR OWN PROMPTS === #
 
+    def _mpesa_match_holder(self, row):
+        """Whether a transaction of ours holds the row's receipt already (a prompt's, reported
+        again): the row is linked to it, and its money is never placed a second time.
+
+        :return: True when linked
+        """
+        holder = self.env['payment.transaction'].sudo().search([
+            ('provider_id', '=', row.provider_id.id), ('mpesa_receipt_number', '=', row.name),
+        ], limit=1)
+        if holder:
+            holder._mpesa_ledger_link(row)
+        return bool(holder)
+
     def _mpesa_match_prompt(self, row):
         """Whether the row's money is one of our STK prompts' (linked, or waited for).
 
         :return: True when the row is settled by this rule, or must wait for its prompt
         """
-        Transaction = self.env['payment.transaction'].sudo()
-        holder = Transaction.search([
-            ('provider_id', '=', row.provider_id.id), ('mpesa_receipt_number', '=', row.name),
-        ], limit=1)
-        if holder:
-            holder._mpesa_ledger_link(row)
+        if self._mpesa_match_holder(row):
             return True
         prompts = self._mpesa_prompt_candidates(row)
         if len(prompts) > 1:
@@ -88,7 +95,7 @@ class MpesaMatching(models.AbstractModel):
         # Settled by STK Query, which carries no receipt: Safaricom's own report brings it.
         prompts.write({
             'mpesa_receipt_number': row.name,
-            'mpesa_receipt_status': 'confirmed' if row.source_pull else 'unverified',
+            'mpesa_receipt_status': 'confirmed' if row.confirmation in DARAJA_CONFIRMATIONS else 'unverified',
         })
         prompts._mpesa_update_payment_memo()
         prompts._mpesa_ledger_link(row)
@@ -208,10 +215,6 @@ class MpesaMatching(models.AbstractModel):
 
     # === RULE 4: THE AMOUNT === #
 
-    def _mpesa_amount_due(self, document):
-        """What is still to pay on `document`, after its payments and done transactions."""
-        return document.currency_id.round(max(document.amount_total - document._mpesa_paid_amount(), 0.0))
-
     def _mpesa_pay_documents(self, row, documents, note):
         """Place the row's money on `documents`, in that order, each up to what it still owes;
         what is left over goes to the last one, as the customer's credit, flagged for refund.
@@ -223,7 +226,7 @@ class MpesaMatching(models.AbstractModel):
         remaining = row.amount
         plan = []
         for document in documents:
-            due = self._mpesa_amount_due(document)
+            due = document._mpesa_amount_due()
             part = min(remaining, due)
             if currency.compare_amounts(part, 0) > 0:
                 plan.append([document, part, due])
@@ -237,7 +240,7 @@ class MpesaMatching(models.AbstractModel):
             self.env['payment.transaction'].sudo()._mpesa_ledger_create_tx(row, document, amount, index == 0)
         paid_docs = [document for document, _amount, _due in plan]
         short = sum(due for _document, _amount, due in plan) - (row.amount - excess)
-        if excess >= ROUNDING_TOLERANCE:
+        if excess >= const.ROUNDING_TOLERANCE:
             state = 'over'
         elif currency.compare_amounts(short, 0) > 0:
             state = 'partial'
@@ -274,12 +277,7 @@ class MpesaMatching(models.AbstractModel):
             receipt=row.name, amount=row._mpesa_format(row.amount), excess=row._mpesa_format(excess),
             document=document.display_name,
         )
-        try:
-            with self.env.cr.savepoint():  # A chatter problem never undoes a payment.
-                document._mpesa_flag_for_refund(message, row.provider_id)
-        except Exception:
-            _logger.warning("Refund flag of %s could not be recorded.", document.display_name, exc_info=True)
-            document.mpesa_needs_refund = True
+        document._mpesa_flag_for_refund(message, row.provider_id)
 
 
 class _Documents(list):

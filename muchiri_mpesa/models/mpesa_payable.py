@@ -1,6 +1,10 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
-from odoo import fields, models
+import logging
+
+from odoo import api, fields, models
 from odoo.tools.misc import formatLang
+
+_logger = logging.getLogger(__name__)
 
 
 class MpesaPayable(models.AbstractModel):
@@ -36,13 +40,31 @@ class MpesaPayable(models.AbstractModel):
         sees this prompt."""
         self.sudo().write({'mpesa_last_prompt_at': fields.Datetime.now()})
 
-    def _mpesa_paid_amount(self):
-        """What was paid of this document by Odoo payment transactions (done or authorized), less
-        their done refunds (a reversed payment pays nothing: the customer has the money back), as
-        read now: Odoo's own figures do not follow the transactions' states within a request."""
+    # === STILL DUE: THE ONE ANSWER === #
+
+    def _mpesa_amount_due(self):
+        """What is still to pay on this document, whatever paid the rest (M-Pesa, a card, a bank
+        transfer, a hand match, a payment of its invoices): the one answer that matching, the
+        overpayment and refund flags, the portal and the payment request ask."""
         self.ensure_one()
-        txs = self.sudo().transaction_ids.filtered(
-            lambda tx: tx.state in ('done', 'authorized') and tx.operation != 'refund')
+        return self.currency_id.round(max(self.amount_total - self._mpesa_paid_amount(), 0.0))
+
+    def _mpesa_extra_amount(self):
+        """What the document's payments, less their refunds, exceed its total by."""
+        self.ensure_one()
+        return self.currency_id.round(self._mpesa_paid_amount() - self.amount_total)
+
+    def _mpesa_paid_amount(self):
+        """What was paid of this document so far, by every method; see the models' overrides."""
+        self.ensure_one()
+        return self._mpesa_net_paid(self.sudo().transaction_ids)
+
+    @api.model
+    def _mpesa_net_paid(self, transactions):
+        """What `transactions` paid (done or authorized), less their done refunds (a reversed
+        payment pays nothing: the customer has the money back), as read now: Odoo's own figures do
+        not follow the transactions' states within a request."""
+        txs = transactions.filtered(lambda tx: tx.state in ('done', 'authorized') and tx.operation != 'refund')
         # Refund children are not linked to the documents; their amounts are negative.
         refunds = txs.child_transaction_ids.filtered(lambda tx: tx.operation == 'refund' and tx.state == 'done')
         return sum(txs.mapped('amount')) + sum(refunds.mapped('amount'))
@@ -52,20 +74,25 @@ class MpesaPayable(models.AbstractModel):
 
     def _mpesa_flag_for_refund(self, message, provider):
         """Record a payment the document did not need, and ask the accountants to deal with it: the
-        users of the provider's alert group, else the salesperson."""
+        users of the provider's alert group, else the salesperson.  The flag always holds; a problem
+        with the chatter or the activities never undoes the payment that raised it."""
         self.ensure_one()
         self.mpesa_needs_refund = True
-        self.message_post(body=message)
-        accountants = provider.sudo().mpesa_alert_group_id.users.filtered(
-            lambda user: user.active and not user.share
-        ) or self.user_id
-        for user in accountants:
-            self.activity_schedule(
-                'mail.mail_activity_data_todo',
-                summary=self.env._("M-Pesa: check and refund an extra payment"),
-                note=message,
-                user_id=user.id,
-            )
+        try:
+            with self.env.cr.savepoint():
+                self.message_post(body=message)
+                accountants = provider.sudo().mpesa_alert_group_id.users.filtered(
+                    lambda user: user.active and not user.share
+                ) or self.user_id
+                for user in accountants:
+                    self.activity_schedule(
+                        'mail.mail_activity_data_todo',
+                        summary=self.env._("M-Pesa: check and refund an extra payment"),
+                        note=message,
+                        user_id=user.id,
+                    )
+        except Exception:
+            _logger.warning("The refund request of %s could not be posted.", self.display_name, exc_info=True)
 
 
 class AccountMove(models.Model):

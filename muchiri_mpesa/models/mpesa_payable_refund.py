@@ -2,6 +2,8 @@
 from odoo import fields, models
 from odoo.exceptions import UserError
 
+from .. import const
+
 
 class MpesaPayable(models.AbstractModel):
     """A document flagged for refund (an overpayment, a second payment of a paid order) is
@@ -60,15 +62,6 @@ class MpesaPayable(models.AbstractModel):
             and not tx.child_transaction_ids.filtered('mpesa_reversal_claim')
         )
 
-    def _mpesa_extra_amount(self):
-        """What the document's payments, less their M-Pesa refunds, exceed its total by."""
-        self.ensure_one()
-        txs = self.sudo().transaction_ids.filtered(
-            lambda tx: tx.state in ('done', 'authorized') and tx.operation != 'refund')
-        refunded = txs.child_transaction_ids.filtered(
-            lambda tx: tx.operation == 'refund' and tx.state == 'done')
-        return sum(txs.mapped('amount')) + sum(refunded.mapped('amount')) - self.amount_total
-
     def _mpesa_extra_payment(self):
         """The M-Pesa payment the document did not need: the latest one without which it is still
         paid.  M-Pesa reverses whole payments: an extra that is part of one payment is no
@@ -80,7 +73,7 @@ class MpesaPayable(models.AbstractModel):
         extra = self._mpesa_extra_amount()
         for tx in self._mpesa_refundable_payments().sorted('id', reverse=True):
             # Less than a shilling short is M-Pesa's whole-shilling rounding.
-            if extra - tx.amount > -1:
+            if extra - tx.amount > -const.ROUNDING_TOLERANCE:
                 return tx
         raise UserError(self.env._(
             "No single M-Pesa payment of %(document)s is extra (%(extra)s paid beyond its total):"

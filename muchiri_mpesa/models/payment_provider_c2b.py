@@ -51,6 +51,12 @@ class PaymentProvider(models.Model):
         string="C2B Registration", readonly=True, copy=False, help="Daraja's answer to the last registration.",
     )
 
+    mpesa_c2b_confirmation = fields.Char(
+        string="How Paybill Payments Are Confirmed", compute='_compute_mpesa_c2b_confirmation',
+        groups='base.group_system',
+    )
+    mpesa_c2b_confirmation_weak = fields.Boolean(compute='_compute_mpesa_c2b_confirmation', groups='base.group_system')
+
     # === PULL TRANSACTIONS === #
     mpesa_pull_nominated_number = fields.Char(
         string="Pull Nominated Number", groups='base.group_system',
@@ -62,6 +68,40 @@ class PaymentProvider(models.Model):
         string="Pull Synced Until", readonly=True, copy=False,
         help="The end of the last Pull Transactions query that completed.",
     )
+
+    # === COMPUTE METHODS === #
+
+    @api.depends('mpesa_ip_check', 'mpesa_pull_registered_at', 'state')
+    @api.depends_context('uid')
+    def _compute_mpesa_c2b_confirmation(self):
+        """Say how a paybill payment's money is confirmed before it pays anything (the ledger's
+        `_mpesa_await_confirmation` decides it, in that order)."""
+        for provider in self:
+            weak = False
+            if provider.code != const.PROVIDER_CODE:
+                text = False
+            elif provider._mpesa_has_initiator():
+                text = self.env._(
+                    "Each paybill payment is confirmed by M-Pesa's Transaction Status before it pays an order"
+                    " or invoice.")
+            elif provider.mpesa_pull_registered_at and not provider._mpesa_pull_refusal():
+                text = self.env._(
+                    "Each paybill payment is confirmed by Pull Transactions (hourly) before it pays an order or"
+                    " invoice.  Set up the initiator to confirm them within seconds.")
+            elif provider.mpesa_ip_check == 'enforce':
+                weak = True
+                text = self.env._(
+                    "Paybill payments are booked on the callback source check alone, the weaker lock: Daraja"
+                    " signs nothing, so a leaked callback URL sent from an allowed address would pay documents."
+                    "  Set up the initiator (Transaction Status) so that M-Pesa confirms each payment.")
+            else:
+                weak = True
+                text = self.env._(
+                    "Paybill payments wait for an accountant, who confirms each against the M-Pesa statement:"
+                    " this provider can ask M-Pesa neither by Transaction Status (no initiator) nor by Pull,"
+                    " and its source check does not refuse unknown addresses.")
+            provider.mpesa_c2b_confirmation = text
+            provider.mpesa_c2b_confirmation_weak = weak
 
     # === BUSINESS METHODS - C2B === #
 

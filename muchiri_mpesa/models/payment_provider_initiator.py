@@ -106,6 +106,14 @@ class PaymentProvider(models.Model):
             ])
             if waiting:
                 waiting._mpesa_request_receipt_proof()
+            # Paybill payments awaiting a confirmation that nothing could ask for: asked now.
+            awaiting = self.env['muchiri.mpesa.ledger'].sudo().search([
+                ('provider_id', '=', provider.id), ('state', '=', 'awaiting'), ('confirmation', '=', False),
+                ('conflict', '=', False), ('status_next_at', '=', False),
+            ])
+            if awaiting:
+                awaiting.write({'status_next_at': fields.Datetime.now(), 'status_count': 0})
+                self.env['payment.transaction']._mpesa_trigger_initiator_job()
 
     def _mpesa_certificate_summary(self):
         """The certificate's subject and expiry, or None when there is none or it is unusable."""

@@ -335,7 +335,7 @@ class PaymentTransaction(models.Model):
                 ', '.join(documents.mapped('name')),
             ))
         for document in documents:
-            if document.currency_id.compare_amounts(document._mpesa_paid_amount(), document.amount_total) >= 0:
+            if document.currency_id.compare_amounts(document._mpesa_amount_due(), 0) <= 0:
                 raise ValidationError(self.env._("%s is already paid.", document.name))
 
     def _mpesa_other_prompts(self, documents):
@@ -730,25 +730,18 @@ class PaymentTransaction(models.Model):
     def _mpesa_flag_overpaid_documents(self):
         """Money beyond an order's or invoice's total is recorded, never hidden: ask for a refund.
 
-        In a savepoint: a problem with the chatter or the activities never undoes a real payment.
         """
         for document in self._mpesa_documents():
-            paid = document._mpesa_paid_amount()
-            # Less than a shilling over is M-Pesa's whole-shilling rounding, not a second payment.
-            if paid - document.amount_total < 1:
+            if document._mpesa_extra_amount() < const.ROUNDING_TOLERANCE:
                 continue
+            paid = document._mpesa_paid_amount()
             message = self.env._(
                 "M-Pesa payments of %(paid)s exceed the total of %(total)s of %(document)s (last:"
                 " %(ref)s, receipt %(receipt)s).  Check them and refund the customer.",
                 paid=document._mpesa_format_amount(paid), total=document._mpesa_format_amount(document.amount_total),
                 document=document.name, ref=self.reference, receipt=self.mpesa_receipt_number or '-',
             )
-            try:
-                with self.env.cr.savepoint():
-                    document._mpesa_flag_for_refund(message, self.provider_id)
-            except Exception:
-                _logger.warning("Refund flag of %s could not be recorded.", document.name, exc_info=True)
-                document.mpesa_needs_refund = True
+            document._mpesa_flag_for_refund(message, self.provider_id)
 
     def _mpesa_format_amount(self, amount):
         return formatLang(self.env, amount, currency_obj=self.currency_id)

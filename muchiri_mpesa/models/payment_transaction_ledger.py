@@ -12,6 +12,7 @@ from odoo import api, fields, models
 from odoo.fields import Command
 
 from .. import daraja
+from .mpesa_ledger import DARAJA_CONFIRMATIONS
 
 _logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class PaymentTransaction(models.Model):
                 row, created = self.env['muchiri.mpesa.ledger'].sudo()._mpesa_record(
                     self.provider_id, self.mpesa_receipt_number, 'stk', self._mpesa_ledger_values(),
                 )
-                if created or row.state == 'unmatched':
+                if created or row.state in ('awaiting', 'unmatched'):
                     self._mpesa_ledger_link(row)
                 elif self.mpesa_ledger_id != row:
                     # Placed already (by C2B or Pull, before its prompt said it was ours): the same
@@ -87,6 +88,8 @@ class PaymentTransaction(models.Model):
                           else provider.mpesa_shortcode) or False,
             'bill_ref': account,
             'transaction_type': "STK Push",
+            # Daraja's STK Query confirmed the callback that brought the receipt (not a late one).
+            'confirmation': self.mpesa_receipt_status == 'confirmed' and 'stk',
         }
 
     def _mpesa_ledger_link(self, row):
@@ -134,12 +137,14 @@ class PaymentTransaction(models.Model):
             'provider_reference': row.name,
             'mpesa_ledger_id': row.id,
             'mpesa_receipt_number': row.name if holds_receipt else False,
-            'mpesa_receipt_status': 'confirmed' if row.source_pull else 'unverified',
+            'mpesa_receipt_status': 'confirmed' if row.confirmation in DARAJA_CONFIRMATIONS else 'unverified',
             'mpesa_phone': row.phone or False,
             'mpesa_paid_amount': amount,
             'mpesa_paid_at': row.trans_time or fields.Datetime.now(),
         })
         tx._set_done(state_message=self.env._("M-Pesa receipt %s", row.name))
+        if tx.mpesa_receipt_number and tx.mpesa_receipt_status == 'unverified':
+            tx._mpesa_request_receipt_proof()  # Booked on the source check or a hand: Daraja's word still counts.
         return tx
 
     def _mpesa_payment_memo(self):

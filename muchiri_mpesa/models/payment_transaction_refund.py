@@ -16,7 +16,6 @@ and committed before the request leaves (Daraja has no idempotency key).
 """
 import logging
 from datetime import timedelta
-from decimal import Decimal
 
 import requests
 from psycopg2 import OperationalError
@@ -29,12 +28,6 @@ from .. import const, daraja
 
 _logger = logging.getLogger(__name__)
 
-# Result codes of a Reversal that leave the payment reversed already: no second attempt.
-ALREADY_REVERSED = 'R000001'
-# Result codes of a Transaction Status query that mean M-Pesa does not know the transaction.
-UNKNOWN_TRANSACTION = ('R000002',)
-# Result codes that mean our initiator set-up is wrong: asking again changes nothing.
-INITIATOR_INVALID = ('2001',)
 
 
 class PaymentTransaction(models.Model):
@@ -373,7 +366,7 @@ class PaymentTransaction(models.Model):
             'mpesa_result_desc': description or False,
             'mpesa_status_next_at': False,
             # Already reversed: by another refund of Odoo (done, it holds the reversal), or outside.
-            'mpesa_reversal_claim': code == ALREADY_REVERSED and not self._mpesa_other_reversal_holder(),
+            'mpesa_reversal_claim': code == daraja.ALREADY_REVERSED_CODE and not self._mpesa_other_reversal_holder(),
         })
         self._set_error(self.env._("%(meaning)s (%(code)s)", meaning=meaning, code=code) if code else meaning)
         self._mpesa_post_process()
@@ -386,50 +379,43 @@ class PaymentTransaction(models.Model):
             return 'ignored', self.env._("The receipt is %s already.", self.mpesa_receipt_status or '-')
         if result.is_timeout:
             return self._mpesa_status_unanswered(result)
-        if result.result_code in UNKNOWN_TRANSACTION:
-            return self._mpesa_receipt_conflict([self.env._(
-                "M-Pesa does not know receipt %(receipt)s: %(meaning)s (%(code)s)",
-                receipt=self.mpesa_receipt_number, code=result.result_code,
-                meaning=daraja.describe_initiator_result(result.result_code),
-            )])
-        if result.result_code != '0':
+        unknown = result.result_code in daraja.UNKNOWN_TRANSACTION_CODES
+        if result.result_code != '0' and not unknown:
             return self._mpesa_status_unanswered(result)
-        problems = self._mpesa_receipt_disagreements(result)
+        problems = self.env['muchiri.mpesa.ledger']._mpesa_status_disagreements(
+            result, self.mpesa_receipt_number, self._mpesa_receipt_amount(),
+            self.provider_id._mpesa_initiator_party()[0],
+        )
         if problems:
             return self._mpesa_receipt_conflict(problems)
-        self.write({
-            'mpesa_receipt_status': 'confirmed',
-            'mpesa_status_next_at': False,
-            'mpesa_receipt_proof': self.env._(
-                "Confirmed by M-Pesa's Transaction Status on %s.", fields.Date.today(),
-            ),
-        })
-        for document in self._mpesa_documents():
-            document.message_post(body=self.env._(
-                "M-Pesa receipt %s is verified by Transaction Status.", self.mpesa_receipt_number,
-            ))
+        self._mpesa_receipt_confirmed(self.env._(
+            "Confirmed by M-Pesa's Transaction Status on %s.", fields.Date.today()))
         return 'processed', self.env._("Receipt %s confirmed.", self.mpesa_receipt_number)
 
-    def _mpesa_receipt_disagreements(self, result):
-        """What a completed Transaction Status result says that this payment does not: another
-        receipt, a status other than completed, another amount, another shortcode."""
-        problems = []
-        if result.receipt_no != self.mpesa_receipt_number:
-            problems.append(self.env._("it describes receipt %s", result.receipt_no or '-'))
-        if (result.transaction_status or '').lower() != 'completed':
-            problems.append(self.env._("its status is %s, not completed", result.transaction_status or '-'))
-        if result.amount is None or result.amount != Decimal(str(self.mpesa_paid_amount)):
-            problems.append(self.env._(
-                "its amount is %(said)s, the payment recorded %(paid)s",
-                said=result.parameters.get('Amount') or '-', paid=self._mpesa_format_amount(self.mpesa_paid_amount),
-            ))
-        party = self.provider_id._mpesa_initiator_party()[0]
-        if result.credit_party_shortcode != party:
-            problems.append(self.env._(
-                "the money went to %(credit)s, not to %(party)s",
-                credit=result.parameters.get('CreditPartyName') or '-', party=party,
-            ))
-        return problems
+    def _mpesa_receipt_amount(self):
+        """The amount of the whole receipt this transaction holds: a receipt the ledger placed on
+        several documents is one M-Pesa payment of the ledger row's amount."""
+        self.ensure_one()
+        if self.mpesa_ledger_id and not self.mpesa_push_sent_at:
+            return self.mpesa_ledger_id.amount
+        return self.mpesa_paid_amount
+
+    def _mpesa_receipt_confirmed(self, proof):
+        """Daraja confirmed this transaction's receipt (its Transaction Status, or its Pull list)."""
+        self.write({'mpesa_receipt_status': 'confirmed', 'mpesa_status_next_at': False,
+                    'mpesa_receipt_proof': proof[:250]})
+        for tx in self:
+            for document in tx._mpesa_documents():
+                document.message_post(body=self.env._(
+                    "M-Pesa receipt %(receipt)s is verified: %(proof)s", receipt=tx.mpesa_receipt_number, proof=proof,
+                ))
+
+    def _mpesa_receipt_confirmed_by_ledger(self, row, proof):
+        """The ledger row of these transactions' receipt is confirmed by Daraja: so are they, when
+        they say what Daraja said (a prompt of another amount stays unverified, for its own check)."""
+        self.filtered(
+            lambda tx: not row.currency_id.compare_amounts(tx._mpesa_receipt_amount(), row.amount)
+        )._mpesa_receipt_confirmed(proof)
 
     def _mpesa_receipt_conflict(self, problems):
         message = self.env._(
@@ -451,7 +437,7 @@ class PaymentTransaction(models.Model):
         else:
             said = self.env._("%(meaning)s (%(code)s)", code=result.result_code,
                               meaning=daraja.describe_initiator_result(result.result_code))
-        if not result.is_timeout and result.result_code in INITIATOR_INVALID:
+        if not result.is_timeout and result.result_code in daraja.INITIATOR_INVALID_CODES:
             self.mpesa_status_next_at = False
         else:
             self._mpesa_schedule_status_check()
@@ -516,15 +502,17 @@ class PaymentTransaction(models.Model):
     @api.model
     def _cron_mpesa_initiator(self, batch_size=const.RECONCILE_BATCH_SIZE):
         """Settle the Reversal and Transaction Status results Daraja posted, then send the
-        Transaction Status queries that are due: receipts to prove, and refunds whose result did
-        not come.  Each transaction is committed on its own."""
+        Transaction Status queries that are due: ledger payments awaiting M-Pesa's confirmation
+        first (goods wait on them), then receipts to prove, and refunds whose result did not come.
+        Each transaction is committed on its own."""
         self.env['muchiri.mpesa.event']._mpesa_settle_initiator_results(batch_size)
         due = self.sudo().search(self._mpesa_initiator_due_domain(), order='mpesa_status_next_at, id',
                                  limit=batch_size)
         session = requests.Session()
         checked = 0
         try:
-            for tx in due:
+            checked, stop = self.env['muchiri.mpesa.ledger']._mpesa_send_due_status_queries(session, batch_size)
+            for tx in due if not stop else ():
                 outcome = tx._mpesa_check_by_status(session)
                 checked += outcome == 'sent'
                 if outcome == 'stop':
@@ -665,7 +653,7 @@ class PaymentTransaction(models.Model):
     def _mpesa_clear_refund_flags(self):
         """The documents flagged for a refund that this one settles no longer ask for it."""
         for document in self.source_transaction_id._mpesa_documents():
-            if not document.mpesa_needs_refund or document._mpesa_extra_amount() >= 1:
+            if not document.mpesa_needs_refund or document._mpesa_extra_amount() >= const.ROUNDING_TOLERANCE:
                 continue
             document.mpesa_needs_refund = False
             document.message_post(body=self.env._(

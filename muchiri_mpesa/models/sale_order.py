@@ -128,10 +128,17 @@ class SaleOrder(models.Model):
             lambda tx: tx.provider_code == 'mpesa' and tx.state == 'pending' and tx.provider_reference
         )
 
-    def _mpesa_amount_due(self):
-        """What is still to pay: the total less Odoo's paid (done or authorized) transactions."""
+    def _mpesa_paid_amount(self):
+        """Override of `muchiri.mpesa.payable`: what paid the order's posted invoices (whatever the
+        method: a payment to the invoice number is the order's money too), and the order's own
+        transactions that did not pay those invoices (a quotation's payment, not invoiced yet)."""
         self.ensure_one()
-        return self.currency_id.round(self.amount_total - self._mpesa_paid_amount())
+        invoices = self.sudo().invoice_ids.filtered(
+            lambda move: move.state == 'posted' and move.move_type == 'out_invoice')
+        reconciled = invoices._get_reconciled_payments()
+        own = self.sudo().transaction_ids.filtered(
+            lambda tx: not (tx.invoice_ids & invoices) and not (tx.payment_id & reconciled))
+        return sum(invoice._mpesa_paid_amount() for invoice in invoices) + self._mpesa_net_paid(own)
 
     def action_mpesa_request_payment(self):
         """Open the wizard that sends an M-Pesa prompt for this order."""

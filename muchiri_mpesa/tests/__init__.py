@@ -3,6 +3,7 @@ from . import (
     test_accounting,
     test_back_office,
     test_c2b,
+    test_c2b_confirmation,
     test_callback,
     test_demo_data,
     test_hostile_callbacks,

@@ -5,6 +5,7 @@ import itertools
 import json
 
 from odoo.fields import Command
+from odoo.tests import new_test_user
 
 from odoo.addons.muchiri_mpesa import const, daraja
 
@@ -19,6 +20,13 @@ class MpesaLedgerCommon(MpesaCommon):
     def setUpClass(cls):
         super().setUpClass()
         cls.provider.mpesa_invoice_on_payment = True  # Odoo's sale.automatic_invoice.
+        # No initiator and no Pull: paybill money is booked on the source check, which refuses any
+        # address but the test server's (the tests of the matching rules).  The confirmation by
+        # Transaction Status and Pull has tests of its own.
+        cls.provider.write({
+            'mpesa_ip_check': 'enforce',
+            'mpesa_allowed_ips': '\n'.join(['127.0.0.1', *const.SAFARICOM_CALLBACK_IPS]),
+        })
         cls.accountant = cls.env['res.users'].create({
             'name': "Akinyi Accountant", 'login': 'accountant', 'password': 'accountant',
             'email': 'akinyi@example.com',
@@ -79,6 +87,14 @@ class MpesaLedgerCommon(MpesaCommon):
         self.assertEqual(response.status_code, 200, response.text)
         self.assertEqual(response.json(), {'ResultCode': 0, 'ResultDesc': "Accepted"})
         return self._row(body['TransID'])
+
+    def _confirm_by_hand(self, row):
+        """An accounting manager confirms a row awaiting confirmation against the statement."""
+        manager = new_test_user(self.env, login=f'mpesa_manager_{row.id}',
+                                groups='base.group_user,account.group_account_manager')
+        with self.registry.test_lock:
+            row.with_user(manager).action_mpesa_confirm_by_hand()
+            self.env.invalidate_all()
 
     def _row(self, receipt):
         with self.registry.test_lock:

@@ -146,6 +146,8 @@ class TestPull(MpesaLedgerCommon):
         response = self._post_c2b(body)
         self.assertEqual(response.json(), {'ResultCode': 0, 'ResultDesc': "Accepted"})
         row = self._row(body['TransID'])
+        self.assertEqual(row.state, 'awaiting', "Pull has not listed it: nothing is placed yet")
+        self._confirm_by_hand(row)
         self.assertEqual(row.state, 'unmatched', row.note)
         self.assertFalse(tx.mpesa_receipt_number, "another payer's receipt is not the prompt's")
 
@@ -163,6 +165,9 @@ class TestPull(MpesaLedgerCommon):
         response = self._post_c2b(body)
         self.assertEqual(response.json(), {'ResultCode': 0, 'ResultDesc': "Accepted"})
         row = self._row(body['TransID'])
+        self.assertEqual(row.state, 'awaiting', "Pull has not listed it: nothing is placed yet")
+        self.assertFalse(row.transaction_ids)
+        self._confirm_by_hand(row)
         self.assertEqual(row.state, 'unmatched', row.note)
         self.assertIn(tx.reference, row.note)
         self.assertFalse(row.transaction_ids, "not paid while the prompt may say it is its money")
