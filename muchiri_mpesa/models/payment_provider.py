@@ -243,9 +243,12 @@ class PaymentProvider(models.Model):
     # === BUSINESS METHODS - DARAJA === #
 
     def _mpesa_api_base_url(self):
-        """The Daraja this provider talks to: the sandbox in test mode only.  A disabled provider
-        that was live still reaches production, where its last prompts get their answers."""
+        """The Daraja this provider talks to: Safaricom's production API once enabled, whatever the
+        API URL field holds; the API URL or the sandbox in test mode.  A disabled provider that was
+        live still reaches production, where its last prompts get their answers."""
         self.ensure_one()
+        if self.state == 'enabled':
+            return daraja.PRODUCTION_URL
         if self.sudo().mpesa_api_url:
             return self.sudo().mpesa_api_url.rstrip('/')
         return daraja.SANDBOX_URL if self.state == 'test' else daraja.PRODUCTION_URL
@@ -306,23 +309,38 @@ class PaymentProvider(models.Model):
         maximum = int(self.maximum_amount or daraja.DEFAULT_MAX_AMOUNT)
         return min(maximum, daraja.DARAJA_MAX_AMOUNT)
 
-    def _mpesa_client(self, transaction=None, session=None, base_url=None):
+    def _mpesa_client(self, transaction=None, session=None):
         """A Daraja client whose token is shared through the database and whose every HTTP exchange
         lands in the audit log (linked to `transaction` when given).
 
+        The one place that decides where a request goes.  An enabled provider talks to Safaricom's
+        production API only, with its production credentials, whatever a transaction remembers: a
+        transaction taken in test mode is refused here, before anything leaves (its old host, a
+        sandbox or a developer's simulator, must never see the production key, secret or
+        SecurityCredential, and production does not know its receipt).  In test mode, and once
+        disabled, a transaction's request goes where its prompt went.
+
+        :param payment.transaction transaction: the transaction the requests are about, if any
         :param requests.Session session: reuse its connections (the cron's many queries)
-        :param str base_url: the Daraja to talk to, when not the provider's current one (a
-                             prompt's query goes where its push went)
+        :raise UserError: when the credentials are missing, or `transaction` was taken in test mode
+                          and the provider is now enabled (saying so)
         """
         self.ensure_one()
         provider = self.sudo()
         if not (provider.mpesa_consumer_key and provider.mpesa_consumer_secret):
             raise UserError(self.env._("Set the M-Pesa consumer key and secret on %s first.", self.name))
+        base_url = self._mpesa_api_base_url()
+        if transaction:
+            reason = transaction._mpesa_test_mode_reason()
+            if reason:
+                raise UserError(reason)
+            if self.state != 'enabled':
+                base_url = transaction._mpesa_remembered_api_url() or base_url
         return daraja.DarajaClient(
             daraja.DarajaCredentials(
                 consumer_key=provider.mpesa_consumer_key.strip(),
                 consumer_secret=provider.mpesa_consumer_secret.strip(),
-                base_url=base_url or self._mpesa_api_base_url(),
+                base_url=base_url,
             ),
             self._mpesa_shortcode_config(),
             session=session,

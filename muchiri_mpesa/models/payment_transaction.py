@@ -34,7 +34,9 @@ class PaymentTransaction(models.Model):
     mpesa_push_sent_at = fields.Datetime(string="Prompt Sent", readonly=True, copy=False)
     mpesa_api_url = fields.Char(
         string="Daraja API", readonly=True, copy=False,
-        help="Where the prompt was sent: its status is asked there, whatever the provider's state now.",
+        help="The Daraja this payment went through (its prompt, or the receipt of paybill money):"
+             " in test mode its status is asked there.  An enabled provider asks production only,"
+             " and never about a payment taken in test mode.",
     )
     mpesa_receipt_number = fields.Char(
         string="M-Pesa Receipt", readonly=True, copy=False, index='btree_not_null',
@@ -376,7 +378,7 @@ class PaymentTransaction(models.Model):
                 "M-Pesa cannot tell yet what became of the previous prompt for this order (%s)."
                 "  Try again in a few minutes.", error,
             )) from error
-        if result.outcome == PENDING:
+        if result is not None and result.outcome == PENDING:
             raise ValidationError(self.env._(
                 "M-Pesa is still processing the previous prompt for this order.  Try again in a"
                 " few minutes."
@@ -391,17 +393,71 @@ class PaymentTransaction(models.Model):
         :raise daraja.DarajaError: when Daraja cannot answer now.
         """
         self.ensure_one()
-        client = self.provider_id._mpesa_client(transaction=self, session=session, base_url=self.mpesa_api_url)
+        client = self.provider_id._mpesa_client(transaction=self, session=session)
         return client.stk_query(self.provider_reference)
 
     def _mpesa_settle_by_query(self, session=None):
-        """Query Daraja and settle the transaction with its answer, as a callback would."""
+        """Query Daraja and settle the transaction with its answer, as a callback would.
+
+        :return: Daraja's answer, or None when this prompt cannot be asked about (taken in test
+                 mode, the provider now enabled): it is then ended in error, saying so
+        :rtype: daraja.StkQueryResult | None
+        """
         self.ensure_one()
         self._mpesa_lock()  # As a callback's settlement does.
+        if self._mpesa_end_test_mode_prompt():
+            return None
         result = self._mpesa_query(session=session)
         if result.outcome != PENDING:
             self._mpesa_settle_with_query_result(result)
         return result
+
+    def _mpesa_remembered_api_url(self):
+        """The Daraja this transaction went through (a refund: its own, else its payment's)."""
+        self.ensure_one()
+        payment = self.source_transaction_id if self.operation == 'refund' else self
+        return (self.mpesa_api_url or payment.mpesa_api_url or '').rstrip('/')
+
+    def _mpesa_taken_in_test_mode(self):
+        """Whether this transaction went through another Daraja than Safaricom's production API
+        (the sandbox or a simulator): its receipt and CheckoutRequestID mean nothing there."""
+        self.ensure_one()
+        url = self._mpesa_remembered_api_url()
+        return bool(url) and url != daraja.PRODUCTION_URL
+
+    def _mpesa_test_mode_reason(self):
+        """Why Daraja may not be asked about this transaction, or None: an enabled provider talks
+        to production only (see `payment.provider._mpesa_client`), and a transaction taken in test
+        mode is never reversed nor queried there.
+
+        :rtype: str | None
+        """
+        self.ensure_one()
+        if self.provider_id.state != 'enabled' or not self._mpesa_taken_in_test_mode():
+            return None
+        return self.env._(
+            "%(reference)s was taken while M-Pesa was in test mode: Safaricom's production M-Pesa, the"
+            " only one this provider talks to now, does not know it.",
+            reference=(self.source_transaction_id if self.operation == 'refund' else self).reference,
+        )
+
+    def _mpesa_end_test_mode_prompt(self):
+        """End a prompt taken in test mode that is still pending now that the provider is live,
+        instead of asking production about it (see `_mpesa_test_mode_reason`).
+
+        :return: whether it was such a prompt (then it is in error, saying why)
+        """
+        self.ensure_one()
+        reason = self._mpesa_test_mode_reason()
+        if not reason:
+            return False
+        if self.state in ('draft', 'pending'):
+            self.mpesa_next_check_at = False
+            self._set_error(self.env._(
+                "%(reason)s  Its prompt is no longer followed; a payment made in test mode moved no"
+                " real money.", reason=reason,
+            ))
+        return True
 
     # === BUSINESS METHODS - NOTIFICATIONS === #
 
@@ -580,6 +636,8 @@ class PaymentTransaction(models.Model):
             return 'ignored', self.env._("The transaction is already %s.", self.state)
         confirmed = self.provider_id._mpesa_confirms_callbacks()
         query = None
+        if self._mpesa_end_test_mode_prompt():  # Production cannot confirm it: never trusted.
+            return 'rejected', self.state_message
         if confirmed:
             key = (self.provider_id.id, self.provider_reference)
             query = answers.get(key) or self._mpesa_query()
@@ -932,6 +990,8 @@ class PaymentTransaction(models.Model):
         if result is not None and result.outcome != PENDING:
             self._mpesa_post_process()
             return 'settled'
+        if self.state != 'pending':  # Ended unasked: taken in test mode (see _mpesa_settle_by_query).
+            return 'failed'
         if self._mpesa_end_at_cutoff(now):
             return 'failed'
         self._mpesa_schedule_next_check(self._mpesa_next_check_delay(now))

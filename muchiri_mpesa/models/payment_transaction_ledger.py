@@ -141,6 +141,7 @@ class PaymentTransaction(models.Model):
             'mpesa_phone': row.phone or False,
             'mpesa_paid_amount': amount,
             'mpesa_paid_at': row.trans_time or fields.Datetime.now(),
+            'mpesa_api_url': provider._mpesa_api_base_url(),  # Test mode or production: see _mpesa_client.
         })
         tx._set_done(state_message=self.env._("M-Pesa receipt %s", row.name))
         if tx.mpesa_receipt_number and tx.mpesa_receipt_status == 'unverified':

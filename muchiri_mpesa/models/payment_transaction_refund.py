@@ -140,7 +140,7 @@ class PaymentTransaction(models.Model):
             'remarks': self.env._("Refund %s", refund_tx.reference)[:100],
         }
         # Built and checked before the commit: a configuration error leaves nothing behind.
-        client = provider._mpesa_client(transaction=refund_tx, base_url=refund_tx.mpesa_api_url)
+        client = provider._mpesa_client(transaction=refund_tx)
         try:
             daraja.build_reversal_payload(**reversal)
         except daraja.DarajaValidationError as error:
@@ -181,6 +181,12 @@ class PaymentTransaction(models.Model):
             raise ValidationError(self.env._("A refund cannot be refunded."))
         if self.state != 'done':
             raise ValidationError(self.env._("Only a paid M-Pesa payment can be refunded."))
+        test_mode = self._mpesa_test_mode_reason()
+        if test_mode:
+            raise ValidationError(self.env._(
+                "%(reason)s  M-Pesa cannot reverse it: if money really moved, pay it back by hand"
+                " and record that refund.", reason=test_mode,
+            ))
         if amount_to_refund and self.currency_id.compare_amounts(amount_to_refund, self.amount):
             raise ValidationError(self.env._(
                 "M-Pesa reverses whole payments only: refund %(amount)s, or pay back part of it by"
@@ -452,6 +458,8 @@ class PaymentTransaction(models.Model):
         the initiator job, never in the request that brought the receipt."""
         for tx in self:
             tx.mpesa_receipt_status = 'unverified'
+            if tx._mpesa_skip_test_mode_status_check():
+                continue
             if tx.provider_id._mpesa_has_initiator():
                 tx.write({'mpesa_status_next_at': fields.Datetime.now(), 'mpesa_status_count': 0})
         if any(self.mapped('mpesa_status_next_at')):
@@ -475,9 +483,7 @@ class PaymentTransaction(models.Model):
         initiator, credential = provider._mpesa_initiator()
         party, identifier = provider._mpesa_initiator_party()
         payment = self.source_transaction_id if self.operation == 'refund' else self
-        client = provider._mpesa_client(
-            transaction=self, session=session, base_url=self.mpesa_api_url or payment.mpesa_api_url or None,
-        )
+        client = provider._mpesa_client(transaction=self, session=session)
         self.mpesa_status_count += 1
         ack = client.transaction_status(
             initiator=initiator,
@@ -533,7 +539,7 @@ class PaymentTransaction(models.Model):
                 if not self._mpesa_lock('skip') or not self.mpesa_status_next_at \
                         or self.mpesa_status_next_at > fields.Datetime.now():
                     outcome = 'skipped'
-                elif not self._mpesa_needs_status_check():
+                elif not self._mpesa_needs_status_check() or self._mpesa_skip_test_mode_status_check():
                     self.mpesa_status_next_at = False
                     outcome = 'skipped'
                 elif self.mpesa_status_count >= const.INITIATOR_MAX_CHECKS:
@@ -571,6 +577,26 @@ class PaymentTransaction(models.Model):
         if self.operation == 'refund':
             return self.state in ('draft', 'pending') and bool(self.source_transaction_id.mpesa_receipt_number)
         return self.mpesa_receipt_status == 'unverified' and bool(self.mpesa_receipt_number)
+
+    def _mpesa_skip_test_mode_status_check(self):
+        """A transaction taken in test mode is never asked about in production: its check is
+        dropped, and its documents are told once (see `_mpesa_test_mode_reason`).
+
+        :return: whether it was such a transaction
+        """
+        reason = self._mpesa_test_mode_reason()
+        if not reason:
+            return False
+        note = self.env._(
+            "%(reason)s  Its receipt %(receipt)s is not checked with M-Pesa's Transaction Status.",
+            reason=reason, receipt=(self.source_transaction_id if self.operation == 'refund' else self)
+            .mpesa_receipt_number or '-',
+        )
+        self.mpesa_status_next_at = False
+        if self.mpesa_receipt_proof != note[:250]:  # Said once, not at every run or save.
+            self.mpesa_receipt_proof = note[:250]
+            self._log_message_on_linked_documents(note)
+        return True
 
     def _mpesa_give_up_status_checks(self, message=None):
         """No answer after every check: a person looks (the message says where)."""

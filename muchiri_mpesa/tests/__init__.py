@@ -9,6 +9,7 @@ from . import (
     test_hostile_callbacks,
     test_inbound_attacks,
     test_ledger_matching,
+    test_live_hosts,
     test_money_safety,
     test_monitoring,
     test_portal_payment,
