@@ -113,20 +113,22 @@ class TestLiveHosts(InitiatorCommon):
 
     # === HELPERS === #
 
-    def _taken_in_test_mode(self):
-        """Payments taken in test mode: a paid one, one whose receipt waits for Transaction
-        Status, and a prompt still pending (its callback was lost).  They remember the listener
-        as the Daraja they went through."""
-        paid = self._paid()
-        unverified = self._paid(self._order())
-        unverified.write({'mpesa_receipt_status': 'unverified', 'mpesa_receipt_proof': False})
-        unverified._mpesa_request_receipt_proof()  # As a receipt learnt after the fact is, in test mode.
-        self.assertTrue(unverified.mpesa_status_next_at, "its check was due when the provider went live")
-        pending, _result = self._pay_from_portal(PHONE_CALLBACK_LOST, order=self._order())
-        self.assertEqual(pending.state, 'pending')
-        txs = paid | unverified | pending
-        txs.write({'mpesa_api_url': self.old_host.url})
-        return paid, unverified, pending
+    def _taken_in_test_mode(self, kind, scheduled=True):
+        """A payment taken in test mode at the simulator, that remembers the listener as the Daraja
+        it went through: 'paid', 'unverified' (its receipt waits for Transaction Status; its check
+        due when `scheduled`) or 'pending' (a prompt whose callback was lost)."""
+        if kind == 'pending':
+            tx, _result = self._pay_from_portal(PHONE_CALLBACK_LOST)
+            self.assertEqual(tx.state, 'pending')
+        else:
+            tx = self._paid()
+        if kind == 'unverified':
+            tx.write({'mpesa_receipt_status': 'unverified', 'mpesa_receipt_proof': False})
+            if scheduled:
+                tx._mpesa_request_receipt_proof()  # As a receipt learnt after the fact is, in test mode.
+                self.assertTrue(tx.mpesa_status_next_at, "its check was due when the provider went live")
+        tx.mpesa_api_url = self.old_host.url
+        return tx
 
     def _go_live(self):
         self.provider.write({
@@ -144,13 +146,9 @@ class TestLiveHosts(InitiatorCommon):
 
     # === TESTS === #
 
-    @mute_logger('odoo.addons.muchiri_mpesa.models.payment_transaction')
-    def test_payments_taken_in_test_mode_never_reach_their_old_host(self):
-        paid, unverified, pending = self._taken_in_test_mode()
-        unverified_order = unverified.sale_order_ids
+    def test_refund_of_a_test_mode_payment_is_refused(self):
+        paid = self._taken_in_test_mode('paid')
         self._go_live()
-
-        # The accountant refunds the payment taken in test mode.
         refused = None
         try:
             self._refund_with_odoos_button(paid)
@@ -162,23 +160,38 @@ class TestLiveHosts(InitiatorCommon):
         self.assertIn("pay it back by hand", str(refused))
         self.assertFalse(self._refund_of(paid), "no refund transaction is left behind")
 
-        # The receipt check that was due runs.
+    def test_receipt_check_job_skips_test_mode_receipts_and_says_so_once(self):
+        unverified = self._taken_in_test_mode('unverified')
+        order = unverified.sale_order_ids
+        self._go_live()
         self._run_initiator_job()
         self._assert_old_host_untouched("the receipt check job")
         self.assertFalse(unverified.mpesa_status_next_at, "no longer scheduled")
         self.assertEqual(unverified.mpesa_receipt_status, 'unverified')
         self.assertIn("taken while M-Pesa was in test mode", unverified.mpesa_receipt_proof_note)
-        self.assertEqual(len(self._chatter_says(unverified_order, "was taken while M-Pesa was in test mode")), 1)
+        self.assertEqual(len(self._chatter_says(order, "was taken while M-Pesa was in test mode")), 1)
+        self._run_initiator_job()
+        self.provider.write({'mpesa_initiator_password': 'production-initiator-password'})
+        self._run_initiator_job()
+        self._assert_old_host_untouched("the next runs")
+        self.assertEqual(len(self._chatter_says(order, "was taken while M-Pesa was in test mode")), 1,
+                         "said once, not at every run or save")
 
+    def test_saving_the_initiator_does_not_check_test_mode_receipts(self):
+        unverified = self._taken_in_test_mode('unverified', scheduled=False)
+        self._go_live()
         # Saving the production initiator asks about every unverified receipt: not this one.
         self.provider.write({'mpesa_initiator_password': 'production-initiator-password'})
         self._run_initiator_job()
         self._assert_old_host_untouched("saving the initiator")
         self.assertFalse(unverified.mpesa_status_next_at)
-        self.assertEqual(len(self._chatter_says(unverified_order, "was taken while M-Pesa was in test mode")), 1,
-                         "said once, not at every run or save")
+        self.assertIn("taken while M-Pesa was in test mode", unverified.mpesa_receipt_proof_note)
 
-        # The reconciliation cron finds the prompt still pending from test mode.
+    @mute_logger('odoo.addons.muchiri_mpesa.models.payment_transaction')
+    def test_pending_test_mode_prompt_is_ended_not_queried(self):
+        pending = self._taken_in_test_mode('pending')
+        order = pending.sale_order_ids
+        self._go_live()
         pending.mpesa_next_check_at = fields.Datetime.now() - timedelta(seconds=1)
         with self.registry.test_lock:
             self.env['payment.transaction'].sudo()._cron_mpesa_reconcile()
@@ -187,12 +200,18 @@ class TestLiveHosts(InitiatorCommon):
         self.assertEqual(pending.state, 'error', "ended, not queried")
         self.assertIn("taken while M-Pesa was in test mode", pending.state_message)
         self.assertFalse(pending.mpesa_next_check_at)
-
-        # Asked by hand from the order, it says so too.
         with self.assertRaises(UserError) as caught:
-            pending.sale_order_ids.action_mpesa_check_status()
+            order.action_mpesa_check_status()
         self.assertIn("No M-Pesa payment", str(caught.exception), "nothing is pending any more")
         self._assert_old_host_untouched("the order's status check")
+
+    def test_status_check_from_the_order_ends_a_test_mode_prompt(self):
+        pending = self._taken_in_test_mode('pending')
+        self._go_live()
+        action = pending.sale_order_ids.action_mpesa_check_status()
+        self._assert_old_host_untouched("the order's status check")
+        self.assertEqual(pending.state, 'error')
+        self.assertIn("taken while M-Pesa was in test mode", str(action))
 
     def test_a_late_callback_of_a_test_mode_prompt_is_not_confirmed_in_production(self):
         pending, _result = self._pay_from_portal(PHONE_CALLBACK_LOST)
@@ -213,9 +232,11 @@ class TestLiveHosts(InitiatorCommon):
         self._go_live()
         # A value the form refuses for an enabled provider, but a database may hold (older
         # versions, a restored copy): requests still go to production.
+        self.env.flush_all()
         self.env.cr.execute("UPDATE payment_provider SET mpesa_api_url = %s WHERE id = %s",
                             [self.old_host.url, self.provider.id])
         self.provider.invalidate_recordset()
+        self.assertEqual(self.provider.mpesa_api_url, self.old_host.url)
         self.assertEqual(self.provider._mpesa_api_base_url(), daraja.PRODUCTION_URL)
         with self.assertRaises(UserError) as caught:
             self.provider.action_mpesa_test_connection()
