@@ -445,19 +445,18 @@ class PaymentTransaction(models.Model):
         """End a prompt taken in test mode that is still pending now that the provider is live,
         instead of asking production about it (see `_mpesa_test_mode_reason`).
 
-        :return: whether it was such a prompt (then it is in error, saying why)
+        :return: why, when it was such a prompt (then it is in error, saying so), else None
+        :rtype: str | None
         """
         self.ensure_one()
         reason = self._mpesa_test_mode_reason()
-        if not reason:
-            return False
-        if self.state in ('draft', 'pending'):
+        if reason and self.state in ('draft', 'pending'):
             self.mpesa_next_check_at = False
             self._set_error(self.env._(
                 "%(reason)s  Its prompt is no longer followed; a payment made in test mode moved no"
                 " real money.", reason=reason,
             ))
-        return True
+        return reason
 
     # === BUSINESS METHODS - NOTIFICATIONS === #
 
@@ -634,10 +633,11 @@ class PaymentTransaction(models.Model):
             return self._mpesa_record_late_receipt(callback)
         if self._mpesa_is_final_for(outcome):
             return 'ignored', self.env._("The transaction is already %s.", self.state)
+        test_mode = self._mpesa_end_test_mode_prompt()
+        if test_mode:  # Production cannot confirm it: never trusted.
+            return 'rejected', test_mode
         confirmed = self.provider_id._mpesa_confirms_callbacks()
         query = None
-        if self._mpesa_end_test_mode_prompt():  # Production cannot confirm it: never trusted.
-            return 'rejected', self.state_message
         if confirmed:
             key = (self.provider_id.id, self.provider_reference)
             query = answers.get(key) or self._mpesa_query()
