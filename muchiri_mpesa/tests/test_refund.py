@@ -28,7 +28,7 @@ class InitiatorCommon(MpesaCommon):
             'mpesa_invoice_on_payment': True,  # The payment is reconciled with an invoice.
         })
         cls.accountant = new_test_user(
-            cls.env, login='accountant', groups='base.group_user,account.group_account_invoice',
+            cls.env, login='mpesa_refund_accountant', groups='base.group_user,account.group_account_invoice',
         )
 
     def _paid(self, order=None):
