@@ -244,6 +244,18 @@ class TestLiveHosts(InitiatorCommon):
         self._assert_old_host_untouched("the connection test")
         self.assertTrue(self.outbound, "the token was asked of production (refused: no network in tests)")
 
+        self.outbound.clear()
+        with self.assertRaises(UserError):
+            self.provider.action_mpesa_c2b_register()
+        self._assert_old_host_untouched("the C2B registration")
+        self.assertTrue(self.outbound)
+
+        self.outbound.clear()
+        with self.assertRaises(daraja.DarajaError):
+            self.provider._mpesa_pull()
+        self._assert_old_host_untouched("Pull Transactions")
+        self.assertTrue(self.outbound)
+
     def test_a_production_payment_is_still_refunded_in_production(self):
         tx = self._paid()
         tx.mpesa_api_url = daraja.PRODUCTION_URL  # Taken once live.
