@@ -300,9 +300,11 @@ class PaymentProvider(models.Model):
             session.close()
         for pulled in listing.others:
             provider._mpesa_pull_note_outflow(pulled)
+        # Never past what was read, never backwards; a row that failed is asked for again: the
+        # window stays until it lands.
         read_until = listing.read_until.astimezone(timezone.utc).replace(tzinfo=None)
-        if not failed and read_until > (provider.mpesa_pull_synced_until or read_until - timedelta(seconds=1)):
-            # A row that failed is asked for again: the window stays until it lands.
+        synced = provider.mpesa_pull_synced_until
+        if not failed and (not synced or read_until > synced):
             provider.mpesa_pull_synced_until = read_until
         provider._mpesa_pull_set_cut_short(listing)
         self.env['muchiri.mpesa.alert'].sudo()._mpesa_raise_ledger_gaps(provider)
@@ -359,6 +361,7 @@ class PaymentProvider(models.Model):
                 record.message_post(body=self.env._("%(note)s  It reverses %(payment)s (refund %(refund)s).",
                                                     note=note, payment=payment.mpesa_receipt_number or '-',
                                                     refund=refund.reference))
+
 
 def _kenya_text(moment):
     """An aware datetime as Kenya's wall-clock time, to the second."""
