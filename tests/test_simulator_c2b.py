@@ -412,6 +412,12 @@ def test_magic_repeat_page_cuts_the_run_short(make_simulator, callback_listener,
     assert [q.request_body["OffSetValue"] for q in sim.requests_for("pull_query")] == ["0", "2"]
     again = client.pull_transactions(DEFAULT_SHORTCODE, *window())  # Daraja pages again: the whole window
     assert ([r.transaction_id for r in again.rows], again.complete, again.read_until) == (paid, True, again.end)
+    # The same quirk from another process, through the control API.
+    assert requests.post(f"{sim.base_url}/__sim__/pull-next", json={"outcome": "repeat_page", "count": 2},
+                         timeout=5).ok
+    assert not client.pull_transactions(DEFAULT_SHORTCODE, *window()).complete
+    refused = requests.post(f"{sim.base_url}/__sim__/pull-next", json={"outcome": "nonsense"}, timeout=5)
+    assert refused.status_code == 400
 
 
 def test_a_run_past_its_page_limit_says_so(make_simulator, callback_listener, daraja_client):
