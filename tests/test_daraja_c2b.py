@@ -25,7 +25,12 @@ from muchiri_mpesa.daraja import (
     pull_date,
 )
 from muchiri_mpesa.daraja.c2b import build_c2b_register_payload, build_c2b_simulate_payload, is_already_registered
-from muchiri_mpesa.daraja.pull import build_pull_query_payload, build_pull_register_payload
+from muchiri_mpesa.daraja.pull import (
+    PULL_CUT_PAGE_LIMIT,
+    PullListing,
+    build_pull_query_payload,
+    build_pull_register_payload,
+)
 
 HASH = hashlib.sha256(b"254708374149").hexdigest()
 CONFIRMATION = {
@@ -190,3 +195,58 @@ def test_pull_rows_nested_or_flat():
 def test_hostile_pull_answers_are_refused_whole(body):
     with pytest.raises(CallbackParseError):
         parse_pull_rows(body)
+
+
+# -- Pull: money in, and only money in ---------------------------------------------------------------------------
+def test_pull_rows_that_are_not_money_in_are_read_never_payments():
+    """A reversal or a settlement listed by Pull is no payment, and never makes the whole answer unreadable."""
+    rows = [
+        ROW,
+        {**ROW, "transactionId": "RKTREV0001", "transactiontype": "reversal", "amount": "-1.0"},
+        {**ROW, "transactionId": "RKTREV0002", "transactiontype": "c2b-pay-bill-debit", "amount": -168},
+        {**ROW, "transactionId": "RKTSET0001", "transactiontype": "merchant-to-organization-settlement",
+         "amount": "22779.95"},
+        {**ROW, "transactionId": "RKTTIL0001", "transactiontype": "C2B-Buy-Goods-Debit", "amount": "5"},
+        {**ROW, "transactionId": "RKTNIL0001", "transactiontype": "", "amount": "5"},
+    ]
+    code, parsed = parse_pull_rows({"ResponseCode": "1000", "Response": [rows]})
+    assert code == "1000"
+    assert [(r.transaction_id, r.amount, r.is_payment) for r in parsed] == [
+        ("RKTQDM7W6S", Decimal(1), True),
+        ("RKTREV0001", Decimal(-1), False),
+        ("RKTREV0002", Decimal(-168), False),  # a payment's type, but money going out
+        ("RKTSET0001", Decimal("22779.95"), False),  # money out of a till, listed positive
+        ("RKTTIL0001", Decimal(5), True),
+        ("RKTNIL0001", Decimal(5), False),  # no type: not known to be money in
+    ]
+
+
+@pytest.mark.parametrize("amount", ["--1", "-NaN", "-", "-1e999", "-0.001", "- 1"])
+def test_a_signed_pull_amount_is_as_hardened_as_any(amount):
+    with pytest.raises(CallbackParseError):
+        parse_pull_rows({"ResponseCode": "1000", "Response": [[{**ROW, "transactiontype": "reversal",
+                                                                   "amount": amount}]]})
+
+
+def _pulled(receipt, minute):
+    _, [row] = parse_pull_rows({"ResponseCode": "1000", "Response": [[
+        {**ROW, "transactionId": receipt, "trxDate": f"2024-01-22T10:{minute:02d}:00.000+03:00"}]]})
+    return row
+
+
+def test_a_pull_listing_says_up_to_when_it_read():
+    start = datetime(2024, 1, 22, 6, 0, tzinfo=timezone.utc)
+    end = datetime(2024, 1, 22, 8, 0, tzinfo=timezone.utc)
+    rows = [_pulled("RKT0000001", 5), _pulled("RKT0000002", 20)]
+    complete = PullListing.of(rows, start, end)
+    assert (complete.complete, complete.read_until, complete.cut_short) == (True, end, "")
+    cut = PullListing.of(rows, start, end, PULL_CUT_PAGE_LIMIT)
+    assert (cut.complete, cut.cut_short) == (False, PULL_CUT_PAGE_LIMIT)
+    assert cut.read_until == datetime(2024, 1, 22, 7, 20, tzinfo=timezone.utc)  # the last row read
+    # Rows out of time order: nothing past the start is known to be read.
+    assert PullListing.of(rows[::-1], start, end, PULL_CUT_PAGE_LIMIT).read_until == start
+    assert PullListing.of([], start, end, PULL_CUT_PAGE_LIMIT).read_until == start
+    # Never past the window asked.
+    assert PullListing.of(rows, start, datetime(2024, 1, 22, 7, 10, tzinfo=timezone.utc),
+                          PULL_CUT_PAGE_LIMIT).read_until == datetime(2024, 1, 22, 7, 10, tzinfo=timezone.utc)
+    assert [r.transaction_id for r in cut.payments] == ["RKT0000001", "RKT0000002"] and cut.others == ()

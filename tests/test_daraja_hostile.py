@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from muchiri_mpesa.daraja import (
+    PULL_CUT_REPEATED_PAGE,
     CallbackParseError,
     DarajaClient,
     DarajaCredentials,
@@ -139,7 +140,10 @@ def _check_parsed(parsed) -> None:
         code, rows = parsed
         texts = [code]
         for row in rows:
-            assert row.amount.is_finite() and 0 <= row.amount < 10**9
+            # Money going out may be listed negative: storable all the same, and never a payment.
+            assert row.amount.is_finite() and abs(row.amount) < 10**9
+            assert row.amount == row.amount.quantize(Decimal("0.01"))
+            assert row.amount > 0 or not row.is_payment
             texts += [row.transaction_id, row.msisdn, row.transaction_type, row.bill_reference]
     else:
         texts = [parsed.result_code, parsed.result_desc, parsed.originator_conversation_id,
@@ -331,10 +335,13 @@ def test_pull_transactions_stops_when_daraja_repeats_the_same_page():
             timeout=(2.0, 5.0),
         )
         now = datetime.now(timezone.utc)
-        rows = list(client.pull_transactions("600984", now - timedelta(hours=1), now))
+        listing = client.pull_transactions("600984", now - timedelta(hours=1), now)
     finally:
         server.shutdown()
         server.server_close()
         thread.join()
-    assert [row.transaction_id for row in rows] == ["RKTQDM7W6S"]
+    assert [row.transaction_id for row in listing.rows] == ["RKTQDM7W6S"]
     assert _SamePageForever.queries == 2  # the page, then the same page again: stop (not 1,000 requests)
+    # ... and say so: the window was not read to its end, only up to the last row read.
+    assert (listing.complete, listing.cut_short) == (False, PULL_CUT_REPEATED_PAGE)
+    assert listing.read_until == listing.start  # its one row is older than the start: nothing more is known read

@@ -14,6 +14,8 @@ import pytest
 import requests
 
 from muchiri_mpesa.daraja import (
+    PULL_CUT_PAGE_LIMIT,
+    PULL_CUT_REPEATED_PAGE,
     DarajaApiError,
     InvalidConfiguration,
     c2b_validation_reject,
@@ -28,6 +30,7 @@ from muchiri_mpesa.daraja.simulator import (
     C2B_VALIDATION,
     DEFAULT_SHORTCODE,
     DEFAULT_TILL,
+    INITIATOR_RESULT,
     SANDBOX_TEST_MSISDN,
     TILL,
     CallbackListener,
@@ -231,7 +234,7 @@ def test_magic_lost_confirmation_is_only_in_pull(make_simulator, callback_listen
     assert sim.wait_for_c2b(trans_id)["state"] == "completed"
     time.sleep(0.2)
     assert sim.deliveries(C2B_CONFIRMATION, trans_id) == [] and callback_listener.received == []
-    rows = list(client.pull_transactions(DEFAULT_SHORTCODE, *window()))
+    rows = list(client.pull_transactions(DEFAULT_SHORTCODE, *window()).rows)
     assert [(r.transaction_id, r.amount, r.bill_reference) for r in rows] == [(trans_id, Decimal(700), "S00042")]
 
 
@@ -286,7 +289,7 @@ def test_pull_pages_through_every_c2b_and_stk_payment(make_simulator, callback_l
     third, _ = client.pull_query(DEFAULT_SHORTCODE, *window(), offset=4)
     assert len(third) == 1
     assert client.pull_query(DEFAULT_SHORTCODE, *window(), offset=5) == ([], False)
-    rows = list(client.pull_transactions(DEFAULT_SHORTCODE, *window()))
+    rows = list(client.pull_transactions(DEFAULT_SHORTCODE, *window()).rows)
     receipt = sim.transaction(push.checkout_request_id).receipt
     assert [r.transaction_id for r in rows] == [receipt, *paid]  # oldest first
     assert rows[0].amount == Decimal(42) and rows[0].msisdn == PHONE
@@ -303,13 +306,13 @@ def test_pull_keeps_48_hours_and_the_dates_asked(make_simulator, callback_listen
     sim.age_transaction(old, 49)
     sim.age_transaction(recent, 47)
     now = datetime.now(timezone.utc)
-    everything = list(client.pull_transactions(DEFAULT_SHORTCODE, now - timedelta(days=5), now + timedelta(hours=1)))
+    everything = client.pull_transactions(DEFAULT_SHORTCODE, now - timedelta(days=5), now + timedelta(hours=1)).rows
     assert [r.transaction_id for r in everything] == [recent, fresh]
-    last_hour = list(client.pull_transactions(DEFAULT_SHORTCODE, now - timedelta(hours=1), now + timedelta(hours=1)))
+    last_hour = client.pull_transactions(DEFAULT_SHORTCODE, now - timedelta(hours=1), now + timedelta(hours=1)).rows
     assert [r.transaction_id for r in last_hour] == [fresh]
     assert requests.post(f"{sim.base_url}/__sim__/age", json={"receipt": fresh, "hours": 50}, timeout=5).ok
-    assert list(client.pull_transactions(DEFAULT_SHORTCODE, now - timedelta(days=5), now)) == [
-        r for r in everything if r.transaction_id == recent]
+    assert client.pull_transactions(DEFAULT_SHORTCODE, now - timedelta(days=5), now).rows == tuple(
+        r for r in everything if r.transaction_id == recent)
 
 
 def test_pull_answers_1001_when_empty_and_refuses_unregistered_or_bad_dates(make_simulator, callback_listener,
@@ -383,3 +386,63 @@ class Validator:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+
+# -- Pull Transactions: a run says whether it read the whole window -------------------------------------------
+def _pull_setup(make_simulator, callback_listener, daraja_client, count, **settings):
+    sim = make_simulator(**settings)
+    client = daraja_client(sim)
+    client.pull_register(DEFAULT_SHORTCODE, PHONE, callback_listener.url + "/pull")
+    paid = []
+    for i in range(count):
+        paid.append(sim.c2b_pay(10 + i, PHONE, f"INV{i}"))
+        sim.wait_for_c2b(paid[-1])
+        sim.age_transaction(paid[-1], (count - i) / 10)  # a tenth of an hour apart, oldest first
+    return sim, client, paid
+
+
+def test_magic_repeat_page_cuts_the_run_short(make_simulator, callback_listener, daraja_client):
+    sim, client, paid = _pull_setup(make_simulator, callback_listener, daraja_client, 5, pull_page_size=2)
+    sim.pull_next("repeat_page", count=2)
+    listing = client.pull_transactions(DEFAULT_SHORTCODE, *window())
+    assert [r.transaction_id for r in listing.rows] == paid[:2]
+    assert (listing.complete, listing.cut_short) == (False, PULL_CUT_REPEATED_PAGE)
+    assert listing.read_until == listing.rows[1].trx_date  # read up to its second row
+    assert abs(listing.read_until - sim.payment(paid[1]).at) < timedelta(seconds=1)
+    assert [q.request_body["OffSetValue"] for q in sim.requests_for("pull_query")] == ["0", "2"]
+    again = client.pull_transactions(DEFAULT_SHORTCODE, *window())  # Daraja pages again: the whole window
+    assert ([r.transaction_id for r in again.rows], again.complete, again.read_until) == (paid, True, again.end)
+    # The same quirk from another process, through the control API.
+    assert requests.post(f"{sim.base_url}/__sim__/pull-next", json={"outcome": "repeat_page", "count": 2},
+                         timeout=5).ok
+    assert not client.pull_transactions(DEFAULT_SHORTCODE, *window()).complete
+    refused = requests.post(f"{sim.base_url}/__sim__/pull-next", json={"outcome": "nonsense"}, timeout=5)
+    assert refused.status_code == 400
+
+
+def test_a_run_past_its_page_limit_says_so(make_simulator, callback_listener, daraja_client):
+    _sim, client, paid = _pull_setup(make_simulator, callback_listener, daraja_client, 5, pull_page_size=2)
+    listing = client.pull_transactions(DEFAULT_SHORTCODE, *window(), max_pages=2)
+    assert ([r.transaction_id for r in listing.rows], listing.complete) == (paid[:4], False)
+    assert listing.cut_short == PULL_CUT_PAGE_LIMIT
+    assert listing.read_until == listing.rows[3].trx_date
+
+
+def test_magic_with_reversals_lists_money_going_out(make_simulator, callback_listener, daraja_client):
+    sim, client, paid = _pull_setup(make_simulator, callback_listener, daraja_client, 2)
+    ack = client.reverse(
+        initiator=sim.initiator_name, security_credential=sim.security_credential(), transaction_id=paid[0],
+        amount=10, receiver_party=DEFAULT_SHORTCODE, remarks="Refund", occasion="",
+        result_url=callback_listener.url + "/result", timeout_url=callback_listener.url + "/timeout")
+    sim.wait_for_deliveries(INITIATOR_RESULT, reference=ack.conversation_id)
+    reversal = sim.payment(paid[0]).reversed_by
+    assert [r.transaction_id for r in client.pull_transactions(DEFAULT_SHORTCODE, *window()).rows] == paid
+    sim.pull_next("with_reversals")
+    listing = client.pull_transactions(DEFAULT_SHORTCODE, *window())
+    assert listing.complete  # the rows of money going out do not make the answer unreadable
+    assert [r.transaction_id for r in listing.payments] == paid
+    [row] = listing.others
+    assert (row.transaction_id, row.amount, row.transaction_type, row.is_payment) == (
+        reversal, Decimal(-10), "reversal", False)
+    with pytest.raises(ValueError):
+        sim.pull_next("ignore_everything")

@@ -86,7 +86,16 @@ from .money import (
     to_whole_shillings,
 )
 from .phone import mask_msisdn, normalize_msisdn, phones_may_match
-from .pull import PULL_WINDOW, PullTransaction, parse_pull_rows, pull_date
+from .pull import (
+    PULL_CUT_PAGE_LIMIT,
+    PULL_CUT_REPEATED_PAGE,
+    PULL_PAYMENT_TYPES,
+    PULL_WINDOW,
+    PullListing,
+    PullTransaction,
+    parse_pull_rows,
+    pull_date,
+)
 from .stk import (
     KENYA_TZ,
     PAYBILL,
@@ -128,6 +137,9 @@ __all__ = [
     "MIN_AMOUNT",
     "PAYBILL",
     "PRODUCTION_URL",
+    "PULL_CUT_PAGE_LIMIT",
+    "PULL_CUT_REPEATED_PAGE",
+    "PULL_PAYMENT_TYPES",
     "PULL_WINDOW",
     "RESPONSE_CANCELLED",
     "RESPONSE_COMPLETED",
@@ -157,6 +169,7 @@ __all__ = [
     "InvalidPhoneNumber",
     "MemoryTokenStore",
     "Outcome",
+    "PullListing",
     "PullTransaction",
     "ResultCode",
     "ShortcodeConfig",

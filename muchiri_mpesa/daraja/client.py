@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -61,10 +61,13 @@ from .initiator import (
 from .money import DEFAULT_MAX_AMOUNT, MIN_AMOUNT, check_amount
 from .phone import mask_msisdn
 from .pull import (
+    PULL_CUT_PAGE_LIMIT,
+    PULL_CUT_REPEATED_PAGE,
     PULL_NONE_FOUND,
     PULL_QUERY_PATH,
     PULL_REGISTER_PATH,
     PULL_SUCCESS,
+    PullListing,
     PullTransaction,
     build_pull_query_payload,
     build_pull_register_payload,
@@ -911,23 +914,24 @@ class DarajaClient:
 
     def pull_transactions(
         self, shortcode: str, start: datetime, end: datetime, *, max_pages: int = 1000
-    ) -> Iterator[PullTransaction]:
-        """Every row from ``start`` to ``end`` (Daraja keeps 48 hours), page after page, each receipt once."""
+    ) -> PullListing:
+        """Every row from ``start`` to ``end`` (Daraja keeps 48 hours), page after page, each receipt once, and
+        whether the whole window was read: a page that brings nothing new (a Daraja that ignores OffSetValue)
+        or ``max_pages`` pages cut the run short, and the listing says up to when it read."""
         offset = 0
         seen: set[str] = set()
+        rows: list[PullTransaction] = []
         for _page in range(max_pages):
-            rows, more = self.pull_query(shortcode, start, end, offset)
-            fresh = 0
-            for row in rows:
-                if row.transaction_id not in seen:
-                    seen.add(row.transaction_id)
-                    fresh += 1
-                    yield row
+            page, more = self.pull_query(shortcode, start, end, offset)
+            fresh = [row for row in page if row.transaction_id not in seen]
+            seen.update(row.transaction_id for row in fresh)
+            rows.extend(fresh)
             if not more:
-                return
+                return PullListing.of(rows, start, end)
             if not fresh:  # the same page again: this Daraja ignores OffSetValue, asking more would loop
-                _log.warning("Pull Transactions of %s: page at offset %s repeats earlier rows; stopped.",
+                _log.warning("Pull Transactions of %s: page at offset %s repeats earlier rows; cut short.",
                              shortcode, offset)
-                return
-            offset += len(rows)
-        _log.warning("Pull Transactions of %s stopped after %s pages.", shortcode, max_pages)
+                return PullListing.of(rows, start, end, PULL_CUT_REPEATED_PAGE)
+            offset += len(page)
+        _log.warning("Pull Transactions of %s cut short after %s pages.", shortcode, max_pages)
+        return PullListing.of(rows, start, end, PULL_CUT_PAGE_LIMIT)

@@ -4,6 +4,16 @@ Register once (``/pulltransactions/v1/register``), then query ``/pulltransaction
 EndDate ("YYYY-MM-DD HH:MM:SS", Kenya time) and OffSetValue, page after page: ResponseCode 1000 has rows,
 1001 means none (HTTP 200 both).  Rows are read with the same hardening as callbacks: a hostile row refuses the
 whole answer (CallbackParseError), it is never half-read.
+
+Money in, and only money in: Daraja documents one ``transactiontype``, ``c2b-pay-bill-debit`` (the payer's
+account debited), and integrators report ``c2b-buy-goods-debit`` for tills and rows of money going out
+(``merchant-to-organization-settlement``; a reversal).  A row is a payment only when its type is one of
+PULL_PAYMENT_TYPES and its amount is above zero (``PullTransaction.is_payment``); every other row is read, kept
+and shown for what it is, never booked as money in, and never makes the whole answer unreadable.
+
+A run (``DarajaClient.pull_transactions``) says whether it read the whole window (``PullListing``): a Daraja
+that repeats a page, or more pages than the run may ask for, cuts it short, and ``read_until`` then says up to
+when every row was read, so that the caller moves its window no further.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from itertools import pairwise
 from typing import Any
 
 from . import _inbound
@@ -22,11 +33,15 @@ from .tokens import UTC
 from .urls import check_daraja_url
 
 __all__ = [
+    "PULL_CUT_PAGE_LIMIT",
+    "PULL_CUT_REPEATED_PAGE",
     "PULL_NONE_FOUND",
+    "PULL_PAYMENT_TYPES",
     "PULL_QUERY_PATH",
     "PULL_REGISTER_PATH",
     "PULL_SUCCESS",
     "PULL_WINDOW",
+    "PullListing",
     "PullTransaction",
     "build_pull_query_payload",
     "build_pull_register_payload",
@@ -43,6 +58,11 @@ _DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 _WHAT = "Pull Transactions"
 _RECEIPT = re.compile(r"[A-Za-z0-9]{4,32}")
 _MAX_ROWS = 10_000
+# The transaction types of money paid in to the shortcode ("debit": the payer's account is debited).
+PULL_PAYMENT_TYPES = frozenset({"c2b-pay-bill-debit", "c2b-buy-goods-debit"})
+# Why a run did not read the whole window (PullListing.cut_short).
+PULL_CUT_REPEATED_PAGE = "repeated_page"  # Daraja answered a page already read: it ignores OffSetValue
+PULL_CUT_PAGE_LIMIT = "page_limit"  # more pages than the run may ask for
 
 
 @dataclass(frozen=True)
@@ -54,7 +74,49 @@ class PullTransaction:
     msisdn: str
     transaction_type: str
     bill_reference: str
-    amount: Decimal
+    amount: Decimal  # signed: money going out may be listed with a minus
+
+    @property
+    def is_payment(self) -> bool:
+        """Money paid in to the shortcode: a payment type and an amount above zero.  Anything else (a
+        reversal, a settlement, a type Daraja may add) is never booked as money in."""
+        return self.transaction_type.lower() in PULL_PAYMENT_TYPES and self.amount > 0
+
+
+@dataclass(frozen=True)
+class PullListing:
+    """What one Pull Transactions run read from ``start`` to ``end``: its rows (each receipt once, in
+    Daraja's order, oldest first), whether it read the whole window, and up to when it read.
+
+    ``read_until`` is ``end`` when ``complete``.  When the run was cut short (``cut_short`` says why), every
+    row before ``read_until`` was read: the time of the last row read, if the rows came oldest first as
+    Daraja lists them, else ``start`` (nothing is known to be read).  Rows of that very second may be unread.
+    """
+
+    rows: tuple[PullTransaction, ...]
+    start: datetime
+    end: datetime
+    complete: bool
+    read_until: datetime
+    cut_short: str = ""
+
+    @classmethod
+    def of(cls, rows: list[PullTransaction], start: datetime, end: datetime, cut_short: str = "") -> PullListing:
+        if not cut_short:
+            return cls(tuple(rows), start, end, True, end)
+        dates = [row.trx_date for row in rows]
+        in_order = all(earlier <= later for earlier, later in pairwise(dates))
+        read_until = min(max(dates[-1], start), end) if dates and in_order else start
+        return cls(tuple(rows), start, end, False, read_until, cut_short)
+
+    @property
+    def payments(self) -> tuple[PullTransaction, ...]:
+        return tuple(row for row in self.rows if row.is_payment)
+
+    @property
+    def others(self) -> tuple[PullTransaction, ...]:
+        """The rows that are not money in (reversals, settlements, unknown types)."""
+        return tuple(row for row in self.rows if not row.is_payment)
 
 
 def pull_date(moment: datetime) -> str:
@@ -116,15 +178,26 @@ def _row(row: Any) -> PullTransaction:
     transaction_id = _inbound.scalar_text(row.get("transactionId"), _WHAT, "transactionId", 100, ascii_only=True)
     if not _RECEIPT.fullmatch(transaction_id):
         raise CallbackParseError("A Pull Transactions row has no transactionId.")
-    amount = _inbound.amount(row.get("amount"), _WHAT, "amount")
     return PullTransaction(
         transaction_id=transaction_id,
         trx_date=_trx_date(row.get("trxDate")),
         msisdn=_inbound.scalar_text(row.get("msisdn"), _WHAT, "msisdn", 64, ascii_only=True),
         transaction_type=_inbound.scalar_text(row.get("transactiontype"), _WHAT, "transactiontype", 100),
         bill_reference=_inbound.scalar_text(row.get("billreference"), _WHAT, "billreference", 100),
-        amount=amount,
+        amount=_signed_amount(row.get("amount")),
     )
+
+
+def _signed_amount(value: Any) -> Decimal:
+    """An amount as hardened as a callback's, with its sign: money going out may be listed negative."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        return -_inbound.amount(-value, _WHAT, "amount")
+    if isinstance(value, str) and value.strip().startswith("-"):
+        digits = value.strip()[1:]
+        if digits != digits.lstrip():  # "- 1" is no amount Daraja writes
+            raise CallbackParseError("The Pull Transactions amount is not an amount of money.")
+        return -_inbound.amount(digits, _WHAT, "amount")
+    return _inbound.amount(value, _WHAT, "amount")
 
 
 def parse_pull_rows(data: dict[str, Any] | bytes | str) -> tuple[str, list[PullTransaction]]:

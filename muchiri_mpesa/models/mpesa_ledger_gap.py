@@ -67,7 +67,8 @@ class MpesaAlert(models.Model):
     kind = fields.Selection(selection_add=[
         ('ledger_gap', "Ledger differs from Safaricom"),
         ('ledger_unmatched', "M-Pesa money to match"),
-    ], ondelete={'ledger_gap': 'cascade', 'ledger_unmatched': 'cascade'})
+        ('pull_cut_short', "Pull Transactions cut short"),
+    ], ondelete={'ledger_gap': 'cascade', 'ledger_unmatched': 'cascade', 'pull_cut_short': 'cascade'})
 
     def _check_receipt_conflicts(self, provider, now):
         """Override of `muchiri_mpesa` to add the ledger's checks to the provider's: the alerts
@@ -82,7 +83,31 @@ class MpesaAlert(models.Model):
             self._raise_condition(provider, condition, now)
 
     def _mpesa_ledger_conditions(self, provider, now):
-        return [*self._mpesa_check_ledger_gaps(provider, now), *self._mpesa_check_ledger_unmatched(provider, now)]
+        return [
+            *self._mpesa_check_pull_cut_short(provider),
+            *self._mpesa_check_ledger_gaps(provider, now),
+            *self._mpesa_check_ledger_unmatched(provider, now),
+        ]
+
+    def _mpesa_check_pull_cut_short(self, provider):
+        """The last Pull run did not read its whole window: what it did not read is neither in the
+        ledger nor compared by the gap report yet.  One alert, until a run reads its whole window."""
+        reason = provider.sudo().mpesa_pull_cut_short
+        if not reason:
+            return []
+        return [AlertCondition(
+            kind='pull_cut_short',
+            key=f'pull_cut_short:{provider.id}',
+            name=self.env._("%(provider)s: Pull Transactions did not read every payment", provider=provider.name),
+            message=self.env._(
+                "%(reason)s\nUntil a run reads its whole window, payments after that time are missing"
+                " from the ledger if their confirmation was lost, and the ledger per day does not compare"
+                " those days.  If this persists, Daraja keeps 48 hours only: check the M-Pesa statement"
+                " and tell Safaricom (apisupport@safaricom.co.ke).", reason=reason,
+            ),
+            transactions=self.env['payment.transaction'],
+            orders=self.env['sale.order'],
+        )]
 
     def _mpesa_check_ledger_gaps(self, provider, now):
         """The days Pull has read past, within what Daraja keeps, whose figures differ: one alert."""

@@ -172,6 +172,34 @@ class PaymentProvider(models.Model):
             except daraja.DarajaValidationError as error:
                 raise ValidationError(str(error)) from error
 
+    @api.constrains('state', 'code', 'company_id', 'mpesa_shortcode', 'mpesa_till_number', 'mpesa_api_url')
+    def _check_mpesa_shortcode_company(self):
+        """One shortcode, one company, in each M-Pesa (production, the sandbox, a simulator).
+
+        A receipt is one payment: one transaction holds it, whatever its company (a global unique
+        index), and Pull Transactions lists the shortcode's payments to every provider that asks.  Two
+        companies on one shortcode would see the same money twice: the second one's ledger rows
+        could never be booked, and its Pull window would never move.  Scoping the receipt to the
+        company would book the same money in both.  So the set-up is refused.
+        """
+        for provider in self.sudo().filtered(lambda p: p.code == 'mpesa' and p.state != 'disabled'):
+            shortcodes = provider._mpesa_c2b_shortcodes()
+            if not shortcodes:
+                continue
+            others = self.sudo().search([
+                ('code', '=', 'mpesa'), ('state', '!=', 'disabled'), ('id', '!=', provider.id),
+                ('company_id', '!=', provider.company_id.id),
+            ])
+            for other in others:
+                shared = shortcodes & other._mpesa_c2b_shortcodes()
+                if shared and other._mpesa_api_base_url() == provider._mpesa_api_base_url():
+                    raise ValidationError(self.env._(
+                        "Shortcode %(shortcode)s is already used by %(other)s, the M-Pesa provider of"
+                        " %(company)s.  The payments of a shortcode belong to one company: use another"
+                        " shortcode, or disable the other provider first.",
+                        shortcode=', '.join(sorted(shared)), other=other.name, company=other.company_id.name,
+                    ))
+
     # === BUSINESS METHODS - PAYMENT FLOW === #
 
     def _get_supported_currencies(self):

@@ -66,7 +66,14 @@ class PaymentProvider(models.Model):
     mpesa_pull_registered_at = fields.Datetime(string="Pull Registered", readonly=True, copy=False)
     mpesa_pull_synced_until = fields.Datetime(
         string="Pull Synced Until", readonly=True, copy=False,
-        help="The end of the last Pull Transactions query that completed.",
+        help="Every payment Safaricom listed before this time is in the ledger: the end of the last"
+             " Pull Transactions run that read its whole window, or the last row read by one that was"
+             " cut short.",
+    )
+    mpesa_pull_cut_short = fields.Char(
+        string="Last Pull Cut Short", readonly=True, copy=False,
+        help="Why the last Pull Transactions run did not read its whole window (an alert says so);"
+             " empty once a run reads it all.",
     )
 
     # === COMPUTE METHODS === #
@@ -229,9 +236,12 @@ class PaymentProvider(models.Model):
             seen, new = self.sudo()._mpesa_pull()
         except daraja.DarajaError as error:
             raise UserError(self.env._("Daraja could not list the transactions now: %s", error)) from error
-        return _notification(self.env._(
+        message = self.env._(
             "Safaricom listed %(seen)s payments; %(new)s were new to the ledger.", seen=seen, new=new,
-        ), 'success')
+        )
+        if self.sudo().mpesa_pull_cut_short:
+            return _notification(f"{message}  {self.sudo().mpesa_pull_cut_short}", 'warning')
+        return _notification(message, 'success')
 
     @api.model
     def _cron_mpesa_pull_transactions(self):
@@ -249,12 +259,16 @@ class PaymentProvider(models.Model):
 
     def _mpesa_pull(self, now=None):
         """Query the window since the last completed query (with overlap; at most Daraja's 48 h),
-        page by page, and record every row in the ledger (the ledger skips what it has).
+        page by page, and record every payment in the ledger (the ledger skips what it has).
 
-        Each row is committed on its own (a crash loses nothing); the window moves on only once
-        every page was read.
+        Each row is committed on its own (a crash loses nothing).  The window moves on only past
+        what was read: to the end of the query when every page was read, to the last row read
+        when Daraja cut the run short (a repeated page, too many pages), and not at all while a row
+        failed.  A run cut short says so in an alert, until a run reads its whole window.  Rows
+        that are not money in (a reversal, a settlement) are never booked: see
+        `_mpesa_pull_note_outflow`.
 
-        :return: the rows Safaricom listed, and how many were new to the ledger
+        :return: the payments Safaricom listed, and how many were new to the ledger
         :rtype: tuple[int, int]
         """
         self.ensure_one()
@@ -269,7 +283,8 @@ class PaymentProvider(models.Model):
         seen = new = failed = 0
         try:
             client = provider._mpesa_client(session=session)
-            for pulled in client.pull_transactions(provider.mpesa_shortcode.strip(), _aware(start), _aware(now)):
+            listing = client.pull_transactions(provider.mpesa_shortcode.strip(), _aware(start), _aware(now))
+            for pulled in listing.payments:
                 seen += 1
                 try:
                     with self.env.cr.savepoint():
@@ -283,11 +298,74 @@ class PaymentProvider(models.Model):
                 Transaction._mpesa_commit()
         finally:
             session.close()
-        if not failed:  # A row that failed is asked for again: the window stays until it lands.
-            provider.mpesa_pull_synced_until = now
+        for pulled in listing.others:
+            provider._mpesa_pull_note_outflow(pulled)
+        # Never past what was read, never backwards; a row that failed is asked for again: the
+        # window stays until it lands.
+        read_until = listing.read_until.astimezone(timezone.utc).replace(tzinfo=None)
+        synced = provider.mpesa_pull_synced_until
+        if not failed and (not synced or read_until > synced):
+            provider.mpesa_pull_synced_until = read_until
+        provider._mpesa_pull_set_cut_short(listing)
         self.env['muchiri.mpesa.alert'].sudo()._mpesa_raise_ledger_gaps(provider)
         Transaction._mpesa_commit()
         return seen, new
+
+    def _mpesa_pull_set_cut_short(self, listing):
+        """Say why a run (a daraja.PullListing) did not read its whole window, or clear it (and its
+        alert) once one did."""
+        self.ensure_one()
+        if listing.complete:
+            if self.mpesa_pull_cut_short:
+                self.mpesa_pull_cut_short = False
+                self.env['muchiri.mpesa.alert'].sudo().search([
+                    ('key', '=', f'pull_cut_short:{self.id}'), ('state', '=', 'open'),
+                ])._close(self.env._("A Pull Transactions run read its whole window."))
+            return
+        why = {
+            daraja.PULL_CUT_REPEATED_PAGE: self.env._(
+                "Daraja answered a page it had already sent (it ignored the offset asked)"),
+            daraja.PULL_CUT_PAGE_LIMIT: self.env._("the run reached its limit of pages"),
+        }.get(listing.cut_short, listing.cut_short)
+        self.mpesa_pull_cut_short = self.env._(
+            "The Pull Transactions run of %(when)s was cut short: %(why)s.  It read the payments up to"
+            " %(until)s (Kenya time) only; the next run goes on from there.",
+            when=_kenya_text(listing.end), why=why, until=_kenya_text(listing.read_until),
+        )
+        _logger.warning("M-Pesa provider %s: %s", self.id, self.mpesa_pull_cut_short)
+
+    def _mpesa_pull_note_outflow(self, pulled):
+        """A Pull row that is not money in (a daraja.PullTransaction: a reversal, a settlement, a type
+        Daraja may add) is never booked in the ledger.  It stays in the exchange log; a reversal
+        that one of Odoo's refunds holds (by its receipt) is noted, once, on the ledger row of the
+        payment it reversed (else on that payment's documents)."""
+        self.ensure_one()
+        receipt = pulled.transaction_id.strip().upper()
+        marker = self.env._("Pull Transactions lists %s", receipt)
+        note = self.env._(
+            "%(marker)s (%(type)s, %(amount)s, %(when)s Kenya time): money going out, never booked as a"
+            " payment.", marker=marker, type=pulled.transaction_type or '-', amount=pulled.amount,
+            when=_kenya_text(pulled.trx_date),
+        )
+        refund = self.env['payment.transaction'].sudo().search([
+            ('mpesa_receipt_number', '=', receipt), ('operation', '=', 'refund'),
+        ], limit=1)
+        if not refund:
+            _logger.info("M-Pesa provider %s: %s  No refund in Odoo holds it.", self.id, note)
+            return
+        payment = refund.source_transaction_id
+        for record in payment.mpesa_ledger_id or payment._mpesa_documents():
+            if not self.env['mail.message'].sudo().search_count([
+                ('model', '=', record._name), ('res_id', '=', record.id), ('body', 'ilike', marker),
+            ], limit=1):
+                record.message_post(body=self.env._("%(note)s  It reverses %(payment)s (refund %(refund)s).",
+                                                    note=note, payment=payment.mpesa_receipt_number or '-',
+                                                    refund=refund.reference))
+
+
+def _kenya_text(moment):
+    """An aware datetime as Kenya's wall-clock time, to the second."""
+    return moment.astimezone(daraja.KENYA_TZ).strftime('%Y-%m-%d %H:%M:%S')
 
 
 def _aware(value):

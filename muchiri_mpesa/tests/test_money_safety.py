@@ -120,6 +120,34 @@ class TestProviderScoping(MoneySafetyCommon):
         self.env.flush_all()  # Another provider may know the same CheckoutRequestID.
         self.assertEqual(twin.provider_reference, tx.provider_reference)
 
+    def test_two_companies_never_share_a_shortcode(self):
+        """A receipt is one payment, whatever the company: a second company's provider on the same
+        shortcode would be listed the same money by Pull, could never book it, and its Pull window
+        would never move.  The set-up is refused; another shortcode, or another M-Pesa, is fine."""
+        mombasa = self.env['res.company'].create({'name': "Mombasa Wholesale", 'currency_id': self.currency_kes.id})
+        values = {
+            'name': "M-Pesa Mombasa", 'code': 'mpesa', 'company_id': mombasa.id,
+            'mpesa_consumer_key': SIM_KEY, 'mpesa_consumer_secret': SIM_SECRET,
+            'mpesa_shortcode': SIM_SHORTCODE, 'mpesa_passkey': SIM_PASSKEY,
+            'mpesa_api_url': self.simulator.base_url, 'mpesa_callback_base_url': self.base_url(),
+        }
+        with self.assertRaises(ValidationError) as refused:  # Odoo's assertRaises: in a savepoint
+            self.env['payment.provider'].create({**values, 'state': 'test'})
+        self.assertIn(f"Shortcode {SIM_SHORTCODE} is already used by {self.provider.name}", str(refused.exception))
+        mombasa_provider = self.env['payment.provider'].create(values)  # Disabled: it takes no money.
+        with self.assertRaises(ValidationError) as refused:
+            mombasa_provider.state = 'test'
+        self.assertIn(self.provider.company_id.name, str(refused.exception))
+        mombasa_provider.write({'mpesa_shortcode': '600984', 'state': 'test'})
+        self.assertEqual(mombasa_provider.state, 'test', "two companies, two shortcodes")
+        with self.assertRaises(ValidationError):
+            mombasa_provider.mpesa_shortcode = SIM_SHORTCODE
+        with self.assertRaises(ValidationError):
+            mombasa_provider.mpesa_till_number = SIM_SHORTCODE  # a till is a shortcode of its own too
+        mombasa_provider.write({'mpesa_shortcode': SIM_SHORTCODE, 'mpesa_api_url': False})
+        self.assertEqual(mombasa_provider.state, 'test', "Safaricom's sandbox is another M-Pesa than this simulator")
+        self.assertTrue(self._second_provider(state='test'), "one company may run two providers on its shortcode")
+
 
 @tagged('post_install', '-at_install')
 class TestMatchByHand(MoneySafetyCommon):

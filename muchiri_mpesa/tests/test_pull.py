@@ -13,10 +13,22 @@ from odoo.tools import mute_logger
 from odoo.addons.muchiri_mpesa import daraja
 from odoo.addons.muchiri_mpesa.daraja.simulator import C2B_CONFIRMATION
 from odoo.addons.muchiri_mpesa.daraja.simulator.c2b import LOST_CONFIRMATION
+from odoo.addons.muchiri_mpesa.daraja.simulator.pull import REPEAT_PAGE, WITH_REVERSALS
 from odoo.addons.muchiri_mpesa.models.mpesa_payable_reference import reference_key
 
 from .common import PHONE_CALLBACK_LOST, PHONE_SUCCESS
 from .ledger_common import MpesaLedgerCommon
+from .test_refund import InitiatorCommon
+
+
+def _run_pull(test):
+    """The hourly cron, once the simulator's payments are a little older than the query's end
+    (Daraja's EndDate is to the second: a payment of this very second comes in the next run)."""
+    for payment in test.simulator.payments:
+        test.simulator.age_transaction(payment.receipt, 0.01)
+    with test.registry.test_lock:
+        test.env['payment.provider']._cron_mpesa_pull_transactions()
+        test.env.invalidate_all()
 
 
 @tagged('post_install', '-at_install')
@@ -29,13 +41,7 @@ class TestPull(MpesaLedgerCommon):
         self.provider.action_mpesa_pull_register()
 
     def _pull(self):
-        """The hourly cron, once the simulator's payments are a little older than the query's end
-        (Daraja's EndDate is to the second: a payment of this very second comes in the next run)."""
-        for payment in self.simulator.payments:
-            self.simulator.age_transaction(payment.receipt, 0.01)
-        with self.registry.test_lock:
-            self.env['payment.provider']._cron_mpesa_pull_transactions()
-            self.env.invalidate_all()
+        _run_pull(self)
 
     def test_registration_needs_production_or_a_simulator(self):
         self.assertIn(self.provider.mpesa_shortcode, self.simulator.pull_registrations)
@@ -171,3 +177,75 @@ class TestPull(MpesaLedgerCommon):
         self.assertEqual(row.state, 'unmatched', row.note)
         self.assertIn(tx.reference, row.note)
         self.assertFalse(row.transaction_ids, "not paid while the prompt may say it is its money")
+
+    @mute_logger('odoo.addons.muchiri_mpesa.daraja.client', 'odoo.addons.muchiri_mpesa.models.payment_provider_c2b')
+    def test_a_pull_cut_short_moves_the_window_only_past_what_it_read(self):
+        """A Daraja that repeats a page (it ignores OffSetValue) cuts the run short: the window stops
+        at the last payment read, an alert says so, and the next run reads what the first did not."""
+        page_size = self.simulator.pull_page_size
+        self.simulator.pull_page_size = 1
+        self.addCleanup(setattr, self.simulator, 'pull_page_size', page_size)
+        invoices = [self._invoice(1000 + step) for step in range(3)]
+        self.env.flush_all()  # Odoo's requests read the database on cursors of their own.
+        paid = []
+        for hours, invoice in zip((3, 2, 1), invoices, strict=True):
+            trans_id = self.simulator.c2b_pay(invoice.amount_total, LOST_CONFIRMATION, invoice.name)
+            self.assertEqual(self.simulator.wait_for_c2b(trans_id)['state'], 'completed')
+            self.simulator.age_transaction(trans_id, hours)
+            paid.append(trans_id)
+        self.simulator.pull_next(REPEAT_PAGE, count=2)  # the first page, then the first page again
+        self._pull()
+        self.assertEqual(self._row(paid[0]).state, 'matched')
+        self.assertFalse(self._row(paid[1]) | self._row(paid[2]), "Daraja never listed them")
+        synced = self.provider.mpesa_pull_synced_until
+        read = self.simulator.payment(paid[0]).at.replace(tzinfo=None)
+        self.assertLess(synced, fields.Datetime.now() - timedelta(hours=2), "not past what was read")
+        self.assertAlmostEqual(synced, read, delta=timedelta(seconds=1))
+        alert = self.env['muchiri.mpesa.alert'].search([
+            ('kind', '=', 'pull_cut_short'), ('provider_id', '=', self.provider.id), ('state', '=', 'open')])
+        self.assertEqual(len(alert), 1, "a run cut short says so")
+        self.assertIn("cut short", alert.message)
+        self.assertIn("ignored the offset", self.provider.mpesa_pull_cut_short)
+
+        self._pull()  # Daraja pages again: the run goes on from where the last one stopped.
+        self.assertEqual((self._row(paid[1]) | self._row(paid[2])).mapped('state'), ['matched', 'matched'])
+        for invoice in invoices:
+            self.assertIn(invoice.payment_state, ('paid', 'in_payment'))
+        self.assertFalse(self.provider.mpesa_pull_cut_short)
+        self.assertEqual(alert.state, 'closed')
+        self.assertGreater(self.provider.mpesa_pull_synced_until, fields.Datetime.now() - timedelta(minutes=5))
+
+
+@tagged('post_install', '-at_install')
+class TestPullReversal(InitiatorCommon):
+    """Pull lists money going out too: it is never booked as money in."""
+
+    def setUp(self):
+        super().setUp()
+        self.provider.mpesa_pull_nominated_number = '0708374149'
+        self.provider.action_mpesa_pull_register()
+
+    def test_a_reversal_listed_by_pull_is_never_money_in(self):
+        tx = self._paid()
+        refund = self._refund_with_odoos_button(tx)
+        self._wait_results()
+        self.assertEqual(refund.state, 'done')
+        reversal = refund.mpesa_receipt_number
+        self.assertTrue(reversal)
+        self.env.flush_all()
+        # A payment whose confirmation was lost, in the same answer as the reversal (listed negative).
+        trans_id = self.simulator.c2b_pay(700, LOST_CONFIRMATION, "NOTHING-42")
+        self.assertEqual(self.simulator.wait_for_c2b(trans_id)['state'], 'completed')
+        self.simulator.pull_next(WITH_REVERSALS, count=4)  # two runs of two queries (rows, then none)
+        _run_pull(self)
+        Ledger = self.env['muchiri.mpesa.ledger']
+        self.assertFalse(Ledger.search([('name', '=', reversal)]), "a reversal is never money in")
+        lost = Ledger.search([('name', '=', trans_id)])
+        self.assertEqual((lost.sources, lost.amount), ('Pull', 700), "the rest of the answer is read")
+        self.assertFalse(self.provider.mpesa_pull_cut_short)
+        noted = tx.mpesa_ledger_id or tx._mpesa_documents()
+        self.assertTrue(noted)
+        self.assertIn(f"Pull Transactions lists {reversal}", ' '.join(noted.message_ids.mapped('body')),
+                      "the reversal is shown beside the payment it reversed")
+        _run_pull(self)  # Listed again (the windows overlap): said once.
+        self.assertEqual(len(noted.message_ids.filtered(lambda m: reversal in (m.body or ''))), 1)

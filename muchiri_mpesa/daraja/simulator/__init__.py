@@ -46,7 +46,8 @@ Python helpers for tests (on a DarajaSimulator ``sim``):
   (reference: the ConversationID of the acknowledgement).
 - C2B: ``sim.c2b_pay(amount, msisdn, bill_ref="", command_id=PAYBILL, first_name=..., middle_name=...,
   last_name=...) -> TransID`` (what a phone paying the paybill or till does), ``sim.wait_for_c2b(trans_id)``,
-  ``sim.c2b_payments``, ``sim.c2b_registrations``, ``sim.pull_registrations``.
+  ``sim.c2b_payments``, ``sim.c2b_registrations``, ``sim.pull_registrations``, ``sim.pull_next("repeat_page" |
+  "with_reversals", count=1)`` (the next Pull queries ignore OffSetValue, or list reversals too).
 - Ledger: ``sim.payments``, ``sim.payment(receipt)`` (``Payment``: receipt, source "stk" | "c2b" | "reversal",
   shortcode, amount, msisdn, bill_ref, at, reversed_by, reverses), ``sim.age_transaction(receipt, hours)``
   (Pull keeps 48 hours).
@@ -57,7 +58,7 @@ Python helpers for tests (on a DarajaSimulator ``sim``):
   ``sim.reset()``, ``sim.state()``.
 
 Control API for other processes: ``/__sim__/health``, ``state``, ``certificate`` (GET); ``expire-tokens``,
-``reset``, ``fail-next``, ``delay-next``, ``c2b-pay``, ``age``, ``initiator-next`` (POST, JSON).
+``reset``, ``fail-next``, ``delay-next``, ``c2b-pay``, ``age``, ``initiator-next``, ``pull-next`` (POST, JSON).
 """
 
 from .c2b import C2B_MAGIC_NUMBERS

@@ -4,6 +4,11 @@ The query returns every STK and C2B payment into the registered shortcode (its p
 ledger, oldest first, between StartDate and EndDate ("YYYY-MM-DD HH:MM:SS", Kenya time) and within the last 48
 hours only (``sim.age_transaction`` moves a receipt back in time), ``pull_page_size`` rows from OffSetValue:
 ResponseCode "1000" with rows, "1001" when there are none (HTTP 200 both).  A lost confirmation is here too.
+
+Magic (``sim.pull_next(outcome, count)``, one outcome per query): ``repeat_page`` answers the page from offset 0
+whatever OffSetValue says (a Daraja that ignores it: a client paging on would loop); ``with_reversals`` lists the
+reversals of the shortcode's payments too, with their own receipt, type ``reversal`` and a negative amount (Daraja
+documents no reversal row: the simulator's choice, so that a client proves it never books one as money in).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from .state import (
     KENYA_TZ,
     PAYBILL,
     PULL_WINDOW,
+    Payment,
     SimState,
     _invalid,
     _monotonic,
@@ -30,6 +36,12 @@ from .state import (
 PULL_REGISTER_PATH = "/pulltransactions/v1/register"
 PULL_QUERY_PATH = "/pulltransactions/v1/query"
 _DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+# The names of sim.pull_next: quirks of a real Daraja, for the next queries.
+REPEAT_PAGE = "repeat_page"
+WITH_REVERSALS = "with_reversals"
+PULL_OUTCOMES = (REPEAT_PAGE, WITH_REVERSALS)
+REVERSAL_TYPE = "reversal"  # Daraja documents no type for a reversal row: the simulator's choice
 
 
 def _date(body: dict[str, Any], name: str) -> datetime:
@@ -85,11 +97,15 @@ class PullApi:
         with state.lock:
             if shortcode not in state.pull_registrations:
                 raise _invalid("ShortCode")  # not registered for Pull Transactions
+            outcome = state.pull_outcomes.pop(0) if state.pull_outcomes else None
+            if outcome == REPEAT_PAGE:
+                offset = 0
+            sources = ("stk", "c2b", "reversal") if outcome == WITH_REVERSALS else ("stk", "c2b")
             payments = sorted(
                 (
                     p
                     for p in state.ledger.values()
-                    if p.source in ("stk", "c2b")
+                    if p.source in sources
                     and shortcode in (p.shortcode, p.business_shortcode)
                     and p.visible_at <= now
                     and p.at >= oldest
@@ -111,9 +127,9 @@ class PullApi:
                 "trxDate": p.at.astimezone(KENYA_TZ).isoformat(timespec="milliseconds"),
                 "msisdn": int(p.msisdn),
                 "sender": "MPESA",
-                "transactiontype": "c2b-pay-bill-debit" if p.transaction_type == PAYBILL else "c2b-buy-goods-debit",
+                "transactiontype": _transaction_type(p),
                 "billreference": p.bill_ref,
-                "amount": f"{p.amount}.0",
+                "amount": f"{-p.amount if p.source == 'reversal' else p.amount}.0",
                 "organizationname": organization,
             }
             for p in page
@@ -123,3 +139,9 @@ class PullApi:
             {"ResponseRefID": state.request_id(), "ResponseCode": "1000", "ResponseMessage": "Success",
              "Response": [rows]},
         )
+
+
+def _transaction_type(payment: Payment) -> str:
+    if payment.source == "reversal":
+        return REVERSAL_TYPE
+    return "c2b-pay-bill-debit" if payment.transaction_type == PAYBILL else "c2b-buy-goods-debit"

@@ -51,7 +51,7 @@ from .initiator import (
 )
 from .keys import encrypt_credential
 from .oauth import OAUTH_PATH, OAuthApi
-from .pull import PULL_QUERY_PATH, PULL_REGISTER_PATH, PullApi
+from .pull import PULL_OUTCOMES, PULL_QUERY_PATH, PULL_REGISTER_PATH, PullApi
 from .state import (
     _INVALID_PAYLOAD,
     _NOT_FOUND,
@@ -621,6 +621,14 @@ class DarajaSimulator:
         with self._state.lock:
             self._state.initiator_outcomes.extend([outcome] * int(count))
 
+    def pull_next(self, outcome: str, count: int = 1) -> None:
+        """The next ``count`` Pull Transactions queries play ``outcome``: "repeat_page" (the page from offset 0,
+        whatever OffSetValue says) or "with_reversals" (reversals are listed too, negative)."""
+        if outcome not in PULL_OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {PULL_OUTCOMES}")
+        with self._state.lock:
+            self._state.pull_outcomes.extend([outcome] * int(count))
+
     @property
     def initiator_requests(self) -> list[dict[str, Any]]:
         """The accepted Reversal / Transaction Status requests: api, ConversationID, TransactionID, outcome
@@ -857,6 +865,7 @@ class DarajaSimulator:
                 )
             },
             ("POST", "initiator-next"): lambda o: self.initiator_next(str(o["outcome"]), int(o.get("count", 1))),
+            ("POST", "pull-next"): lambda o: self.pull_next(str(o["outcome"]), int(o.get("count", 1))),
             ("POST", "age"): lambda o: {
                 "receipt": o["receipt"],
                 "at": self.age_transaction(str(o["receipt"]), float(o.get("hours", 49))).at.isoformat(),

@@ -335,6 +335,7 @@ class SimState:
         self.c2b_attempts: dict[str, dict[str, Any]] = {}  # TransID -> what became of a C2B payment
         self.initiator_requests: list[dict[str, Any]] = []
         self.initiator_outcomes: list[str] = []
+        self.pull_outcomes: list[str] = []  # quirks of the next Pull queries (sim.pull_next)
 
     # -- ids ----------------------------------------------------------------------------------------------------
     def request_id(self) -> str:
