@@ -53,6 +53,9 @@ CONFIRMATIONS = [
 ]
 # Confirmations by Daraja itself: the receipts they confirm are verified receipts.
 DARAJA_CONFIRMATIONS = ('stk', 'status', 'pull')
+# What a source Daraja does not stand behind may add to a row another source recorded: shown to
+# accountants, read by no matching rule (see _mpesa_add_source).
+DISPLAY_FIELDS = ('payer_name', 'org_balance', 'third_party_id', 'msisdn')
 # Unmatched rows are matched again by the hourly cron for so long (an invoice posted after its
 # payment, an STK prompt settled after its Pull row): later, they wait for an accountant only.
 AUTO_REMATCH_FOR = timedelta(days=7)
@@ -217,8 +220,12 @@ class MpesaLedger(models.Model):
             update.update(values)
         else:
             # What a first source left empty (a Pull row has no payer name, an STK callback no
-            # account), never what it said.
-            update.update({key: value for key, value in values.items()
+            # account), never what it said.  A source Daraja does not stand behind (a C2B
+            # confirmation, anyone's claim) fills only what matching never reads: an account
+            # number or a payer it filled in would place money Daraja confirmed on the claimant's
+            # document.
+            fillable = values if confirms else {key: values[key] for key in DISPLAY_FIELDS if key in values}
+            update.update({key: value for key, value in fillable.items()
                            if value not in (None, False, '') and not self[key]})
             if amount is not None and self.currency_id.compare_amounts(amount, self.amount):
                 update['conflict'] = True
