@@ -235,6 +235,16 @@ class MpesaLedger(models.Model):
                     " on the M-Pesa statement.", origin=source.upper(), receipt=self.name,
                     new=self._mpesa_format(amount), old=self._mpesa_format(self.amount),
                 ))
+            account = values.get('bill_ref')
+            if source == 'pull' and account and self.bill_ref \
+                    and reference_key(account) != reference_key(self.bill_ref):
+                # Pull lists what the payer typed; a claim naming another account is not this money's.
+                update['conflict'] = True
+                confirms = False
+                self._mpesa_ask_accountants(self.env._(
+                    "Pull Transactions says receipt %(receipt)s was paid to account %(new)s, recorded as %(old)s:"
+                    " check it on the M-Pesa statement.", receipt=self.name, new=account, old=self.bill_ref,
+                ))
         if source == 'pull' and amount is not None:
             update['pull_amount'] = amount
         if 'bill_ref' in update:
@@ -417,6 +427,12 @@ class MpesaLedger(models.Model):
             self.confirmation_note = self.env._("Transaction Status did not answer: %s", said)[:250]
             return 'processed', self.confirmation_note
         problems = self._mpesa_status_disagreements(result, self.name, self.amount, self._mpesa_status_party()[0])
+        if not problems and self.source_pull:
+            # Pull listed this receipt and did not confirm the row: Daraja's list disagrees with what
+            # was claimed (an account Transaction Status does not carry).  Not for this answer to settle.
+            self.status_next_at = False
+            return 'conflict', self.env._(
+                "Receipt %s: Pull Transactions disagrees with what was claimed; an accountant decides.", self.name)
         if problems:
             message = self.env._("M-Pesa's Transaction Status disagrees with receipt %(receipt)s: %(problems)s.",
                                  receipt=self.name, problems='; '.join(problems))
