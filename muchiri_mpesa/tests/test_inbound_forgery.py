@@ -42,10 +42,16 @@ class TestInboundForgery(PaybillConfirmationCommon):
     def _post(self, route, body, twice_at_once=False):
         """POST `body` on the provider's real secret path, once or twice at once; the statuses."""
         self.env.flush_all()
-        url = self._build_url(const.LNM_ROUTES[route].replace('<string:secret>', self.provider.mpesa_callback_secret))
+        path = const.LNM_ROUTES[route]
+        url = self._build_url(path.replace('<string:secret>', self.provider.mpesa_callback_secret))
         data = json.dumps(body).encode()
         if not twice_at_once:
             return [self.opener.post(url, data=data, headers=JSON, timeout=30).status_code]
+        # The test server's two requests share one cursor: one request alone first fills Odoo's
+        # caches (routing, the public user), which two at once on a cold server both fill on it.
+        warm_up = self.opener.post(self._build_url(path.replace('<string:secret>', 'warm-up')), data=b'{}',
+                                   headers=JSON, timeout=30)
+        self.assertEqual(warm_up.status_code, 404, "a wrong secret keeps nothing")
         statuses, barrier = [], threading.Barrier(2)
 
         def post():
@@ -282,6 +288,32 @@ class TestInboundForgery(PaybillConfirmationCommon):
         [event] = self._kept(since, body)
         self.assertFalse(event.ledger_id)
         self.assertEqual(self._money()['ledger'], money['ledger'])
+
+    @mute_logger(*MUTED)
+    def test_a_claim_of_a_real_receipt_for_another_account_is_a_conflict(self):
+        """The stranger claims a real payment whose confirmation was lost, naming their own order,
+        with its real amount, to our shortcode.  Pull lists the account the payer typed, which the
+        claim contradicts: neither Pull nor Transaction Status (which carries no account) then
+        places the money, and the accountants are asked."""
+        self.provider.mpesa_pull_nominated_number = '0708374149'
+        self.provider.action_mpesa_pull_register()
+        invoice = self._invoice(4500)
+        trans_id = self._lost_payment(4500, invoice.name)
+        order = self.quotation
+        order.action_quotation_sent()
+        row = self._confirm(4500, order.name, receipt=trans_id)
+        self.assertPaysNothing(row, order=order)
+        self.simulator.age_transaction(trans_id, 0.01)
+        with self.registry.test_lock:
+            self.env['payment.provider']._cron_mpesa_pull_transactions()
+            self.env.invalidate_all()
+        self.assertPaysNothing(row, order=order, invoice=invoice)
+        self.assertTrue(row.conflict)
+        self.assertIn(invoice.name, ' '.join(row.message_ids.mapped('body')), "the chatter says which account")
+        self._confirm_by_status()
+        self.assertPaysNothing(row, order=order, invoice=invoice)
+        [event] = self._events(kind='initiator_result', ledger_id=row.id)
+        self.assertEqual(event.callback_state, 'conflict', event.message)
 
     @mute_logger(*MUTED)
     def test_one_forged_confirmation_twice_at_once_and_a_pull_notification(self):
