@@ -21,7 +21,7 @@ from odoo.tools import mute_logger
 
 from odoo.addons.muchiri_mpesa import const, daraja
 
-from .common import PHONE_SUCCESS, SIM_SHORTCODE
+from .common import PHONE_CALLBACK_LOST, PHONE_SUCCESS, SIM_SHORTCODE
 from .test_c2b_confirmation import PaybillConfirmationCommon
 
 JSON = {'Content-Type': 'application/json'}
@@ -199,6 +199,39 @@ class TestInboundForgery(PaybillConfirmationCommon):
         self.assertEqual((event.callback_state, event.ledger_id), ('conflict', other))
         self.assertPaysNothing(other)
         self.assertTrue(other.conflict)
+
+    @mute_logger(*MUTED, 'odoo.addons.muchiri_mpesa.models.payment_transaction_refund')
+    def test_a_status_result_naming_one_id_never_verifies_a_forged_receipt(self):
+        """A prompt settled by STK Query has no receipt; the stranger's forged callback gives it one,
+        which waits unverified for Transaction Status; their forged result, naming one ID of our
+        query, must not verify it (a verified receipt may be reversed)."""
+        tx, _result = self._pay_from_portal(PHONE_CALLBACK_LOST)
+        self._wait(lambda: self._result_known(tx), message="the customer's answer", settle=False)
+        with self.registry.test_lock:
+            tx._mpesa_settle_by_query()
+        self.assertEqual((tx.state, tx.mpesa_receipt_status), ('done', 'pending'))
+        forged = daraja.stk_callback_body(
+            tx.mpesa_merchant_request_id, tx.provider_reference, 0, "The service request is processed successfully.",
+            amount=tx.mpesa_requested_amount, receipt='FORGEDF006', transaction_date=datetime(2026, 12, 6, 9, 0, 0),
+            phone=tx.mpesa_phone,
+        )
+        self.assertEqual(self._post('stk', forged), [200])
+        self._run_jobs()
+        self.assertEqual((tx.mpesa_receipt_number, tx.mpesa_receipt_status), ('FORGEDF006', 'unverified'))
+        self.simulator.initiator_next('no_result')
+        self._run_jobs()
+        self.assertTrue(tx.mpesa_status_conversation_id and tx.mpesa_status_originator_id, "its status is asked")
+        for conversation_id, originator_id in (
+            (tx.mpesa_status_conversation_id, '29115-34620561-7'),
+            (f"AG_{Date.today():%Y%m%d}_{'1' * 20}", tx.mpesa_status_originator_id),
+        ):
+            since = self._last_event_id()
+            body = self._status_result(conversation_id, originator_id, 'FORGEDF006', tx.mpesa_requested_amount)
+            self.assertEqual(self._post('status_result', body), [200])
+            self._run_jobs()
+            [event] = self._kept(since, body)
+            self.assertEqual((event.callback_state, event.transaction_id), ('unmatched', tx.browse()), event.message)
+            self.assertEqual(tx.mpesa_receipt_status, 'unverified', "not verified on the stranger's word")
 
     @mute_logger(*MUTED, 'odoo.addons.muchiri_mpesa.models.payment_transaction_refund')
     def test_a_reversal_result_naming_one_id_of_the_request_refunds_nothing(self):
