@@ -16,6 +16,11 @@ prompt, a Transaction Status result, or a Pull Transactions row (a list we asked
 then the row is 'awaiting' confirmation: visible, matched to nothing, moving no goods.  A provider
 with no way to ask (no initiator, no Pull) books C2B money on its source check alone when that check
 refuses unknown addresses; otherwise an accountant confirms it against M-Pesa's statement.
+
+A claim never rewrites what Daraja said: on a row another source recorded, it fills only what no
+matching rule reads (DISPLAY_FIELDS).  A Pull row that names another account than the claim that
+created the row is a conflict, which Transaction Status (it carries no account) does not settle.
+A Transaction Status result counts only when it names both conversation IDs of our query.
 """
 import logging
 from datetime import timedelta, timezone
