@@ -74,7 +74,7 @@ class MpesaEvent(models.Model):
             self._mark('queued', self.env._("Waiting for settlement."))
         else:
             self._mpesa_retry_later('unmatched', self.env._(
-                "No transaction of this provider has this ConversationID yet."))
+                "No request of this provider has both conversation IDs of this result yet."))
             return 200, dict(daraja.ACCEPTED_RESPONSE)
         self.next_attempt_at = False
         return 200, dict(daraja.ACCEPTED_RESPONSE)
@@ -98,6 +98,29 @@ class MpesaEvent(models.Model):
             })
         return result
 
+    def _mpesa_request_domain(self, conversation_field, originator_field):
+        """The domain of the request this result answers, on a record whose `conversation_field`
+        and `originator_field` hold the two IDs of Daraja's acknowledgement.
+
+        Daraja signs nothing it posts, and a ConversationID is partly guessable (AG_, the date,
+        then hex) or may be read in a log: a result names both IDs of our request, or it answers
+        none.  A queue timeout, which Daraja documents loosely and which only makes us ask again,
+        is matched by either.
+
+        :return: the domain, or None when the result names too little to be matched
+        :rtype: list | None
+        """
+        self.ensure_one()
+        if self.kind == 'initiator_timeout':
+            ids = [value for value in (self.conversation_id, self.originator_conversation_id) if value]
+            if not ids:
+                return None
+            return ['|', (conversation_field, 'in', ids), (originator_field, 'in', ids)]
+        if not (self.conversation_id and self.originator_conversation_id):
+            return None
+        return [(conversation_field, '=', self.conversation_id),
+                (originator_field, '=', self.originator_conversation_id)]
+
     def _mpesa_match_initiator(self, lock):
         """The transaction this result answers, among its provider's only: a refund by its
         Reversal's conversation IDs, any transaction by its last Transaction Status query's.
@@ -108,14 +131,13 @@ class MpesaEvent(models.Model):
         Transaction = self.env['payment.transaction'].sudo()
         tx = self.transaction_id.sudo()
         if not tx:
-            ids = [value for value in (self.conversation_id, self.originator_conversation_id) if value]
-            if not ids:
-                return Transaction
             if self.initiator_api == 'reversal':
-                domain = [('operation', '=', 'refund'), '|', ('provider_reference', 'in', ids),
-                          ('mpesa_originator_conversation_id', 'in', ids)]
+                domain = self._mpesa_request_domain('provider_reference', 'mpesa_originator_conversation_id')
+                domain = domain and [('operation', '=', 'refund'), *domain]
             else:
-                domain = ['|', ('mpesa_status_conversation_id', 'in', ids), ('mpesa_status_originator_id', 'in', ids)]
+                domain = self._mpesa_request_domain('mpesa_status_conversation_id', 'mpesa_status_originator_id')
+            if not domain:
+                return Transaction
             tx = Transaction.search([('provider_id', '=', self.provider_id.id), *domain], limit=1)
             if tx:
                 self.transaction_id = tx
@@ -128,11 +150,11 @@ class MpesaEvent(models.Model):
         provider's only (by the query's conversation IDs); locked when `lock`."""
         self.ensure_one()
         row = self.ledger_id.sudo()
-        ids = [value for value in (self.conversation_id, self.originator_conversation_id) if value]
-        if not row and ids and self.initiator_api == 'status':
+        domain = self.initiator_api == 'status' and self._mpesa_request_domain(
+            'status_conversation_id', 'status_originator_id')
+        if not row and domain:
             row = self.env['muchiri.mpesa.ledger'].sudo().search([
-                ('provider_id', '=', self.provider_id.id),
-                '|', ('status_conversation_id', 'in', ids), ('status_originator_id', 'in', ids),
+                ('provider_id', '=', self.provider_id.id), *domain,
             ], limit=1)
             if row:
                 self.ledger_id = row
@@ -215,7 +237,7 @@ class MpesaEvent(models.Model):
             return 'done'
         if not tx:
             self._mpesa_retry_later('unmatched', self.env._(
-                "No transaction of this provider has this ConversationID yet."))
+                "No request of this provider has both conversation IDs of this result yet."))
             return 'wait'
         state, message = tx._mpesa_apply_initiator_result(result, self.initiator_api)
         self._mark(state, message)

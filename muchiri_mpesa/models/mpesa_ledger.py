@@ -16,6 +16,11 @@ prompt, a Transaction Status result, or a Pull Transactions row (a list we asked
 then the row is 'awaiting' confirmation: visible, matched to nothing, moving no goods.  A provider
 with no way to ask (no initiator, no Pull) books C2B money on its source check alone when that check
 refuses unknown addresses; otherwise an accountant confirms it against M-Pesa's statement.
+
+A claim never rewrites what Daraja said: on a row another source recorded, it fills only what no
+matching rule reads (DISPLAY_FIELDS).  A Pull row that names another account than the claim that
+created the row is a conflict, which Transaction Status (it carries no account) does not settle.
+A Transaction Status result counts only when it names both conversation IDs of our query.
 """
 import logging
 from datetime import timedelta, timezone
@@ -53,6 +58,9 @@ CONFIRMATIONS = [
 ]
 # Confirmations by Daraja itself: the receipts they confirm are verified receipts.
 DARAJA_CONFIRMATIONS = ('stk', 'status', 'pull')
+# What a source Daraja does not stand behind may add to a row another source recorded: shown to
+# accountants, read by no matching rule (see _mpesa_add_source).
+DISPLAY_FIELDS = ('payer_name', 'org_balance', 'third_party_id', 'msisdn')
 # Unmatched rows are matched again by the hourly cron for so long (an invoice posted after its
 # payment, an STK prompt settled after its Pull row): later, they wait for an accountant only.
 AUTO_REMATCH_FOR = timedelta(days=7)
@@ -217,8 +225,12 @@ class MpesaLedger(models.Model):
             update.update(values)
         else:
             # What a first source left empty (a Pull row has no payer name, an STK callback no
-            # account), never what it said.
-            update.update({key: value for key, value in values.items()
+            # account), never what it said.  A source Daraja does not stand behind (a C2B
+            # confirmation, anyone's claim) fills only what matching never reads: an account
+            # number or a payer it filled in would place money Daraja confirmed on the claimant's
+            # document.
+            fillable = values if confirms else {key: values[key] for key in DISPLAY_FIELDS if key in values}
+            update.update({key: value for key, value in fillable.items()
                            if value not in (None, False, '') and not self[key]})
             if amount is not None and self.currency_id.compare_amounts(amount, self.amount):
                 update['conflict'] = True
@@ -227,6 +239,16 @@ class MpesaLedger(models.Model):
                     "%(origin)s reports %(new)s for receipt %(receipt)s, recorded as %(old)s: check it"
                     " on the M-Pesa statement.", origin=source.upper(), receipt=self.name,
                     new=self._mpesa_format(amount), old=self._mpesa_format(self.amount),
+                ))
+            account = values.get('bill_ref')
+            if source == 'pull' and account and self.bill_ref \
+                    and reference_key(account) != reference_key(self.bill_ref):
+                # Pull lists what the payer typed; a claim naming another account is not this money's.
+                update['conflict'] = True
+                confirms = False
+                self._mpesa_ask_accountants(self.env._(
+                    "Pull Transactions says receipt %(receipt)s was paid to account %(new)s, recorded as %(old)s:"
+                    " check it on the M-Pesa statement.", receipt=self.name, new=account, old=self.bill_ref,
                 ))
         if source == 'pull' and amount is not None:
             update['pull_amount'] = amount
@@ -410,6 +432,12 @@ class MpesaLedger(models.Model):
             self.confirmation_note = self.env._("Transaction Status did not answer: %s", said)[:250]
             return 'processed', self.confirmation_note
         problems = self._mpesa_status_disagreements(result, self.name, self.amount, self._mpesa_status_party()[0])
+        if not problems and self.source_pull:
+            # Pull listed this receipt and did not confirm the row: Daraja's list disagrees with what
+            # was claimed (an account Transaction Status does not carry).  Not for this answer to settle.
+            self.status_next_at = False
+            return 'conflict', self.env._(
+                "Receipt %s: Pull Transactions disagrees with what was claimed; an accountant decides.", self.name)
         if problems:
             message = self.env._("M-Pesa's Transaction Status disagrees with receipt %(receipt)s: %(problems)s.",
                                  receipt=self.name, problems='; '.join(problems))

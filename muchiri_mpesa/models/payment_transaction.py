@@ -466,14 +466,16 @@ class PaymentTransaction(models.Model):
         that racing callbacks and queries handle it one after the other.
 
         Scoped to the provider whose secret authenticated the callback: a callback on one
-        provider's path never touches another provider's transactions (failure mode 17).
+        provider's path never touches another provider's transactions (failure mode 17).  And to
+        prompts: a transaction that sent none (the ledger's, whose reference is its receipt; a
+        refund, whose reference is its reversal's ConversationID) has no STK callback to take.
         """
         if not (provider and checkout_request_id):
             return self.browse()
         tx = self.sudo().search([
             ('provider_id', '=', provider.id), ('provider_code', '=', 'mpesa'),
             ('provider_reference', '=', checkout_request_id),
-            ('operation', '!=', 'refund'),  # A refund's reference is its reversal's ConversationID.
+            ('mpesa_push_sent_at', '!=', False),
         ], limit=1)
         if tx and lock:
             tx._mpesa_lock()

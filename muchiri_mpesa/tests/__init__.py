@@ -8,6 +8,7 @@ from . import (
     test_demo_data,
     test_hostile_callbacks,
     test_inbound_attacks,
+    test_inbound_forgery,
     test_ledger_matching,
     test_live_hosts,
     test_money_safety,

@@ -638,6 +638,7 @@ class TestHostileCallbacks(MpesaCommon):
         done = paid.copy({
             'reference': f'{paid.reference}-HOSTILE-DONE',
             'provider_reference': DONE_CHECKOUT_ID,
+            'mpesa_push_sent_at': paid.mpesa_push_sent_at,  # A prompt, as the paid one: callbacks find it.
             'sale_order_ids': [Command.clear()],
         })
         done.write({
