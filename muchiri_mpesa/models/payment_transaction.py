@@ -776,7 +776,7 @@ class PaymentTransaction(models.Model):
         try:
             with self.env.cr.savepoint():  # A mail problem must never undo a settlement.
                 template = template.sudo()
-                subject = template._render_field('subject', self.ids)[self.id]
+                subject = template._render_field('subject', self.ids, compute_lang=True)[self.id]
                 body = template._render_field('body_html', self.ids, compute_lang=True)[self.id]
                 for document in (documents if documents is not None else self._mpesa_documents()).sudo() \
                         or self.sudo():

@@ -8,7 +8,7 @@ import psycopg2
 from odoo.exceptions import AccessError, ValidationError
 from odoo.fields import Command
 from odoo.tests import JsonRpcException, new_test_user, tagged
-from odoo.tools import mute_logger
+from odoo.tools import is_html_empty, mute_logger
 
 from odoo.addons.muchiri_mpesa import const, daraja
 
@@ -158,6 +158,30 @@ class TestRefund(InitiatorCommon):
         self.assertNotIn('Your M-Pesa payment has been received', page)
         self.assertNotIn('Thank you!', page)
         self.assertEqual(invoice.payment_state, 'not_paid')
+
+    def test_a_swahili_distributor_reads_the_refund_in_swahili(self):
+        """What distributors read (the mails, the status banner) is in Swahili for those whose
+        language it is."""
+        with self.registry.test_lock:
+            self.env['res.lang']._activate_lang('sw')
+            self.env['ir.module.module']._load_module_terms(['muchiri_mpesa'], ['sw'], overwrite=True)
+            self.distributor.lang = 'sw'
+        tx = self._paid()
+        last_message = self.env['mail.message'].search([], order='id desc', limit=1).id
+        refund = self._refund_with_odoos_button(tx)
+        self._wait_results()
+        self.assertEqual(refund.state, 'done')
+        with self.registry.test_lock:
+            mail = self.env['mail.message'].search([
+                ('id', '>', last_message), ('partner_ids', 'in', self.distributor.ids)])
+            self.assertEqual(len(mail), 1)
+            self.assertTrue(mail.subject.startswith("Malipo yamerejeshwa"), mail.subject)
+            self.assertIn("yamerejeshwa kwenye akaunti yako ya M-Pesa", mail.body)
+            banner = self.env['ir.qweb'].with_context(lang='sw')._render('payment.state_header', {
+                'tx': tx.sudo(), 'is_html_empty': is_html_empty,
+            })
+            self.assertIn("Malipo haya ya M-Pesa ya", banner)
+            self.assertIn(refund.mpesa_reversal_receipt, banner)
 
     def test_each_failure_code_says_what_it_means(self):
         # 2001: the initiator password is wrong; nothing was reversed, the payment may be refunded again.

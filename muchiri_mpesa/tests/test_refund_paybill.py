@@ -66,6 +66,29 @@ class TestPaybillRefund(PaybillConfirmationCommon):
         self.assertEqual(row.reversal_receipt, refund.mpesa_receipt_number)
         self.assertEqual(order.mpesa_payment_status, 'refunded')
 
+    def test_paybill_money_confirmed_by_a_pull_row_is_refunded(self):
+        self.provider.mpesa_initiator_password = False  # No Transaction Status: the Pull list confirms it.
+        self.provider.mpesa_pull_nominated_number = '0708374149'
+        self.provider.action_mpesa_pull_register()
+        invoice = self._invoice(4500)
+        trans_id = self._pay(4500, invoice.name)
+        self.simulator.age_transaction(trans_id, 0.01)
+        with self.registry.test_lock:
+            self.env['payment.provider']._cron_mpesa_pull_transactions()
+            self.env.invalidate_all()
+        self._settle_callbacks()
+        row = self._row(trans_id)
+        self.assertEqual((row.state, row.confirmation), ('matched', 'pull'), row.note)
+        tx = row.transaction_ids
+        self.assertEqual(tx.mpesa_receipt_status, 'confirmed', "confirmed money is verified money")
+        self._with_initiator()
+        self._refund(tx)
+        [reversal] = self._reversals()
+        self.assertEqual((reversal['TransactionID'], reversal['ResultCode']), (trans_id, '0'))
+        self.assertTrue(self._done_refunds(tx), "sent, not refused")
+        self.assertEqual(invoice.payment_state, 'not_paid')
+        self.assertEqual(row.state, 'refunded')
+
     def test_a_receipt_placed_on_several_documents_is_reversed_whole(self):
         """A hand match places one receipt on two invoices; a refund asked from either share
         reverses the whole receipt, and each invoice gets its refund and is due again."""
@@ -82,6 +105,7 @@ class TestPaybillRefund(PaybillConfirmationCommon):
         for invoice in (first, second):
             self.assertIn(invoice.payment_state, ('paid', 'in_payment'))
 
+        last_message = self.env['mail.message'].search([], order='id desc', limit=1).id
         self._refund(share)  # From the share that does not hold the receipt.
         [reversal] = self._reversals()
         self.assertEqual((reversal['TransactionID'], reversal['ResultCode']), (row.name, '0'))
@@ -96,6 +120,12 @@ class TestPaybillRefund(PaybillConfirmationCommon):
             self.assertEqual(invoice.payment_state, 'not_paid', "the customer has the money back")
             self.assertEqual(invoice._mpesa_amount_due(), invoice.amount_total)
         self.assertEqual(row.state, 'refunded')
+        with self.registry.test_lock:
+            mails = self.env['mail.message'].search([
+                ('id', '>', last_message), ('partner_ids', 'in', self.distributor.ids)])
+        self.assertEqual(len(mails), 1, "one mail for one reversal")
+        self.assertIn(first.name, mails.body)
+        self.assertIn(second.name, mails.body)
         with self.assertRaisesRegex(Exception, 'already refunded'), self.registry.test_lock:
             share.with_user(self.accountant).action_refund()
         self.assertEqual(len(self._reversals()), 1)
