@@ -53,7 +53,9 @@ class MpesaPayable(models.AbstractModel):
         checks); the notification says what happens next."""
         self.ensure_one()
         tx.sudo(False).action_refund()
-        refund = tx.sudo()._mpesa_receipt_shares()[:1].child_transaction_ids.filtered('mpesa_reversal_claim')[:1]
+        # The refund just made (a refused one no longer holds the reversal): its state says how it went.
+        refund = tx.sudo()._mpesa_receipt_shares()[:1].child_transaction_ids.filtered(
+            lambda child: child.operation == 'refund').sorted('id')[-1:]
         failed = refund.state == 'error'
         return {
             'type': 'ir.actions.client',

@@ -427,8 +427,8 @@ class PaymentTransaction(models.Model):
             if share.child_transaction_ids.filtered(lambda tx: tx.operation == 'refund' and tx.state == 'done'):
                 continue
             refund = share._create_child_transaction(
+                # No conversation IDs of its own: the reversal's result finds the refund that sent it.
                 share.amount, is_refund=True,
-                provider_reference=self.provider_reference,
                 mpesa_refunded_by_id=self.mpesa_refunded_by_id.id,
                 mpesa_reversal_receipt=self.mpesa_reversal_receipt,
                 mpesa_result_code='0',
@@ -754,7 +754,8 @@ class PaymentTransaction(models.Model):
             for invoice in invoices:
                 invoice.message_post(body=self.env._(
                     "M-Pesa payment %(receipt)s was reversed (%(ref)s): this invoice is due again.",
-                    receipt=self.source_transaction_id.mpesa_receipt_number or self.mpesa_reversal_receipt,
+                    receipt=self.source_transaction_id.mpesa_receipt_number
+                    or self.source_transaction_id.mpesa_ledger_id.name,
                     ref=self.reference,
                 ), author_id=self._mpesa_refund_author().id)
         (refund_lines + source_lines.filtered(lambda line: not line.reconciled)).reconcile()
