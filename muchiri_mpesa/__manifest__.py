@@ -34,6 +34,7 @@
         "data/payment_method_data.xml",
         "security/mpesa_ledger_security.xml",
         "wizards/mpesa_ledger_match_views.xml",  # Its actions are buttons of the ledger's form.
+        "wizards/mpesa_refund_extra_views.xml",
         "views/mpesa_ledger_views.xml",
         "views/payment_provider_c2b_views.xml",
         "data/mpesa_ledger_cron.xml",

@@ -64,6 +64,7 @@ ORDER_PAYMENT_STATUSES = [
     ('pending', "Pending"),
     ('partial', "Partially paid"),
     ('paid', "Paid"),
+    ('refunded', "Refunded"),
     ('cancelled', "Cancelled by the customer"),
     ('failed', "Failed"),
 ]

@@ -45,6 +45,7 @@ LEDGER_STATES = [
     ('over', "Overpaid"),
     ('not_ours', "Not ours"),
     ('refund', "To refund"),
+    ('refunded', "Refunded"),
 ]
 # Who confirmed that a row's money reached the shortcode (see CONFIRMATION in the module docstring):
 # Daraja itself (its STK Query, Transaction Status or Pull list), or, where the provider
@@ -139,6 +140,10 @@ class MpesaLedger(models.Model):
     transaction_ids = fields.One2many('payment.transaction', 'mpesa_ledger_id', string="Transactions", readonly=True)
     payment_ids = fields.Many2many('account.payment', compute='_compute_payment_ids', string="Payments")
     refund_amount = fields.Monetary(string="To Refund", readonly=True, tracking=True)
+    reversal_receipt = fields.Char(
+        string="Reversal", readonly=True, help="The receipt of the M-Pesa reversal that gave this money back.",
+    )
+    reversed_at = fields.Datetime(string="Refunded On", readonly=True)
     not_ours_reason = fields.Text(string="Why Not Ours", readonly=True)
     event_ids = fields.One2many('muchiri.mpesa.event', 'ledger_id', string="Exchanges", readonly=True)
 
@@ -663,6 +668,28 @@ class MpesaLedger(models.Model):
             "Refund %(amount)s of M-Pesa payment %(receipt)s to the payer: %(reason)s",
             amount=self._mpesa_format(self.amount), receipt=self.name, reason=reason,
         ), summary=self.env._("M-Pesa: refund a payment"))
+
+    # === REFUNDS === #
+
+    def _mpesa_refunded(self, refund):
+        """M-Pesa reversed this row's receipt (`refund`, done): the whole money went back to the
+        payer, whatever the row paid."""
+        self.ensure_one()
+        when = refund.mpesa_paid_at or fields.Datetime.now()
+        user = refund.mpesa_refunded_by_id or self.env.user
+        note = self.env._(
+            "Refunded by M-Pesa reversal %(reversal)s on %(when)s, asked by %(user)s (%(ref)s).",
+            reversal=refund.mpesa_reversal_receipt or '-', when=fields.Datetime.to_string(when),
+            user=user.name, ref=refund.reference,
+        )
+        self.write({
+            'state': 'refunded', 'refund_amount': 0.0, 'status_next_at': False, 'note': note[:250],
+            'reversal_receipt': refund.mpesa_reversal_receipt or False, 'reversed_at': when,
+        })
+        self.message_post(body=note, author_id=user.partner_id.id)
+        self.activity_ids.filtered(
+            lambda activity: activity.summary == self.env._("M-Pesa: refund a payment")
+        ).action_feedback(feedback=note)
 
     # === HELPERS === #
 

@@ -34,12 +34,28 @@ class MpesaPayable(models.AbstractModel):
     def action_mpesa_refund_extra_payment(self):
         """Refund the extra M-Pesa payment of this document through Odoo's refund flow (the
         payment's own Refund button does the same): its refund transaction and, once M-Pesa's
-        result comes, its refund payment, reconciled."""
+        result comes, its refund payment, reconciled.  When the extra is part of one payment,
+        M-Pesa cannot give back only that part: the accountant chooses between reversing the whole
+        payment and paying the difference back by hand (a wizard with a button for each)."""
         self.ensure_one()
         self.env['payment.provider']._mpesa_check_group('account.group_account_invoice')
-        tx = self._mpesa_extra_payment()
-        tx.sudo(False).action_refund()  # Odoo's own checks, as the accountant.
-        refund = tx.sudo().child_transaction_ids.filtered('mpesa_reversal_claim')[:1]
+        try:
+            tx = self._mpesa_extra_payment()
+        except UserError:
+            overpaying = self._mpesa_refundable_payments().sorted('id')[-1:]
+            if not overpaying or self.currency_id.compare_amounts(self._mpesa_extra_to_refund(), 0) <= 0:
+                raise
+            return self.env['muchiri.mpesa.refund.extra']._mpesa_open(self, overpaying)
+        return self._mpesa_reverse_payment(tx)
+
+    def _mpesa_reverse_payment(self, tx):
+        """Reverse the whole M-Pesa payment `tx` of this document, as the accountant (Odoo's own
+        checks); the notification says what happens next."""
+        self.ensure_one()
+        tx.sudo(False).action_refund()
+        # The refund just made (a refused one no longer holds the reversal): its state says how it went.
+        refund = tx.sudo()._mpesa_receipt_shares()[:1].child_transaction_ids.filtered(
+            lambda child: child.operation == 'refund').sorted('id')[-1:]
         failed = refund.state == 'error'
         return {
             'type': 'ir.actions.client',
@@ -48,18 +64,81 @@ class MpesaPayable(models.AbstractModel):
                 'type': 'danger' if failed else 'success',
                 'message': refund.state_message if failed else self.env._(
                     "M-Pesa is reversing %(receipt)s (%(ref)s); its result settles the refund.",
-                    receipt=tx.mpesa_receipt_number, ref=refund.reference,
+                    receipt=refund.source_transaction_id.mpesa_receipt_number, ref=refund.reference,
                 ),
                 'next': {'type': 'ir.actions.client', 'tag': 'soft_reload'},
             },
         }
+
+    def _mpesa_extra_to_refund(self):
+        """What this document's M-Pesa payments gave beyond its total: its own figure, or what the
+        ledger flagged when one payment overpaid it (an invoice counts only what it needed)."""
+        self.ensure_one()
+        rows = self._mpesa_refundable_payments().mpesa_ledger_id.filtered(lambda row: row.state == 'over')
+        return self.currency_id.round(max(self._mpesa_extra_amount(), sum(rows.mapped('refund_amount'))))
+
+    def _mpesa_refund_extra_by_hand(self, tx, journal, amount):
+        """The accountant paid the extra of M-Pesa payment `tx` back by hand (from the M-Pesa
+        account to the customer's phone, in cash, by bank): recorded as the customer's outbound
+        payment from `journal`, reconciled with the credit the extra left; the flag, its activity
+        and the ledger row say it is settled, in the name of the accountant.
+
+        :return: the posted payment
+        :rtype: account.payment
+        """
+        self.ensure_one()
+        self.env['payment.provider']._mpesa_check_group('account.group_account_invoice')
+        if not self.mpesa_needs_refund:
+            raise UserError(self.env._("%s has no extra M-Pesa payment to refund.", self.display_name))
+        currency = self.currency_id
+        if currency.compare_amounts(amount, 0) <= 0 or currency.compare_amounts(amount, tx.amount) > 0:
+            raise UserError(self.env._(
+                "The amount paid back must be above zero and at most the payment's %s.",
+                self._mpesa_format_amount(tx.amount),
+            ))
+        receipt = tx.mpesa_receipt_number or tx.mpesa_ledger_id.name or tx.reference
+        payment = self.env['account.payment'].create({
+            'payment_type': 'outbound',
+            'partner_type': 'customer',
+            'partner_id': tx.partner_id.commercial_partner_id.id,
+            'amount': amount,
+            'currency_id': currency.id,
+            'journal_id': journal.id,
+            'company_id': journal.company_id.id,
+            'memo': self.env._("Extra of M-Pesa payment %(receipt)s - %(document)s, paid back by hand",
+                               receipt=receipt, document=self.display_name),
+        })
+        payment.action_post()
+        source = tx.sudo().payment_id
+        account = payment.destination_account_id
+        lines = (payment.move_id.line_ids + source.move_id.line_ids).filtered(
+            lambda line: line.account_id == account and not line.reconciled)
+        if source and len(lines) > 1:
+            lines.sudo().reconcile()
+        note = self.env._(
+            "The extra %(amount)s of M-Pesa payment %(receipt)s was paid back by hand by %(user)s (%(payment)s).",
+            amount=self._mpesa_format_amount(amount), receipt=receipt, user=self.env.user.name,
+            payment=payment.name,
+        )
+        document = self.sudo()
+        document.mpesa_needs_refund = False
+        document.message_post(body=note, author_id=self.env.user.partner_id.id)
+        document.activity_ids.filtered(
+            lambda activity: activity.summary == self.env._("M-Pesa: check and refund an extra payment")
+        ).action_feedback(feedback=note)
+        row = tx.sudo().mpesa_ledger_id
+        if row.state == 'over':
+            row.write({'state': 'matched', 'refund_amount': 0.0, 'note': note[:250]})
+            row.message_post(body=note, author_id=self.env.user.partner_id.id)
+        return payment
 
     def _mpesa_refundable_payments(self):
         """The document's done M-Pesa payments that no reversal holds yet."""
         self.ensure_one()
         return self.sudo().transaction_ids.filtered(
             lambda tx: tx.provider_code == 'mpesa' and tx.state == 'done' and tx.operation != 'refund'
-            and not tx.child_transaction_ids.filtered('mpesa_reversal_claim')
+            and not tx.child_transaction_ids.filtered(
+                lambda child: child.mpesa_reversal_claim or (child.operation == 'refund' and child.state == 'done'))
         )
 
     def _mpesa_extra_payment(self):

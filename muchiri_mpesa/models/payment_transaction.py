@@ -824,18 +824,22 @@ class PaymentTransaction(models.Model):
             text = self.state_message or self.mpesa_result_desc or self.env._("Unknown result")
         return self.env._("%(text)s (%(code)s)", text=text, code=code)
 
-    def _mpesa_send_mail(self, template_xmlid):
+    def _mpesa_send_mail(self, template_xmlid, documents=None):
         """Mail the customer through the chatter of what the transaction pays (its orders, else its
-        invoices), so that the mail shows where the salesperson and the accountant look."""
+        invoices), so that the mail shows where the salesperson and the accountant look.
+
+        :param documents: where to post it instead (one document: one mail)
+        """
         template = self.env.ref(template_xmlid, raise_if_not_found=False)
         if not (template and self.partner_id.email):
             return
         try:
             with self.env.cr.savepoint():  # A mail problem must never undo a settlement.
                 template = template.sudo()
-                subject = template._render_field('subject', self.ids)[self.id]
+                subject = template._render_field('subject', self.ids, compute_lang=True)[self.id]
                 body = template._render_field('body_html', self.ids, compute_lang=True)[self.id]
-                for document in self._mpesa_documents().sudo() or self.sudo():
+                for document in (documents if documents is not None else self._mpesa_documents()).sudo() \
+                        or self.sudo():
                     if document._name == self._name:
                         template.send_mail(self.id)  # Nothing else to post on: a plain mail.
                         continue

@@ -15,7 +15,7 @@ the refunds that hold the reversal (`mpesa_reversal_claim`), taken under the pay
 and committed before the request leaves (Daraja has no idempotency key).
 """
 import logging
-from datetime import timedelta
+from datetime import timedelta, timezone
 
 import requests
 from psycopg2 import OperationalError
@@ -64,6 +64,15 @@ class PaymentTransaction(models.Model):
     )
     mpesa_receipt_proof_note = fields.Char(
         string="Receipt Proof", compute='_compute_mpesa_receipt_proof_note',
+    )
+    mpesa_refunded_by_id = fields.Many2one(
+        'res.users', string="Refund Asked By", readonly=True, copy=False,
+        help="The person who asked for this refund: its chatter lines are theirs, whoever settles it.",
+    )
+    mpesa_reversal_receipt = fields.Char(
+        string="M-Pesa Reversal", readonly=True, copy=False,
+        help="The receipt of the M-Pesa transaction that gave the money back (also on the refunds of"
+             " the other shares of one receipt, which carry no receipt of their own).",
     )
 
     def init(self):
@@ -117,6 +126,10 @@ class PaymentTransaction(models.Model):
         if self.provider_code != 'mpesa':
             return super()._send_refund_request(amount_to_refund=amount_to_refund)
         self.ensure_one()
+        holder = self._mpesa_receipt_shares()[:1]
+        if holder != self:  # A share of a receipt placed on several documents: M-Pesa reverses it whole.
+            self._mpesa_check_refundable_amount(amount_to_refund)
+            return holder._send_refund_request()
         self._mpesa_check_refund_rights()
         self._mpesa_lock_for_refund()
         self._mpesa_check_refundable(amount_to_refund)
@@ -127,13 +140,15 @@ class PaymentTransaction(models.Model):
         refund_tx = super()._send_refund_request(amount_to_refund=self.amount)
         refund_tx.write({
             'mpesa_reversal_claim': True,
+            'mpesa_refunded_by_id': self.env.user.id,
             'mpesa_api_url': self.mpesa_api_url or provider._mpesa_api_base_url(),
         })
         reversal = {
             'initiator': initiator,
             'security_credential': credential,
             'transaction_id': self.mpesa_receipt_number,
-            'amount': int(self.mpesa_paid_amount or self.mpesa_requested_amount or -refund_tx.amount),
+            # The whole receipt, also when a hand match placed it on several documents.
+            'amount': int(self._mpesa_receipt_amount() or self.mpesa_requested_amount or -refund_tx.amount),
             'receiver_party': party,
             'result_url': provider._mpesa_daraja_url('reversal_result'),
             'timeout_url': provider._mpesa_daraja_url('reversal_timeout'),
@@ -187,11 +202,7 @@ class PaymentTransaction(models.Model):
                 "%(reason)s  M-Pesa cannot reverse it: if money really moved, pay it back by hand"
                 " and record that refund.", reason=test_mode,
             ))
-        if amount_to_refund and self.currency_id.compare_amounts(amount_to_refund, self.amount):
-            raise ValidationError(self.env._(
-                "M-Pesa reverses whole payments only: refund %(amount)s, or pay back part of it by"
-                " hand.", amount=self._mpesa_format_amount(self.amount),
-            ))
+        self._mpesa_check_refundable_amount(amount_to_refund)
         if not self.mpesa_receipt_number:
             raise ValidationError(self.env._(
                 "%s has no M-Pesa receipt yet (it was settled by STK Query): M-Pesa cannot reverse"
@@ -219,6 +230,35 @@ class PaymentTransaction(models.Model):
                 "The refund %(refund)s of %(ref)s is under way: M-Pesa's result settles it.",
                 ref=self.reference, refund=holder.reference,
             ))
+
+    def _mpesa_check_refundable_amount(self, amount_to_refund):
+        """M-Pesa reverses whole payments: the refund is this payment's whole amount, or none said."""
+        if amount_to_refund and self.currency_id.compare_amounts(amount_to_refund, self.amount):
+            raise ValidationError(self.env._(
+                "M-Pesa reverses whole payments only: refund %(amount)s, or pay back part of it by"
+                " hand.", amount=self._mpesa_format_amount(self.amount),
+            ))
+
+    def _mpesa_receipt_shares(self):
+        """The done payments of this payment's M-Pesa receipt, the one that holds the receipt first.
+
+        A hand match places one receipt on several documents: one transaction per document, the
+        first holding the receipt.  M-Pesa reverses the whole receipt, so it is refunded whole,
+        through that first one, and Odoo books the refund on every document it paid.
+
+        :return: the shares (just this payment for a receipt of its own)
+        :rtype: payment.transaction
+        """
+        self.ensure_one()
+        row = self.mpesa_ledger_id
+        if not row or self.mpesa_push_sent_at or self.operation == 'refund':
+            return self
+        shares = row.transaction_ids.filtered(
+            lambda tx: not tx.mpesa_push_sent_at and tx.operation != 'refund' and tx.state == 'done')
+        holder = shares.filtered('mpesa_receipt_number')[:1]
+        if self not in shares or not holder:
+            return self
+        return holder + (shares - holder).sorted('id')
 
     def _mpesa_reversal_not_sent(self, error):
         """The Reversal request failed.  Refused by Daraja, or never sent: nothing was reversed
@@ -306,7 +346,7 @@ class PaymentTransaction(models.Model):
                     " an accountant must check the M-Pesa statement.",
                     receipt=original or '-', holder=holder.reference,
                 )
-            self._mpesa_set_refund_done(result.transaction_id, result.result_desc)
+            self._mpesa_set_refund_done(result.transaction_id, result.result_desc, result.finalised_at)
             return 'processed', self.env._("Refund %s done.", self.reference)
         self._mpesa_set_refund_failed(result.result_code, result.result_desc)
         return 'processed', self.env._("Refund %(ref)s failed (%(code)s).", ref=self.reference,
@@ -339,29 +379,76 @@ class PaymentTransaction(models.Model):
             ('id', '!=', self.id),
         ], limit=1)
 
-    def _mpesa_set_refund_done(self, reversal_id, description):
+    def _mpesa_set_refund_done(self, reversal_id, description, reversed_at=None):
+        """M-Pesa gave the whole receipt back: this refund is done, with the refunds of the
+        receipt's other shares (one per document it paid); the ledger row says refunded, and the
+        customer gets one mail.
+
+        :param str reversal_id: the reversal's own receipt, when M-Pesa said it
+        :param datetime reversed_at: when M-Pesa completed it (aware), else now
+        """
         # The done refund holds the reversal.  Another holder (not done) can only be a later
         # attempt that M-Pesa refused, or will refuse, as already reversed: by this one.
         holder = self._mpesa_other_reversal_holder()
         if holder:
             holder.mpesa_reversal_claim = False
             holder.flush_recordset(['mpesa_reversal_claim'])
+        reversed_at = reversed_at.astimezone(timezone.utc).replace(tzinfo=None) if reversed_at \
+            else fields.Datetime.now()
         values = {
             'mpesa_reversal_claim': True,
             'mpesa_result_code': '0',
             'mpesa_result_desc': description or False,
             'mpesa_status_next_at': False,
-            'mpesa_paid_at': fields.Datetime.now(),
-            'mpesa_paid_amount': self.amount,
+            'mpesa_paid_at': reversed_at,
+            # What M-Pesa gave back: the whole receipt, also when it paid several documents.
+            'mpesa_paid_amount': -self.source_transaction_id._mpesa_receipt_amount() or self.amount,
+            'mpesa_reversal_receipt': reversal_id or False,
         }
         # The reversal's own M-Pesa transaction, as the statement shows it (memo of the payment).
         if reversal_id and not self.search_count([('mpesa_receipt_number', '=', reversal_id)]):
             values.update(mpesa_receipt_number=reversal_id, mpesa_receipt_status='confirmed')
         self.write(values)
-        self._set_done(state_message=self.env._(
-            "Reversed by M-Pesa%s.", f" ({reversal_id})" if reversal_id else '',
-        ))
-        self._mpesa_post_process()
+        message = self.env._("Reversed by M-Pesa%s.", f" ({reversal_id})" if reversal_id else '')
+        self._set_done(state_message=message)
+        refunds = self + self._mpesa_refund_other_shares(message)
+        source = self.source_transaction_id
+        if source.mpesa_ledger_id:
+            source.mpesa_ledger_id._mpesa_refunded(self)
+        refunds._mpesa_post_process()
+        self._mpesa_send_mail('muchiri_mpesa.mail_template_mpesa_refund_done',
+                              documents=source._mpesa_receipt_shares()._mpesa_documents()[:1])
+
+    def _mpesa_refund_other_shares(self, message):
+        """The receipt this refund reversed also paid other documents (a hand match): each share
+        gets its done refund, for its own amount, so that each document is due again.
+
+        :return: the refunds made
+        :rtype: payment.transaction
+        """
+        self.ensure_one()
+        source = self.source_transaction_id
+        refunds = self.browse()
+        for share in source._mpesa_receipt_shares() - source:
+            if share.child_transaction_ids.filtered(lambda tx: tx.operation == 'refund' and tx.state == 'done'):
+                continue
+            refund = share._create_child_transaction(
+                # No conversation IDs of its own: the reversal's result finds the refund that sent it.
+                share.amount, is_refund=True,
+                mpesa_refunded_by_id=self.mpesa_refunded_by_id.id,
+                mpesa_reversal_receipt=self.mpesa_reversal_receipt,
+                mpesa_result_code='0',
+                mpesa_result_desc=self.mpesa_result_desc,
+                mpesa_paid_at=self.mpesa_paid_at,  # Its money is in the reversal's amount.
+            )
+            refund._set_done(state_message=message)
+            refunds |= refund
+        return refunds
+
+    def _mpesa_done_refund(self):
+        """This payment's done refund, if M-Pesa gave its money back (the status banner, the order)."""
+        return self.child_transaction_ids.filtered(
+            lambda tx: tx.operation == 'refund' and tx.state == 'done').sorted('id')[-1:]
 
     def _mpesa_set_refund_failed(self, code, description):
         """M-Pesa did not reverse: the plain meaning of its code.  The payment may be refunded
@@ -635,13 +722,32 @@ class PaymentTransaction(models.Model):
             refund._mpesa_clear_refund_flags()
         return res
 
+    def _log_message_on_linked_documents(self, message):
+        """Override of `payment`: an M-Pesa refund's lines are written as the person who asked for
+        it.  Odoo writes them as the customer unless the superuser runs them, and the refund is
+        asked in sudo and settled by a job.  They go where Odoo's `sale` and `account_payment` put
+        them: the paid orders and invoices, and the payment refunded."""
+        if self.provider_code != 'mpesa' or self.operation != 'refund':
+            return super()._log_message_on_linked_documents(message)
+        self.ensure_one()
+        source = self.source_transaction_id
+        for record in [*source.sale_order_ids, *source.invoice_ids, *source.payment_id, *self.invoice_ids]:
+            record.message_post(body=message, author_id=self._mpesa_refund_author().id)
+        return None
+
+    def _mpesa_refund_author(self):
+        """Who the lines of this refund are written as: the person who asked for it (while it is
+        asked, the user asking)."""
+        return (self.mpesa_refunded_by_id or self.env.user).partner_id
+
     def _create_payment(self, **extra_create_values):
         """Override: a refund's memo names the receipt it reverses and the reversal's own."""
         if self.provider_code == 'mpesa' and self.operation == 'refund' and 'memo' not in extra_create_values:
             source = self.source_transaction_id
             extra_create_values['memo'] = self.env._(
                 "Reversal %(reversal)s of %(receipt)s - %(documents)s",
-                reversal=self.mpesa_receipt_number or '-', receipt=source.mpesa_receipt_number or '-',
+                reversal=self.mpesa_reversal_receipt or self.mpesa_receipt_number or '-',
+                receipt=source.mpesa_receipt_number or source.mpesa_ledger_id.name or '-',
                 documents=', '.join(source._mpesa_documents().mapped('name')) or source.reference,
             )
         return super()._create_payment(**extra_create_values)
@@ -667,13 +773,17 @@ class PaymentTransaction(models.Model):
         open_amount = -sum(source_lines.mapped('amount_residual'))
         if self.currency_id.compare_amounts(open_amount, refund_payment.amount) < 0:
             invoices = source_payment.reconciled_invoice_ids
-            source_lines.filtered('reconciled').remove_move_reconcile()
+            # Also a part-reconciled line: an overpayment paid its invoice and left the rest open.
+            source_lines.filtered(lambda line: line.matched_debit_ids or line.matched_credit_ids)\
+                .remove_move_reconcile()
             source_lines.invalidate_recordset()
             for invoice in invoices:
                 invoice.message_post(body=self.env._(
                     "M-Pesa payment %(receipt)s was reversed (%(ref)s): this invoice is due again.",
-                    receipt=self.source_transaction_id.mpesa_receipt_number, ref=self.reference,
-                ))
+                    receipt=self.source_transaction_id.mpesa_receipt_number
+                    or self.source_transaction_id.mpesa_ledger_id.name,
+                    ref=self.reference,
+                ), author_id=self._mpesa_refund_author().id)
         (refund_lines + source_lines.filtered(lambda line: not line.reconciled)).reconcile()
 
     def _mpesa_clear_refund_flags(self):
@@ -685,7 +795,7 @@ class PaymentTransaction(models.Model):
             document.message_post(body=self.env._(
                 "The extra M-Pesa payment %(receipt)s was refunded (%(ref)s).",
                 receipt=self.source_transaction_id.mpesa_receipt_number, ref=self.reference,
-            ))
+            ), author_id=self._mpesa_refund_author().id)
             document.activity_ids.filtered(
                 lambda activity: activity.summary == self.env._("M-Pesa: check and refund an extra payment")
             ).action_feedback(feedback=self.env._("Refunded by M-Pesa (%s).", self.reference))

@@ -32,17 +32,29 @@ class SaleOrder(models.Model):
         string="M-Pesa Receipt Pending", compute='_compute_mpesa_payment', store=True,
         help="Paid, as Daraja's STK Query confirmed, but the receipt number has not come yet.",
     )
+    mpesa_refund_receipt = fields.Char(
+        string="M-Pesa Reversal", compute='_compute_mpesa_payment', store=True,
+        help="The receipt of the M-Pesa reversal that gave the last refunded payment back.",
+    )
+    mpesa_refunded_at = fields.Datetime(
+        string="M-Pesa Refunded On", compute='_compute_mpesa_payment', store=True,
+    )
 
     @api.depends(
         'amount_total', 'transaction_ids.state', 'transaction_ids.amount',
         'transaction_ids.mpesa_receipt_number', 'transaction_ids.mpesa_receipt_status',
         'transaction_ids.mpesa_result_code', 'transaction_ids.mpesa_paid_at',
+        'transaction_ids.child_transaction_ids.state',
     )
     def _compute_mpesa_payment(self):
         for order in self:
             txs = order.transaction_ids.filtered(lambda tx: tx.provider_code == 'mpesa').sorted('id')
-            paid = txs.filtered(lambda tx: tx.state == 'done')
+            done = txs.filtered(lambda tx: tx.state == 'done')
+            refunded = done.filtered(lambda tx: tx._mpesa_done_refund())
+            # A payment M-Pesa reversed pays nothing: the customer has the money back.
+            paid = done - refunded
             last = txs[-1:]
+            last_refund = refunded.sorted(lambda tx: tx._mpesa_done_refund().id)[-1:]._mpesa_done_refund()
             if not txs:
                 status = False
             elif paid and order.currency_id.compare_amounts(sum(paid.mapped('amount')), order.amount_total) >= 0:
@@ -51,6 +63,8 @@ class SaleOrder(models.Model):
                 status = 'partial'
             elif txs.filtered(lambda tx: tx.state == 'pending'):
                 status = 'pending'
+            elif refunded:
+                status = 'refunded'
             elif last.state == 'cancel':
                 status = 'cancelled'
             elif last.state == 'error':
@@ -58,10 +72,13 @@ class SaleOrder(models.Model):
             else:
                 status = 'unpaid'
             order.mpesa_payment_status = status
-            order.mpesa_receipt_number = ', '.join(filter(None, paid.mapped('mpesa_receipt_number'))) or False
+            shown = paid or refunded  # The receipts that paid it, else the ones given back.
+            order.mpesa_receipt_number = ', '.join(filter(None, shown.mapped('mpesa_receipt_number'))) or False
             order.mpesa_receipt_pending = any(tx.mpesa_receipt_status == 'pending' for tx in paid)
-            order.mpesa_paid_at = paid[-1:].mpesa_paid_at or paid[-1:].last_state_change
+            order.mpesa_paid_at = shown[-1:].mpesa_paid_at or shown[-1:].last_state_change
             order.mpesa_last_result = (last and last._mpesa_result_text()) or False
+            order.mpesa_refund_receipt = last_refund.mpesa_reversal_receipt or False
+            order.mpesa_refunded_at = last_refund.mpesa_paid_at or last_refund.last_state_change
 
     def _prepare_invoice(self):
         """Override of `sale` to round the invoice of an order M-Pesa pays to whole shillings, as

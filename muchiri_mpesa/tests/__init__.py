@@ -21,4 +21,5 @@ from . import (
     test_receipt_proof,
     test_reconciliation,
     test_refund,
+    test_refund_paybill,
 )

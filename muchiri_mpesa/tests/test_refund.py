@@ -8,7 +8,7 @@ import psycopg2
 from odoo.exceptions import AccessError, ValidationError
 from odoo.fields import Command
 from odoo.tests import JsonRpcException, new_test_user, tagged
-from odoo.tools import mute_logger
+from odoo.tools import is_html_empty, mute_logger
 
 from odoo.addons.muchiri_mpesa import const, daraja
 
@@ -112,6 +112,77 @@ class TestRefund(InitiatorCommon):
         self.assertEqual(self.simulator.payment(tx.mpesa_receipt_number).reversed_by, refund.mpesa_receipt_number)
 
     @mute_logger('odoo.addons.muchiri_mpesa.models.payment_transaction_refund')
+    def test_a_refunded_payment_says_refunded_everywhere(self):
+        """After a full refund the distributor's banner, the order's M-Pesa tab and the ledger row
+        say refunded, with the reversal's receipt and time; the distributor gets one mail; the
+        refund's chatter lines are the accountant's, who clicked."""
+        tx = self._paid()
+        order, invoice, distributor = self.quotation, self.quotation.invoice_ids, self.distributor
+        self.assertEqual(order.mpesa_payment_status, 'paid')
+        last_message = self.env['mail.message'].search([], order='id desc', limit=1).id
+        refund = self._refund_with_odoos_button(tx)
+        self._wait_results()
+        self.assertEqual(refund.state, 'done')
+        # The order's M-Pesa tab.
+        self.assertEqual(order.mpesa_payment_status, 'refunded')
+        reversal = self.simulator.payment(tx.mpesa_receipt_number).reversed_by
+        self.assertEqual(refund.mpesa_reversal_receipt, reversal)
+        self.assertTrue(refund.mpesa_paid_at)
+        self.assertEqual(order.mpesa_refund_receipt, reversal)
+        self.assertEqual(order.mpesa_refunded_at, refund.mpesa_paid_at)
+        # The ledger row.
+        row = tx.mpesa_ledger_id
+        self.assertEqual((row.state, row.reversal_receipt, row.reversed_at),
+                         ('refunded', reversal, refund.mpesa_paid_at))
+        self.assertIn(self.accountant.name, row.note)
+        # One mail to the distributor, which says refunded and names the reversal.
+        with self.registry.test_lock:
+            mails = self.env['mail.message'].search([('id', '>', last_message), ('partner_ids', 'in', distributor.ids)])
+            self.assertEqual(len(mails), 1, mails.mapped('subject'))
+            self.assertIn('refunded', mails.body)
+            self.assertIn(reversal, mails.body)
+            # The refund's lines are written as the accountant who clicked, never as the distributor.
+            lines = self.env['mail.message'].search([
+                ('id', '>', last_message), ('model', 'in', ('sale.order', 'account.move', 'account.payment')),
+                ('message_type', '!=', 'email'), ('partner_ids', 'not in', distributor.ids),
+            ])
+            refund_lines = lines.filtered(lambda m: refund.reference in (m.body or ''))
+            self.assertTrue(refund_lines.filtered(lambda m: m.model == 'sale.order'))
+            self.assertEqual(refund_lines.author_id, self.accountant.partner_id)
+            self.assertNotIn(distributor, lines.author_id)
+        # The distributor's status banner.
+        self.authenticate('distributor', 'distributor')
+        page = self.url_open(order.get_portal_url()).text
+        self.assertIn('o_mpesa_refunded', page)
+        self.assertIn(reversal, page)
+        self.assertNotIn('Your M-Pesa payment has been received', page)
+        self.assertNotIn('Thank you!', page)
+        self.assertEqual(invoice.payment_state, 'not_paid')
+
+    def test_a_swahili_distributor_reads_the_refund_in_swahili(self):
+        """What distributors read (the mails, the status banner) is in Swahili for those whose
+        language it is."""
+        with self.registry.test_lock:
+            self.env['res.lang']._activate_lang('sw')
+            self.env['ir.module.module']._load_module_terms(['muchiri_mpesa'], ['sw'], overwrite=True)
+            self.distributor.lang = 'sw'
+        tx = self._paid()
+        last_message = self.env['mail.message'].search([], order='id desc', limit=1).id
+        refund = self._refund_with_odoos_button(tx)
+        self._wait_results()
+        self.assertEqual(refund.state, 'done')
+        with self.registry.test_lock:
+            mail = self.env['mail.message'].search([
+                ('id', '>', last_message), ('partner_ids', 'in', self.distributor.ids)])
+            self.assertEqual(len(mail), 1)
+            self.assertTrue(mail.subject.startswith("Malipo yamerejeshwa"), mail.subject)
+            self.assertIn("yamerejeshwa kwenye akaunti yako ya M-Pesa", mail.body)
+            banner = self.env['ir.qweb'].with_context(lang='sw')._render('payment.state_header', {
+                'tx': tx.sudo(), 'is_html_empty': is_html_empty,
+            })
+            self.assertIn("Malipo haya ya M-Pesa ya", banner)
+            self.assertIn(refund.mpesa_reversal_receipt, banner)
+
     def test_each_failure_code_says_what_it_means(self):
         # 2001: the initiator password is wrong; nothing was reversed, the payment may be refunded again.
         tx = self._paid()
@@ -323,6 +394,8 @@ class TestRefund(InitiatorCommon):
         self._wait_results()
         self.assertEqual(refund.state, 'done')
         self.assertFalse(order.mpesa_needs_refund, "refunded: nothing left to check")
+        self.assertEqual(order.mpesa_payment_status, 'paid', "its own payment still pays it")
+        self.assertEqual(order.mpesa_refund_receipt, refund.mpesa_reversal_receipt)
         self.assertFalse(order.activity_ids.filtered(lambda a: 'refund' in (a.summary or '')))
         self.assertEqual(len(self._initiator_requests('reversal')), 1)
 
