@@ -248,4 +248,5 @@ class TestPullReversal(InitiatorCommon):
         self.assertIn(f"Pull Transactions lists {reversal}", ' '.join(noted.message_ids.mapped('body')),
                       "the reversal is shown beside the payment it reversed")
         _run_pull(self)  # Listed again (the windows overlap): said once.
-        self.assertEqual(len(noted.message_ids.filtered(lambda m: reversal in (m.body or ''))), 1)
+        listed = f"Pull Transactions lists {reversal}"
+        self.assertEqual(len(noted.message_ids.filtered(lambda m: listed in (m.body or ''))), 1)

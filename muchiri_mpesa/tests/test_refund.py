@@ -471,7 +471,7 @@ class TestRefundAttacks(InitiatorCommon):
         self._refund_with_odoos_button(tx)
         password = self.provider.mpesa_initiator_password
         # Over RPC, as Odoo's web client reads a record.
-        for login in ('accountant', 'internal_user', 'distributor'):
+        for login in (self.accountant.login, 'internal_user', 'distributor'):
             with self.subTest(login=login):
                 self.authenticate(login, login)
                 with self.assertRaises(JsonRpcException) as caught, mute_logger('odoo.http'):
