@@ -11,6 +11,7 @@ from . import (
     test_ledger_matching,
     test_money_safety,
     test_monitoring,
+    test_other_providers,
     test_portal_payment,
     test_portal_tour,
     test_provider_security,
