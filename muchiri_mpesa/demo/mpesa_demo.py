@@ -63,9 +63,10 @@ class PaymentProvider(models.Model):
             'mpesa_callback_base_url': callback_url or False,
             # The simulator posts from wherever it runs (another container, this machine).
             'mpesa_ip_check': 'log',
+            # An order M-Pesa paid is invoiced and its payment reconciled, as the README shows;
+            # the shop's other providers are left as they are.
+            'mpesa_invoice_on_payment': True,
         })
-        # A paid order is invoiced and its payment reconciled, as the README shows.
-        self.env['ir.config_parameter'].sudo().set_param('sale.automatic_invoice', True)
         _logger.info("M-Pesa demo data: the provider talks to %s; callbacks go to %s.",
                      api_url, provider._mpesa_callback_base_url())
 

@@ -1,17 +1,16 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 """Where M-Pesa money lands in the books: the provider's own journal, the whole-shilling rounding of
-its invoices, and Odoo's invoice-on-payment setting shown where the provider is set up."""
+its invoices, and the invoicing of the orders it pays."""
 import logging
 
 from odoo import api, fields, models
-from odoo.tools import str2bool
 
 from .. import const
 
 _logger = logging.getLogger(__name__)
 
 JOURNAL_CODE = 'MPESA'
-AUTOMATIC_INVOICE_PARAM = 'sale.automatic_invoice'
+JOURNAL_SEQUENCE = 90
 
 
 class PaymentProvider(models.Model):
@@ -23,23 +22,21 @@ class PaymentProvider(models.Model):
              " rounding, so that the invoice total is what the phone was asked and nothing stays open.",
     )
     mpesa_invoice_on_payment = fields.Boolean(
-        string="Invoice on Payment", compute='_compute_mpesa_invoice_on_payment',
-        inverse='_inverse_mpesa_invoice_on_payment', groups='base.group_system',
-        help="Odoo's Automatic Invoice setting (Sales > Settings), shared by every payment provider: a"
-             " paid order is invoiced, the invoice posted and reconciled with the payment, even for"
-             " products invoiced on delivered quantities.",
+        string="Invoice on Payment", groups='base.group_system',
+        help="An order this provider's M-Pesa payment pays is invoiced, the invoice posted and"
+             " reconciled with the payment, even for products invoiced on delivered quantities. Other"
+             " providers' payments are left as they are: Odoo's own Automatic Invoice (Sales > Settings)"
+             " does this for every provider, M-Pesa included.",
+    )
+    mpesa_automatic_invoice = fields.Boolean(
+        string="Odoo's Automatic Invoice", compute='_compute_mpesa_automatic_invoice',
+        groups='base.group_system',
     )
 
-    def _compute_mpesa_invoice_on_payment(self):
-        enabled = str2bool(self.env['ir.config_parameter'].sudo().get_param(AUTOMATIC_INVOICE_PARAM))
+    def _compute_mpesa_automatic_invoice(self):
+        enabled = self.env['payment.transaction']._mpesa_automatic_invoice_enabled()
         for provider in self:
-            provider.mpesa_invoice_on_payment = enabled
-
-    def _inverse_mpesa_invoice_on_payment(self):
-        for provider in self.filtered(lambda p: p.code == const.PROVIDER_CODE)[:1]:
-            self.env['ir.config_parameter'].sudo().set_param(
-                AUTOMATIC_INVOICE_PARAM, provider.mpesa_invoice_on_payment,
-            )
+            provider.mpesa_automatic_invoice = enabled
 
     # === BUSINESS METHODS - ACCOUNTING SET-UP === #
 
@@ -77,6 +74,9 @@ class PaymentProvider(models.Model):
                 'name': "M-Pesa",
                 'code': JOURNAL_CODE,
                 'type': 'bank',
+                # After the shop's own bank journals: where Odoo looks for the first bank journal
+                # (another provider's default journal, a payment's), it finds theirs, not M-Pesa's.
+                'sequence': JOURNAL_SEQUENCE,
                 'company_id': company.id,
                 'currency_id': kes.id if company.currency_id != kes else False,
             })

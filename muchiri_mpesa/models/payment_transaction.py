@@ -10,7 +10,7 @@ from psycopg2.errors import LockNotAvailable
 
 from odoo import api, fields, models, modules
 from odoo.exceptions import AccessError, UserError, ValidationError
-from odoo.tools.misc import formatLang
+from odoo.tools.misc import formatLang, str2bool
 
 from odoo.addons.payment import utils as payment_utils
 
@@ -882,9 +882,40 @@ class PaymentTransaction(models.Model):
 
     def _post_process(self):
         """Override of `payment`: a pending M-Pesa prompt waits for its final answer, which comes
-        within a minute or two; Odoo's "payment pending" mail would be one mail too many."""
+        within a minute or two; Odoo's "payment pending" mail would be one mail too many.  The
+        invoices of the orders M-Pesa paid with *Invoice on Payment* go to the customer, as Odoo's
+        Automatic Invoice sends its own."""
         mpesa_pending = self.filtered(lambda tx: tx.provider_code == 'mpesa' and tx.state == 'pending')
-        return super(PaymentTransaction, self - mpesa_pending)._post_process()
+        res = super(PaymentTransaction, self - mpesa_pending)._post_process()
+        self._mpesa_to_invoice_on_payment()._send_invoice()
+        return res
+
+    # === BUSINESS METHODS - INVOICE ON PAYMENT === #
+
+    @api.model
+    def _mpesa_automatic_invoice_enabled(self):
+        """Whether Odoo's own Automatic Invoice (Sales > Settings) is on: it invoices the orders
+        every provider pays, M-Pesa's included."""
+        return str2bool(self.env['ir.config_parameter'].sudo().get_param('sale.automatic_invoice'))
+
+    def _mpesa_to_invoice_on_payment(self):
+        """The done M-Pesa payments whose provider invoices the orders they pay (*Invoice on
+        Payment*).  None when Odoo's own Automatic Invoice is on: it does the same for every
+        provider, and an order is invoiced once.  Other providers' payments are never among them."""
+        if self._mpesa_automatic_invoice_enabled():
+            return self.browse()
+        return self.filtered(lambda tx: (
+            tx.provider_code == 'mpesa' and tx.state == 'done' and tx.operation != 'validation'
+            and tx.provider_id.sudo().mpesa_invoice_on_payment
+        ))
+
+    def _check_amount_and_confirm_order(self):
+        """Override of `sale` to invoice the orders of M-Pesa payments with *Invoice on Payment*
+        right after their confirmation, as Odoo's Automatic Invoice does at this point of the
+        post-processing: `account_payment` then posts the invoice and reconciles it with the payment."""
+        confirmed_orders = super()._check_amount_and_confirm_order()
+        self._mpesa_to_invoice_on_payment()._invoice_sale_orders()
+        return confirmed_orders
 
     # === BUSINESS METHODS - RECONCILIATION === #
 

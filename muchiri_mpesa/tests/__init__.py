@@ -13,6 +13,7 @@ from . import (
     test_live_hosts,
     test_money_safety,
     test_monitoring,
+    test_other_providers,
     test_portal_payment,
     test_portal_tour,
     test_provider_security,

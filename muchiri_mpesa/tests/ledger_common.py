@@ -19,7 +19,7 @@ class MpesaLedgerCommon(MpesaCommon):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.provider.mpesa_invoice_on_payment = True  # Odoo's sale.automatic_invoice.
+        cls.provider.mpesa_invoice_on_payment = True  # A paid order is invoiced.
         # No initiator and no Pull: paybill money is booked on the source check, which refuses any
         # address but the test server's (the tests of the matching rules).  The confirmation by
         # Transaction Status and Pull has tests of its own.

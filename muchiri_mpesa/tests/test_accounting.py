@@ -17,7 +17,7 @@ class TestAccountingLoop(MpesaCommon):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.provider.mpesa_invoice_on_payment = True  # Odoo's sale.automatic_invoice.
+        cls.provider.mpesa_invoice_on_payment = True  # A paid order is invoiced.
 
     def _order(self, invoice_policy='order', price_unit=1500.0):
         product = self.env['product.product'].create({
