@@ -28,7 +28,7 @@ class InitiatorCommon(MpesaCommon):
             'mpesa_invoice_on_payment': True,  # The payment is reconciled with an invoice.
         })
         cls.accountant = new_test_user(
-            cls.env, login='accountant', groups='base.group_user,account.group_account_invoice',
+            cls.env, login='mpesa_refund_accountant', groups='base.group_user,account.group_account_invoice',
         )
 
     def _paid(self, order=None):
@@ -398,7 +398,7 @@ class TestRefundAttacks(InitiatorCommon):
         self._refund_with_odoos_button(tx)
         password = self.provider.mpesa_initiator_password
         # Over RPC, as Odoo's web client reads a record.
-        for login in ('accountant', 'internal_user', 'distributor'):
+        for login in (self.accountant.login, 'internal_user', 'distributor'):
             with self.subTest(login=login):
                 self.authenticate(login, login)
                 with self.assertRaises(JsonRpcException) as caught, mute_logger('odoo.http'):
