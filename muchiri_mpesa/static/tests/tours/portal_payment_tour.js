@@ -35,9 +35,12 @@ function loginAndOpenQuotation() {
         },
         {
             // Odoo's test server answers one request at a time: the chatter's lazy bundles, still
-            // loading when Pay is clicked, would delay the status page by seconds.
+            // loading when Pay is clicked, would delay the status page by seconds.  With website
+            // installed they are first built for the website, which may take longer than a step's
+            // default 10 s.
             content: "The quotation is fully loaded, its chatter included",
             trigger: "#chatterRoot:shadow .o-mail-Thread",
+            timeout: 30000,
         },
         {
             content: "Accept and pay the quotation",
