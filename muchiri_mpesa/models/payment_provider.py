@@ -473,6 +473,14 @@ class PaymentProvider(models.Model):
             ) if warnings else False
             provider.mpesa_setup_needs_kes_pricelist = needs_pricelist
 
+    def _mpesa_kes_has_rate(self, company):
+        """Whether Odoo has a KES rate to convert with for `company`, looked up as
+        res.currency._get_rates does: its root company's or one of no company, never another company's."""
+        return bool(self.env['res.currency.rate'].sudo().search_count([
+            ('currency_id', '=', self.env.ref('base.KES').id),
+            ('company_id', 'in', [False, company.root_id.id]),
+        ], limit=1))
+
     def _mpesa_setup_problems(self):
         """What keeps M-Pesa from being offered, in plain words, and whether the one-click KES
         pricelist would fix it.  Counts only (sudo): nothing of the records shows.
@@ -501,7 +509,7 @@ class PaymentProvider(models.Model):
                 "  Create a KES pricelist, then set it on your distributors (contact form, Sales &"
                 " Purchase tab)."
             ))
-        elif kes.active and company.currency_id != kes and not kes.rate_ids:
+        elif kes.active and company.currency_id != kes and not self._mpesa_kes_has_rate(company):
             warnings.append(self.env._(
                 "KES has no exchange rate: prices in %(currency)s would be charged one shilling for"
                 " one %(currency)s.  Set a rate (Accounting > Configuration > Currencies).",

@@ -13,6 +13,10 @@ from .common import PHONE_SUCCESS, SIM_SHORTCODE, MpesaCommon
 
 _receipts = itertools.count(1)
 
+# The distributor's own M-Pesa number in the tests that find the payer by it: no other contact has
+# it (demo data gives its contacts the simulator's success number, which the distributor has too).
+PAYER_PHONE = '254711222333'
+
 
 class MpesaLedgerCommon(MpesaCommon):
 
@@ -27,8 +31,9 @@ class MpesaLedgerCommon(MpesaCommon):
             'mpesa_ip_check': 'enforce',
             'mpesa_allowed_ips': '\n'.join(['127.0.0.1', *const.SAFARICOM_CALLBACK_IPS]),
         })
+        # A login of its own: demo data has an 'accountant' already.
         cls.accountant = cls.env['res.users'].create({
-            'name': "Akinyi Accountant", 'login': 'accountant', 'password': 'accountant',
+            'name': "Akinyi Accountant", 'login': 'mpesa_ledger_accountant', 'password': 'mpesa_ledger_accountant',
             'email': 'akinyi@example.com',
             'groups_id': [Command.set([cls.env.ref('account.group_account_invoice').id,
                                        cls.env.ref('base.group_user').id])],
@@ -50,6 +55,11 @@ class MpesaLedgerCommon(MpesaCommon):
         })
         invoice.action_post()
         return invoice
+
+    def _own_number(self):
+        """Give the distributor a number no other contact has; the payer's MSISDN to pay from."""
+        self.distributor.mobile = '0711 222 333'
+        return PAYER_PHONE
 
     # === DARAJA'S BODIES === #
 

@@ -72,7 +72,7 @@ class TestC2B(MpesaLedgerCommon):
     def test_a_paybill_payment_with_an_invoice_number_lands_reconciled(self):
         self._register()
         invoice = self._invoice(4500)
-        trans_id, _decided = self._pay(4500, invoice.name.lower().replace('/', ' '))
+        trans_id, _decided = self._pay(4500, invoice.name.lower().replace('/', ' '), phone=self._own_number())
         row = self._row(trans_id)
         self.assertEqual((row.state, row.sources), ('matched', 'C2B'), row.note)
         self.assertIn(invoice.payment_state, ('paid', 'in_payment'))

@@ -5,13 +5,15 @@ from unittest.mock import patch
 from odoo.tests import TransactionCase, tagged
 from odoo.tools import convert_file
 
+from odoo.addons.muchiri_mpesa.demo.mpesa_demo import DEMO_QUOTATIONS
+
 DEMO_FILE = 'demo/mpesa_demo.xml'
 
 
 @tagged('post_install', '-at_install')
 class TestDemoData(TransactionCase):
-    """The demo data: nothing of it on a database without demo data (these tests run on one), and
-    a working shop on the simulator when it is loaded (loaded here by hand, inside the test)."""
+    """The demo data: nothing of it on a database without demo data, and a working shop on the
+    simulator when it is loaded (installed with the addon, or loaded again here, inside the test)."""
 
     @classmethod
     def setUpClass(cls):
@@ -25,15 +27,30 @@ class TestDemoData(TransactionCase):
             convert_file(self.env, 'muchiri_mpesa', DEMO_FILE, {}, mode='init', noupdate=True, kind='demo')
         self.env.invalidate_all()
 
-    def test_nothing_without_demo_data(self):
-        self.assertFalse(self.env['ir.module.module'].search([('name', '=', 'muchiri_mpesa')]).demo)
-        self.assertFalse(self.env['ir.model.data'].search_count([
+    def test_demo_records_only_with_demo_data(self):
+        """Nothing of the demo on a database without demo data; on one with demo data (where
+        Odoo's runbot installs addons), the demo's shop, in test mode on the simulator."""
+        module = self.env['ir.module.module'].search([('name', '=', 'muchiri_mpesa')])
+        demo_records = self.env['ir.model.data'].search_count([
             ('module', '=', 'muchiri_mpesa'), ('name', '=like', 'demo\\_%'),
-        ]), "no demo record exists")
-        self.assertFalse(self.env['res.users'].search_count([('login', 'in', ('wanjiku', 'accountant'))]))
-        self.assertEqual(self.provider.state, 'disabled')
-        self.assertFalse(self.provider.mpesa_api_url, "no provider talks to a simulator")
-        self.assertFalse(self.provider.mpesa_consumer_key)
+        ])
+        users = self.env['res.users'].search([('login', 'in', ('wanjiku', 'accountant'))])
+        if not module.demo:
+            self.assertFalse(demo_records, "no demo record exists")
+            self.assertFalse(users)
+            self.assertEqual(self.provider.state, 'disabled')
+            self.assertFalse(self.provider.mpesa_api_url, "no provider talks to a simulator")
+            self.assertFalse(self.provider.mpesa_consumer_key)
+            return
+        self.assertTrue(demo_records)
+        self.assertEqual(sorted(users.mapped('login')), ['accountant', 'wanjiku'])
+        self.assertEqual(self.provider.state, 'test', "demo data never enables the provider")
+        self.assertTrue(self.provider.mpesa_api_url, "the simulator")
+        self.assertNotIn('safaricom', self.provider.mpesa_api_url)
+        self.assertEqual(self.provider.mpesa_consumer_key, 'sim-consumer-key')
+        contact = self.env.ref('muchiri_mpesa.demo_distributor_contact')
+        for name, _lines in DEMO_QUOTATIONS:
+            self.assertEqual(self.env.ref(f'muchiri_mpesa.{name}').partner_id, contact, name)
 
     def test_demo_points_at_the_configured_simulator(self):
         self.ICP.set_param('muchiri_mpesa.demo_api_url', 'http://sim.internal:9000/')
@@ -94,6 +111,7 @@ class TestDemoData(TransactionCase):
             'state': 'enabled', 'mpesa_consumer_key': 'live-key', 'mpesa_consumer_secret': 'live-secret',
             'mpesa_shortcode': '888880', 'mpesa_passkey': 'live-passkey',
             'mpesa_callback_base_url': 'https://shop.example.com',
+            'mpesa_api_url': False,  # Safaricom's production API (installed demo data set the simulator's).
         })
         self._load_demo(MPESA_DEMO_API_URL='http://daraja:8089')
         self.assertEqual(self.provider.state, 'enabled')

@@ -99,6 +99,12 @@ class TestProviderSetup(MpesaCommon):
         self.assertTrue(rates)
         rates.unlink()
         self._assert_warns(NO_RATE)
+        # Another company's rate (demo data has several companies) converts nothing of this one's.
+        other = self.env['res.company'].sudo().create({'name': "Kampala Wholesale"})
+        self.env['res.currency.rate'].sudo().create({
+            'currency_id': self.currency_kes.id, 'name': '2020-01-01', 'rate': 140.0, 'company_id': other.id,
+        })
+        self._assert_warns(NO_RATE)
         self.env['res.currency.rate'].create({
             'currency_id': self.currency_kes.id, 'name': '2020-01-01', 'rate': 130.0,
         })

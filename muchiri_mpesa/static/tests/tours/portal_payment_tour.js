@@ -6,6 +6,19 @@ import { registry } from "@web/core/registry";
 // portal user "distributor", payable with M-Pesa only, and a Daraja simulator that answers the
 // prompt after a couple of seconds (the outcome is chosen by the phone number).
 
+// The order's page is done loading once its chatter shows (its lazy bundles come last).  Odoo's
+// test server answers one request at a time: a click before would wait seconds for those bundles,
+// and a tour that ends before leaves a fetch the closing browser reports as an error.  With
+// website installed they are first built for the website, which may take longer than a step's
+// default 10 s.
+function pageLoaded(content) {
+    return {
+        content,
+        trigger: "#chatterRoot:shadow .o-mail-Thread",
+        timeout: 30000,
+    };
+}
+
 function loginAndOpenQuotation() {
     return [
         {
@@ -33,12 +46,7 @@ function loginAndOpenQuotation() {
             trigger: ".o_portal_my_doc_table a[href^='/my/orders/']",
             run: "click",
         },
-        {
-            // Odoo's test server answers one request at a time: the chatter's lazy bundles, still
-            // loading when Pay is clicked, would delay the status page by seconds.
-            content: "The quotation is fully loaded, its chatter included",
-            trigger: "#chatterRoot:shadow .o-mail-Thread",
-        },
+        pageLoaded("The quotation is fully loaded, its chatter included"),
         {
             content: "Accept and pay the quotation",
             trigger: "#o_sale_portal_paynow",
@@ -113,6 +121,7 @@ registry.category("web_tour.tours").add("muchiri_mpesa_portal_pay_success", {
             content: "The quotation became a sales order",
             trigger: "#quote_content h2:contains(Sales Order)",
         },
+        pageLoaded("The order's page is fully loaded"),
     ],
 });
 
@@ -135,6 +144,7 @@ registry.category("web_tour.tours").add("muchiri_mpesa_portal_pay_cancelled", {
         {
             trigger: "#o_sale_portal_paynow",
         },
+        pageLoaded("The quotation's page is fully loaded"),
     ],
 });
 
