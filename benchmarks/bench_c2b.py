@@ -37,7 +37,7 @@ BATCH = 500
 
 
 def confirmation(daraja, receipt: str, amount: int, bill_ref: str, phone: str) -> bytes:
-    """A C2B confirmation body in Daraja's documented shape (DESIGN.md section 7)."""
+    """A C2B confirmation body in Daraja's documented shape (docs/design.md, 3. Daraja facts)."""
     return json.dumps({
         "TransactionType": "Pay Bill", "TransID": receipt, "TransTime": "20260115093012",
         "TransAmount": f"{amount}.00", "BusinessShortCode": "174379", "BillRefNumber": bill_ref,

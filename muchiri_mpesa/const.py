@@ -8,7 +8,7 @@ PROVIDER_CODE = 'mpesa'
 CALLBACK_ROUTE = '/payment/mpesa/callback/<string:secret>'
 
 # Every URL handed to Daraja lives under this neutral prefix: Daraja refuses URLs that hold "M-Pesa",
-# "Safaricom", "exe", "exec", "cmd", "sql" or "query" (DESIGN.md section 6).  The provider's
+# "Safaricom", "exe", "exec", "cmd", "sql" or "query" (docs/design.md, 6. URLs and callback sources).  The provider's
 # callback secret names the provider; the last part names what Daraja is telling us.
 LNM_PREFIX = '/payment/lnm'
 LNM_ROUTES = {
@@ -30,7 +30,7 @@ SUPPORTED_CURRENCIES = ['KES']
 # Odoo's own payment method (payment.payment_method_mpesa), activated with the provider.
 DEFAULT_PAYMENT_METHOD_CODES = {'mpesa'}
 
-# Safaricom's published callback source addresses (DESIGN.md section 3); some lists add the last two.
+# Safaricom's published callback source addresses (docs/design.md, 3. Daraja facts); some lists add the last two.
 SAFARICOM_CALLBACK_IPS = [
     '196.201.214.200', '196.201.214.206', '196.201.213.114', '196.201.214.207',
     '196.201.214.208', '196.201.213.44', '196.201.212.127', '196.201.212.138',
@@ -87,8 +87,8 @@ EVENT_KINDS = [
     ('initiator_timeout', "Reversal / Transaction Status timeout"),
 ]
 
-# What became of a received callback (DESIGN.md section 2: kept, queued by the request, settled by
-# the job).  'unmatched' callbacks wait for their transaction's CheckoutRequestID.
+# What became of a received callback: kept, queued by the request, settled by the job (docs/design.md, 2. Prompts and
+# callbacks).  'unmatched' callbacks wait for their transaction's CheckoutRequestID.
 CALLBACK_STATES = [
     ('received', "Received"),
     ('queued', "Waiting for settlement"),
@@ -124,7 +124,7 @@ SETTLEMENT_SOURCES = [
     ('cutoff', "No answer by the cut-off"),
 ]
 
-# Reconciliation by STK Query (DESIGN.md section 2): the first check once the customer has had time
+# Reconciliation by STK Query (docs/design.md, 2. Prompts and callbacks): the first check once the customer has had time
 # to answer, then about every minute for five minutes, then rarely until the cut-off.
 RECONCILE_FIRST_CHECK = 35
 RECONCILE_FAST_INTERVAL = 45
@@ -144,7 +144,7 @@ THROTTLE_ERROR_CODES = ('500.003.02', '500.003.03')
 STATUS_POLL_EXPEDITE_AFTER = 20
 STATUS_POLL_EXPEDITE_INTERVAL = 10
 
-# Initiator APIs (Reversal, Transaction Status; DESIGN.md section 8).  A result that has not come
+# Initiator APIs (docs/design.md, 8. Reversal and Transaction Status).  A result that has not come
 # this many seconds after the request is asked again by Transaction Status (never a second
 # reversal), at most INITIATOR_MAX_CHECKS times; then the transaction waits for an accountant.
 INITIATOR_RESULT_WAIT = 10 * 60

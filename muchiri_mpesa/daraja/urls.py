@@ -1,4 +1,4 @@
-"""The rule for every URL we hand Daraja (DESIGN.md section 6).
+"""The rule for every URL we hand Daraja (docs/design.md, 6. URLs and callback sources).
 
 Daraja refuses URLs containing certain words (M-Pesa in any case, Safaricom, exe, exec, cmd, sql, query) and
 the usual URL testers and tunnels; it is documented for C2B registration, and a refused ResultURL or

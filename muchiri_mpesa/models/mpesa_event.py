@@ -82,7 +82,7 @@ class MpesaEvent(models.Model):
     It is the audit log and the callback inbox.  A callback is kept, exactly as it came, on its own
     committed cursor before anything else; the request then matches it with a transaction of the
     provider whose secret path it came on and queues it.  The settlement job confirms it by STK
-    Query and settles the transaction (DESIGN.md section 2).  This model owns the callback's
+    Query and settles the transaction (docs/design.md, 2. Prompts and callbacks).  This model owns the callback's
     states: the route, the job and the matching wizard move them through its methods only.
     """
 

@@ -1,7 +1,7 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 """Reversal and Transaction Status results posted by Daraja: kept, matched, settled by a job.
 
-The same lifecycle as an STK callback (DESIGN.md section 2): the route keeps the body exactly on
+The same lifecycle as an STK callback (docs/design.md, 2. Prompts and callbacks): the route keeps the body exactly on
 its own committed cursor, checks the source, parses, matches within the provider whose secret path
 it came on, and answers at once; the initiator job settles it under the transaction's row lock.
 A result whose transaction is not known yet (its acknowledgement is not recorded yet, or it is

@@ -1,7 +1,7 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 """The M-Pesa ledger: one row per M-Pesa receipt (TransID) that reached the provider's shortcode,
 whichever source told us first (an STK callback, a C2B confirmation, a Pull Transactions row), and
-where its money went (DESIGN.md section 7).
+where its money went (docs/design.md, 7. The ledger and C2B).
 
 A row is created once per (company, receipt), under a unique index; every source that reports the
 receipt later only adds itself to the row, under the row's lock, so that two sources arriving on two

@@ -26,7 +26,7 @@ TUNNEL_HOST_SUFFIXES = (
 )
 
 
-# Daraja refuses URLs holding these words (DESIGN.md section 6), in any case.
+# Daraja refuses URLs holding these words (docs/design.md, 6. URLs and callback sources), in any case.
 DARAJA_BANNED_URL_WORDS = ('mpesa', 'm-pesa', 'safaricom', 'exe', 'exec', 'cmd', 'sql', 'query')
 
 

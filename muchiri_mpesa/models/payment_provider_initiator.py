@@ -1,5 +1,5 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
-"""The provider's Initiator: what Reversal and Transaction Status need (DESIGN.md section 8)."""
+"""The provider's Initiator (docs/design.md, 8. Reversal and Transaction Status)."""
 import base64
 import binascii
 from datetime import datetime, timezone

@@ -1,5 +1,5 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
-"""Refunds by the Reversal API and proof of receipts by Transaction Status (DESIGN.md section 8).
+"""Refunds by Reversal and proof of receipts by Transaction Status (docs/design.md, 8. Reversal and Transaction Status).
 
 Both requests are answered at once with an acknowledgement (accepted, not done); Daraja posts the
 result later to our ResultURL (or, when its queue timed out, to the QueueTimeOutURL).  The

@@ -68,7 +68,7 @@ class MpesaLedgerCommon(MpesaCommon):
         return f"TST{next(_receipts):07d}"
 
     def _c2b_body(self, amount, bill_ref, receipt=None, phone=PHONE_SUCCESS, hashed=True, shortcode=SIM_SHORTCODE):
-        """A C2B validation or confirmation body, in Daraja's documented shape (DESIGN.md section 7)."""
+        """A C2B validation or confirmation body, in Daraja's documented shape (docs/design.md, 3. Daraja facts)."""
         return {
             'TransactionType': "Pay Bill",
             'TransID': receipt or self._receipt(),
