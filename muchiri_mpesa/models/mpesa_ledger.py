@@ -653,7 +653,7 @@ class MpesaLedger(models.Model):
         self._mpesa_close_activities()
 
     def _mpesa_mark_for_refund(self, reason):
-        """Money to give back whole (issue 11 refunds it): the accountants get an activity."""
+        """Money to give back whole: the accountants get an activity."""
         self._mpesa_check_can_act()
         reason = (reason or '').strip()
         if not reason:

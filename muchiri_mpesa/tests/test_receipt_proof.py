@@ -1,6 +1,6 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
-"""Receipts recorded after the fact are proven by M-Pesa's Transaction Status, or visibly not
-(issue 11): a late receipt, a payment matched by hand, a receipt M-Pesa contradicts."""
+"""Receipts recorded after the fact are proven by M-Pesa's Transaction Status, or visibly not.
+A late receipt, a payment matched by hand, a receipt M-Pesa contradicts."""
 from odoo.tests import tagged
 
 from .common import PHONE_CALLBACK_LOST

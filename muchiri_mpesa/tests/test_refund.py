@@ -1,6 +1,6 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 """Refunds through the Reversal API, end to end: Odoo's refund button, the simulator's Reversal, its
-Result posted to Odoo's real HTTP server, the refund payment posted and reconciled (issue 11)."""
+Result posted to Odoo's real HTTP server, the refund payment posted and reconciled."""
 import json
 
 import psycopg2
