@@ -342,6 +342,11 @@ class TestButtonsCheckTheirGroup(MoneySafetyCommon):
             'muchiri.mpesa.callback.match': self.env['muchiri.mpesa.callback.match'].create({
                 'event_id': event.id, 'transaction_id': tx.id,
             }),
+            'muchiri.mpesa.refund.extra': self.env['muchiri.mpesa.refund.extra'].create({
+                'res_model': 'sale.order', 'res_id': self.quotation.id, 'transaction_id': tx.id,
+                'company_id': self.quotation.company_id.id, 'currency_id': self.quotation.currency_id.id,
+                'amount': 100, 'journal_id': self.provider.journal_id.id,
+            }),
         }
 
     @mute_logger('odoo.http')
