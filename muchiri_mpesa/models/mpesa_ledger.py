@@ -691,6 +691,12 @@ class MpesaLedger(models.Model):
             lambda activity: activity.summary == self.env._("M-Pesa: refund a payment")
         ).action_feedback(feedback=note)
 
+    def _mpesa_extra_paid_back(self, note):
+        """The accountant paid this row's extra back by hand: it is matched, nothing left to refund."""
+        for row in self.filtered(lambda row: row.state == 'over'):
+            row.write({'state': 'matched', 'refund_amount': 0.0, 'note': note[:250]})
+            row.message_post(body=note, author_id=self.env.user.partner_id.id)
+
     # === HELPERS === #
 
     def _mpesa_format(self, amount):

@@ -88,13 +88,21 @@ class MpesaPayable(models.AbstractModel):
         """
         self.ensure_one()
         self.env['payment.provider']._mpesa_check_group('account.group_account_invoice')
+        if tx not in self._mpesa_refundable_payments():
+            raise UserError(self.env._("%s is not an M-Pesa payment of this document.", tx.display_name))
+        # One accountant at a time: a second click waits, then finds the extra settled.
+        tx.sudo()._mpesa_lock()
+        self.invalidate_recordset(['mpesa_needs_refund'])
         if not self.mpesa_needs_refund:
             raise UserError(self.env._("%s has no extra M-Pesa payment to refund.", self.display_name))
+        if journal.type not in ('bank', 'cash') or journal.company_id != self.company_id:
+            raise UserError(self.env._("Pay it back from a bank or cash journal of %s.", self.company_id.name))
         currency = self.currency_id
-        if currency.compare_amounts(amount, 0) <= 0 or currency.compare_amounts(amount, tx.amount) > 0:
+        extra = self._mpesa_extra_to_refund()
+        if currency.compare_amounts(amount, 0) <= 0 or currency.compare_amounts(amount, extra) > 0:
             raise UserError(self.env._(
-                "The amount paid back must be above zero and at most the payment's %s.",
-                self._mpesa_format_amount(tx.amount),
+                "The amount paid back must be above zero and at most the extra %s.",
+                self._mpesa_format_amount(extra),
             ))
         receipt = tx.mpesa_receipt_number or tx.mpesa_ledger_id.name or tx.reference
         payment = self.env['account.payment'].create({
@@ -126,10 +134,7 @@ class MpesaPayable(models.AbstractModel):
         document.activity_ids.filtered(
             lambda activity: activity.summary == self.env._("M-Pesa: check and refund an extra payment")
         ).action_feedback(feedback=note)
-        row = tx.sudo().mpesa_ledger_id
-        if row.state == 'over':
-            row.write({'state': 'matched', 'refund_amount': 0.0, 'note': note[:250]})
-            row.message_post(body=note, author_id=self.env.user.partner_id.id)
+        tx.sudo().mpesa_ledger_id._mpesa_extra_paid_back(note)
         return payment
 
     def _mpesa_refundable_payments(self):

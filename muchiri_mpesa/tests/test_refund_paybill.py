@@ -161,6 +161,33 @@ class TestPaybillRefund(PaybillConfirmationCommon):
         self.assertTrue(invoice.message_ids.filtered(
             lambda m: m.author_id == self.accountant.partner_id and 'by hand' in (m.body or '')))
 
+    def test_paying_back_by_hand_refuses_bad_input_and_a_second_click(self):
+        """More than the extra, a sales journal, another payment: refused, nothing posted.  Then a
+        second click after the first finds nothing left to pay back."""
+        invoice, row, wizard = self._overpaid_invoice()
+        outbound = [('payment_type', '=', 'outbound'), ('partner_id', '=', self.distributor.commercial_partner_id.id)]
+        sales = self.env['account.journal'].search([('type', '=', 'sale'), ('company_id', '=', invoice.company_id.id)],
+                                                   limit=1)
+        other_tx = self.env['payment.transaction'].create({
+            'provider_id': self.provider.id, 'payment_method_id': self.provider.payment_method_ids[:1].id,
+            'reference': 'OTHER-HAND-1', 'amount': 500, 'currency_id': invoice.currency_id.id,
+            'partner_id': self.distributor.id,
+        })
+        with self.registry.test_lock:
+            for values in ({'amount': 501}, {'amount': -500}, {'journal_id': sales.id}):
+                with self.subTest(values=values), self.assertRaises(UserError):
+                    wizard.copy(values).action_refund_by_hand()
+            with self.assertRaises(UserError):
+                wizard.copy({'transaction_id': other_tx.id}).action_refund_by_hand()
+            self.env.invalidate_all()
+            self.assertFalse(self.env['account.payment'].search(outbound), "nothing posted")
+            self.assertEqual((row.state, row.refund_amount), ('over', 500))
+            wizard.copy().action_refund_by_hand()
+            with self.assertRaises(UserError):
+                wizard.action_refund_by_hand()
+            self.env.invalidate_all()
+        self.assertEqual(len(self.env['account.payment'].search(outbound)), 1, "paid back once")
+
     def test_an_overpayment_inside_one_receipt_is_reversed_whole(self):
         invoice, row, wizard = self._overpaid_invoice()
         with self.registry.test_lock:
