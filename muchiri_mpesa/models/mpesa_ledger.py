@@ -691,10 +691,15 @@ class MpesaLedger(models.Model):
             lambda activity: activity.summary == self.env._("M-Pesa: refund a payment")
         ).action_feedback(feedback=note)
 
-    def _mpesa_extra_paid_back(self, note):
-        """The accountant paid this row's extra back by hand: it is matched, nothing left to refund."""
+    def _mpesa_extra_paid_back(self, amount, note):
+        """The accountant paid `amount` of this row's extra back by hand: once nothing is left to
+        refund, the row is matched."""
         for row in self.filtered(lambda row: row.state == 'over'):
-            row.write({'state': 'matched', 'refund_amount': 0.0, 'note': note[:250]})
+            rest = row.currency_id.round(max(row.refund_amount - amount, 0.0))
+            values = {'refund_amount': rest, 'note': note[:250]}
+            if row.currency_id.is_zero(rest):
+                values['state'] = 'matched'
+            row.write(values)
             row.message_post(body=note, author_id=self.env.user.partner_id.id)
 
     # === HELPERS === #

@@ -1,6 +1,7 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 from odoo import fields, models
 from odoo.exceptions import UserError
+from odoo.tools import SQL
 
 from .. import const
 
@@ -90,8 +91,10 @@ class MpesaPayable(models.AbstractModel):
         self.env['payment.provider']._mpesa_check_group('account.group_account_invoice')
         if tx not in self._mpesa_refundable_payments():
             raise UserError(self.env._("%s is not an M-Pesa payment of this document.", tx.display_name))
-        # One accountant at a time: a second click waits, then finds the extra settled.
-        tx.sudo()._mpesa_lock()
+        # One accountant at a time: the document's row is the one both would write, so a second
+        # click waits here and then fails to serialize (Odoo retries it: it finds nothing left).
+        self.env.cr.execute(SQL("SELECT id FROM %s WHERE id = %s FOR NO KEY UPDATE",
+                                SQL.identifier(self._table), self.id))
         self.invalidate_recordset(['mpesa_needs_refund'])
         if not self.mpesa_needs_refund:
             raise UserError(self.env._("%s has no extra M-Pesa payment to refund.", self.display_name))
@@ -123,18 +126,22 @@ class MpesaPayable(models.AbstractModel):
             lambda line: line.account_id == account and not line.reconciled)
         if source and len(lines) > 1:
             lines.sudo().reconcile()
+        rest = currency.round(extra - amount)
         note = self.env._(
-            "The extra %(amount)s of M-Pesa payment %(receipt)s was paid back by hand by %(user)s (%(payment)s).",
+            "%(amount)s of the extra of M-Pesa payment %(receipt)s was paid back by hand by %(user)s"
+            " (%(payment)s); still to pay back: %(rest)s.",
             amount=self._mpesa_format_amount(amount), receipt=receipt, user=self.env.user.name,
-            payment=payment.name,
+            payment=payment.name, rest=self._mpesa_format_amount(rest),
         )
+        tx.sudo().mpesa_paid_back_by_hand += amount
+        tx.sudo().mpesa_ledger_id._mpesa_extra_paid_back(amount, note)
         document = self.sudo()
-        document.mpesa_needs_refund = False
         document.message_post(body=note, author_id=self.env.user.partner_id.id)
-        document.activity_ids.filtered(
-            lambda activity: activity.summary == self.env._("M-Pesa: check and refund an extra payment")
-        ).action_feedback(feedback=note)
-        tx.sudo().mpesa_ledger_id._mpesa_extra_paid_back(note)
+        if currency.compare_amounts(rest, 0) <= 0:
+            document.mpesa_needs_refund = False
+            document.activity_ids.filtered(
+                lambda activity: activity.summary == self.env._("M-Pesa: check and refund an extra payment")
+            ).action_feedback(feedback=note)
         return payment
 
     def _mpesa_refundable_payments(self):

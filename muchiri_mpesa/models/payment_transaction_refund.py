@@ -69,6 +69,11 @@ class PaymentTransaction(models.Model):
         'res.users', string="Refund Asked By", readonly=True, copy=False,
         help="The person who asked for this refund: its chatter lines are theirs, whoever settles it.",
     )
+    mpesa_paid_back_by_hand = fields.Monetary(
+        string="Paid Back by Hand", readonly=True, copy=False, currency_field='currency_id',
+        help="What the accountant paid back of this payment outside M-Pesa: M-Pesa would reverse the"
+             " whole payment, and the customer would get that part twice, so it is no longer reversed.",
+    )
     mpesa_reversal_receipt = fields.Char(
         string="M-Pesa Reversal", readonly=True, copy=False,
         help="The receipt of the M-Pesa transaction that gave the money back (also on the refunds of"
@@ -207,6 +212,14 @@ class PaymentTransaction(models.Model):
             raise ValidationError(self.env._(
                 "%s has no M-Pesa receipt yet (it was settled by STK Query): M-Pesa cannot reverse"
                 " a payment without its receipt.", self.reference,
+            ))
+        by_hand = self._mpesa_receipt_shares().filtered('mpesa_paid_back_by_hand')
+        if by_hand:
+            raise ValidationError(self.env._(
+                "%(amount)s of M-Pesa payment %(receipt)s was already paid back by hand: M-Pesa reverses"
+                " whole payments, so the customer would get it twice. Pay back the rest by hand.",
+                amount=self._mpesa_format_amount(sum(by_hand.mapped('mpesa_paid_back_by_hand'))),
+                receipt=self.mpesa_receipt_number,
             ))
         # An unproven receipt may be somebody else's payment: never reverse it.
         if self.mpesa_receipt_status in ('unverified', 'conflict'):

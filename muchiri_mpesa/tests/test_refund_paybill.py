@@ -9,7 +9,7 @@ its difference paid back by hand.
 """
 import json
 
-from odoo.exceptions import UserError
+from odoo.exceptions import UserError, ValidationError
 from odoo.tests import tagged
 
 from .test_c2b_confirmation import PaybillConfirmationCommon
@@ -162,8 +162,9 @@ class TestPaybillRefund(PaybillConfirmationCommon):
             lambda m: m.author_id == self.accountant.partner_id and 'by hand' in (m.body or '')))
 
     def test_paying_back_by_hand_refuses_bad_input_and_a_second_click(self):
-        """More than the extra, a sales journal, another payment: refused, nothing posted.  Then a
-        second click after the first finds nothing left to pay back."""
+        """More than the extra, a sales journal, another payment: refused, nothing posted.  Part of
+        the extra leaves the rest due and the payment no longer reversible; a click after the last
+        part finds nothing left to pay back."""
         invoice, row, wizard = self._overpaid_invoice()
         outbound = [('payment_type', '=', 'outbound'), ('partner_id', '=', self.distributor.commercial_partner_id.id)]
         sales = self.env['account.journal'].search([('type', '=', 'sale'), ('company_id', '=', invoice.company_id.id)],
@@ -182,11 +183,20 @@ class TestPaybillRefund(PaybillConfirmationCommon):
             self.env.invalidate_all()
             self.assertFalse(self.env['account.payment'].search(outbound), "nothing posted")
             self.assertEqual((row.state, row.refund_amount), ('over', 500))
-            wizard.copy().action_refund_by_hand()
+            # Part of it: the rest stays to pay back, and M-Pesa may no longer reverse the whole payment
+            # (the customer would get that part twice).
+            wizard.copy({'amount': 200}).action_refund_by_hand()
+            self.env.invalidate_all()
+            self.assertEqual((row.state, row.refund_amount, invoice.mpesa_needs_refund), ('over', 300, True))
+            with self.assertRaises(ValidationError):
+                wizard.copy().action_reverse_whole_payment()
+            self.assertFalse(self._reversals(), "nothing asked of M-Pesa")
+            wizard.copy({'amount': 300}).action_refund_by_hand()
             with self.assertRaises(UserError):
                 wizard.action_refund_by_hand()
             self.env.invalidate_all()
-        self.assertEqual(len(self.env['account.payment'].search(outbound)), 1, "paid back once")
+        self.assertEqual((row.state, row.refund_amount, invoice.mpesa_needs_refund), ('matched', 0, False))
+        self.assertEqual(sorted(self.env['account.payment'].search(outbound).mapped('amount')), [200, 300])
 
     def test_an_overpayment_inside_one_receipt_is_reversed_whole(self):
         invoice, row, wizard = self._overpaid_invoice()
