@@ -253,9 +253,29 @@ class PaymentProvider(models.Model):
         for provider in providers.filtered(lambda p: not p._mpesa_pull_refusal()):
             try:
                 provider._mpesa_pull()
-            except Exception:  # Each row was committed on its own: the next run goes on from there.
+            except Exception as error:  # Each row was committed on its own: the next run goes on from there.
                 _logger.warning("M-Pesa Pull Transactions of provider %s failed; the next run asks again.",
                                 provider.id, exc_info=True)
+                try:
+                    with self.env.cr.savepoint():
+                        provider._mpesa_pull_failed(error)
+                    self.env['payment.transaction']._mpesa_commit()
+                except Exception:  # The database itself failed: the log above is all we can do.
+                    _logger.warning("M-Pesa provider %s: the failed Pull could not be recorded.", provider.id,
+                                    exc_info=True)
+
+    def _mpesa_pull_failed(self, error):
+        """A run that failed read nothing: its window stays, and the accountants are told (Daraja
+        keeps 48 hours: a Pull that keeps failing loses what a lost confirmation left only there)."""
+        self.ensure_one()
+        self.mpesa_pull_cut_short = self.env._(
+            "The Pull Transactions run of %(when)s failed (%(error)s).  The payments after %(until)s"
+            " (Kenya time) are not read yet; the next run asks again.",
+            when=_kenya_text(_aware(fields.Datetime.now())),
+            error=str(error)[:200] or type(error).__name__,
+            until=_kenya_text(_aware(self.mpesa_pull_synced_until)) if self.mpesa_pull_synced_until else '-',
+        )
+        self.env['muchiri.mpesa.alert'].sudo()._mpesa_raise_ledger_gaps(self)
 
     def _mpesa_pull(self, now=None):
         """Query the window since the last completed query (with overlap; at most Daraja's 48 h),
@@ -299,7 +319,11 @@ class PaymentProvider(models.Model):
         finally:
             session.close()
         for pulled in listing.others:
-            provider._mpesa_pull_note_outflow(pulled)
+            try:
+                with self.env.cr.savepoint():
+                    provider._mpesa_pull_note_outflow(pulled)
+            except Exception:  # A note is no reason to hold the window back.
+                _logger.warning("M-Pesa Pull row %s could not be noted.", pulled.transaction_id, exc_info=True)
         # Never past what was read, never backwards; a row that failed is asked for again: the
         # window stays until it lands.
         read_until = listing.read_until.astimezone(timezone.utc).replace(tzinfo=None)

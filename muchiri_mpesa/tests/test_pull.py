@@ -216,6 +216,24 @@ class TestPull(MpesaLedgerCommon):
         self.assertGreater(self.provider.mpesa_pull_synced_until, fields.Datetime.now() - timedelta(minutes=5))
 
 
+    def test_a_pull_that_fails_says_so_and_keeps_its_window(self):
+        """Daraja unavailable for a whole run: nothing read, the window stays, an alert says so
+        (Daraja keeps 48 hours); the next run that reads its window closes it."""
+        self._pull()
+        synced = self.provider.mpesa_pull_synced_until
+        self.assertTrue(synced)
+        self.simulator.fail_next(error='unavailable', operations=('pull_query',))  # The run's first page.
+        self._pull()
+        self.assertEqual(self.provider.mpesa_pull_synced_until, synced, "nothing read, nothing skipped")
+        self.assertIn("failed", self.provider.mpesa_pull_cut_short or '')
+        alert = self.env['muchiri.mpesa.alert'].search([
+            ('kind', '=', 'pull_cut_short'), ('provider_id', '=', self.provider.id), ('state', '=', 'open')])
+        self.assertEqual(len(alert), 1, "a failing Pull is said, not only logged")
+        self._pull()
+        self.assertFalse(self.provider.mpesa_pull_cut_short)
+        self.assertEqual(alert.state, 'closed')
+
+
 @tagged('post_install', '-at_install')
 class TestPullReversal(InitiatorCommon):
     """Pull lists money going out too: it is never booked as money in."""

@@ -126,7 +126,7 @@ class TestPaybillRefund(PaybillConfirmationCommon):
         self.assertEqual(len(mails), 1, "one mail for one reversal")
         self.assertIn(first.name, mails.body)
         self.assertIn(second.name, mails.body)
-        with self.assertRaisesRegex(Exception, 'already refunded'), self.registry.test_lock:
+        with self.assertRaisesRegex(UserError, 'already refunded'), self.registry.test_lock:
             share.with_user(self.accountant).action_refund()
         self.assertEqual(len(self._reversals()), 1)
 
