@@ -914,7 +914,9 @@ class PaymentTransaction(models.Model):
         right after their confirmation, as Odoo's Automatic Invoice does at this point of the
         post-processing: `account_payment` then posts the invoice and reconciles it with the payment."""
         confirmed_orders = super()._check_amount_and_confirm_order()
-        self._mpesa_to_invoice_on_payment()._invoice_sale_orders()
+        self._mpesa_to_invoice_on_payment().filtered(
+            lambda tx: not any(order._mpesa_invoiced_before_paid() for order in tx.sale_order_ids)
+        )._invoice_sale_orders()
         return confirmed_orders
 
     # === BUSINESS METHODS - RECONCILIATION === #

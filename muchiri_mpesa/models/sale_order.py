@@ -95,6 +95,14 @@ class SaleOrder(models.Model):
         paid = self.sudo().transaction_ids.filtered(lambda tx: tx.provider_code == 'mpesa' and tx.state == 'done')
         return paid[:1].provider_id.mpesa_cash_rounding_id
 
+    def _mpesa_invoiced_before_paid(self):
+        """Whether invoicing this order on payment would invoice money twice: Odoo invoices a partly
+        paid order with a down payment of all that was paid so far, and a fully invoiced one with
+        nothing (and unlinks the payment's invoices).  Such an order is invoiced once it is paid."""
+        self.ensure_one()
+        invoiced = self.invoice_ids.filtered(lambda move: move.state != 'cancel')
+        return bool(invoiced) and (not self._is_paid() or self.invoice_status != 'to invoice')
+
     # === BACK OFFICE: M-PESA PAYMENT REQUESTS AND STATUS CHECKS === #
 
     mpesa_can_request_payment = fields.Boolean(

@@ -89,6 +89,23 @@ class TestOtherProviders(MpesaCommon):
         self.assertIn(invoice, tx.payment_id.reconciled_invoice_ids)
         self.assertTrue(invoice.is_move_sent, "sent to the customer, as Odoo's Automatic Invoice does")
 
+    def test_an_order_paid_in_parts_is_invoiced_once(self):
+        """Odoo's down payment is all that was paid so far: a second part must not invoice the first
+        again.  Never more invoiced than paid; once paid, invoiced exactly once."""
+        order = self.quotation
+        order.write({'require_payment': True, 'prepayment_percent': 0.5})
+        total = order.amount_total
+        parts = [round(total * 0.6), round(total * 0.25)]
+        parts.append(total - sum(parts))
+        for step, amount in enumerate(parts):
+            self._paid(self.provider, amount=amount, mpesa_receipt_number=f'TSTPART{step:03d}')
+            invoiced = sum(order.invoice_ids.filtered(lambda move: move.state != 'cancel').mapped('amount_total'))
+            with self.subTest(step=step):
+                self.assertEqual(order.state, 'sale')
+                self.assertLessEqual(invoiced, order.amount_paid + 0.01, "never invoiced beyond what was paid")
+        self.assertAlmostEqual(invoiced, total, places=2)
+        self.assertEqual(order.invoice_status, 'invoiced')
+
     def test_without_the_switch_an_m_pesa_payment_is_not_invoiced(self):
         self.provider.mpesa_invoice_on_payment = False
         tx = self._paid(self.provider)
