@@ -152,3 +152,8 @@ INITIATOR_MAX_CHECKS = 6
 # Results posted by Daraja that match no transaction yet (the answer to our request is not recorded
 # yet) are matched again this long.
 INITIATOR_KEEP_MATCHING_DAYS = 7
+
+# The one retention window: the jobs keep working on what is not settled (a kept body retried, a
+# ledger row matched again, a result waiting for its request, a condition watched) this many days;
+# past it, an accountant looks at it in the log (docs/design.md).
+KEEP_WORKING_DAYS = 7
