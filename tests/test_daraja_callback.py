@@ -16,6 +16,7 @@ from muchiri_mpesa.daraja import (
     RESULT_CODES,
     CallbackParseError,
     Outcome,
+    _inbound,
     parse_stk_callback,
     stk_callback_body,
 )
@@ -83,6 +84,15 @@ def test_amount_becomes_an_exact_decimal(value: Any, expected: Decimal) -> None:
     body["Body"]["stkCallback"]["CallbackMetadata"]["Item"][0]["Value"] = value
     amount = parse_stk_callback(body).amount
     assert amount == expected and str(amount) == str(expected)
+
+
+@pytest.mark.parametrize("value", ["0.001", "5.000001", 0.005, "1_000", "\u0665", "0x10", "1e1000000"])
+def test_an_amount_is_shillings_and_cents_as_for_c2b(value: Any) -> None:
+    """The same amount rule as every other body Daraja posts (daraja/_inbound.py)."""
+    body = _success()
+    body["Body"]["stkCallback"]["CallbackMetadata"]["Item"][0]["Value"] = value
+    with pytest.raises(CallbackParseError, match="Amount is not"):
+        parse_stk_callback(body)
 
 
 @pytest.mark.parametrize("value", [20191219102115, "20191219102115", 20191219102115.0])
@@ -214,6 +224,50 @@ def test_malformed_bodies_are_refused_saying_what_is_wrong(body: Any, message: s
     with pytest.raises(CallbackParseError, match=message) as caught:
         parse_stk_callback(body)
     assert isinstance(caught.value, ValueError)
+
+
+FAILURE_TEXT = json.dumps(_failure(1032, "Request cancelled by user"), separators=(",", ":"))
+CALLBACK_TEXT = SUCCESS_TEXT[len('{"Body":{"stkCallback":'):-2]
+FAILED_CALLBACK_TEXT = FAILURE_TEXT[len('{"Body":{"stkCallback":'):-2]
+
+
+@pytest.mark.parametrize("text", [
+    # Each of these reads as a valid success when the last key wins, and as a failure when the first does.
+    '{"Body":' + FAILURE_TEXT[len('{"Body":'):-1] + ',"Body":' + SUCCESS_TEXT[len('{"Body":'):],
+    '{"Body":{"stkCallback":' + FAILED_CALLBACK_TEXT + ',"stkCallback":' + CALLBACK_TEXT + "}}",
+    SUCCESS_TEXT.replace('"ResultCode":0', '"ResultCode":1032,"ResultCode":0', 1),
+    SUCCESS_TEXT.replace('"ResultCode":0', '"ResultCode":0,"ResultCode":1032', 1),
+    SUCCESS_TEXT.replace('{"Name":"Amount","Value":1.00}', '{"Name":"Amount","Value":4500,"Value":1.00}', 1),
+    SUCCESS_TEXT.replace('{"Name":"Amount","Value":1.00}', '{"Name":"Balance","Name":"Amount","Value":1.00}', 1),
+    SUCCESS_TEXT.replace('"CheckoutRequestID":', '"CheckoutRequestID":"ws_CO_0","CheckoutRequestID":', 1),
+    SUCCESS_TEXT.replace('"MpesaReceiptNumber","Value":', '"MpesaReceiptNumber","Value":"SIM0000000","Value":', 1),
+    SUCCESS_TEXT.replace('"CallbackMetadata":', '"CallbackMetadata":null,"CallbackMetadata":', 1),
+    SUCCESS_TEXT[:-1] + ',"Extra":1,"Extra":2}',
+], ids=["Body", "stkCallback", "ResultCode_first", "ResultCode_last", "Amount_Value", "item_Name",
+        "CheckoutRequestID", "MpesaReceiptNumber_Value", "CallbackMetadata", "unknown_key"])
+def test_a_repeated_key_anywhere_is_refused_like_c2b(text: str) -> None:
+    """{"ResultCode": 1032, "ResultCode": 0}: which one would the payment believe?  Refused, as the C2B,
+    Pull and initiator parsers refuse it (daraja/_inbound.py)."""
+    json.loads(text)  # Python's json reads it (the last key wins)...
+    for body in (text, text.encode()):
+        with pytest.raises(CallbackParseError, match="not valid JSON"):  # ...the parser does not.
+            parse_stk_callback(body)
+
+
+def test_the_stk_and_c2b_parsers_refuse_the_same_repeated_key() -> None:
+    text = SUCCESS_TEXT.replace('"ResultCode":0', '"ResultCode":1032,"ResultCode":0', 1)
+    with pytest.raises(CallbackParseError) as from_stk:
+        parse_stk_callback(text)
+    with pytest.raises(CallbackParseError) as from_shared:
+        _inbound.load_object(text, "The callback body")
+    assert str(from_stk.value) == str(from_shared.value) == "The callback body is not valid JSON."
+
+
+def test_a_body_larger_than_any_daraja_body_is_refused() -> None:
+    body = _success()
+    body["Body"]["stkCallback"]["Extra"] = "x" * (1 << 20)
+    with pytest.raises(CallbackParseError, match="too large"):
+        parse_stk_callback(json.dumps(body))
 
 
 def test_escaped_nul_and_surrogates_in_json_text_are_refused() -> None:

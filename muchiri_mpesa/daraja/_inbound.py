@@ -1,9 +1,11 @@
-"""The hardening every body Daraja posts to us goes through (C2B, initiator results), in one place.
+"""The hardening every body Daraja posts to us goes through (STK callbacks, C2B, Pull, initiator results), in
+one place (docs/design.md, 12. Failure modes: hostile bytes).
 
-The same rules as ``callback.parse_stk_callback`` (failure mode 18): any bytes at all are either a JSON object
-or a ``CallbackParseError``: not UTF-8, invalid JSON, NaN / Infinity, nesting past the interpreter's limit,
-integers too long to read, NUL, lone surrogates, over-long text and absurd amounts are all refused here, so the
-Odoo layer only ever stores what a database and Decimal arithmetic can take.
+Any bytes at all are either a JSON object or a ``CallbackParseError``: not UTF-8, invalid JSON, a key repeated in
+any object, NaN / Infinity, nesting past the interpreter's limit, integers too long to read, NUL, lone surrogates,
+over-long text and absurd amounts are all refused here, so the Odoo layer only ever stores what a database and
+Decimal arithmetic can take.  Every parser uses these helpers, never a copy of its own: a rule tightened here is
+tightened for all of them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ MAX_AMOUNT = Decimal(10) ** 9
 MAX_ID_LENGTH = 100
 MAX_TEXT_LENGTH = 1000
 MAX_BODY_BYTES = 1 << 20  # Daraja's bodies are a few hundred bytes.
-_DATE_FORMAT = "%Y%m%d%H%M%S"
+DATE_FORMAT = "%Y%m%d%H%M%S"  # Kenya time, as Daraja writes TransactionDate, TransTime
 # What Daraja writes for money ("5.00", 5, 5.0, "1E+2" from a float): ASCII only, so Decimal's extras (Unicode
 # digits, "1_000", "Infinity") never pass, and no exponent long enough to make Decimal work hard.
 _AMOUNT = re.compile(r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][+-]?[0-9]{1,3})?")
@@ -61,8 +63,20 @@ def load_object(body: bytes | str | dict[str, Any], what: str) -> dict[str, Any]
     except (ValueError, RecursionError):  # RecursionError: nesting past the interpreter's limit.
         raise CallbackParseError(f"{what} is not valid JSON.") from None
     if not isinstance(data, dict):
-        raise CallbackParseError(f"{what} is not a JSON object.")
+        raise CallbackParseError(f"{what} is a JSON {_json_type(data)}, not an object.")
     return data
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return "number"
 
 
 def clean(text: str, what: str, name: str, limit: int = MAX_TEXT_LENGTH, *, ascii_only: bool = False) -> str:
@@ -89,21 +103,31 @@ def scalar_text(value: Any, what: str, name: str, limit: int = MAX_TEXT_LENGTH, 
     return clean(str(value).strip(), what, name, limit, ascii_only=ascii_only)
 
 
+def result_code(value: Any, what: str) -> str:
+    """A ResultCode as text: Daraja sends a number (0, 1032.0) or a word (SFC_IC0003, R000001)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip():
+        raise CallbackParseError(f"The {what} ResultCode is neither a number nor a code.")
+    return clean(str(value).strip(), what, "ResultCode", MAX_ID_LENGTH, ascii_only=True)
+
+
 def amount(value: Any, what: str, name: str = "Amount") -> Decimal:
     """A non-negative, finite amount below MAX_AMOUNT in whole cents; whole amounts lose their ".00"."""
+    not_a_number = CallbackParseError(f"The {what} {name} is not a number.")
     refused = CallbackParseError(f"The {what} {name} is not an amount of money.")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise refused
+        raise not_a_number
     text = value.strip() if isinstance(value, str) else repr(value) if isinstance(value, float) else ""
     if isinstance(value, int):
         number = Decimal(value) if abs(value) < MAX_AMOUNT else MAX_AMOUNT  # no str() of a 5,000-digit int
-    elif not _AMOUNT.fullmatch(text):
-        raise refused
+    elif not _AMOUNT.fullmatch(text):  # also nan, inf, Unicode digits and "1_000"
+        raise not_a_number
     else:
         try:
             number = Decimal(text)
         except (InvalidOperation, ValueError):
-            raise refused from None
+            raise not_a_number from None
     if not number.is_finite() or not 0 <= number < MAX_AMOUNT:
         raise refused
     # Shillings and cents only: "0.001" or "1E-999999999" is no M-Pesa amount (and no database numeric).
@@ -124,7 +148,7 @@ def kenya_time(value: Any) -> datetime | None:
     if len(text) != 14 or not text.isdigit():
         return None
     try:
-        moment = datetime.strptime(text, _DATE_FORMAT).replace(tzinfo=KENYA_TZ)
+        moment = datetime.strptime(text, DATE_FORMAT).replace(tzinfo=KENYA_TZ)
     except ValueError:
         return None
     # Years a conversion to UTC could overflow (0001, 9999) are no M-Pesa date either.

@@ -1,21 +1,22 @@
 """Reading (and, for the simulator and tests, writing) Daraja's stkCallback body.
 
-Daraja posts plain JSON whose types drift (failure mode 12): ResultCode is a number or a word
-(``SFC_IC0003``), Amount a float (1.00), TransactionDate a number in Kenya time, Balance often
-has no Value.  ``parse_stk_callback`` turns all of it into one typed, frozen object or raises
+Daraja posts plain JSON whose types drift (docs/design.md, 3. Daraja facts): ResultCode is a number
+or a word (``SFC_IC0003``), Amount a float (1.00), TransactionDate a number in Kenya time, Balance
+often has no Value.  ``parse_stk_callback`` turns all of it into one typed, frozen object or raises
 CallbackParseError saying what is missing; it does not judge the payment (a success without a
-receipt is parsed, and the Odoo layer refuses it).
+receipt is parsed, and the Odoo layer refuses it).  The body is read by ``_inbound``, as every
+body Daraja posts us: a hostile body is refused here exactly as a C2B or initiator one is.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
+from . import _inbound
 from .codes import Outcome, ResultCode, classify_result
 from .errors import CallbackParseError
 from .stk import KENYA_TZ
@@ -31,15 +32,9 @@ __all__ = [
 # What the callback route answers to anything shaped like a Daraja callback (copy before changing).
 ACCEPTED_RESPONSE: dict[str, Any] = {"ResultCode": 0, "ResultDesc": "Accepted"}
 
-_DATE_FORMAT = "%Y%m%d%H%M%S"
-
-# Far above any M-Pesa amount (250,000 per payment): a larger number is not a Daraja callback, and
-# Decimal arithmetic on it would fail later (failure mode 18).
-_MAX_AMOUNT = Decimal(10) ** 9
-# Daraja's identifiers are about 30 characters of ASCII and its descriptions a sentence; the
-# Odoo layer indexes identifiers, receipts and phones (a btree entry holds at most 2,704 bytes).
-_MAX_ID_LENGTH = 100
-_MAX_TEXT_LENGTH = 1000
+_WHAT = "stkCallback"
+# Identifiers, receipts and phones are indexed by the Odoo layer: _inbound.MAX_ID_LENGTH keeps them
+# far below what a btree entry holds (2,704 bytes).
 _MAX_PHONE_LENGTH = 64  # A SHA-256 hex digest, the longest form Daraja reports a payer in.
 # M-Pesa receipts are about 10 letters and digits (e.g. NLJ7RT61SV).
 _RECEIPT = re.compile(r"[A-Za-z0-9]{4,32}")
@@ -73,71 +68,17 @@ class StkCallback:
         return self.result_code == "0"
 
 
-def _load(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(body, dict):
-        return body
-    if isinstance(body, (bytes, bytearray)):
-        try:
-            body = bytes(body).decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise CallbackParseError("The callback body is not UTF-8 text.") from None
-    if not isinstance(body, str):
-        raise CallbackParseError(f"The callback body is a {type(body).__name__}, not JSON.")
-    try:
-        data = json.loads(body, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError):  # RecursionError: nesting past the interpreter's limit.
-        raise CallbackParseError("The callback body is not valid JSON.") from None
-    if not isinstance(data, dict):
-        raise CallbackParseError(
-            f"The callback body is a JSON {_json_type(data)}, not an object with a Body."
-        )
-    return data
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python's json accepts them, JSON does not.
-
-
-def _clean(text: str, name: str, limit: int = _MAX_TEXT_LENGTH, ascii_only: bool = False) -> str:
-    """A text field as a database can store it: no NUL, no lone surrogate, of a sane length
-    (identifiers: printable ASCII)."""
-    if "\x00" in text or len(text) > limit or (ascii_only and not (text.isascii() and text.isprintable())):
-        raise CallbackParseError(f"The stkCallback {name} is not a Daraja value.")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # A lone surrogate, from a \ud800 escape.
-        raise CallbackParseError(f"The stkCallback {name} is not a Daraja value.") from None
-    return text
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, str):
-        return "string"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    return "number"
-
-
 def _required_id(callback: dict[str, Any], name: str) -> str:
     value = callback.get(name)
     if not isinstance(value, str) or not value.strip():
         raise CallbackParseError(f"The stkCallback has no {name} (a non-empty string is required).")
-    return _clean(value.strip(), name, _MAX_ID_LENGTH, ascii_only=True)
+    return _inbound.clean(value.strip(), _WHAT, name, _inbound.MAX_ID_LENGTH, ascii_only=True)
 
 
 def _result_code(callback: dict[str, Any]) -> str:
     if "ResultCode" not in callback:
         raise CallbackParseError("The stkCallback has no ResultCode.")
-    value = callback["ResultCode"]
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip():
-        raise CallbackParseError("The stkCallback ResultCode is neither a number nor a code.")
-    return _clean(str(value).strip(), "ResultCode", _MAX_ID_LENGTH, ascii_only=True)
+    return _inbound.result_code(callback["ResultCode"], _WHAT)
 
 
 def _items(callback: dict[str, Any]) -> dict[str, Any]:
@@ -161,54 +102,29 @@ def _items(callback: dict[str, Any]) -> dict[str, Any]:
 
 
 def _amount(value: Any) -> Decimal | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise CallbackParseError("The stkCallback Amount is not a number.")
-    try:
-        amount = Decimal(str(value).strip())
-    except InvalidOperation:
-        raise CallbackParseError("The stkCallback Amount is not a number.") from None
-    if not amount.is_finite():
-        raise CallbackParseError("The stkCallback Amount is not a number.")
-    if not 0 <= amount < _MAX_AMOUNT:
-        raise CallbackParseError("The stkCallback Amount is not an amount of money.")
-    if amount == amount.to_integral_value():
-        amount = amount.quantize(Decimal(1))  # 1.00 -> Decimal("1")
-    return amount
+    return None if value is None else _inbound.amount(value, _WHAT)
 
 
 def _transaction_date(value: Any) -> datetime | None:
-    """YYYYMMDDHHmmss (number or text) in Kenya time; None when absent or not such a date.
+    """The TransactionDate in Kenya time, as Daraja wrote it; None when absent or not such a date.
 
     An odd date does not refuse the callback: the receipt it carries matters more.
     """
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        return None
-    text = str(value).strip()
-    if len(text) != 14 or not text.isdigit():
-        return None
-    try:
-        moment = datetime.strptime(text, _DATE_FORMAT).replace(tzinfo=KENYA_TZ)
-    except ValueError:
-        return None
-    # Years a conversion to UTC could overflow (0001, 9999) are no M-Pesa date either.
-    return moment if 2000 <= moment.year <= 2200 else None
+    moment = _inbound.kenya_time(value)
+    return None if moment is None else moment.astimezone(KENYA_TZ)
 
 
-def _optional_text(value: Any, name: str, limit: int = _MAX_TEXT_LENGTH) -> str | None:
+def _optional_text(value: Any, name: str, limit: int = _inbound.MAX_TEXT_LENGTH) -> str | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if value is None or isinstance(value, (dict, list)):
         return None
-    text = _clean(str(value).strip(), name, limit, ascii_only=True)
+    text = _inbound.clean(str(value).strip(), _WHAT, name, limit, ascii_only=True)
     return text or None
 
 
 def _receipt(value: Any) -> str | None:
-    receipt = _optional_text(value, "MpesaReceiptNumber", _MAX_ID_LENGTH)
+    receipt = _optional_text(value, "MpesaReceiptNumber", _inbound.MAX_ID_LENGTH)
     if receipt is not None and not _RECEIPT.fullmatch(receipt):
         raise CallbackParseError("The stkCallback MpesaReceiptNumber is not a Daraja value.")
     return receipt
@@ -216,7 +132,7 @@ def _receipt(value: Any) -> str | None:
 
 def parse_stk_callback(body: bytes | str | dict[str, Any]) -> StkCallback:
     """Parse a Daraja stkCallback (JSON text, bytes or an already decoded dict)."""
-    data = _load(body)
+    data = _inbound.load_object(body, "The callback body")
     envelope = data.get("Body")
     if not isinstance(envelope, dict):
         raise CallbackParseError("The callback has no Body object.")
@@ -229,7 +145,7 @@ def parse_stk_callback(body: bytes | str | dict[str, Any]) -> StkCallback:
     desc = callback.get("ResultDesc")
     if not isinstance(desc, str):
         raise CallbackParseError("The stkCallback has no ResultDesc.")
-    desc = _clean(desc.strip(), "ResultDesc")
+    desc = _inbound.clean(desc.strip(), _WHAT, "ResultDesc")
     items = _items(callback)
     balance = items.get("Balance")
     return StkCallback(
@@ -241,7 +157,7 @@ def parse_stk_callback(body: bytes | str | dict[str, Any]) -> StkCallback:
         receipt_number=_receipt(items.get("MpesaReceiptNumber")),
         transaction_date=_transaction_date(items.get("TransactionDate")),
         phone_number=_optional_text(items.get("PhoneNumber"), "PhoneNumber", _MAX_PHONE_LENGTH),
-        balance=None if balance is None else _clean(str(balance), "Balance"),
+        balance=None if balance is None else _inbound.clean(str(balance), _WHAT, "Balance"),
         raw=data,
     )
 
@@ -284,7 +200,7 @@ def stk_callback_body(
             moment = transaction_date
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
-            stamp = moment.astimezone(KENYA_TZ).strftime(_DATE_FORMAT)
+            stamp = moment.astimezone(KENYA_TZ).strftime(_inbound.DATE_FORMAT)
             items.append({"Name": "TransactionDate", "Value": int(stamp)})
         if phone is not None:
             text = str(phone).strip()

@@ -361,14 +361,6 @@ def describe_initiator_result(code: object) -> str:
     return f"M-Pesa did not complete the request (code {text or 'none'}); nothing can be assumed done."
 
 
-def _result_code(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip():
-        raise CallbackParseError("The initiator result ResultCode is neither a number nor a code.")
-    return _inbound.clean(str(value).strip(), _WHAT, "ResultCode", _inbound.MAX_ID_LENGTH, ascii_only=True)
-
-
 def _pairs(container: Any, list_key: str, name: str) -> dict[str, str]:
     """ResultParameters.ResultParameter / ReferenceData.ReferenceItem (a list, or one object) as {Key: Value}."""
     if container is None or container == "":
@@ -414,7 +406,7 @@ def parse_initiator_result(body: bytes | str | dict[str, Any], *, timeout: bool 
     if not isinstance(result, dict):
         raise CallbackParseError("The initiator result body has no Result object.")
     if "ResultCode" in result:
-        code = _result_code(result["ResultCode"])
+        code = _inbound.result_code(result["ResultCode"], _WHAT)
     elif timeout:
         code = ""
     else:
