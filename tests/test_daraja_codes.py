@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import pathlib
+import re
+
 import pytest
 
+from muchiri_mpesa import daraja
 from muchiri_mpesa.daraja import (
     ERROR_CODES,
     INVALID_TOKEN_CODES,
@@ -11,6 +16,7 @@ from muchiri_mpesa.daraja import (
     Outcome,
     ResultCode,
     classify_result,
+    codes,
     describe_api_error,
     is_being_processed,
 )
@@ -106,3 +112,41 @@ def test_describe_api_error_refines_500_001_1001_by_message() -> None:
     assert describe_api_error("500.003.02", "Spike arrest violation") is ERROR_CODES["500.003.02"]
     assert describe_api_error("999.999.99", "what") is None
     assert describe_api_error(None, None) is None
+
+
+# -- one catalogue ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("module", "names"), [
+    ("initiator", ["ALREADY_REVERSED_CODE", "INITIATOR_INVALID_CODES", "INITIATOR_RESULT_CODES",
+                   "UNKNOWN_TRANSACTION_CODES", "describe_initiator_result"]),
+    ("c2b", ["C2B_INVALID_ACCOUNT", "C2B_INVALID_AMOUNT", "C2B_INVALID_KYC", "C2B_INVALID_MSISDN",
+             "C2B_INVALID_SHORTCODE", "C2B_OTHER_ERROR", "C2B_REJECTION_CODES", "PRODUCT_MISMATCH_CODE"]),
+    ("pull", ["PULL_NONE_FOUND", "PULL_SUCCESS"]),
+])
+def test_daraja_codes_live_in_codes_and_stay_importable_where_they_were(module: str, names: list[str]) -> None:
+    where = importlib.import_module(f"muchiri_mpesa.daraja.{module}")
+    for name in names:
+        assert getattr(where, name) is getattr(codes, name), name
+        assert name in codes.__all__ and name in where.__all__, name
+        if hasattr(daraja, name):
+            assert getattr(daraja, name) is getattr(codes, name), name
+
+
+def test_no_daraja_code_is_written_outside_the_catalogue() -> None:
+    """Outside codes.py (and the simulator, which plays Safaricom's side), the library names Daraja's codes."""
+    root = pathlib.Path(__file__).resolve().parent.parent / "muchiri_mpesa" / "daraja"
+    code = re.compile(r"""["'](?:R0000\d\d|C2B000\d\d|\d{3}\.\d{3}\.\d{2,4}|1000|1001)["']""")
+    found = [
+        f"{path.name}:{number}: {line.strip()}"
+        for path in sorted(root.glob("*.py")) if path.name != "codes.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if code.search(line) and not line.lstrip().startswith("#")
+    ]
+    assert found == []
+
+
+def test_initiator_codes_and_messages() -> None:
+    assert codes.ALREADY_REVERSED_CODE in codes.INITIATOR_RESULT_CODES
+    assert set(codes.UNKNOWN_TRANSACTION_CODES) | set(codes.INITIATOR_INVALID_CODES) <= set(
+        codes.INITIATOR_RESULT_CODES)
+    assert codes.describe_initiator_result(" R000001 ") == codes.INITIATOR_RESULT_CODES["R000001"]
+    assert "code X9" in codes.describe_initiator_result("X9")

@@ -1,20 +1,14 @@
 """The Daraja (Safaricom M-Pesa) layer: plain Python, ``requests`` and ``cryptography`` (initiator APIs), no Odoo.
 
 The Odoo models call this package; it knows nothing of Odoo, the database or incoming HTTP.
-Payload shapes, passwords, timestamps and the meaning of Daraja's codes live here and only here.
+Payload shapes, passwords, timestamps and the meaning of Daraja's codes live here and only here (the codes in
+``codes``).
 """
 
 from __future__ import annotations
 
 from .c2b import (
     C2B_CONFIRMATION_ACK,
-    C2B_INVALID_ACCOUNT,
-    C2B_INVALID_AMOUNT,
-    C2B_INVALID_KYC,
-    C2B_INVALID_MSISDN,
-    C2B_INVALID_SHORTCODE,
-    C2B_OTHER_ERROR,
-    C2B_REJECTION_CODES,
     RESPONSE_CANCELLED,
     RESPONSE_COMPLETED,
     C2BPayment,
@@ -38,14 +32,26 @@ from .client import (
     StkQueryResult,
 )
 from .codes import (
+    ALREADY_REVERSED_CODE,
+    C2B_INVALID_ACCOUNT,
+    C2B_INVALID_AMOUNT,
+    C2B_INVALID_KYC,
+    C2B_INVALID_MSISDN,
+    C2B_INVALID_SHORTCODE,
+    C2B_OTHER_ERROR,
+    C2B_REJECTION_CODES,
     ERROR_CODES,
+    INITIATOR_INVALID_CODES,
+    INITIATOR_RESULT_CODES,
     INVALID_TOKEN_CODES,
     RESULT_CODES,
+    UNKNOWN_TRANSACTION_CODES,
     ApiErrorCode,
     Outcome,
     ResultCode,
     classify_result,
     describe_api_error,
+    describe_initiator_result,
     is_being_processed,
 )
 from .errors import (
@@ -61,20 +67,15 @@ from .errors import (
     InvalidPhoneNumber,
 )
 from .initiator import (
-    ALREADY_REVERSED_CODE,
     IDENTIFIER_MSISDN,
     IDENTIFIER_SHORTCODE,
     IDENTIFIER_TILL,
-    INITIATOR_INVALID_CODES,
-    INITIATOR_RESULT_CODES,
-    UNKNOWN_TRANSACTION_CODES,
     CertificateSummary,
     InitiatorAck,
     InitiatorResult,
     build_reversal_payload,
     build_transaction_status_payload,
     certificate_summary,
-    describe_initiator_result,
     parse_initiator_result,
     security_credential,
 )

@@ -17,6 +17,18 @@ from decimal import Decimal
 from typing import Any
 
 from . import _inbound
+from .codes import (  # Daraja's codes live in codes.py; re-exported here, where callers first found them.
+    C2B_INVALID_ACCOUNT,
+    C2B_INVALID_AMOUNT,
+    C2B_INVALID_KYC,
+    C2B_INVALID_MSISDN,
+    C2B_INVALID_SHORTCODE,
+    C2B_OTHER_ERROR,
+    C2B_REJECTION_CODES,
+    PRODUCT_MISMATCH_CODE,
+    REQUEST_ACCEPTED,
+    URLS_ALREADY_REGISTERED_CODE,
+)
 from .errors import CallbackParseError, DarajaValidationError, InvalidConfiguration, InvalidPhoneNumber
 from .money import DARAJA_MAX_AMOUNT, check_amount
 from .phone import normalize_msisdn
@@ -51,31 +63,12 @@ __all__ = [
 
 C2B_REGISTER_PATHS = {"v2": "/mpesa/c2b/v2/registerurl", "v1": "/mpesa/c2b/v1/registerurl"}
 C2B_SIMULATE_PATH = "/mpesa/c2b/v1/simulate"
-# "the version must match the API product on the app": this errorCode means "try the other version".
-PRODUCT_MISMATCH_CODE = "401.003.01"
-
 # What Daraja does when the ValidationURL does not answer in time (about 8 s).
 RESPONSE_COMPLETED = "Completed"
 RESPONSE_CANCELLED = "Cancelled"
 
 # The answer to a confirmation (copy before changing).
 C2B_CONFIRMATION_ACK: dict[str, Any] = {"ResultCode": 0, "ResultDesc": "Accepted"}
-
-# Rejections a ValidationURL may answer.
-C2B_INVALID_MSISDN = "C2B00011"
-C2B_INVALID_ACCOUNT = "C2B00012"
-C2B_INVALID_AMOUNT = "C2B00013"
-C2B_INVALID_KYC = "C2B00014"
-C2B_INVALID_SHORTCODE = "C2B00015"
-C2B_OTHER_ERROR = "C2B00016"
-C2B_REJECTION_CODES: dict[str, str] = {
-    C2B_INVALID_MSISDN: "Invalid MSISDN",
-    C2B_INVALID_ACCOUNT: "Invalid Account Number",
-    C2B_INVALID_AMOUNT: "Invalid Amount",
-    C2B_INVALID_KYC: "Invalid KYC Details",
-    C2B_INVALID_SHORTCODE: "Invalid Shortcode",
-    C2B_OTHER_ERROR: "Other Error",
-}
 
 _WHAT = "C2B"
 _RECEIPT = re.compile(r"[A-Za-z0-9]{4,32}")
@@ -217,9 +210,9 @@ class C2BRegistration:
 def is_already_registered(error_code: str | None, message: str | None) -> bool:
     """Daraja's one-time production registration: "500.003.1001 Urls are already registered"."""
     return "already registered" in (message or "").casefold() and (error_code or "").strip() in (
-        "500.003.1001",
+        URLS_ALREADY_REGISTERED_CODE,
         "",
-        "0",
+        REQUEST_ACCEPTED,
     )
 
 

@@ -28,7 +28,6 @@ import urllib3.exceptions
 from .c2b import (
     C2B_REGISTER_PATHS,
     C2B_SIMULATE_PATH,
-    PRODUCT_MISMATCH_CODE,
     C2BRegistration,
     build_c2b_register_payload,
     build_c2b_simulate_payload,
@@ -36,6 +35,10 @@ from .c2b import (
 )
 from .codes import (
     INVALID_TOKEN_CODES,
+    PRODUCT_MISMATCH_CODE,
+    PULL_NONE_FOUND,
+    PULL_SUCCESS,
+    REQUEST_ACCEPTED,
     Outcome,
     ResultCode,
     classify_result,
@@ -63,10 +66,8 @@ from .phone import mask_msisdn
 from .pull import (
     PULL_CUT_PAGE_LIMIT,
     PULL_CUT_REPEATED_PAGE,
-    PULL_NONE_FOUND,
     PULL_QUERY_PATH,
     PULL_REGISTER_PATH,
-    PULL_SUCCESS,
     PullListing,
     PullTransaction,
     build_pull_query_payload,
@@ -552,7 +553,7 @@ class DarajaClient:
                     http_status=status,
                 )
             description_text = _text(data.get("ResponseDescription")) or ""
-            if response_code != "0":
+            if response_code != REQUEST_ACCEPTED:
                 raise DarajaApiError(
                     f"Daraja did not accept the STK push (ResponseCode {response_code}"
                     f"{': ' + description_text if description_text else ''}).",
@@ -624,7 +625,7 @@ class DarajaClient:
             result_code = _text(data.get("ResultCode"))
             if result_code is None:
                 response_code = _text(data.get("ResponseCode"))
-                if response_code not in (None, "0"):
+                if response_code not in (None, REQUEST_ACCEPTED):
                     description_text = _text(data.get("ResponseDescription"))
                     raise DarajaApiError(
                         f"Daraja did not accept the STK push query (ResponseCode {response_code}"
@@ -677,7 +678,7 @@ class DarajaClient:
                     http_status=status,
                 )
             description_text = _text(data.get("ResponseDescription")) or ""
-            if response_code != "0":
+            if response_code != REQUEST_ACCEPTED:
                 raise DarajaApiError(
                     f"Daraja did not accept {_ACTION[operation]} (ResponseCode {response_code}"
                     f"{': ' + description_text if description_text else ''}).",
@@ -819,7 +820,7 @@ class DarajaClient:
                 description = _text(data.get("ResponseDescription")) or ""
                 if is_already_registered(code, description):
                     return C2BRegistration(version, True, code, description)
-                if code != "0":
+                if code != REQUEST_ACCEPTED:
                     raise DarajaApiError(
                         f"Daraja did not accept the C2B URL registration (ResponseCode {code or 'none'}"
                         f"{': ' + description if description else ''}).",
@@ -861,7 +862,7 @@ class DarajaClient:
 
         def accept(status: int, data: dict[str, Any]) -> dict[str, Any]:
             code = _text(data.get("ResponseCode"))
-            if code not in (None, "0"):
+            if code not in (None, REQUEST_ACCEPTED):
                 raise DarajaApiError(
                     f"Daraja did not accept the C2B simulation (ResponseCode {code}).",
                     http_status=status, error_code=code, error_message=_text(data.get("ResponseDescription")),
@@ -878,7 +879,7 @@ class DarajaClient:
 
         def accept(status: int, data: dict[str, Any]) -> dict[str, Any]:
             code = _text(data.get("ResponseStatus")) or _text(data.get("ResponseCode"))
-            if code not in (None, "0", PULL_SUCCESS):
+            if code not in (None, REQUEST_ACCEPTED, PULL_SUCCESS):
                 raise DarajaApiError(
                     f"Daraja did not register the shortcode for Pull Transactions (ResponseCode {code}).",
                     http_status=status, error_code=code, error_message=_text(data.get("ResponseDescription")),

@@ -1,10 +1,18 @@
-"""What Daraja's codes mean: final or pending, retry or not, and what to tell the customer.
+"""Daraja's code catalogue: what each code means, final or pending, retry or not, what to tell people.
 
-Two families: the ``ResultCode`` of an STK transaction (callback and query), and the
-``errorCode`` of a refused API call.  Result codes are compared as text because Daraja sends
-them as numbers in callbacks, as strings in queries, and sometimes as words (``SFC_IC0003``).
-An unknown result code is never read as a failure: the payment stays pending until a known
-answer arrives (failure mode 11, pending misread as failure).
+Every code Daraja answers with lives here, and only here:
+
+- the ``ResultCode`` of an STK transaction (callback and query);
+- the ``errorCode`` of a refused API call;
+- the ``ResponseCode`` of an accepted request;
+- the ``ResultCode`` of an initiator Result (Reversal, Transaction Status);
+- the ``ResultCode`` a C2B ValidationURL answers to refuse a payment;
+- the ``ResponseCode`` of a Pull Transactions query.
+
+Codes are compared as text because Daraja sends them as numbers in callbacks, as strings in
+queries, and sometimes as words (``SFC_IC0003``, ``R000001``).  An unknown STK result code is
+never read as a failure: the payment stays pending until a known answer arrives
+(docs/design.md, 12. Failure modes: pending read as failure).
 """
 
 from __future__ import annotations
@@ -13,14 +21,33 @@ import enum
 from dataclasses import dataclass
 
 __all__ = [
+    "ALREADY_REVERSED_CODE",
+    "C2B_INVALID_ACCOUNT",
+    "C2B_INVALID_AMOUNT",
+    "C2B_INVALID_KYC",
+    "C2B_INVALID_MSISDN",
+    "C2B_INVALID_SHORTCODE",
+    "C2B_OTHER_ERROR",
+    "C2B_REJECTION_CODES",
     "ERROR_CODES",
+    "INITIATOR_INVALID_CODES",
+    "INITIATOR_RESULT_CODES",
+    "INITIATOR_TIMEOUT_MESSAGE",
     "INVALID_TOKEN_CODES",
+    "PRODUCT_MISMATCH_CODE",
+    "PULL_NONE_FOUND",
+    "PULL_SUCCESS",
+    "REQUEST_ACCEPTED",
     "RESULT_CODES",
+    "UNKNOWN_TRANSACTION_CODE",
+    "UNKNOWN_TRANSACTION_CODES",
+    "URLS_ALREADY_REGISTERED_CODE",
     "ApiErrorCode",
     "Outcome",
     "ResultCode",
     "classify_result",
     "describe_api_error",
+    "describe_initiator_result",
     "is_being_processed",
 ]
 
@@ -157,6 +184,10 @@ ERROR_CODES: dict[str, ApiErrorCode] = {
 
 # errorCodes that mean "this access token is not (or no longer) valid": refresh it once and resend.
 INVALID_TOKEN_CODES = frozenset({"404.001.03", "401.002.01"})
+# C2B URL registration: "the version must match the API product on the app", i.e. try the other version.
+PRODUCT_MISMATCH_CODE = "401.003.01"
+# C2B URL registration in production, once the URLs are set: "Urls are already registered" (a result, no error).
+URLS_ALREADY_REGISTERED_CODE = "500.003.1001"
 
 # 500.001.1001 covers several refusals; the errorMessage tells them apart.
 _1001_BY_MESSAGE: tuple[tuple[str, ApiErrorCode], ...] = (
@@ -200,3 +231,76 @@ def is_being_processed(error_code: str | None, error_message: str | None) -> boo
     return (error_code or "").strip() == "500.001.1001" and BEING_PROCESSED in (
         error_message or ""
     ).casefold()
+
+
+# === REQUESTS ACCEPTED === #
+
+# The ResponseCode of a request Daraja accepted (STK Push, Reversal, Transaction Status, C2B registration and
+# simulation): accepted means queued, not done; the result comes later.
+REQUEST_ACCEPTED = "0"
+
+
+# === INITIATOR RESULTS (Reversal, Transaction Status) === #
+
+INITIATOR_TIMEOUT_MESSAGE = (
+    "M-Pesa did not process the request in time (queue timeout): nothing was done. Check with Transaction Status "
+    "before sending it again."
+)
+
+INITIATOR_RESULT_CODES: dict[str, str] = {
+    "0": "M-Pesa completed the request.",
+    "1": "The M-Pesa balance of the shortcode is too low for this reversal.",
+    "26": "M-Pesa is busy. Try again in a few minutes.",
+    "2001": (
+        "M-Pesa refused the initiator: the initiator name or its password is wrong, or the security credential "
+        "was made with the certificate of another environment (sandbox or production)."
+    ),
+    "8006": "The initiator's security credential is locked. The account holder must reset it on the M-Pesa portal.",
+    "R000001": "This M-Pesa transaction was already reversed.",
+    "R000002": (
+        "M-Pesa does not know the original transaction: check the receipt, the amount and that it was paid to "
+        "this shortcode."
+    ),
+}
+
+# What the Odoo layer decides on, by code (compared as text).
+ALREADY_REVERSED_CODE = "R000001"
+UNKNOWN_TRANSACTION_CODE = "R000002"
+UNKNOWN_TRANSACTION_CODES: tuple[str, ...] = (UNKNOWN_TRANSACTION_CODE,)
+# The initiator set-up is wrong: asking again changes nothing until an administrator fixes it.
+INITIATOR_INVALID_CODES: tuple[str, ...] = ("2001",)
+
+
+def describe_initiator_result(code: object) -> str:
+    """A sentence for an initiator ResultCode (compared as text; unknown codes say so, they are no success)."""
+    text = "" if code is None else str(code).strip()
+    known = INITIATOR_RESULT_CODES.get(text)
+    if known is not None:
+        return known
+    return f"M-Pesa did not complete the request (code {text or 'none'}); nothing can be assumed done."
+
+
+# === C2B VALIDATION === #
+
+# The ResultCodes a ValidationURL may answer to refuse a payment, with Safaricom's descriptions.
+C2B_INVALID_MSISDN = "C2B00011"
+C2B_INVALID_ACCOUNT = "C2B00012"
+C2B_INVALID_AMOUNT = "C2B00013"
+C2B_INVALID_KYC = "C2B00014"
+C2B_INVALID_SHORTCODE = "C2B00015"
+C2B_OTHER_ERROR = "C2B00016"
+C2B_REJECTION_CODES: dict[str, str] = {
+    C2B_INVALID_MSISDN: "Invalid MSISDN",
+    C2B_INVALID_ACCOUNT: "Invalid Account Number",
+    C2B_INVALID_AMOUNT: "Invalid Amount",
+    C2B_INVALID_KYC: "Invalid KYC Details",
+    C2B_INVALID_SHORTCODE: "Invalid Shortcode",
+    C2B_OTHER_ERROR: "Other Error",
+}
+
+
+# === PULL TRANSACTIONS === #
+
+# The ResponseCode of a query (HTTP 200 both): rows found, or none in the window.
+PULL_SUCCESS = "1000"
+PULL_NONE_FOUND = "1001"

@@ -20,6 +20,14 @@ from decimal import Decimal
 from typing import Any
 
 from . import _inbound
+from .codes import (  # Daraja's codes live in codes.py; re-exported here, where callers first found them.
+    ALREADY_REVERSED_CODE,
+    INITIATOR_INVALID_CODES,
+    INITIATOR_RESULT_CODES,
+    INITIATOR_TIMEOUT_MESSAGE,
+    UNKNOWN_TRANSACTION_CODES,
+    describe_initiator_result,
+)
 from .errors import CallbackParseError, DarajaValidationError, InvalidConfiguration
 from .money import DARAJA_MAX_AMOUNT, check_amount
 from .tokens import UTC
@@ -281,7 +289,7 @@ class InitiatorResult:
     def description(self) -> str:
         """What the code means, for people (see describe_initiator_result)."""
         if self.is_timeout:
-            return TIMEOUT_MESSAGE
+            return INITIATOR_TIMEOUT_MESSAGE
         return describe_initiator_result(self.result_code)
 
     # The parameters a caller checks (Transaction Status: receipt, amount, status, shortcode).
@@ -321,44 +329,6 @@ class InitiatorResult:
     @property
     def finalised_at(self) -> datetime | None:
         return _inbound.kenya_time(self.parameters.get("FinalisedTime") or self.parameters.get("TransCompletedTime"))
-
-
-TIMEOUT_MESSAGE = (
-    "M-Pesa did not process the request in time (queue timeout): nothing was done. Check with Transaction Status "
-    "before sending it again."
-)
-
-INITIATOR_RESULT_CODES: dict[str, str] = {
-    "0": "M-Pesa completed the request.",
-    "1": "The M-Pesa balance of the shortcode is too low for this reversal.",
-    "26": "M-Pesa is busy. Try again in a few minutes.",
-    "2001": (
-        "M-Pesa refused the initiator: the initiator name or its password is wrong, or the security credential "
-        "was made with the certificate of another environment (sandbox or production)."
-    ),
-    "8006": "The initiator's security credential is locked. The account holder must reset it on the M-Pesa portal.",
-    "R000001": "This M-Pesa transaction was already reversed.",
-    "R000002": (
-        "M-Pesa does not know the original transaction: check the receipt, the amount and that it was paid to "
-        "this shortcode."
-    ),
-}
-
-
-# What the Odoo layer decides on, by code (compared as text).
-ALREADY_REVERSED_CODE = "R000001"
-UNKNOWN_TRANSACTION_CODES: tuple[str, ...] = ("R000002",)
-# The initiator set-up is wrong: asking again changes nothing until an administrator fixes it.
-INITIATOR_INVALID_CODES: tuple[str, ...] = ("2001",)
-
-
-def describe_initiator_result(code: object) -> str:
-    """A sentence for an initiator ResultCode (compared as text; unknown codes say so, they are no success)."""
-    text = "" if code is None else str(code).strip()
-    known = INITIATOR_RESULT_CODES.get(text)
-    if known is not None:
-        return known
-    return f"M-Pesa did not complete the request (code {text or 'none'}); nothing can be assumed done."
 
 
 def _pairs(container: Any, list_key: str, name: str) -> dict[str, str]:

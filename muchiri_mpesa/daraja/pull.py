@@ -26,6 +26,7 @@ from itertools import pairwise
 from typing import Any
 
 from . import _inbound
+from .codes import PULL_NONE_FOUND, PULL_SUCCESS  # re-exported: Daraja's codes live in codes.py
 from .errors import CallbackParseError, InvalidConfiguration
 from .phone import normalize_msisdn
 from .stk import KENYA_TZ
@@ -52,8 +53,6 @@ __all__ = [
 PULL_REGISTER_PATH = "/pulltransactions/v1/register"
 PULL_QUERY_PATH = "/pulltransactions/v1/query"
 PULL_WINDOW = timedelta(hours=48)  # Daraja keeps the last 48 hours only
-PULL_SUCCESS = "1000"
-PULL_NONE_FOUND = "1001"
 _DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 _WHAT = "Pull Transactions"
 _RECEIPT = re.compile(r"[A-Za-z0-9]{4,32}")

@@ -52,6 +52,7 @@ C2B_SIMULATE_PATH = "/mpesa/c2b/v1/simulate"
 
 REGISTERED_DESC = "Success"
 SIMULATE_DESC = "Accept the service request successfully."
+# Safaricom's errorCodes and wording, written out on purpose (see "Daraja's refusals" in state.py).
 NO_PRODUCT = (
     401, "401.003.01", "Error Occurred - Invalid Access Token - Invalid API call as no apiproduct match found"
 )

@@ -52,6 +52,7 @@ TRANSACTION_STATUS_PATH = "/mpesa/transactionstatus/v1/query"
 
 ACCEPTED_DESC = "Accept the service request successfully."
 PROCESSED_DESC = "The service request is processed successfully."
+# Safaricom's ResultCodes and wording, written out on purpose (see "Daraja's refusals" in state.py).
 INVALID_INITIATOR = (2001, "The initiator information is invalid.")
 ALREADY_REVERSED = ("R000001", "The transaction has already been reversed.")
 INVALID_ORIGINAL = ("R000002", "The OriginalTransactionID is invalid.")

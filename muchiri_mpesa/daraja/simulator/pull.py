@@ -36,6 +36,9 @@ from .state import (
 PULL_REGISTER_PATH = "/pulltransactions/v1/register"
 PULL_QUERY_PATH = "/pulltransactions/v1/query"
 _DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+# Safaricom's ResponseCodes, written out on purpose (see "Daraja's refusals" in state.py).
+RECORDS_FOUND = "1000"
+NO_RECORDS = "1001"
 
 # The names of sim.pull_next: quirks of a real Daraja, for the next queries.
 REPEAT_PAGE = "repeat_page"
@@ -75,7 +78,7 @@ class PullApi:
             200,
             {
                 "ResponseRefID": state.request_id(),
-                "ResponseStatus": "1000",
+                "ResponseStatus": RECORDS_FOUND,
                 "ShortCode": shortcode,
                 "ResponseDescription": "Shortcode Registered Successfully",
             },
@@ -118,7 +121,7 @@ class PullApi:
         if not page:
             return _Response(
                 200,
-                {"ResponseRefID": state.request_id(), "ResponseCode": "1001", "ResponseMessage": "No records found",
+                {"ResponseRefID": state.request_id(), "ResponseCode": NO_RECORDS, "ResponseMessage": "No records found",
                  "Response": [[]]},
             )
         rows = [
@@ -136,7 +139,7 @@ class PullApi:
         ]
         return _Response(
             200,
-            {"ResponseRefID": state.request_id(), "ResponseCode": "1000", "ResponseMessage": "Success",
+            {"ResponseRefID": state.request_id(), "ResponseCode": RECORDS_FOUND, "ResponseMessage": "Success",
              "Response": [rows]},
         )
 

@@ -65,6 +65,7 @@ DEFAULT_SCENARIO = Scenario(
     result_desc=SUCCESS_DESC,
 )
 
+# Safaricom's ResultCodes and wording, written out on purpose (see "Daraja's refusals" in state.py).
 MAGIC_NUMBERS: dict[str, Scenario] = {
     s.phone: s  # type: ignore[misc]
     for s in (

@@ -225,6 +225,10 @@ class Payment:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Daraja's refusals
+#
+# The simulator plays Safaricom's side: it writes Daraja's codes and wording itself, on purpose, and never takes
+# them from the library's catalogue (daraja/codes.py).  A wrong code in the catalogue must then fail the tests run
+# against the simulator instead of being echoed by it; tests/test_simulator_codes.py checks that both agree.
 # ---------------------------------------------------------------------------------------------------------------
 class _Refusal(Exception):
     """An error answer in Daraja's shape."""
