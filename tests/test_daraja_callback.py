@@ -199,7 +199,8 @@ META = [*CB, "CallbackMetadata"]
     (_with(META, "Item", [{"Name": "Amount", "Value": "NaN"}]), "Amount is not a number"),
     (_with(META, "Item", [{"Name": "Amount", "Value": True}]), "Amount is not a number"),
     (12345, "not JSON"),
-    # Hostile bodies (failure mode 18): each of these once reached the database or Decimal and failed there.
+    # Hostile bodies (docs/design.md, 12. Failure modes: hostile bytes): each of these once reached the database
+    # or Decimal and failed there.
     ("[" * 100_000, "not valid JSON"),
     ('{"Body": {"stkCallback": {"ResultCode": NaN}}}', "not valid JSON"),
     ('{"Body": Infinity}', "not valid JSON"),

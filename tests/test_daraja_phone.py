@@ -1,4 +1,4 @@
-"""Phone numbers as distributors type them (failure mode 13)."""
+"""Phone numbers as distributors type them (0712 345 678, +254 712-345-678, 712345678...)."""
 
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ def test_default_now_one_second_before_kenya_midnight() -> None:
 
 
 def test_timestamp_and_password_come_from_one_instant() -> None:
-    """With a clock that moves on every read, both must still agree (failure mode 7)."""
+    """With a clock that moves on every read, both must still agree (docs/design.md, 12. Failure modes)."""
     with freeze_time("2025-11-26 20:59:59", auto_tick_seconds=1):
         timestamp, password = timestamp_and_password("174379", PASSKEY)
         payload = build_stk_push_payload(

@@ -1,4 +1,4 @@
-"""Access token freshness and the shared-token store (failure mode 6)."""
+"""Access token freshness and the shared-token store (docs/design.md, 3. Daraja facts)."""
 
 from __future__ import annotations
 

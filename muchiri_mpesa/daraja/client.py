@@ -4,8 +4,9 @@ Rules that keep money safe:
 - everything is validated before anything is sent (see stk.py);
 - a push is sent again only after Daraja refused its access token (HTTP 401 / 404.001.03), which
   Daraja does before processing; after any other failure it is never resent automatically
-  (failure mode 8): a read timeout raises DarajaConnectionError(request_may_have_reached=True);
-- a query answered "being processed" is PENDING, not a failure (failure mode 11);
+  (docs/design.md, 12. Failure modes: push retried): a read timeout raises
+  DarajaConnectionError(request_may_have_reached=True);
+- a query answered "being processed" is PENDING, not a failure (docs/design.md, 12. Failure modes);
 - every HTTP exchange is reported, redacted, to an optional observer for the audit log;
 - no secret (consumer secret, passkey, Password, token) reaches a log, an error or a repr.
 """

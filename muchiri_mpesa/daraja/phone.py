@@ -1,6 +1,6 @@
 """Kenyan phone numbers as people type them, turned into the MSISDN Daraja expects.
 
-Distributors type 0712 345 678, +254 712-345-678, 712345678 or 254712345678 (failure mode 13).
+Distributors type 0712 345 678, +254 712-345-678, 712345678 or 254712345678.
 Daraja wants ``2547XXXXXXXX`` / ``2541XXXXXXXX``, and only Safaricom lines can get an STK prompt,
 so other networks are refused here with a sentence the distributor can act on, instead of an
 opaque Daraja error or a prompt that never arrives.

@@ -2,7 +2,7 @@
 
 Everything here is pure and validates before anything is sent: a bad phone, amount, URL or
 shortcode raises a DarajaValidationError and no request leaves.  Timestamp and Password are made
-from one instant, in Kenya time, so they always agree (failure mode 7).
+from one instant, in Kenya time, so they always agree (docs/design.md, 3. Daraja facts).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def _digits_setting(value: object, label: str, field_name: str) -> str:
 
 @dataclass(frozen=True)
 class ShortcodeConfig:
-    """Which M-Pesa account is paid and how (failure mode 15, till versus paybill).
+    """Which M-Pesa account is paid and how: till versus paybill (docs/design.md, 3. Daraja facts).
 
     Paybill: BusinessShortCode and PartyB are the paybill number.  Till (Buy Goods):
     BusinessShortCode is the store number, PartyB the till number.  A till number given with a

@@ -1,9 +1,10 @@
 """OAuth access tokens and where they are kept between requests.
 
 Fetching a new token can invalidate the previous one, so every worker using the same
-credentials must share one token (failure mode 6).  A TokenStore holds it; ``refresh`` runs
-under the store's lock and first checks whether another worker already replaced the token, so
-a burst of workers that all see an expired token fetch exactly one new token.
+credentials must share one token (docs/design.md, 3. Daraja facts).  A TokenStore holds it;
+``refresh`` runs under the store's lock and first checks whether another worker already
+replaced the token, so a burst of workers that all see an expired token fetch exactly one new
+token.
 """
 
 from __future__ import annotations
