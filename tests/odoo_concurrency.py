@@ -1375,25 +1375,30 @@ class Harness:
                 kill.update(victim=labels[id(victim)], in_job=in_job, answered=sum(1 for h in history if h),
                             at=time.monotonic() - burst_started)
                 kill["pids"] = victim.kill_server()
-                down = time.monotonic()
-                victim.start(keep_log=True)
-                kill["restarted_in"] = time.monotonic() - down
-                kill["new_pids"] = [victim.process.pid, *victim.http_workers(), *victim.cron_workers()]
+                kill["server"], kill["down"] = victim, time.monotonic()
+                killed.set()
 
+            killed = threading.Event()
             burst_started = time.monotonic()
             threads = [threading.Thread(target=caller, name=f"k3/caller{i}", daemon=True) for i in range(8)]
             threads.append(threading.Thread(target=killer, name="k3/killer", daemon=True))
             for thread in threads:
                 thread.start()
             deadline = time.monotonic() + max(self.timeout, 4.0 * len(deliveries))
+            # Restarted by this thread, which outlives it (Odoo stops when the thread that started it ends).
+            if killed.wait(max(0.0, deadline - time.monotonic())):
+                victim = kill["server"]
+                victim.start(keep_log=True)
+                kill["restarted_in"] = time.monotonic() - kill["down"]
+                kill["new_pids"] = [victim.process.pid, *victim.http_workers(), *victim.cron_workers()]
             for thread in threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
             hung = [thread.name for thread in threads if thread.is_alive()]
             burst = time.monotonic() - burst_started
             if hung:
                 raise Hang(f"{', '.join(hung)} still running after {burst:.0f} s")
-            if "pids" not in kill:
-                raise RuntimeError(f"no server was killed: {kill}")
+            if "new_pids" not in kill:
+                raise RuntimeError(f"no server was killed and restarted: {kill}")
 
             # Both servers settle, post-process and invoice on their own: nothing runs in this process.
             settled_in = None
@@ -1403,11 +1408,13 @@ class Harness:
                     break
                 time.sleep(1.0)
             logs = [server.log_since(mark) for server, mark in zip(servers, marks, strict=True)]
+            down = [labels[id(server)] for server in servers if not server.running or not server.health()]
             errors = [self.prefork_errors(server) for server in servers]
         finally:
             for server in servers:
                 server.stop()
 
+        c.expect(not down, f"server(s) {down} no longer serve at the end (a restart must outlive the burst)")
         self.k3_check(c, n, tx_ids, sim_txs, stk_bodies, order_ids, receipts, c2b_bodies, deliveries, history,
                       payments_before)
         # Who did what: each server's log (its access log, ir.cron's lines, the Daraja client's STK queries), by the
