@@ -26,11 +26,20 @@ killed in the middle of a request (the master respawns it; the callers retry as 
 worker in the middle of its work; K2 a portal push whose worker is killed while Daraja holds the push's answer.
 Odoo is then stopped, and the settlement job (muchiri_mpesa.cron_mpesa_settle_callbacks), the reconciliation
 job and Odoo's post-processing run in-process until nothing is due; the checks read the database.
+K3 runs TWO prefork Odoo servers (each 2 HTTP workers and a cron worker, ``--proxy-mode``) on the same database,
+as behind a load balancer: a burst of STK callbacks, C2B confirmations and their duplicates goes to both in turn
+(with X-Forwarded-For, the source check enforced), one whole server (its process group: master, HTTP and cron
+workers) is killed -9 halfway, preferably while its cron worker is in the middle of the settlement job, and
+restarted; what got no answer is retried on the other server, as a balancer does.  Nothing runs in-process: the
+two servers settle and post-process everything, and the checks read the database (one account.payment per
+payment, one ledger row per receipt, each body taken once) and both servers' logs (which PID answered, ran the
+settlement job, queried Daraja).
 Odoo logs every failed query at ERROR, a serialization failure or a NOWAIT refusal too: those expected ones
 are counted in the scenario lines, not shown; any other ERROR log fails its scenario.
 
     python3 tests/odoo_concurrency.py [--db muchiri_mpesa_concurrency] [--timeout 30] [--rounds 10]
-                                      [--repeat 5] [--kill-txs 60] [--only 1 5 K1 K2] [--no-install]
+                                      [--repeat 5] [--kill-txs 60] [--two-server-payments 30]
+                                      [--settle-timeout 240] [--only 1 5 K1 K2 K3] [--no-install]
 
 Needs Odoo 18 importable by python3 and PostgreSQL, with the settings of scripts/odoo-tests and
 benchmarks/bench_reconcile.py (PGHOST, PGPORT, ODOO_DB_USER, ODOO_DB_PASSWORD).  Its name does not match
@@ -49,7 +58,9 @@ import logging
 import os
 import queue
 import random
+import re
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -86,6 +97,8 @@ KILL_CALLBACK_DELAY = 2.0  # K2: seconds from the push to the customer's answer 
 PREFORK_NOISE = ("odoo.addons.mail.models.mail_mail", "odoo.addons.base.models.ir_mail_server")
 
 _logger = logging.getLogger("muchiri_mpesa.concurrency")
+# The Daraja client's line for each STK Query (the settlement job confirms each callback by one), with its PID.
+STK_QUERY_LINE = re.compile(r"^\S+ \S+ (?P<pid>\d+) INFO \S+ \S+: STK query of (?P<checkout>\S+): ", re.MULTILINE)
 
 
 REPLAY_TRACEBACKS: dict[str, str] = {}  # The first traceback of each place a request was replayed from.
@@ -192,6 +205,8 @@ class Harness:
         self.listener = listener
         self.capture = capture
         self.kill_txs = args.kill_txs
+        self.two_server_payments = args.two_server_payments
+        self.settle_timeout = args.settle_timeout
         self.passed = self.failed = 0
         self._phone_seq = 0
 
@@ -855,11 +870,12 @@ class Harness:
             return provider._mpesa_daraja_url("stk").removeprefix(provider._mpesa_callback_base_url())
 
     @staticmethod
-    def http_post(port: int, path: str, body: bytes, timeout: float = 60.0) -> tuple[int | None, bytes]:
+    def http_post(port: int, path: str, body: bytes, timeout: float = 60.0,
+                  headers: dict[str, str] | None = None) -> tuple[int | None, bytes]:
         """POST on a connection of its own: (status, body), status None when no answer came (refused, reset)."""
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         try:
-            connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            connection.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
             response = connection.getresponse()
             return response.status, response.read()
         except (OSError, http.client.HTTPException):
@@ -944,32 +960,34 @@ class Harness:
 
     def prefork_errors(self, server: odoo_prefork.PreforkOdoo) -> tuple[list[str], int]:
         """The ERROR lines of the prefork Odoo's log that fail a scenario, and how many were only noise."""
-        lines = [line for line in server.error_lines() if not any(
-            marker in line for marker in ("could not serialize access", "could not obtain lock"))]
+        # A serialization failure's "bad query" record names the failure on its second line.
+        records = [record for record in server.error_records() if not any(
+            marker in record for marker in ("could not serialize access", "could not obtain lock"))]
+        lines = [record.split("\n", 1)[0] for record in records]
         noise = [line for line in lines if any(f" {name}: " in line for name in PREFORK_NOISE)]
         return [line for line in lines if line not in noise], len(noise)
 
-    def k1_kill_during_callbacks(self, c: Checks) -> None:
-        """A burst of duplicated callbacks on a prefork Odoo; an HTTP worker killed -9 in the middle of one, later the
-        cron worker in the middle of its work; the callers retry what got no answer, as Daraja does."""
-        n = self.kill_txs
-        copies = [2 + i % 3 for i in range(n)]  # 2 to 4 deliveries of each callback
+    def paid_prompts(self, tag: str, n: int) -> tuple[list[int], list[Any], list[bytes]]:
+        """`n` pending transactions of their own orders whose prompts the customers paid: real prompts on distinct
+        phones, their answers known in 0.2 s, the simulator's own callbacks sent to the listener (what reaches
+        Odoo is the caller's burst), their status checks a day away (only the callbacks settle them).
+
+        :return: the transactions' ids, the simulator's prompts and the stkCallback bodies, in the same order
+        """
         with self.env() as env:
-            orders = [self.new_order(env, f"K1R{i}") for i in range(n)]
+            orders = [self.new_order(env, f"{tag}R{i}") for i in range(n)]
             provider = env["payment.provider"].browse(self.provider_id)
             client = provider._mpesa_client()
-            # Real prompts on distinct phones, their answers known in 0.2 s; the simulator's own callbacks go to
-            # the listener: the burst below is what reaches Odoo.
-            pushed = [client.stk_push(phone=self.new_phone(), amount=int(order.amount_total), reference=f"K1R{i}",
+            pushed = [client.stk_push(phone=self.new_phone(), amount=int(order.amount_total), reference=f"{tag}R{i}",
                                       description="Kill test", callback_url=self.listener.url)
                       for i, order in enumerate(orders)]
         for result in pushed:
             self.wait_final(result.checkout_request_id)
         with self.env() as env:
-            later = self.odoo.fields.Datetime.now() + timedelta(days=1)  # Only the callbacks settle them.
+            later = self.odoo.fields.Datetime.now() + timedelta(days=1)
             txs = env["payment.transaction"]
             for order, result in zip(orders, pushed, strict=True):
-                tx = self.new_draft_tx(env, "K1", env["sale.order"].browse(order.id))
+                tx = self.new_draft_tx(env, tag, env["sale.order"].browse(order.id))
                 tx.write({
                     "provider_reference": result.checkout_request_id,
                     "mpesa_merchant_request_id": result.merchant_request_id,
@@ -981,7 +999,14 @@ class Harness:
                 txs |= tx
             tx_ids = txs.ids
         sim_txs = [self.sim.transaction(result.checkout_request_id) for result in pushed]
-        bodies = [json.dumps(sim_tx.callback_body).encode() for sim_tx in sim_txs]
+        return tx_ids, sim_txs, [json.dumps(sim_tx.callback_body).encode() for sim_tx in sim_txs]
+
+    def k1_kill_during_callbacks(self, c: Checks) -> None:
+        """A burst of duplicated callbacks on a prefork Odoo; an HTTP worker killed -9 in the middle of one, later the
+        cron worker in the middle of its work; the callers retry what got no answer, as Daraja does."""
+        n = self.kill_txs
+        copies = [2 + i % 3 for i in range(n)]  # 2 to 4 deliveries of each callback
+        tx_ids, sim_txs, bodies = self.paid_prompts("K1", n)
         deliveries = [(i, bodies[i]) for i in range(n) for _ in range(copies[i])]
         random.Random(7).shuffle(deliveries)  # Duplicates race at every distance.
         statuses: list[list[int | None]] = [[] for _ in deliveries]
@@ -1209,6 +1234,314 @@ class Harness:
                      f"its callback waits as {events.mapped('callback_state')}")
             c.expect(not errors, f"{len(errors)} ERROR line(s) in {server.log_path}: " + " | ".join(errors[:3]))
 
+    # -- several Odoo servers on one database --------------------------------------------------------------------
+    def two_server_prefork(self, label: str) -> odoo_prefork.PreforkOdoo:
+        """One of the K3 servers: 2 HTTP workers and a cron worker, behind a proxy (--proxy-mode)."""
+        log_path = Path(tempfile.gettempdir()) / f"odoo-prefork-{self.db}-{label}-{uuid.uuid4().hex[:6]}.log"
+        # Odoo's default limit (120 s): an idle cron worker sleeps 60 to 69 s between its polls, and a limit under
+        # that makes the master kill it for a timeout before it ever polls (unless a NOTIFY wakes it).
+        return odoo_prefork.PreforkOdoo(self.db, workers=2, max_cron_threads=1, log_path=log_path,
+                                        extra_args=["--limit-time-real=120", "--proxy-mode"])
+
+    @staticmethod
+    def inbound_events(env, bodies: list[bytes]) -> list[tuple[str, str, str]]:
+        """(state, source address, body) of every exchange that kept one of these bodies (a callback or a C2B
+        confirmation).  The scenario's only SQL on muchiri_mpesa_event: the state column is named here alone."""
+        state = "callback_state" if "callback_state" in env["muchiri.mpesa.event"]._fields else "state"
+        env.cr.execute(f"SELECT {state}, remote_addr, request_body FROM muchiri_mpesa_event"
+                       " WHERE request_body = ANY(%s) ORDER BY id", [[body.decode() for body in bodies]])
+        return env.cr.fetchall()
+
+    def paid_c2b(self, tag: str, n: int) -> tuple[list[int], list[str], list[bytes]]:
+        """`n` orders, each paid in full by a customer at the paybill with the order's number as account: the
+        simulator's confirmations go to the listener (what reaches Odoo is the caller's burst).
+
+        :return: the orders' ids, the receipts (TransID) and the confirmation bodies, in the same order
+        """
+        from odoo.addons.muchiri_mpesa.daraja.simulator import C2B_CONFIRMATION  # noqa: PLC0415
+
+        with self.env() as env:
+            orders = [self.new_order(env, f"{tag}C{i}") for i in range(n)]
+            order_ids, names = [order.id for order in orders], [order.name for order in orders]
+            amount = int(orders[0].amount_total)
+            env["payment.provider"].browse(self.provider_id)._mpesa_client().register_c2b_urls(
+                SHORTCODE, "Completed", self.listener.url, self.listener.url)
+        receipts = [self.sim.c2b_pay(amount, self.new_phone(), bill_ref=name) for name in names]
+        bodies = []
+        for receipt in receipts:
+            delivery = self.sim.wait_for_deliveries(C2B_CONFIRMATION, reference=receipt, timeout=self.timeout)[0]
+            bodies.append(json.dumps(delivery.body).encode())
+        return order_ids, receipts, bodies
+
+    def cron_backlog(self) -> int:
+        """Active jobs due now (a fresh database has every job due: the servers first catch up with them)."""
+        with self.env() as env:
+            return env["ir.cron"].search_count([
+                ("active", "=", True), ("nextcall", "<=", self.odoo.fields.Datetime.now())])
+
+    def k3_two_servers(self, c: Checks) -> None:
+        """Two prefork Odoo servers on one database behind a (simulated) load balancer; a burst of STK callbacks, C2B
+        confirmations and their duplicates spread over both; one whole server killed -9 halfway, then restarted."""
+        n = self.two_server_payments
+        with self.env() as env:
+            provider = env["payment.provider"].browse(self.provider_id)
+            saved = {name: provider[name] for name in ("mpesa_ip_check", "mpesa_initiator_name")}
+            # The source check refuses unknown addresses: the proxy's X-Forwarded-For must reach it.  Without an
+            # initiator (nor Pull) that check confirms the C2B money: it is booked at once, as in production
+            # set-ups that cannot ask M-Pesa.
+            provider.write({"mpesa_ip_check": "enforce", "mpesa_initiator_name": False})
+            payments_before = env["account.payment"].search_count([])
+            settle_id = env.ref(SETTLE_CRON).id
+            post_id = env.ref("payment.cron_post_process_payment_tx").id
+        try:
+            self._k3_two_servers(c, n, payments_before, settle_id, post_id)
+        finally:
+            with self.env() as env:
+                env["payment.provider"].browse(self.provider_id).write(saved)
+
+    def _k3_two_servers(self, c: Checks, n: int, payments_before: int, settle_id: int, post_id: int) -> None:
+        tx_ids, sim_txs, stk_bodies = self.paid_prompts("K3", n)
+        order_ids, receipts, c2b_bodies = self.paid_c2b("K3", n)
+        with self.env() as env:
+            provider = env["payment.provider"].browse(self.provider_id)
+            base = provider._mpesa_callback_base_url()
+            stk_path = provider._mpesa_daraja_url("stk").removeprefix(base)
+            c2b_path = provider._mpesa_daraja_url("c2b_confirmation").removeprefix(base)
+        # 2 or 3 deliveries of each body (Daraja's duplicates), shuffled: duplicates race at every distance.
+        deliveries = [(stk_path, body) for i, body in enumerate(stk_bodies) for _ in range(2 + i % 2)]
+        deliveries += [(c2b_path, body) for i, body in enumerate(c2b_bodies) for _ in range(2 + (i + 1) % 2)]
+        random.Random(11).shuffle(deliveries)
+        history: list[list[tuple[str, int | None]]] = [[] for _ in deliveries]  # (server, status) per attempt
+        servers = [self.two_server_prefork("A"), self.two_server_prefork("B")]
+        labels = {id(server): label for server, label in zip(servers, "AB", strict=True)}
+        kill: dict[str, Any] = {}
+        try:
+            started = time.monotonic()
+            for server in servers:
+                server.start()
+            with self.env() as env:  # Wake both cron workers now (a NOTIFY) rather than at their next poll.
+                env.ref(SETTLE_CRON)._trigger()
+            # A database whose jobs have not run for a while has all of them due: the cron workers catch up first.
+            while self.cron_backlog() and time.monotonic() - started < 120:
+                time.sleep(0.5)
+            warm = time.monotonic() - started
+            backlog = self.cron_backlog()
+            marks = [server.log_mark() for server in servers]
+
+            work: queue.Queue[int] = queue.Queue()
+            for index in range(len(deliveries)):
+                work.put(index)
+            answered = threading.Semaphore(0)
+
+            def caller() -> None:
+                # The load balancer: a delivery goes to the servers in turn; what got no answer (or a 5xx) is sent
+                # again after Daraja's back-off, and the balancer gives it to the next server.
+                while True:
+                    try:
+                        index = work.get_nowait()
+                    except queue.Empty:
+                        return
+                    path, body = deliveries[index]
+                    for attempt, delay in enumerate((*CALLBACK_RETRY_DELAYS, None)):
+                        server = servers[(index + attempt) % 2]
+                        status, _answer = self.http_post(server.port, path, body, headers={
+                            "X-Forwarded-For": SAFARICOM_ADDRESS, "X-Forwarded-Proto": "https",
+                            "X-Forwarded-Host": "erp.example.com"})
+                        history[index].append((labels[id(server)], status))
+                        if (status is not None and status < 500) or delay is None:
+                            break
+                        time.sleep(delay)
+                    answered.release()
+
+            def killer() -> None:
+                for _ in range(len(deliveries) // 2):
+                    if not answered.acquire(timeout=self.timeout):
+                        break
+                # The server whose cron worker is in the middle of the settlement job (its log says the run started
+                # and has not ended): the other one must take the job over.  Else the one that ran it most, else B.
+                victim, in_job = None, False
+                deadline = time.monotonic() + 15.0
+                while victim is None and time.monotonic() < deadline:
+                    for server, mark in zip(servers, marks, strict=True):
+                        runs = [line for line in server.cron_log(mark) if line.cron_id == settle_id]
+                        if runs and runs[-1].event == "starting":
+                            victim, in_job = server, True
+                            break
+                    time.sleep(0.05)
+                if victim is None:
+                    victim = max(reversed(servers), key=lambda server: sum(
+                        1 for line in server.cron_log(marks[servers.index(server)])
+                        if line.cron_id == settle_id and line.event == "starting"))
+                kill.update(victim=labels[id(victim)], in_job=in_job, answered=sum(1 for h in history if h),
+                            at=time.monotonic() - burst_started)
+                kill["pids"] = victim.kill_server()
+                kill["server"], kill["down"] = victim, time.monotonic()
+                killed.set()
+
+            killed = threading.Event()
+            burst_started = time.monotonic()
+            threads = [threading.Thread(target=caller, name=f"k3/caller{i}", daemon=True) for i in range(8)]
+            threads.append(threading.Thread(target=killer, name="k3/killer", daemon=True))
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + max(self.timeout, 4.0 * len(deliveries))
+            # Restarted by this thread, which outlives it (Odoo stops when the thread that started it ends).
+            if killed.wait(max(0.0, deadline - time.monotonic())):
+                victim = kill["server"]
+                victim.start(keep_log=True)
+                kill["restarted_in"] = time.monotonic() - kill["down"]
+                kill["new_pids"] = [victim.process.pid, *victim.http_workers(), *victim.cron_workers()]
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            hung = [thread.name for thread in threads if thread.is_alive()]
+            burst = time.monotonic() - burst_started
+            if hung:
+                raise Hang(f"{', '.join(hung)} still running after {burst:.0f} s")
+            if "new_pids" not in kill:
+                raise RuntimeError(f"no server was killed and restarted: {kill}")
+
+            # Both servers settle, post-process and invoice on their own: nothing runs in this process.
+            settled_in = None
+            while time.monotonic() - burst_started < burst + self.settle_timeout:
+                if self.k3_settled(tx_ids, order_ids, receipts):
+                    settled_in = time.monotonic() - burst_started
+                    break
+                time.sleep(1.0)
+            logs = [server.log_since(mark) for server, mark in zip(servers, marks, strict=True)]
+            down = [labels[id(server)] for server in servers if not server.running or not server.health()]
+            errors = [self.prefork_errors(server) for server in servers]
+        finally:
+            for server in servers:
+                server.stop()
+
+        c.expect(not down, f"server(s) {down} no longer serve at the end (a restart must outlive the burst)")
+        self.k3_check(c, n, tx_ids, sim_txs, stk_bodies, order_ids, receipts, c2b_bodies, deliveries, history,
+                      payments_before)
+        # Who did what: each server's log (its access log, ir.cron's lines, the Daraja client's STK queries), by the
+        # PID that wrote it.
+        evidence = []
+        prompts = {sim_tx.checkout_request_id for sim_tx in sim_txs}
+        queried_on: dict[str, set[str]] = {}
+        for label, server, text, (errs, noise) in zip("AB", servers, logs, errors, strict=True):
+            access = [line for line in odoo_prefork.parse_access_log(text) if "/payment/lnm/" in line.path]
+            crons = odoo_prefork.parse_cron_log(text)
+            settle_runs = [line for line in crons if line.cron_id == settle_id and line.event == "starting"]
+            settled = sum(line.done or 0 for line in crons if line.cron_id == settle_id and line.event == "processed")
+            post_runs = [line for line in crons if line.cron_id == post_id and line.event == "starting"]
+            queries = [match for match in STK_QUERY_LINE.finditer(text) if match["checkout"] in prompts]
+            for match in queries:
+                queried_on.setdefault(match["checkout"], set()).add(label)
+            evidence.append(
+                f"server {label}: {len(access)} deliveries answered by HTTP workers "
+                f"{dict(Counter(line.pid for line in access))}, settlement job run {len(settle_runs)} times by "
+                f"cron workers {dict(Counter(line.pid for line in settle_runs))} (logged {settled} callbacks settled;"
+                f" STK queries of the prompts {dict(Counter(int(match['pid']) for match in queries))}), "
+                f"post-processing {len(post_runs)} times by {dict(Counter(line.pid for line in post_runs))}; "
+                f"ERROR lines {len(errs)} (+{noise} mail delivery) in {server.log_path}")
+            c.expect(bool(settle_runs), f"the settlement job never ran on server {label}")
+            c.expect(not errs, f"{len(errs)} ERROR line(s) in {server.log_path}: " + " | ".join(errs[:3]))
+        attempts = Counter(status for h in history for _server, status in h)
+        c.fact(f"{n} paid prompts and {n} paybill payments, {len(deliveries)} deliveries "
+               f"({len(deliveries) - 2 * n} duplicates) from 8 callers over 2 servers in {burst:.1f} s (the servers"
+               f" caught up with the due jobs in {warm:.0f} s, {backlog} still due); server "
+               f"{kill['victim']} killed -9 whole (master and workers {kill['pids']}) after {kill['answered']} "
+               f"deliveries, {'in the middle of a settlement run' if kill['in_job'] else 'running no settlement job'}, "
+               f"restarted in {kill['restarted_in']:.1f} s as {kill['new_pids']}; answers {dict(attempts)}; "
+               + (f"all settled and post-processed {settled_in:.1f} s after the burst began" if settled_in is not None
+                  else f"NOT all settled {self.settle_timeout:.0f} s after the burst"))
+        for line in evidence:
+            c.fact(line)
+        where = Counter("+".join(sorted(labels)) for labels in queried_on.values())
+        c.fact(f"prompts confirmed by STK Query from server {dict(where)}" + (
+            " (on both: the run killed -9 had not committed them; the other server's run confirmed them again and"
+            " settled each once)" if "A+B" in where else ""))
+
+    @staticmethod
+    def k3_order_payments(env, tx_ids: list[int], order_ids: list[int]):
+        """The account.payment records of every transaction of the scenario's orders (a payment made twice would
+        be on a second transaction of its order)."""
+        orders = env["payment.transaction"].browse(tx_ids).sale_order_ids | env["sale.order"].browse(order_ids)
+        return env["account.payment"].search([("payment_transaction_id", "in", orders.transaction_ids.ids)])
+
+    def k3_settled(self, tx_ids: list[int], order_ids: list[int], receipts: list[str]) -> bool:
+        """Whether every prompt and every paybill payment is done, post-processed, with its account.payment."""
+        with self.env() as env:
+            txs = env["payment.transaction"].browse(tx_ids)
+            rows = env["muchiri.mpesa.ledger"].search([("name", "in", receipts)])
+            txs |= rows.transaction_ids
+            return (len(rows) == len(receipts) and all(row.state == "matched" for row in rows)
+                    and all(tx.state == "done" and tx.is_post_processed for tx in txs)
+                    and len(self.k3_order_payments(env, tx_ids, order_ids)) >= len(tx_ids) + len(order_ids))
+
+    def k3_check(self, c: Checks, n: int, tx_ids: list[int], sim_txs: list[Any], stk_bodies: list[bytes],
+                 order_ids: list[int], receipts: list[str], c2b_bodies: list[bytes],
+                 deliveries: list[tuple[str, bytes]], history: list[list[tuple[str, int | None]]],
+                 payments_before: int) -> None:
+        """Every payment settled exactly once: nothing lost, nothing doubled."""
+        with self.env() as env:
+            Payment = env["account.payment"]
+            txs = env["payment.transaction"].browse(tx_ids)
+            events = self.inbound_events(env, stk_bodies + c2b_bodies)
+            by_body: dict[str, Counter] = {}
+            for state, _address, body in events:
+                by_body.setdefault(body, Counter())[state] += 1
+            addresses = Counter(address for _state, address, _body in events)
+            # STK: each prompt done once, with Daraja's receipt and one account.payment.
+            not_done = txs.filtered(lambda tx: tx.state != "done")
+            twice = [tx.reference for tx in txs if self.confirmations(env, tx) != 1]
+            stk_payments = Counter(Payment.search([("payment_transaction_id", "in", tx_ids)])
+                                   .mapped("payment_transaction_id.id"))
+            wrong_receipts = [sim_tx.receipt for i, sim_tx in enumerate(sim_txs) if env["payment.transaction"].search(
+                [("mpesa_receipt_number", "=", sim_tx.receipt)]).ids != [tx_ids[i]]]
+            # C2B: one ledger row per receipt, matched to its order by one done transaction with one payment.
+            c2b_problems = []
+            c2b_payments = 0
+            for order_id, receipt in zip(order_ids, receipts, strict=True):
+                rows = env["muchiri.mpesa.ledger"].search([("name", "=", receipt)])
+                done = rows.transaction_ids.filtered(lambda tx: tx.state == "done")
+                paid = Payment.search_count([("payment_transaction_id", "in", rows.transaction_ids.ids)])
+                c2b_payments += paid
+                order = env["sale.order"].browse(order_id)
+                if len(rows) != 1 or rows.state != "matched" or len(done) != 1 or paid != 1 \
+                        or done.sale_order_ids != order or self.confirmations(env, done) != 1:
+                    c2b_problems.append(f"{receipt}: {len(rows)} ledger rows {rows.mapped('state')} "
+                                        f"{rows.mapped('note')}, {len(done)} done transactions, {paid} payments, "
+                                        f"order {order.name} {order.state}")
+            payments = len(self.k3_order_payments(env, tx_ids, order_ids))
+            created = Payment.search_count([]) - payments_before
+            # Every body answered 200 at least once is kept, and exactly one of its copies was taken (processed).
+            answered = Counter(deliveries[i][1] for i, h in enumerate(history) if any(s == 200 for _x, s in h))
+            lost = [body[:60] for body in answered if sum(by_body.get(body.decode(), Counter()).values()) < 1]
+            not_once = [f"{dict(by_body.get(body.decode(), {}))}" for body in stk_bodies + c2b_bodies
+                        if by_body.get(body.decode(), Counter())["processed"] != 1]
+            finals = Counter(h[-1][1] if h else None for h in history)
+            states = Counter(state for state, _address, _body in events)
+            c.fact(f"prompts {dict(Counter(txs.mapped('state')))} settled by "
+                   f"{dict(Counter(txs.mapped('mpesa_settled_by')))}, paybill payments "
+                   f"{n - len(c2b_problems)} of {n} matched once; account.payment of the {2 * n} orders {payments} "
+                   f"({sum(stk_payments.values())} for prompts, {c2b_payments} for paybill payments; {created} created "
+                   f"in the database meanwhile, what earlier runs left included); kept exchanges "
+                   f"{len(events)} {dict(states)} (a 'received' one was kept by a request killed -9: Daraja's "
+                   f"retry on the other server carried its payment), seen from {dict(addresses)}")
+            c.expect(not not_done, f"{len(not_done)} prompts not done: "
+                     + ", ".join(f"{tx.reference} {tx.state} {tx.state_message or ''}" for tx in not_done[:5]))
+            c.expect(not twice, f"{len(twice)} prompts not set done exactly once: {twice[:5]}")
+            c.expect(all(count == 1 for count in stk_payments.values()) and len(stk_payments) == n,
+                     f"prompts' account.payment per transaction {dict(Counter(stk_payments.values()))} "
+                     "(expected 1 each)")
+            c.expect(not wrong_receipts,
+                     f"{len(wrong_receipts)} receipts not on exactly their prompt: {wrong_receipts[:5]}")
+            c.expect(not c2b_problems, f"{len(c2b_problems)} paybill payments not settled exactly once: "
+                     + "; ".join(c2b_problems[:5]))
+            c.expect(payments == 2 * n, f"{payments} account.payment for the {2 * n} orders (expected one each)")
+            c.expect(not lost, f"{len(lost)} bodies answered 200 but not kept: {lost[:3]}")
+            c.expect(not not_once, f"{len(not_once)} bodies not taken exactly once: {not_once[:5]}")
+            c.expect(finals == Counter({200: len(deliveries)}),
+                     f"not every delivery ended with 200 after the retries: {dict(finals)}")
+            c.expect(set(addresses) == {SAFARICOM_ADDRESS},
+                     f"the servers saw the callers as {dict(addresses)}, not as X-Forwarded-For (proxy_mode)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", default="muchiri_mpesa_concurrency")
@@ -1216,6 +1549,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10, help="callback-vs-cron races (scenario 5)")
     parser.add_argument("--repeat", type=int, default=5, help="rounds of the scenarios 3, 4 and 6")
     parser.add_argument("--kill-txs", type=int, default=60, help="transactions of the K1 burst (2-4 callbacks each)")
+    parser.add_argument("--two-server-payments", type=int, default=30,
+                        help="paid prompts, and as many paybill payments, of the K3 burst (2-3 deliveries each)")
+    parser.add_argument("--settle-timeout", type=float, default=240.0,
+                        help="K3: seconds the two servers may take to settle everything after the burst")
     parser.add_argument("--no-install", action="store_true", help="reuse the database as it is (faster reruns)")
     parser.add_argument("--only", nargs="*", help="run only these scenarios (e.g. 1 5 K1)")
     args = parser.parse_args()
@@ -1237,7 +1574,7 @@ def main() -> int:
     logging.getLogger("odoo.service.model").propagate = False  # retrying()'s INFO lines: counted by the workers
     # The whole run never hangs: past this, every thread's stack is printed and the process exits.
     faulthandler.dump_traceback_later(
-        240 + args.timeout * (12 + args.rounds + 3 * args.repeat), exit=True,
+        240 + args.timeout * (12 + args.rounds + 3 * args.repeat) + 240 + args.settle_timeout, exit=True,
     )
 
     registry = odoo.modules.registry.Registry(args.db)
@@ -1264,6 +1601,8 @@ def main() -> int:
              harness.k1_kill_during_callbacks),
             ("K2", "kill -9 of the worker of a portal push while Daraja holds its answer (prefork Odoo)",
              harness.k2_kill_during_push),
+            ("K3", "two prefork Odoo servers on one database, one killed -9 whole (master and workers) and restarted"
+             " during a burst of duplicated STK callbacks and C2B confirmations", harness.k3_two_servers),
         ]
         for number, title, scenario in scenarios:
             if not args.only or number in args.only:

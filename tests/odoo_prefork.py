@@ -7,6 +7,8 @@ pytest module.
         odoo.url("/web/health")                   # http://127.0.0.1:<free port>/web/health
         odoo.http_workers(), odoo.cron_workers()  # PIDs of the live workers, from the master's children
         odoo.kill_worker(pid)                     # kill -9; odoo.wait_workers(http=2) for the respawn
+        odoo.kill_server(); odoo.start(keep_log=True)  # kill -9 of the whole server, then a restart
+        parse_cron_log(odoo.log_since(mark))      # which worker ran which cron job, and what it processed
         parse_access_log(odoo.log_since(mark))    # SQL queries and times per request (Odoo's perf figures)
     # stopped: SIGTERM, then SIGKILL of its process group after a timeout
 
@@ -55,6 +57,13 @@ _ACCESS_LINE = re.compile(
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # werkzeug colours the request line of some statuses
 _WORKER_ALIVE = re.compile(r" (?P<pid>\d+) INFO \S+ odoo\.service\.server: Worker (?P<kind>WorkerHTTP|WorkerCron) "
                            r"\((?P=pid)\) alive")
+# "... 13181 INFO db odoo.addons.base.models.ir_cron: Job 'M-Pesa: settle received callbacks' (12) starting":
+# ir.cron logs each run of a job (starting, done in N s) and its progress (processed N records, M remaining).
+_CRON_LINE = re.compile(
+    r"^(?P<logged_at>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (?P<pid>\d+) INFO \S+ odoo\.addons\.base\.models\.ir_cron: "
+    r"Job .* \((?P<cron_id>\d+)\) (?P<what>starting|done in [\d.]+s|processed (?P<done>\d+) records, "
+    r"(?P<remaining>\d+) records remaining)\s*$"
+)
 _LOG_LEVEL = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \d+ (?P<level>[A-Z]+) ")
 
 
@@ -92,6 +101,33 @@ def parse_access_line(line: str) -> AccessLogLine | None:
 def parse_access_log(text: str) -> list[AccessLogLine]:
     """Every access line of a piece of Odoo's log, in order."""
     return [entry for entry in map(parse_access_line, text.splitlines()) if entry is not None]
+
+
+@dataclass(frozen=True)
+class CronLogLine:
+    """One line of ir.cron about a job: a run starting, ending, or its progress."""
+
+    logged_at: str
+    pid: int  # the cron worker that ran it
+    cron_id: int
+    event: str  # "starting" | "done" | "processed"
+    done: int | None  # records processed (the "processed" lines, from ir.cron._notify_progress)
+    remaining: int | None
+
+
+def parse_cron_log(text: str) -> list[CronLogLine]:
+    """Every ir.cron job line of a piece of Odoo's log, in order."""
+    lines = []
+    for line in text.splitlines():
+        match = _CRON_LINE.match(line.rstrip("\n"))
+        if match:
+            event = match["what"].split(" ", 1)[0]
+            lines.append(CronLogLine(
+                logged_at=match["logged_at"], pid=int(match["pid"]), cron_id=int(match["cron_id"]),
+                event=event, done=int(match["done"]) if match["done"] else None,
+                remaining=int(match["remaining"]) if match["remaining"] else None,
+            ))
+    return lines
 
 
 def free_port() -> int:
@@ -165,17 +201,20 @@ class PreforkOdoo:
             f"--logfile={self.log_path}", f"--log-level={self.log_level}", *self.extra_args,
         ]
 
-    def start(self, timeout: float = 90.0) -> PreforkOdoo:
+    def start(self, timeout: float = 90.0, keep_log: bool = False) -> PreforkOdoo:
         """Start Odoo and wait until it serves /web/health?db_server_status=1 with all its workers alive.
 
         Call it from a thread that outlives the server (the main thread): Odoo is stopped when that thread dies.
+
+        :param keep_log: append to the log of an earlier run (a restart after kill_server), else empty it
         """
         if self.process is not None:
             raise RuntimeError("this Odoo is already started")
-        self.log_path.write_text("")
+        if not keep_log:
+            self.log_path.write_text("")
         self._announced_kinds, self._announced_upto = {}, 0
         # What Odoo prints before its logging is set up, or outside it (a crash of the interpreter).
-        self._stderr = open(self.log_path.with_suffix(".stderr"), "wb")
+        self._stderr = open(self.log_path.with_suffix(".stderr"), "ab" if keep_log else "wb")
         # Its own session: stop() can then kill the master and every worker it forked, and nothing else.
         # TZ=UTC as odoo-bin sets it.
         self.process = subprocess.Popen(
@@ -228,6 +267,30 @@ class PreforkOdoo:
             self._stderr.close()
             self._stderr = None
         return process.returncode
+
+    def kill_server(self) -> list[int]:
+        """kill -9 of the whole server at once: its process group (the master, every worker, the long-polling
+        process), as a machine that loses power or an OOM killer that takes the container.  start() again to
+        restart it (on the same port).
+
+        :return: the PIDs that were alive, the master first
+        """
+        process = self.process
+        if process is None or process.poll() is not None:
+            raise RuntimeError("this Odoo is not running")
+        psutil = _psutil()
+        try:
+            pids = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pids = [process.pid]
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        self.killed.extend(pids)
+        self.process = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+        return pids
 
     def __enter__(self) -> PreforkOdoo:
         return self.start()
@@ -354,6 +417,21 @@ class PreforkOdoo:
     def access_log(self, mark: int = 0) -> list[AccessLogLine]:
         return parse_access_log(self.log_since(mark))
 
+    def error_records(self, mark: int = 0) -> list[str]:
+        """The ERROR and CRITICAL records logged after `mark`, each with its following lines (the database's
+        message under Odoo's "bad query" line, a traceback)."""
+        records: list[list[str]] = []
+        inside = False
+        for line in self.log_since(mark).splitlines():
+            match = _LOG_LEVEL.match(line)
+            if match:
+                inside = match["level"] in ("ERROR", "CRITICAL")
+                if inside:
+                    records.append([line])
+            elif inside:
+                records[-1].append(line)
+        return ["\n".join(record) for record in records]
+
     def error_lines(self, mark: int = 0) -> list[str]:
         """The ERROR and CRITICAL records logged after `mark` (their first line each)."""
         lines = []
@@ -362,6 +440,9 @@ class PreforkOdoo:
             if match and match["level"] in ("ERROR", "CRITICAL"):
                 lines.append(line)
         return lines
+
+    def cron_log(self, mark: int = 0) -> list[CronLogLine]:
+        return parse_cron_log(self.log_since(mark))
 
     def log_tail(self, lines: int = 30) -> str:
         text = self.log_since(0).splitlines()[-lines:]
