@@ -194,12 +194,11 @@ class MpesaMatching(models.AbstractModel):
         orders = self.env['sale.order']._mpesa_search_reference(company, key).filtered(
             lambda order: order.state in ('draft', 'sent', 'sale'))
         invoices = self.env['account.move']._mpesa_search_reference(company, key).filtered(
-            lambda move: move.state == 'posted' and not (open_only and move.currency_id.is_zero(move.amount_residual)))
+            lambda move: move.state == 'posted' and not (open_only and not move._mpesa_is_due()))
         documents = _Documents()
         for order in orders:
             open_invoices = order.invoice_ids.filtered(
-                lambda move: move.state == 'posted' and move.move_type == 'out_invoice'
-                and not move.currency_id.is_zero(move.amount_residual)
+                lambda move: move.state == 'posted' and move.move_type == 'out_invoice' and move._mpesa_is_due()
             )
             if open_invoices:
                 documents.extend(open_invoices)

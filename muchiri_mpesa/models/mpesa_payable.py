@@ -15,6 +15,7 @@ import logging
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError
+from odoo.tools import SQL
 from odoo.tools.misc import formatLang
 
 from .. import utils
@@ -67,22 +68,30 @@ class MpesaPayable(models.AbstractModel):
     # === BUSINESS METHODS - REFERENCES === #
 
     def _mpesa_create_reference_index(self, where=''):
-        self.env.cr.execute(
-            f"CREATE INDEX IF NOT EXISTS {self._table}_mpesa_reference_idx"
-            f" ON {self._table} (company_id, ({utils.KEY_SQL.format(column='name')})) {where and 'WHERE ' + where}"
-        )
+        """The index of the documents' normalised numbers (see the module docstring).
+
+        :param str where: the documents it covers (SQL of this module, never input)
+        """
+        self.env.cr.execute(SQL(
+            "CREATE INDEX IF NOT EXISTS %s ON %s (company_id, (%s)) %s",
+            SQL.identifier(f'{self._table}_mpesa_reference_idx'), SQL.identifier(self._table),
+            SQL(utils.KEY_SQL.format(column='name')), SQL(where and 'WHERE ' + where),
+        ))
 
     @api.model
     def _mpesa_search_key(self, company, key, where, fields, limit):
-        """The documents (sudo) of `company` whose number normalises to `key`: one indexed lookup."""
+        """The documents (sudo) of `company` whose number normalises to `key`: one indexed lookup.
+
+        :param str where: the documents it may find (SQL of this module, never input)
+        """
         if not key:
             return self.sudo().browse()
         self.flush_model(fields)  # The lookup reads the table itself.
-        self.env.cr.execute(
-            f"SELECT id FROM {self._table} WHERE company_id = %s AND {utils.KEY_SQL.format(column='name')} = %s"
-            f" {where and 'AND ' + where} ORDER BY id LIMIT %s",
-            [company.id, key, limit],
-        )
+        self.env.cr.execute(SQL(
+            "SELECT id FROM %s WHERE company_id = %s AND %s = %s %s ORDER BY id LIMIT %s",
+            SQL.identifier(self._table), company.id, SQL(utils.KEY_SQL.format(column='name')), key,
+            SQL(where and 'AND ' + where), limit,
+        ))
         return self.sudo().browse([row[0] for row in self.env.cr.fetchall()])
 
     # === BUSINESS METHODS - PROMPTS === #
@@ -101,6 +110,11 @@ class MpesaPayable(models.AbstractModel):
         overpayment and refund flags, the portal and the payment request ask."""
         self.ensure_one()
         return self.currency_id.round(max(self.amount_total - self._mpesa_paid_amount(), 0.0))
+
+    def _mpesa_is_due(self):
+        """Whether something is still to pay on this document (`_mpesa_amount_due`)."""
+        self.ensure_one()
+        return self.currency_id.compare_amounts(self._mpesa_amount_due(), 0) > 0
 
     def _mpesa_extra_amount(self):
         """What the document's payments, less their refunds, exceed its total by."""

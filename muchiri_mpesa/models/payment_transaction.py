@@ -440,7 +440,7 @@ class PaymentTransaction(models.Model):
                 ', '.join(documents.mapped('name')),
             ))
         for document in documents:
-            if document.currency_id.compare_amounts(document._mpesa_amount_due(), 0) <= 0:
+            if not document._mpesa_is_due():
                 raise ValidationError(self.env._("%s is already paid.", document.name))
 
     def _mpesa_other_prompts(self, documents):

@@ -147,7 +147,7 @@ class SaleOrder(models.Model):
         reason = provider._mpesa_unavailability_reason(self.partner_invoice_id or self.partner_id, self.currency_id)
         if reason:
             return reason
-        if self.currency_id.compare_amounts(self._mpesa_amount_due(), 0) <= 0:
+        if not self._mpesa_is_due():
             return self.env._("%s has nothing left to pay.", self.name)
         return None
 
