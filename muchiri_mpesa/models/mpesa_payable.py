@@ -194,8 +194,8 @@ class MpesaPayable(models.AbstractModel):
         self.ensure_one()
         document = self.sudo()
         due_back = utils.is_material(self._mpesa_extra_to_refund())
-        message = why() if callable(why) else why
         if due_back and provider:
+            message = why() if callable(why) else why
             document.mpesa_needs_refund = True
             try:
                 with self.env.cr.savepoint():
@@ -210,6 +210,7 @@ class MpesaPayable(models.AbstractModel):
             except Exception:
                 _logger.warning("The refund request of %s could not be posted.", self.display_name, exc_info=True)
         elif not due_back and not provider and document.mpesa_needs_refund:
+            message = why() if callable(why) else why
             document.mpesa_needs_refund = False
             if message:
                 document.message_post(body=message, author_id=author.id if author else None)
