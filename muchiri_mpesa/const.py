@@ -157,3 +157,7 @@ INITIATOR_KEEP_MATCHING_DAYS = 7
 # ledger row matched again, a result waiting for its request, a condition watched) this many days;
 # past it, an accountant looks at it in the log (docs/design.md).
 KEEP_WORKING_DAYS = 7
+
+# An STK prompt's money is reported by Pull at most this many days after the prompt was sent: the
+# matching looks that far back for the prompt a reported payment may be (not a retention window).
+PROMPT_REPORTED_WITHIN_DAYS = 2

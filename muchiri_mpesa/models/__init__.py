@@ -10,8 +10,6 @@ from . import (
     mpesa_ledger_gap,
     mpesa_matching,
     mpesa_payable,
-    mpesa_payable_reference,
-    mpesa_payable_refund,
     mpesa_report,
     mpesa_token,
     payment_provider,
@@ -20,9 +18,11 @@ from . import (
     payment_provider_initiator,
     payment_provider_monitoring,
     payment_transaction,
-    payment_transaction_ledger,
-    payment_transaction_refund,
     res_partner,
     res_partner_mpesa_hash,
     sale_order,
 )
+
+# isort: split
+# account.move inherits muchiri.mpesa.payable: imported after mpesa_payable.
+from . import account_move

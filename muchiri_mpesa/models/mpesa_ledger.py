@@ -23,17 +23,17 @@ created the row is a conflict, which Transaction Status (it carries no account) 
 A Transaction Status result counts only when it names both conversation IDs of our query.
 """
 import logging
-from datetime import timedelta, timezone
+from datetime import timedelta
 from decimal import Decimal
 
 from markupsafe import Markup
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError
+from odoo.fields import Command
 from odoo.tools.misc import formatLang
 
-from .. import const, daraja
-from .mpesa_payable_reference import reference_key
+from .. import const, daraja, utils
 
 _logger = logging.getLogger(__name__)
 
@@ -62,9 +62,6 @@ DARAJA_CONFIRMATIONS = ('stk', 'status', 'pull')
 # What a source Daraja does not stand behind may add to a row another source recorded: shown to
 # accountants, read by no matching rule (see _mpesa_add_source).
 DISPLAY_FIELDS = ('payer_name', 'org_balance', 'third_party_id', 'msisdn')
-# Unmatched rows are matched again by the hourly cron for so long (an invoice posted after its
-# payment, an STK prompt settled after its Pull row): later, they wait for an accountant only.
-AUTO_REMATCH_FOR = timedelta(days=7)
 
 
 class MpesaLedger(models.Model):
@@ -173,7 +170,7 @@ class MpesaLedger(models.Model):
         for row in self:
             row.display_name = f"{row.name} ({formatLang(self.env, row.amount, currency_obj=row.currency_id)})"
 
-    # === RECORDING: ONE ROW PER RECEIPT === #
+    # === BUSINESS METHODS - RECORDING: ONE ROW PER RECEIPT === #
 
     @api.model
     def _mpesa_record(self, provider, receipt, source, values):
@@ -207,6 +204,8 @@ class MpesaLedger(models.Model):
             log_exceptions=False,
         )
         inserted = cr.fetchone()
+        # Locked by its receipt, not by id (`utils.lock_rows`): a row the other worker just inserted
+        # may be invisible to this snapshot, and only a locking read then fails to serialize.
         cr.execute(
             "SELECT id FROM muchiri_mpesa_ledger WHERE company_id = %s AND name = %s FOR NO KEY UPDATE",
             [company.id, receipt], log_exceptions=False,
@@ -247,7 +246,7 @@ class MpesaLedger(models.Model):
                 ))
             account = values.get('bill_ref')
             if source == 'pull' and account and self.bill_ref \
-                    and reference_key(account) != reference_key(self.bill_ref):
+                    and utils.reference_key(account) != utils.reference_key(self.bill_ref):
                 # Pull lists what the payer typed; a claim naming another account is not this money's.
                 update['conflict'] = True
                 confirms = False
@@ -258,7 +257,7 @@ class MpesaLedger(models.Model):
         if source == 'pull' and amount is not None:
             update['pull_amount'] = amount
         if 'bill_ref' in update:
-            update['bill_ref_key'] = reference_key(update['bill_ref'])
+            update['bill_ref_key'] = utils.reference_key(update['bill_ref'])
         # Daraja's own word (its STK Query, its Pull list) confirms the row, or makes a weaker
         # confirmation (the source check, a hand) a verified one.
         if confirms and self.confirmation not in DARAJA_CONFIRMATIONS:
@@ -277,9 +276,9 @@ class MpesaLedger(models.Model):
     @api.model
     def _mpesa_record_c2b(self, provider, payment):
         """Record a C2B confirmation (a daraja.C2BPayment) in the ledger and match it if new."""
-        row, created = self._mpesa_record(provider, payment.trans_id, 'c2b', {
+        return self._mpesa_record_and_match(provider, payment.trans_id, 'c2b', {
             'amount': float(payment.amount),
-            'trans_time': _naive_utc(payment.trans_time),
+            'trans_time': utils.naive_utc(payment.trans_time),
             'transaction_type': payment.transaction_type or False,
             'shortcode': payment.shortcode or False,
             'bill_ref': payment.bill_ref or False,
@@ -291,9 +290,6 @@ class MpesaLedger(models.Model):
             'phone': payment.phone or False,
             'payer_name': payment.payer_name or False,
         })
-        if row.state in ('awaiting', 'unmatched'):
-            row._mpesa_match()
-        return row, created
 
     @api.model
     def _mpesa_record_pull(self, provider, pulled):
@@ -302,9 +298,9 @@ class MpesaLedger(models.Model):
             phone = daraja.normalize_msisdn(pulled.msisdn) if pulled.msisdn else False
         except daraja.DarajaValidationError:
             phone = False  # Masked, or not a Safaricom mobile.
-        row, created = self._mpesa_record(provider, pulled.transaction_id, 'pull', {
+        return self._mpesa_record_and_match(provider, pulled.transaction_id, 'pull', {
             'amount': float(pulled.amount),
-            'trans_time': _naive_utc(pulled.trx_date),
+            'trans_time': utils.naive_utc(pulled.trx_date),
             'transaction_type': pulled.transaction_type or False,
             'bill_ref': pulled.bill_reference or False,
             'msisdn': pulled.msisdn or False,
@@ -312,11 +308,16 @@ class MpesaLedger(models.Model):
             # Daraja listed it to us, for our shortcode: the receipt and its amount are Daraja's word.
             'confirmation': 'pull',
         })
+
+    @api.model
+    def _mpesa_record_and_match(self, provider, receipt, source, values):
+        """`_mpesa_record`, then the row is matched if it still waits."""
+        row, created = self._mpesa_record(provider, receipt, source, values)
         if row.state in ('awaiting', 'unmatched'):
             row._mpesa_match()
         return row, created
 
-    # === MATCHING === #
+    # === BUSINESS METHODS - MATCHING === #
 
     def _mpesa_match(self):
         """Match this (locked) row if it still waits, through the matching service.  Money nobody
@@ -337,7 +338,40 @@ class MpesaLedger(models.Model):
             self.state = 'unmatched'
         return Matching._mpesa_match(self)
 
-    # === CONFIRMATION BY DARAJA (see the module docstring) === #
+    def _mpesa_link_prompt(self, tx):
+        """Prompt `tx` holds this row's receipt: the row's money is the prompt's, and pays what it
+        paid."""
+        self.ensure_one()
+        documents = tx._mpesa_documents()
+        self.write({
+            'state': 'matched',
+            'note': self.env._("Paid by M-Pesa prompt %s.", tx.reference),
+            'sale_order_ids': [Command.link(order.id) for order in tx.sale_order_ids],
+            'invoice_ids': [Command.link(move.id) for move in tx.invoice_ids],
+            'partner_id': self.partner_id.id or tx.partner_id.commercial_partner_id.id,
+        })
+        self.message_post(body=self.env._(
+            "Paid by M-Pesa prompt %(reference)s%(documents)s.", reference=tx.reference,
+            documents=f" ({', '.join(documents.mapped('name'))})" if documents else '',
+        ))
+
+    def _mpesa_placed(self, state, note, documents, refund_amount):
+        """The matching placed this row's money on `documents` (orders and invoices, in one list).
+
+        :param str state: 'matched', 'partial' or 'over'
+        :param float refund_amount: what is left over, to refund ('over')
+        """
+        self.ensure_one()
+        self.write({
+            'state': state,
+            'note': note,
+            'refund_amount': refund_amount,
+            'sale_order_ids': [Command.set([doc.id for doc in documents if doc._name == 'sale.order'])],
+            'invoice_ids': [Command.set([doc.id for doc in documents if doc._name == 'account.move'])],
+            'partner_id': self.partner_id.id or documents[0].partner_id.commercial_partner_id.id,
+        })
+
+    # === BUSINESS METHODS - CONFIRMATION BY DARAJA (see the module docstring) === #
 
     def _mpesa_await_confirmation(self):
         """Hold this unconfirmed row and ask for its confirmation the fastest way the provider has:
@@ -426,7 +460,7 @@ class MpesaLedger(models.Model):
         if self.confirmation:
             return 'ignored', self.env._("Receipt %s is confirmed already.", self.name)
         unknown = result.result_code in daraja.UNKNOWN_TRANSACTION_CODES
-        if result.is_timeout or (result.result_code != '0' and not unknown):
+        if result.is_timeout or (not result.is_success and not unknown):
             said = self.env._("Daraja's queue timed out") if result.is_timeout else self.env._(
                 "%(meaning)s (%(code)s)", code=result.result_code,
                 meaning=daraja.describe_initiator_result(result.result_code))
@@ -501,7 +535,6 @@ class MpesaLedger(models.Model):
         rows = self.sudo().search([
             ('status_next_at', '<=', fields.Datetime.now()), ('confirmation', '=', False),
         ], order='status_next_at, id', limit=batch_size)
-        Transaction = self.env['payment.transaction']
         sent = 0
         for row in rows:
             outcome = 'sent'
@@ -527,7 +560,7 @@ class MpesaLedger(models.Model):
                 with self.env.cr.savepoint():
                     row.invalidate_recordset()
                     row.status_next_at = fields.Datetime.now() + timedelta(seconds=const.RECONCILE_THROTTLE_DELAY)
-            Transaction._mpesa_commit()
+            utils.commit(self.env)
             sent += outcome == 'sent'
             if outcome == 'stop':
                 return sent, True
@@ -559,9 +592,10 @@ class MpesaLedger(models.Model):
         worker has it; committed one by one."""
         rows = self.sudo().search([
             '|', ('state', '=', 'unmatched'), '&', ('state', '=', 'awaiting'), ('status_next_at', '=', False),
-            ('create_date', '>=', fields.Datetime.now() - AUTO_REMATCH_FOR),
+            # Matched again while the addon keeps working on what is not settled (an invoice posted
+            # after its payment, an STK prompt settled after its Pull row): later, an accountant.
+            ('create_date', '>=', fields.Datetime.now() - timedelta(days=const.KEEP_WORKING_DAYS)),
         ], order='id', limit=limit)
-        Transaction = self.env['payment.transaction']
         matched = 0
         for row in rows:
             try:
@@ -570,24 +604,19 @@ class MpesaLedger(models.Model):
                         matched += 1
             except Exception:
                 _logger.warning("M-Pesa ledger row %s could not be matched again.", row.id, exc_info=True)
-            Transaction._mpesa_commit()
+            utils.commit(self.env)
         return matched
 
     def _mpesa_lock(self, skip=False):
-        """Hold this row's lock until the end of the database transaction.
+        """Hold this row's lock until the end of the database transaction (`utils.lock_rows`): the
+        sources, the matching and the accountants handle it one after the other.
 
         :return: whether it is held (False with `skip` when another worker has it)
         """
         self.ensure_one()
-        self.env.cr.execute(
-            f"SELECT id FROM muchiri_mpesa_ledger WHERE id = %s FOR NO KEY UPDATE{' SKIP LOCKED' if skip else ''}",
-            [self.id], log_exceptions=False,
-        )
-        held = bool(self.env.cr.fetchone())
-        self.invalidate_recordset()
-        return held
+        return bool(utils.lock_rows(self, 'skip' if skip else 'wait'))
 
-    # === ACCOUNTANTS' ACTIONS (the wizards call these) === #
+    # === BUSINESS METHODS - ACCOUNTANTS' ACTIONS (the wizards call these) === #
 
     def _mpesa_check_can_act(self, states=('unmatched',)):
         self.ensure_one()
@@ -669,7 +698,7 @@ class MpesaLedger(models.Model):
             amount=self._mpesa_format(self.amount), receipt=self.name, reason=reason,
         ), summary=self.env._("M-Pesa: refund a payment"))
 
-    # === REFUNDS === #
+    # === BUSINESS METHODS - REFUNDS === #
 
     def _mpesa_refunded(self, refund):
         """M-Pesa reversed this row's receipt (`refund`, done): the whole money went back to the
@@ -702,20 +731,16 @@ class MpesaLedger(models.Model):
             row.write(values)
             row.message_post(body=note, author_id=self.env.user.partner_id.id)
 
-    # === HELPERS === #
+    # === TOOLING === #
 
     def _mpesa_format(self, amount):
         return formatLang(self.env, amount, currency_obj=self.currency_id)
-
-    def _mpesa_recipients(self):
-        provider = self.provider_id.sudo()
-        return provider.mpesa_alert_group_id.users.filtered(lambda user: user.active and not user.share)
 
     def _mpesa_ask_accountants(self, message, summary=None):
         """Post `message` on the row and give the provider's alert recipients an activity."""
         self.ensure_one()
         self.message_post(body=message)
-        for user in self._mpesa_recipients():
+        for user in utils.alert_recipients(self.provider_id):
             self.activity_schedule(
                 'mail.mail_activity_data_todo', summary=summary or self.env._("M-Pesa: check a payment"),
                 note=Markup("<p>%s</p>") % message, user_id=user.id,
@@ -724,7 +749,3 @@ class MpesaLedger(models.Model):
     def _mpesa_close_activities(self):
         self.sudo().activity_ids.action_feedback(feedback=self.env._("Done by %s.", self.env.user.name))
 
-
-def _naive_utc(value):
-    """An aware datetime of the Daraja layer as Odoo stores it (naive UTC); False for none."""
-    return value.astimezone(timezone.utc).replace(tzinfo=None) if value else False

@@ -20,16 +20,11 @@ import logging
 from datetime import timedelta
 
 from odoo import models
-from odoo.fields import Command
 
-from .. import const, daraja
+from .. import const, daraja, utils
 from .mpesa_ledger import DARAJA_CONFIRMATIONS
-from .mpesa_payable_reference import reference_key
 
 _logger = logging.getLogger(__name__)
-
-# An STK prompt's money is reported by Pull at most this long after the prompt was sent.
-PROMPT_WINDOW = timedelta(days=2)
 
 
 class MpesaMatching(models.AbstractModel):
@@ -108,7 +103,7 @@ class MpesaMatching(models.AbstractModel):
         prompts = self.env['payment.transaction'].sudo().search([
             ('provider_id', '=', row.provider_id.id),
             ('mpesa_push_sent_at', '!=', False),
-            ('mpesa_push_sent_at', '>=', row.trans_time - PROMPT_WINDOW),
+            ('mpesa_push_sent_at', '>=', row.trans_time - timedelta(days=const.PROMPT_REPORTED_WITHIN_DAYS)),
             ('mpesa_push_sent_at', '<=', row.trans_time + timedelta(minutes=5)),
             ('mpesa_receipt_number', '=', False),
             ('mpesa_requested_amount', '=', round(row.amount)),
@@ -127,7 +122,7 @@ class MpesaMatching(models.AbstractModel):
                 sent = daraja.account_reference(tx.reference)
             except daraja.DarajaValidationError:
                 return False
-            if reference_key(sent) != row.bill_ref_key:
+            if utils.reference_key(sent) != row.bill_ref_key:
                 return False
         payer = row.phone or row.msisdn_hash
         if payer and tx.mpesa_phone:
@@ -199,12 +194,11 @@ class MpesaMatching(models.AbstractModel):
         orders = self.env['sale.order']._mpesa_search_reference(company, key).filtered(
             lambda order: order.state in ('draft', 'sent', 'sale'))
         invoices = self.env['account.move']._mpesa_search_reference(company, key).filtered(
-            lambda move: move.state == 'posted' and not (open_only and move.currency_id.is_zero(move.amount_residual)))
+            lambda move: move.state == 'posted' and not (open_only and not move._mpesa_is_due()))
         documents = _Documents()
         for order in orders:
             open_invoices = order.invoice_ids.filtered(
-                lambda move: move.state == 'posted' and move.move_type == 'out_invoice'
-                and not move.currency_id.is_zero(move.amount_residual)
+                lambda move: move.state == 'posted' and move.move_type == 'out_invoice' and move._mpesa_is_due()
             )
             if open_invoices:
                 documents.extend(open_invoices)
@@ -240,23 +234,22 @@ class MpesaMatching(models.AbstractModel):
             self.env['payment.transaction'].sudo()._mpesa_ledger_create_tx(row, document, amount, index == 0)
         paid_docs = [document for document, _amount, _due in plan]
         short = sum(due for _document, _amount, due in plan) - (row.amount - excess)
-        if excess >= const.ROUNDING_TOLERANCE:
+        if utils.is_material(excess):
             state = 'over'
         elif currency.compare_amounts(short, 0) > 0:
             state = 'partial'
         else:
             state = 'matched'
-        row.write({
-            'state': state,
-            'note': note,
-            'refund_amount': excess if state == 'over' else 0.0,
-            'sale_order_ids': [Command.set([doc.id for doc in paid_docs if doc._name == 'sale.order'])],
-            'invoice_ids': [Command.set([doc.id for doc in paid_docs if doc._name == 'account.move'])],
-            'partner_id': row.partner_id.id or paid_docs[0].partner_id.commercial_partner_id.id,
-        })
+        row._mpesa_placed(state, note, paid_docs, excess if state == 'over' else 0.0)
         row.message_post(body=self._mpesa_summary(row, plan, excess, state))
         if state == 'over':
-            self._mpesa_flag_excess(row, plan[-1][0], excess)
+            document = plan[-1][0]
+            document._mpesa_update_refund_flag(self.env._(
+                "M-Pesa payment %(receipt)s of %(amount)s is %(excess)s more than %(document)s owed: the"
+                " rest is the customer's credit.  Check it and refund the customer.",
+                receipt=row.name, amount=row._mpesa_format(row.amount), excess=row._mpesa_format(excess),
+                document=document.display_name,
+            ), provider=row.provider_id)
         return state
 
     def _mpesa_summary(self, row, plan, excess, state):
@@ -269,15 +262,6 @@ class MpesaMatching(models.AbstractModel):
         if state == 'over':
             text += ' ' + self.env._("%s more than due, to refund.", row._mpesa_format(excess))
         return text
-
-    def _mpesa_flag_excess(self, row, document, excess):
-        message = self.env._(
-            "M-Pesa payment %(receipt)s of %(amount)s is %(excess)s more than %(document)s owed: the"
-            " rest is the customer's credit.  Check it and refund the customer.",
-            receipt=row.name, amount=row._mpesa_format(row.amount), excess=row._mpesa_format(excess),
-            document=document.display_name,
-        )
-        document._mpesa_flag_for_refund(message, row.provider_id)
 
 
 class _Documents(list):

@@ -40,6 +40,22 @@ class SaleOrder(models.Model):
         string="M-Pesa Refunded On", compute='_compute_mpesa_payment', store=True,
     )
 
+    mpesa_can_request_payment = fields.Boolean(
+        string="Can Request M-Pesa Payment", compute='_compute_mpesa_back_office',
+    )
+    mpesa_has_pending_payment = fields.Boolean(
+        string="M-Pesa Payment Pending", compute='_compute_mpesa_back_office',
+    )
+
+    # === CRUD METHODS === #
+
+    def init(self):
+        res = super().init()
+        self._mpesa_create_reference_index()
+        return res
+
+    # === COMPUTE METHODS === #
+
     @api.depends(
         'amount_total', 'transaction_ids.state', 'transaction_ids.amount',
         'transaction_ids.mpesa_receipt_number', 'transaction_ids.mpesa_receipt_status',
@@ -80,6 +96,21 @@ class SaleOrder(models.Model):
             order.mpesa_refund_receipt = last_refund.mpesa_reversal_receipt or False
             order.mpesa_refunded_at = last_refund.mpesa_paid_at or last_refund.last_state_change
 
+    @api.depends(
+        'state', 'company_id', 'currency_id', 'amount_total', 'partner_id', 'partner_invoice_id',
+        'transaction_ids.state',
+    )
+    def _compute_mpesa_back_office(self):
+        for order in self:
+            order.mpesa_has_pending_payment = bool(order._mpesa_pending_transactions())
+            order.mpesa_can_request_payment = not order._mpesa_payment_request_blocker()
+
+    # === BUSINESS METHODS === #
+
+    def _mpesa_search_reference(self, company, key, limit=5):
+        """The orders (sudo) of `company` whose number normalises to `key`: one indexed lookup."""
+        return self._mpesa_search_key(company, key, '', ['name', 'company_id'], limit)
+
     def _prepare_invoice(self):
         """Override of `sale` to round the invoice of an order M-Pesa pays to whole shillings, as
         the phone was asked: the payment then settles it exactly and nothing stays open."""
@@ -103,23 +134,7 @@ class SaleOrder(models.Model):
         invoiced = self.invoice_ids.filtered(lambda move: move.state != 'cancel')
         return bool(invoiced) and (not self._is_paid() or self.invoice_status != 'to invoice')
 
-    # === BACK OFFICE: M-PESA PAYMENT REQUESTS AND STATUS CHECKS === #
-
-    mpesa_can_request_payment = fields.Boolean(
-        string="Can Request M-Pesa Payment", compute='_compute_mpesa_back_office',
-    )
-    mpesa_has_pending_payment = fields.Boolean(
-        string="M-Pesa Payment Pending", compute='_compute_mpesa_back_office',
-    )
-
-    @api.depends(
-        'state', 'company_id', 'currency_id', 'amount_total', 'partner_id', 'partner_invoice_id',
-        'transaction_ids.state',
-    )
-    def _compute_mpesa_back_office(self):
-        for order in self:
-            order.mpesa_has_pending_payment = bool(order._mpesa_pending_transactions())
-            order.mpesa_can_request_payment = not order._mpesa_payment_request_blocker()
+    # === BUSINESS METHODS - M-PESA PAYMENT REQUESTS AND STATUS CHECKS === #
 
     def _mpesa_payment_request_blocker(self):
         """Why no M-Pesa payment can be requested for this order, or None when one can."""
@@ -132,7 +147,7 @@ class SaleOrder(models.Model):
         reason = provider._mpesa_unavailability_reason(self.partner_invoice_id or self.partner_id, self.currency_id)
         if reason:
             return reason
-        if self.currency_id.compare_amounts(self._mpesa_amount_due(), 0) <= 0:
+        if not self._mpesa_is_due():
             return self.env._("%s has nothing left to pay.", self.name)
         return None
 
@@ -152,18 +167,6 @@ class SaleOrder(models.Model):
         return self.sudo().transaction_ids.filtered(
             lambda tx: tx.provider_code == 'mpesa' and tx.state == 'pending' and tx.provider_reference
         )
-
-    def _mpesa_paid_amount(self):
-        """Override of `muchiri.mpesa.payable`: what paid the order's posted invoices (whatever the
-        method: a payment to the invoice number is the order's money too), and the order's own
-        transactions that did not pay those invoices (a quotation's payment, not invoiced yet)."""
-        self.ensure_one()
-        invoices = self.sudo().invoice_ids.filtered(
-            lambda move: move.state == 'posted' and move.move_type == 'out_invoice')
-        reconciled = invoices._get_reconciled_payments()
-        own = self.sudo().transaction_ids.filtered(
-            lambda tx: not (tx.invoice_ids & invoices) and not (tx.payment_id & reconciled))
-        return sum(invoice._mpesa_paid_amount() for invoice in invoices) + self._mpesa_net_paid(own)
 
     def action_mpesa_request_payment(self):
         """Open the wizard that sends an M-Pesa prompt for this order."""
