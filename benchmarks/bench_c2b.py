@@ -82,7 +82,7 @@ def race(odoo, registry) -> bool:
         env = odoo.api.Environment(cr, odoo.SUPERUSER_ID, {})
         rows = env["muchiri.mpesa.ledger"].search([("name", "=", "RACE000001")])
         events = env["muchiri.mpesa.event"].search([("receipt_number", "=", "RACE000001")])
-        states = sorted(events.mapped("callback_state"))
+        states = sorted(events.mapped("state"))
         counts = len(rows), len(rows.transaction_ids)
     ok = answers == [200, 200] and counts == (1, 1) and states == ["ignored", "processed"]
     print(f"race of two workers on one receipt: answers {answers}, {counts[0]} ledger row,"

@@ -14,14 +14,16 @@ time.  It prints:
 - SQL queries per callback, from Odoo's access log (its three perf figures per request);
 - the time from each callback to its transaction's `done`, read from the database (polled every 50 ms) until
   all N are done or --settle-timeout: the cron worker settles them when the route wakes it
-  (muchiri_mpesa.cron_mpesa_settle_callbacks), or the route itself in the synchronous flow.
+  (muchiri_mpesa.cron_mpesa_settle_callbacks);
+- the burst's time from the first callback posted to the last transaction done, the settlement job's rate
+  (callbacks settled per second while it worked; goal >= 30/s) and the STK Queries per callback (goal 1).
 
 The transactions are not due for the reconciliation cron (next check in a day): only the callbacks settle them.
 A benchmark that prints figures, not a test: exit 0 when it measured, 1 when it could not run (3 on the hard
 --timeout, which stops Odoo first).  Needs Odoo 18 importable by python3 and PostgreSQL, with the settings of
 scripts/odoo-tests (PGHOST, PGPORT, ODOO_DB_USER, ODOO_DB_PASSWORD):
 
-    python3 benchmarks/bench_callbacks.py [--n 500] [--db muchiri_mpesa_bench_callbacks] [--threads 8]
+    python3 benchmarks/bench_callbacks.py [--n 300] [--db muchiri_mpesa_bench_callbacks] [--threads 8]
                                           [--health-threads 8] [--query-delay 0] [--settle-timeout 300]
                                           [--timeout 1200] [--no-install]
 """
@@ -58,6 +60,8 @@ PASSKEY = "bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919"
 PHONE_CALLBACK_LOST = "254700000005"  # Pays; the simulator never posts a callback: the benchmark does.
 AMOUNT = 100
 RATIO_GOAL = 0.8
+SQL_GOAL = 8  # statements per kept callback: insert the body, find the transaction, mark it, wake the job
+SETTLE_GOAL = 30.0  # callbacks settled per second by the settlement job, each confirmed by one STK Query
 POLL_INTERVAL = 0.05  # seconds between two reads of the transactions' states
 CALLBACK_ATTEMPTS = 4  # Daraja retries a callback answered 5xx or not answered; so does the benchmark
 HEALTH_PATH = "/web/health?db_server_status=1"
@@ -278,8 +282,8 @@ def settled_by(db: str, odoo: Any, tx_ids: list[int]) -> tuple[Counter, Counter]
     with registry.cursor() as cr:
         cr.execute("SELECT COALESCE(mpesa_settled_by, state) FROM payment_transaction WHERE id = ANY(%s)", [tx_ids])
         sources = Counter(row[0] for row in cr.fetchall())
-        cr.execute("SELECT COALESCE(callback_state, '-') FROM muchiri_mpesa_event"
-                   " WHERE kind = 'callback' AND transaction_id = ANY(%s)", [tx_ids])
+        cr.execute("SELECT COALESCE(state, '-') FROM muchiri_mpesa_event"
+                   " WHERE kind = 'stk_callback' AND transaction_id = ANY(%s)", [tx_ids])
         events = Counter(row[0] for row in cr.fetchall())
     return sources, events
 
@@ -289,7 +293,7 @@ def settled_by(db: str, odoo: Any, tx_ids: list[int]) -> tuple[Counter, Counter]
 def main() -> int:
     global _server  # For the hard timeout.
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=500, help="callbacks (one per pending transaction)")
+    parser.add_argument("--n", type=int, default=300, help="callbacks (one per pending transaction)")
     parser.add_argument("--db", default="muchiri_mpesa_bench_callbacks")
     parser.add_argument("--threads", type=int, default=8, help="threads posting the callbacks")
     parser.add_argument("--health-threads", type=int, default=8, help="threads hitting /web/health meanwhile")
@@ -392,7 +396,7 @@ def main() -> int:
     print(f"health latency:            {ms([h[1] for h in in_burst])}")
     if sql:
         print(f"SQL queries per callback:  mean {statistics.fmean(sql):.1f}, median {statistics.median(sql):.0f}, "
-              f"max {max(sql)} ({len(callback_lines)} callback lines in the access log)")
+              f"max {max(sql)} ({len(callback_lines)} callback lines in the access log; goal <= {SQL_GOAL})")
     else:
         print("SQL queries per callback:  - (no callback line with perf figures in the access log)")
     health_sql = [line.queries for line in health_lines if line.queries is not None]
@@ -400,7 +404,17 @@ def main() -> int:
         print(f"SQL queries per health:    mean {statistics.fmean(health_sql):.1f}")
     print(f"callback to done:          {ms(to_done)} (polled every {POLL_INTERVAL * 1000:.0f} ms); "
           f"{len(to_done)} of {args.n} done {settle_ended - burst_started:.1f} s after the burst began")
-    print(f"settled by:                {dict(sources)}; callback events {dict(events)}; STK queries {stk_queries}")
+    print(f"settled by:                {dict(sources)}; callback events {dict(events)}; STK queries {stk_queries}"
+          f" ({stk_queries / max(len(to_done), 1):.2f} per callback done, goal 1)")
+    if to_done:
+        first_sent = min(d.first_sent for d in deliveries)
+        done_times = sorted(poller.done_at.values())
+        print(f"burst, first callback to last done: {done_times[-1] - first_sent:.1f} s for {len(to_done)} callbacks")
+        working = done_times[-1] - done_times[0]
+        rate = (len(done_times) - 1) / working if working > 0 else float("inf")
+        print(f"settlement job:            {rate:.1f} callbacks/s settled while it worked (first to last done; "
+              f"goal >= {SETTLE_GOAL:.0f}/s); {len(to_done) / (done_times[-1] - first_sent):.1f}/s from the first "
+              f"callback posted")
     if errors:
         print(f"ERROR lines in Odoo's log: {len(errors)}, first: {errors[0][:300]}")
     if len(to_done) < args.n:

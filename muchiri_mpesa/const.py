@@ -21,8 +21,21 @@ LNM_ROUTES = {
     'status_result': LNM_PREFIX + '/<string:secret>/status/result',
     'status_timeout': LNM_PREFIX + '/<string:secret>/status/timeout',
 }
+# What each inbound route receives: the kept event's kind, and the Daraja API whose result it is.
+# One controller method serves them all (controllers/main.py).
+INBOUND_ROUTE_KINDS = {
+    CALLBACK_ROUTE: ('stk_callback', False),
+    LNM_ROUTES['stk']: ('stk_callback', False),
+    LNM_ROUTES['c2b_validation']: ('c2b_validation', False),
+    LNM_ROUTES['c2b_confirmation']: ('c2b_confirmation', False),
+    LNM_ROUTES['pull']: ('pull_callback', False),
+    LNM_ROUTES['reversal_result']: ('initiator_result', 'reversal'),
+    LNM_ROUTES['reversal_timeout']: ('initiator_timeout', 'reversal'),
+    LNM_ROUTES['status_result']: ('initiator_result', 'status'),
+    LNM_ROUTES['status_timeout']: ('initiator_timeout', 'status'),
+}
 # Routes whose raw body is kept before Odoo's form parser may read it (models/ir_http.py).
-INBOUND_ROUTES = frozenset((CALLBACK_ROUTE, *LNM_ROUTES.values()))
+INBOUND_ROUTES = frozenset(INBOUND_ROUTE_KINDS)
 
 # M-Pesa takes Kenyan shillings only.
 SUPPORTED_CURRENCIES = ['KES']
@@ -74,7 +87,7 @@ EVENT_KINDS = [
     ('token', "Access token"),
     ('stk_push', "STK Push"),
     ('stk_query', "STK Query"),
-    ('callback', "Callback"),
+    ('stk_callback', "STK callback"),
     ('c2b_register', "C2B URL registration"),
     ('c2b_validation', "C2B validation"),
     ('c2b_confirmation', "C2B confirmation"),
@@ -149,9 +162,6 @@ STATUS_POLL_EXPEDITE_INTERVAL = 10
 # reversal), at most INITIATOR_MAX_CHECKS times; then the transaction waits for an accountant.
 INITIATOR_RESULT_WAIT = 10 * 60
 INITIATOR_MAX_CHECKS = 6
-# Results posted by Daraja that match no transaction yet (the answer to our request is not recorded
-# yet) are matched again this long.
-INITIATOR_KEEP_MATCHING_DAYS = 7
 
 # The one retention window: the jobs keep working on what is not settled (a kept body retried, a
 # ledger row matched again, a result waiting for its request, a condition watched) this many days;

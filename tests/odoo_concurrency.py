@@ -329,8 +329,8 @@ class Harness:
         """MpesaController.mpesa_callback (from a Safaricom address): the body kept and queued on the
         model's own cursor, no Daraja call.  Returns the HTTP status it answers."""
         provider_sudo = env["payment.provider"].sudo().browse(self.provider_id)
-        status, _answer = env["muchiri.mpesa.event"].sudo()._mpesa_receive_callback(
-            provider_sudo, raw_body, SAFARICOM_ADDRESS,
+        status, _answer = env["muchiri.mpesa.event"].sudo()._mpesa_receive(
+            provider_sudo, "stk_callback", raw_body, SAFARICOM_ADDRESS,
         )
         return status
 
@@ -703,20 +703,20 @@ class Harness:
             with self.env() as env:
                 tx = env["payment.transaction"].browse(tx_id)
                 events = env["muchiri.mpesa.event"].search([
-                    ("kind", "=", "callback"), ("checkout_request_id", "=", checkout_request_id),
+                    ("kind", "=", "stk_callback"), ("checkout_request_id", "=", checkout_request_id),
                 ])
                 payments = env["account.payment"].search_count([("payment_transaction_id", "=", tx.id)])
                 confirmations = self.confirmations(env, tx)
                 settled_by[tx.mpesa_settled_by or "-"] += 1
-                states.update(events.mapped("callback_state"))
+                states.update(events.mapped("state"))
                 queries[self.sim.transaction(checkout_request_id).queries - queries_before] += 1
                 c.expect(tx.state == "done", prefix + f"the transaction is {tx.state}: {tx.state_message}")
                 c.expect(tx.mpesa_receipt_number == sim_tx.receipt,
                          prefix + f"receipt {tx.mpesa_receipt_number!r}, Daraja's is {sim_tx.receipt!r}")
                 c.expect(confirmations == 1, prefix + f"set done {confirmations} times")
                 c.expect(payments == 1, prefix + f"{payments} account.payment for the transaction (expected 1)")
-                c.expect(len(events) == 1 and events.callback_state == "processed",
-                         prefix + f"callback events {events.mapped('callback_state')} {events.mapped('message')}")
+                c.expect(len(events) == 1 and events.state == "processed",
+                         prefix + f"callback events {events.mapped('state')} {events.mapped('message')}")
                 c.expect(env["sale.order"].browse(order_id).state == "sale", prefix + "the order is not confirmed")
         c.fact(f"{self.rounds} rounds, all done once with Daraja's receipt and one payment; settled by "
                f"{dict(settled_by)}; callback events {dict(states)}; STK queries per round {dict(queries)}; "
@@ -745,9 +745,9 @@ class Harness:
             with self.env() as env:
                 tx = env["payment.transaction"].browse(tx_id)
                 events = env["muchiri.mpesa.event"].search([
-                    ("kind", "=", "callback"), ("checkout_request_id", "=", checkout_request_id),
+                    ("kind", "=", "stk_callback"), ("checkout_request_id", "=", checkout_request_id),
                 ])
-                event_states = sorted(events.mapped("callback_state"))
+                event_states = sorted(events.mapped("state"))
                 state_sets[", ".join(event_states)] += 1
                 receipts = env["payment.transaction"].search_count([("mpesa_receipt_number", "=", sim_tx.receipt)])
                 confirmations = self.confirmations(env, tx)
@@ -928,7 +928,7 @@ class Harness:
                 txs = env["payment.transaction"].browse(tx_ids)
                 txs.filtered(lambda tx: tx.state == "pending").write({"mpesa_next_check_at": now})
                 events = env["muchiri.mpesa.event"].search([
-                    ("kind", "=", "callback"), ("callback_state", "in", list(waiting_states)),
+                    ("kind", "=", "stk_callback"), ("state", "in", list(waiting_states)),
                     "|", ("transaction_id", "in", tx_ids),
                     ("checkout_request_id", "in", [r for r in txs.mapped("provider_reference") if r]),
                 ])
@@ -948,7 +948,7 @@ class Harness:
                 pending = txs.filtered(lambda tx: tx.state in ("draft", "pending") and tx.provider_reference)
                 references = [r for r in txs.mapped("provider_reference") if r]
                 waiting = env["muchiri.mpesa.event"].search_count([
-                    ("kind", "=", "callback"), ("callback_state", "in", list(waiting_states)),
+                    ("kind", "=", "stk_callback"), ("state", "in", list(waiting_states)),
                     "|", ("transaction_id", "in", tx_ids), ("checkout_request_id", "in", references),
                 ])
                 unprocessed = len(txs.filtered(lambda tx: tx.state == "done" and not tx.is_post_processed))
@@ -1075,7 +1075,7 @@ class Harness:
             kept = dict(env.cr.fetchall())
             payments = Counter(env["account.payment"].search([("payment_transaction_id", "in", tx_ids)])
                                .mapped("payment_transaction_id.id"))
-            events = env["muchiri.mpesa.event"].search([("kind", "=", "callback"), ("request_body", "in",
+            events = env["muchiri.mpesa.event"].search([("kind", "=", "stk_callback"), ("request_body", "in",
                                                         [body.decode() for body in bodies])])
             not_done = txs.filtered(lambda tx: tx.state != "done")
             twice = [tx.reference for tx in txs if self.confirmations(env, tx) != 1]
@@ -1094,7 +1094,7 @@ class Harness:
                    f"{done_by_odoo} done when Odoo stopped, jobs then ran {rounds} round(s); "
                    f"states {dict(Counter(txs.mapped('state')))}, settled by "
                    f"{dict(Counter(txs.mapped('mpesa_settled_by')))}; callback events "
-                   f"{dict(Counter(events.mapped('callback_state')))}; payments {sum(payments.values())}; "
+                   f"{dict(Counter(events.mapped('state')))}; payments {sum(payments.values())}; "
                    f"Odoo log ERROR lines {len(errors)} (+{noise} mail delivery) in {server.log_path}")
             c.expect("http" in kill, "no HTTP worker was killed")
             c.expect(not not_done, f"{len(not_done)} transactions not done: "
@@ -1139,8 +1139,8 @@ class Harness:
             tx.invalidate_recordset()
             unknown = f"then {tx.state}, outcome unknown {tx.mpesa_outcome_unknown}"
             event = env["muchiri.mpesa.event"].search([
-                ("kind", "=", "callback"), ("checkout_request_id", "=", checkout_request_id),
-                ("callback_state", "=", "unmatched")], limit=1)
+                ("kind", "=", "stk_callback"), ("checkout_request_id", "=", checkout_request_id),
+                ("state", "=", "unmatched")], limit=1)
             if not event:
                 return unknown + ", no unmatched callback to match"
             env = env(su=True)
@@ -1216,12 +1216,12 @@ class Harness:
             order = env["sale.order"].browse(order_id)
             done = order.transaction_ids.filtered(lambda t: t.state == "done")
             events = env["muchiri.mpesa.event"].search([
-                ("kind", "=", "callback"), ("checkout_request_id", "=", checkout_request_id or "-")])
+                ("kind", "=", "stk_callback"), ("checkout_request_id", "=", checkout_request_id or "-")])
             answers = [self.rpc_outcome(status, body) for status, body in calls]
             c.fact(f"worker {kill['pid']} killed while Daraja held the answer, respawned in "
                    f"{kill['respawned_in']:.1f} s; route answers {answers}; prompts on the phone {len(sent)}; "
                    f"callback deliveries {[d.status for d in deliveries]}, kept as "
-                   f"{events.mapped('callback_state')}; before the jobs {state_before} with CheckoutRequestID "
+                   f"{events.mapped('state')}; before the jobs {state_before} with CheckoutRequestID "
                    f"{reference_before or '-'}; after {rounds} job round(s) {tx.state} with "
                    f"{tx.provider_reference or '-'} (Daraja's {checkout_request_id}); {recovery}; "
                    f"Odoo log ERROR lines {len(errors)} (+{noise} mail delivery) in {server.log_path}")
@@ -1231,7 +1231,7 @@ class Harness:
             c.expect(tx.state == "done" and tx.provider_reference == checkout_request_id,
                      f"the payment is lost: the prompt was paid but the transaction is {tx.state} with "
                      f"CheckoutRequestID {tx.provider_reference or 'none'} (Daraja's {checkout_request_id}); "
-                     f"its callback waits as {events.mapped('callback_state')}")
+                     f"its callback waits as {events.mapped('state')}")
             c.expect(not errors, f"{len(errors)} ERROR line(s) in {server.log_path}: " + " | ".join(errors[:3]))
 
     # -- several Odoo servers on one database --------------------------------------------------------------------

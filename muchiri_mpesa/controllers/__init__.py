@@ -1,2 +1,2 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
-from . import c2b, initiator, main
+from . import main

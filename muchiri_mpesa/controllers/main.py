@@ -2,7 +2,8 @@
 import logging
 import re
 
-from werkzeug.exceptions import NotFound
+from werkzeug.exceptions import HTTPException, NotFound
+from werkzeug.routing import Map, Rule
 
 from odoo import http
 from odoo.exceptions import ValidationError
@@ -35,6 +36,19 @@ class _MaskCallbackSecret(logging.Filter):
 
 logging.getLogger('werkzeug').addFilter(_MaskCallbackSecret())
 
+# The inbound routes again, to tell which one a request came on (Odoo's dispatch does not say).
+_INBOUND_MAP = Map([Rule(route, endpoint=route) for route in const.INBOUND_ROUTE_KINDS],
+                   strict_slashes=False, merge_slashes=False).bind('localhost')
+
+
+def _route_kind(path):
+    """The (kind, initiator API) of the inbound route `path` came on."""
+    try:
+        route, _args = _INBOUND_MAP.match(path, method='POST')
+    except HTTPException as error:  # Odoo's map matched it: never here.
+        raise NotFound() from error
+    return const.INBOUND_ROUTE_KINDS[route]
+
 
 class MpesaController(http.Controller):
     _stk_push_url = '/payment/mpesa/stk_push'
@@ -56,21 +70,26 @@ class MpesaController(http.Controller):
         error = tx_sudo._mpesa_send_stk_push_or_refuse(phone)
         return {'error': error} if error else {}
 
-    @http.route([const.LNM_ROUTES['stk'], const.CALLBACK_ROUTE], type='http', methods=['POST'],
-                auth='public', csrf=False, save_session=False)
-    def mpesa_callback(self, secret):
-        """Receive Daraja's stkCallback: plain JSON, not JSON-RPC.
+    @http.route(list(const.INBOUND_ROUTE_KINDS), type='http', methods=['POST'], auth='public', csrf=False,
+                save_session=False)
+    def mpesa_inbound(self, secret):
+        """Receive what Daraja posts: STK callbacks, C2B validations and confirmations, Pull
+        notifications, Reversal and Transaction Status results.  Plain JSON, not JSON-RPC.
 
-        The secret path names the provider; the model keeps the body, queues it and answers at
-        once.  The settlement, confirmed by STK Query, runs in a cron: no HTTP worker waits on
-        Daraja while Daraja is calling us.
+        The secret path names the provider (404 for any other path), the route the kind
+        (const.INBOUND_ROUTE_KINDS).  The model keeps the body on its own committed cursor before
+        anything reads it, admits it and answers at once; what waits (an STK callback confirmed by
+        STK Query, a result) is settled by the settlement job: no HTTP worker waits on Daraja while
+        Daraja is calling us.
         """
+        kind, initiator_api = _route_kind(request.httprequest.path)
         provider_sudo = request.env['payment.provider'].sudo()._mpesa_find_by_secret(secret)
         if not provider_sudo:
-            _logger.warning("M-Pesa callback on an unknown secret path was refused.")
+            _logger.warning("M-Pesa %s on an unknown secret path was refused.", kind)
             raise NotFound()
-        status, answer = request.env['muchiri.mpesa.event'].sudo()._mpesa_receive_callback(
-            provider_sudo, request.httprequest.get_data(cache=True), request.httprequest.remote_addr,
+        status, answer = request.env['muchiri.mpesa.event'].sudo()._mpesa_receive(
+            provider_sudo, kind, request.httprequest.get_data(cache=True), request.httprequest.remote_addr,
+            initiator_api=initiator_api,
         )
         return request.make_json_response(answer, status=status)
 

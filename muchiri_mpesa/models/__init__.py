@@ -4,8 +4,6 @@ from . import (
     mpesa_alert,
     mpesa_alert_initiator,
     mpesa_event,
-    mpesa_event_c2b,
-    mpesa_event_initiator,
     mpesa_ledger,
     mpesa_ledger_gap,
     mpesa_matching,

@@ -271,9 +271,9 @@ class MpesaAlert(models.Model):
         no order shows (a prompt whose answer was lost, or a forged callback).  One alert."""
         events = self.env['muchiri.mpesa.event'].search([
             ('provider_id', '=', provider.id),
-            ('kind', '=', 'callback'),
+            ('kind', '=', 'stk_callback'),
             # Every state a callback waits in: one stuck anywhere is money no order shows.
-            ('callback_state', 'in', const.CALLBACK_WAITING_STATES),
+            ('state', 'in', const.CALLBACK_WAITING_STATES),
             ('result_code', '=', '0'),
             ('create_date', '<=', now - UNMATCHED_CALLBACK_DELAY),
             ('create_date', '>=', now - timedelta(days=7)),
@@ -311,8 +311,8 @@ class MpesaAlert(models.Model):
         resolved by an accountant (the callbacks stay in the log, nothing was replaced)."""
         events = self.env['muchiri.mpesa.event'].search([
             ('provider_id', '=', provider.id),
-            ('kind', '=', 'callback'),
-            ('callback_state', '=', 'conflict'),
+            ('kind', '=', 'stk_callback'),
+            ('state', '=', 'conflict'),
             ('create_date', '>=', now - timedelta(days=7)),
         ], order='id')
         if not events:

@@ -817,7 +817,7 @@ class PaymentTransaction(models.Model):
         :raise UserError: saying why not
         """
         self.ensure_one()
-        if event.kind != 'callback' or event.callback_state not in ('unmatched', 'error') \
+        if event.kind != 'stk_callback' or event.state not in ('unmatched', 'error') \
                 or event.transaction_id:
             raise UserError(self.env._("This callback is not waiting for a transaction."))
         if not self.mpesa_outcome_unknown or self.provider_reference or self.provider_id != event.provider_id:
@@ -1179,7 +1179,7 @@ class PaymentTransaction(models.Model):
             return
         Event = self.env['muchiri.mpesa.event'].sudo()
         received = Event.search([
-            *Event._mpesa_due_callbacks_domain(), ('transaction_id', '=', self.id), ('callback_state', '=', 'queued'),
+            *Event._mpesa_due_callbacks_domain(), ('transaction_id', '=', self.id), ('state', '=', 'queued'),
         ], order='id', limit=1)
         if received:
             if received._mpesa_settle({}) == 'done':

@@ -106,7 +106,7 @@ class TestC2B(MpesaLedgerCommon):
         self.assertEqual((decided['state'], decided['validation']), ('cancelled', 'C2B00012'))
         self.assertFalse(self._row(trans_id), "no money, no row")
         validation = self._events(kind='c2b_validation')
-        self.assertEqual(validation.callback_state, 'rejected')
+        self.assertEqual(validation.state, 'rejected')
         self.assertLess(validation.duration_ms, 2000, "well inside Daraja's 8 s")
 
     def test_validation_accepts_an_open_invoice(self):

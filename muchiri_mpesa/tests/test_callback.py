@@ -91,8 +91,8 @@ class TestCallback(MpesaCommon):
         response = self._post_callback(self._success_body(tx, amount=1))
         self.assertEqual(response.status_code, 200, "Daraja is still acknowledged")
         self.env.invalidate_all()
-        event = self._events(kind='callback', transaction_id=tx.id)
-        self.assertEqual(event.callback_state, 'rejected')
+        event = self._events(kind='stk_callback', transaction_id=tx.id)
+        self.assertEqual(event.state, 'rejected')
         self.assertIn(tx._mpesa_format_amount(1), event.message)
         # Daraja's own answer says the prompt was paid: the amount asked, not the callback's.
         self.assertEqual(tx.state, 'done')
@@ -106,8 +106,8 @@ class TestCallback(MpesaCommon):
         self._settled_at_simulator(tx)
         self._post_callback(self._success_body(tx, receipt=None))
         self.env.invalidate_all()
-        event = self._events(kind='callback', transaction_id=tx.id)
-        self.assertEqual(event.callback_state, 'rejected')
+        event = self._events(kind='stk_callback', transaction_id=tx.id)
+        self.assertEqual(event.state, 'rejected')
         self.assertIn('without a receipt', event.message)
         self.assertEqual((tx.state, tx.mpesa_settled_by), ('done', 'query'), "Daraja's own answer settles it")
 
@@ -125,7 +125,7 @@ class TestCallback(MpesaCommon):
         self._settled_at_simulator(tx)
         self._post_callback(self._success_body(tx, receipt='REUSED0001'))
         self.env.invalidate_all()
-        self.assertEqual(self._events(kind='callback', transaction_id=tx.id).callback_state, 'rejected')
+        self.assertEqual(self._events(kind='stk_callback', transaction_id=tx.id).state, 'rejected')
         self.assertNotEqual(tx.mpesa_receipt_number, 'REUSED0001')
         self.assertEqual(paid.mpesa_receipt_number, 'REUSED0001')
 
@@ -137,8 +137,8 @@ class TestCallback(MpesaCommon):
         self._wait_callbacks(tx)
         self.assertNotEqual(tx.state, 'done')
         self.assertFalse(tx.mpesa_receipt_number)
-        forged = self._events(kind='callback', receipt_number='FORGED0001')
-        self.assertIn(forged.callback_state, ('rejected', 'ignored'))
+        forged = self._events(kind='stk_callback', receipt_number='FORGED0001')
+        self.assertIn(forged.state, ('rejected', 'ignored'))
 
     def test_success_while_daraja_still_processing_waits(self):
         self.patch(self.simulator.settings, 'callback_delay', 60)  # The customer has not answered: "being processed".
@@ -146,8 +146,8 @@ class TestCallback(MpesaCommon):
         self._post_callback(self._success_body(tx))
         self.env.invalidate_all()
         self.assertEqual(tx.state, 'pending')
-        event = self._events(kind='callback', transaction_id=tx.id)
-        self.assertEqual(event.callback_state, 'queued', "kept for the settlement job to try again")
+        event = self._events(kind='stk_callback', transaction_id=tx.id)
+        self.assertEqual(event.state, 'queued', "kept for the settlement job to try again")
         self.assertTrue(event.next_attempt_at)
 
     def test_unknown_checkout_request_is_kept_then_matched(self):
@@ -156,8 +156,8 @@ class TestCallback(MpesaCommon):
         real_id = tx.provider_reference
         tx.provider_reference = 'ws_CO_not_yet_known'  # As if the push answer were not committed.
         self._post_callback(self._success_body(tx, checkout_request_id=real_id))
-        event = self._events(kind='callback', checkout_request_id=real_id)
-        self.assertEqual(event.callback_state, 'unmatched')
+        event = self._events(kind='stk_callback', checkout_request_id=real_id)
+        self.assertEqual(event.state, 'unmatched')
         self.env.invalidate_all()
         self.assertEqual(tx.state, 'pending')
 
@@ -165,7 +165,7 @@ class TestCallback(MpesaCommon):
         self.env['muchiri.mpesa.event']._mpesa_wake_unmatched(self.provider, real_id)  # As the push's answer does.
         self._settle_callbacks()
         self.assertEqual(tx.state, 'done')
-        self.assertEqual(event.callback_state, 'processed')
+        self.assertEqual(event.state, 'processed')
 
     def test_malformed_bodies_get_400_and_change_nothing(self):
         tx = self._pending_tx()
@@ -175,7 +175,7 @@ class TestCallback(MpesaCommon):
             self.assertEqual(response.status_code, 400, raw)
         self.env.invalidate_all()
         self.assertEqual(tx.state, 'pending')
-        self.assertEqual(set(self._events(kind='callback').mapped('callback_state')), {'rejected'})
+        self.assertEqual(set(self._events(kind='stk_callback').mapped('state')), {'rejected'})
 
     def test_enforced_source_check_refuses_unknown_addresses(self):
         tx = self._pending_tx()
@@ -198,8 +198,8 @@ class TestCallback(MpesaCommon):
         self._post_callback(self._success_body(tx, receipt='SECOND0001'))
         self.env.invalidate_all()
         self.assertEqual(tx.mpesa_receipt_number, 'FIRST00001')
-        second = self._events(kind='callback', receipt_number='SECOND0001')
-        self.assertEqual(second.callback_state, 'conflict', "kept for an accountant, never taken")
+        second = self._events(kind='stk_callback', receipt_number='SECOND0001')
+        self.assertEqual(second.state, 'conflict', "kept for an accountant, never taken")
         self.assertFalse(self.quotation.mpesa_needs_refund, "Daraja sends one receipt per prompt")
 
     def test_new_prompt_waits_for_the_previous_one(self):
@@ -246,7 +246,7 @@ class TestCallback(MpesaCommon):
         self.env.invalidate_all()
         self.assertEqual(tx.state, 'done', "Daraja's own answer wins over the forged callback")
         self.assertEqual(tx.mpesa_settled_by, 'query')
-        self.assertEqual(self._events(kind='callback', transaction_id=tx.id).callback_state, 'rejected')
+        self.assertEqual(self._events(kind='stk_callback', transaction_id=tx.id).state, 'rejected')
 
     def test_payment_of_a_lost_push_answer_is_matched_by_hand(self):
         tx = self._pending_tx()
@@ -257,8 +257,8 @@ class TestCallback(MpesaCommon):
         tx.write({'provider_reference': False, 'state': 'error', 'mpesa_outcome_unknown': True})
         self._events(kind='stk_push', transaction_id=tx.id).sudo().write({'checkout_request_id': False})
         self._post_callback(self._success_body(tx, checkout_request_id=checkout_id))
-        event = self._events(kind='callback', checkout_request_id=checkout_id)
-        self.assertEqual(event.callback_state, 'unmatched')
+        event = self._events(kind='stk_callback', checkout_request_id=checkout_id)
+        self.assertEqual(event.state, 'unmatched')
         Match = self.env['muchiri.mpesa.callback.match'].with_context(active_id=event.id)
 
         other = tx.copy({'reference': 'OTHER-1', 'mpesa_requested_amount': 100,
@@ -266,11 +266,11 @@ class TestCallback(MpesaCommon):
         with self.assertRaises(UserError, msg="a payment of KES 4,500 is not a KES 100 prompt's"):
             Match.create({'transaction_id': other.id}).action_match()
         self.assertFalse(other.provider_reference)
-        self.assertEqual(event.callback_state, 'unmatched')
+        self.assertEqual(event.state, 'unmatched')
 
         Match.create({'transaction_id': tx.id}).action_match()
         self.assertEqual(tx.state, 'done', "confirmed by Daraja's query, then settled")
         self.assertEqual(tx.provider_reference, checkout_id)
         self.assertEqual(tx.mpesa_receipt_number, 'SIM1234567')
         self.assertFalse(tx.mpesa_outcome_unknown)
-        self.assertEqual(event.callback_state, 'processed')
+        self.assertEqual(event.state, 'processed')

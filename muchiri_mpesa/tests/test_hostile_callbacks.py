@@ -765,7 +765,7 @@ class TestHostileCallbacks(MpesaCommon):
                     self.env.invalidate_all()
                     events = Event.search([('id', '>', last_event_id)], order='id')
                     last_event_id = events.ids[-1] if events else last_event_id
-                    callbacks = events.filtered(lambda event: event.kind == 'callback')
+                    callbacks = events.filtered(lambda event: event.kind == 'stk_callback')
                     if case.on_right_path:
                         if len(callbacks) != 1:
                             not_kept.append((case.family, case.kind, f"{len(callbacks)} callback events; {detail}"))
@@ -825,8 +825,8 @@ class TestHostileCallbacks(MpesaCommon):
         seen_errors = len(error_records.records)
         Event = self.env['muchiri.mpesa.event'].sudo()
         with self.registry.test_lock:
-            kept = Event.search([('kind', '=', 'callback'), ('id', '>', since_event_id)])
-            kept.filtered(lambda event: event.callback_state == 'received').write({
+            kept = Event.search([('kind', '=', 'stk_callback'), ('id', '>', since_event_id)])
+            kept.filtered(lambda event: event.state == 'received').write({
                 'next_attempt_at': False,  # As if their requests died: the job admits them.
             })
             before = self._read_snapshot(transactions)
@@ -837,11 +837,11 @@ class TestHostileCallbacks(MpesaCommon):
                     break
         with self.registry.test_lock:
             self.env.invalidate_all()
-            stuck = kept.filtered(lambda event: event.callback_state == 'received')
+            stuck = kept.filtered(lambda event: event.state == 'received')
             failures += [('settlement', 'left received', f"event {event.id}") for event in stuck[:5]]
-            retrying = kept.filtered(lambda event: event.callback_state in ('error', 'unmatched', 'queued')
+            retrying = kept.filtered(lambda event: event.state in ('error', 'unmatched', 'queued')
                                      and not event.next_attempt_at)
-            failures += [('settlement', 'retried without back-off', f"event {event.id} {event.callback_state}")
+            failures += [('settlement', 'retried without back-off', f"event {event.id} {event.state}")
                          for event in retrying[:5]]
             after = self._read_snapshot(transactions)
             paid, processing, done = transactions
@@ -855,7 +855,7 @@ class TestHostileCallbacks(MpesaCommon):
                 failures.append(('settlement', 'receipt reused', FOREIGN_RECEIPT))
         for record in error_records.records[seen_errors:]:
             failures.append(('settlement', 'ERROR line', f"{record.name}: {record.getMessage()[:120]}"))
-        _logger.info("Settlement of the kept bodies: %s", dict(Counter(kept.mapped('callback_state'))))
+        _logger.info("Settlement of the kept bodies: %s", dict(Counter(kept.mapped('state'))))
         return failures
 
     @staticmethod

@@ -19,7 +19,7 @@ from .common import MpesaCommon
 
 # The event kind each route keeps its body as.
 ROUTE_KINDS = {
-    'stk': 'callback',
+    'stk': 'stk_callback',
     'c2b_validation': 'c2b_validation',
     'c2b_confirmation': 'c2b_confirmation',
     'pull': 'pull_callback',
@@ -74,7 +74,7 @@ class TestInboundAttacks(MpesaCommon):
         self._settle_callbacks()
         with self.registry.test_lock:
             self.env['payment.transaction'].sudo()._cron_mpesa_initiator()
-            self.env['muchiri.mpesa.event'].sudo()._cron_mpesa_ledger_inbound()
+            self.env['muchiri.mpesa.event'].sudo()._cron_mpesa_settle_callbacks()
             self.env.invalidate_all()
 
     def _post(self, route, body, headers, secret=None, method='post'):
@@ -88,10 +88,10 @@ class TestInboundAttacks(MpesaCommon):
             self.assertEqual(event.provider_id, self.provider)
             self.assertEqual(base64.b64decode(event.raw_body or b''), body, f"{route}: kept exactly")
 
-    @mute_logger('odoo.addons.muchiri_mpesa.controllers.c2b', 'odoo.addons.muchiri_mpesa.controllers.initiator',
+    @mute_logger('odoo.addons.muchiri_mpesa.controllers.main', 'odoo.addons.muchiri_mpesa.controllers.main',
                  'odoo.addons.muchiri_mpesa.controllers.main', 'odoo.addons.muchiri_mpesa.models.mpesa_event',
-                 'odoo.addons.muchiri_mpesa.models.mpesa_event_c2b',
-                 'odoo.addons.muchiri_mpesa.models.mpesa_event_initiator', 'odoo.http', 'werkzeug')
+                 'odoo.addons.muchiri_mpesa.models.mpesa_event',
+                 'odoo.addons.muchiri_mpesa.models.mpesa_event', 'odoo.http', 'werkzeug')
     def test_hostile_requests_on_every_inbound_route(self):
         self.env['payment.transaction'].sudo().create({
             'provider_id': self.provider.id, 'payment_method_id': self.payment_method_id,

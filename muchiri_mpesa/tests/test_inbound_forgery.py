@@ -25,8 +25,8 @@ from .common import PHONE_CALLBACK_LOST, PHONE_SUCCESS, SIM_SHORTCODE
 from .test_c2b_confirmation import PaybillConfirmationCommon
 
 JSON = {'Content-Type': 'application/json'}
-MUTED = ('odoo.addons.muchiri_mpesa.models.mpesa_event', 'odoo.addons.muchiri_mpesa.models.mpesa_event_c2b',
-         'odoo.addons.muchiri_mpesa.models.mpesa_event_initiator',
+MUTED = ('odoo.addons.muchiri_mpesa.models.mpesa_event', 'odoo.addons.muchiri_mpesa.models.mpesa_event',
+         'odoo.addons.muchiri_mpesa.models.mpesa_event',
          'odoo.addons.muchiri_mpesa.models.payment_transaction')
 
 
@@ -70,7 +70,7 @@ class TestInboundForgery(PaybillConfirmationCommon):
         """Every job an inbound body wakes, as Odoo's crons would (none runs in tests)."""
         self._run_initiator_job()
         with self.registry.test_lock:
-            self.env['muchiri.mpesa.event'].sudo()._cron_mpesa_ledger_inbound()
+            self.env['muchiri.mpesa.event'].sudo()._cron_mpesa_settle_callbacks()
             self.env.invalidate_all()
         self._settle_callbacks()
 
@@ -174,7 +174,7 @@ class TestInboundForgery(PaybillConfirmationCommon):
                 self.assertEqual(set(self._post('status_result', body, twice_at_once=twice)), {200})
                 self._run_jobs()
                 for event in self._kept(since, body, count=2 if twice else 1):
-                    self.assertEqual(event.callback_state, 'unmatched', event.message)
+                    self.assertEqual(event.state, 'unmatched', event.message)
                     self.assertIn('conversation IDs', event.message)
                     self.assertFalse(event.ledger_id or event.transaction_id)
                 self.assertEqual(self._money(), money, "nothing confirmed, nothing paid")
@@ -196,7 +196,7 @@ class TestInboundForgery(PaybillConfirmationCommon):
         self.assertEqual(self._post('status_result', body), [200])
         self._run_jobs()
         [event] = self._kept(since, body)
-        self.assertEqual((event.callback_state, event.ledger_id), ('conflict', other))
+        self.assertEqual((event.state, event.ledger_id), ('conflict', other))
         self.assertPaysNothing(other)
         self.assertTrue(other.conflict)
 
@@ -230,7 +230,7 @@ class TestInboundForgery(PaybillConfirmationCommon):
             self.assertEqual(self._post('status_result', body), [200])
             self._run_jobs()
             [event] = self._kept(since, body)
-            self.assertEqual((event.callback_state, event.transaction_id), ('unmatched', tx.browse()), event.message)
+            self.assertEqual((event.state, event.transaction_id), ('unmatched', tx.browse()), event.message)
             self.assertEqual(tx.mpesa_receipt_status, 'unverified', "not verified on the stranger's word")
 
     @mute_logger(*MUTED, 'odoo.addons.muchiri_mpesa.models.payment_transaction_refund')
@@ -273,7 +273,7 @@ class TestInboundForgery(PaybillConfirmationCommon):
                 self.assertEqual(set(self._post('reversal_result', body, twice_at_once=True)), {200})
                 self._run_jobs()
                 for event in self._kept(since, body, count=2):
-                    self.assertEqual(event.callback_state, 'unmatched', event.message)
+                    self.assertEqual(event.state, 'unmatched', event.message)
                     self.assertFalse(event.transaction_id)
                 self.assertEqual(self._money(), money, "no refund done, no refund payment")
         self.assertEqual(refund.state, 'pending')
@@ -302,7 +302,7 @@ class TestInboundForgery(PaybillConfirmationCommon):
                 self.assertEqual(set(self._post('c2b_confirmation', body, twice_at_once=True)), {200})
                 self._run_jobs()
                 for event in self._kept(since, body, count=2):
-                    self.assertEqual((event.callback_state, event.ledger_id), ('ignored', row), event.message)
+                    self.assertEqual((event.state, event.ledger_id), ('ignored', row), event.message)
                     self.assertIn('already in the ledger', event.message)
                 after = self._money()
                 self.assertEqual(after['ledger'], money['ledger'], "the row's matching fields are Daraja's")
@@ -346,7 +346,7 @@ class TestInboundForgery(PaybillConfirmationCommon):
         self._confirm_by_status()
         self.assertPaysNothing(row, order=order, invoice=invoice)
         [event] = self._events(kind='initiator_result', ledger_id=row.id)
-        self.assertEqual(event.callback_state, 'conflict', event.message)
+        self.assertEqual(event.state, 'conflict', event.message)
 
     @mute_logger(*MUTED)
     def test_one_forged_confirmation_twice_at_once_and_a_pull_notification(self):
@@ -358,7 +358,7 @@ class TestInboundForgery(PaybillConfirmationCommon):
         self.assertEqual(self._post('c2b_confirmation', body, twice_at_once=True), [200, 200])
         self._run_jobs()
         events = self._kept(since, body, count=2)
-        self.assertEqual(sorted(events.mapped('callback_state')), ['ignored', 'processed'])
+        self.assertEqual(sorted(events.mapped('state')), ['ignored', 'processed'])
         row = self._row('FORGEDF003')
         self.assertEqual(events.ledger_id, row)
         self.assertPaysNothing(row, invoice=invoice)
@@ -371,7 +371,7 @@ class TestInboundForgery(PaybillConfirmationCommon):
         self.assertEqual(self._post('pull', pull), [200])
         self._run_jobs()
         [event] = self._kept(since, pull)
-        self.assertEqual(event.callback_state, 'ignored')
+        self.assertEqual(event.state, 'ignored')
         self.assertEqual(self._money(), money)
         self.assertFalse(self._row('FORGEDF004'))
 
@@ -407,7 +407,7 @@ class TestInboundForgery(PaybillConfirmationCommon):
                 self.assertEqual(self._post('stk', body, twice_at_once=True), [200, 200])
                 self._run_jobs()
                 for event in self._kept(since, body, count=2):
-                    self.assertEqual(event.callback_state, 'unmatched', event.message)
+                    self.assertEqual(event.state, 'unmatched', event.message)
                     self.assertFalse(event.transaction_id)
                 self.assertEqual(self._money(), money, "no receipt taken, nothing paid")
         with self.registry.test_lock:

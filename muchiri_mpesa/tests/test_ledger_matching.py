@@ -120,10 +120,10 @@ class TestLedgerMatching(MpesaLedgerCommon):
         self.assertEqual(len(row), 1)
         self.assertEqual(len(row.payment_ids), 1)
         self.assertEqual(invoice.amount_residual, 0)
-        states = self._events(kind='c2b_confirmation', receipt_number=body['TransID']).mapped('callback_state')
+        states = self._events(kind='c2b_confirmation', receipt_number=body['TransID']).mapped('state')
         self.assertEqual(sorted(states), ['ignored', 'processed'])
 
-    @mute_logger('odoo.addons.muchiri_mpesa.controllers.c2b', 'odoo.http')
+    @mute_logger('odoo.addons.muchiri_mpesa.controllers.main', 'odoo.http')
     def test_a_forged_confirmation_on_a_wrong_secret_is_refused(self):
         invoice = self._invoice(4500)
         body = self._c2b_body(4500, invoice.name)
@@ -163,32 +163,32 @@ class TestLedgerMatching(MpesaLedgerCommon):
             "UPDATE muchiri_mpesa_event SET create_date = create_date - interval '3 minutes' WHERE id = %s",
             [event.id])
         event.invalidate_recordset()
-        self.assertEqual(Event._cron_mpesa_ledger_inbound(), 1)
-        self.assertEqual(event.callback_state, 'processed')
+        self.assertEqual(Event._cron_mpesa_settle_callbacks(), 1)
+        self.assertEqual(event.state, 'processed')
         self.assertEqual(self._row(body['TransID']).state, 'matched')
-        self.assertEqual(Event._cron_mpesa_ledger_inbound(), 0, "once")
+        self.assertEqual(Event._cron_mpesa_settle_callbacks(), 0, "once")
 
-    @mute_logger('odoo.addons.muchiri_mpesa.controllers.c2b')
+    @mute_logger('odoo.addons.muchiri_mpesa.controllers.main')
     def test_a_confirmation_whose_handling_fails_is_kept_accepted_and_recorded_later(self):
         """A fault after the body is kept (patched in: no network is patched) answers Accepted, never
         a 5xx, leaves no money half-recorded, and the retry job records the kept body."""
         invoice = self._invoice(700)
         body = self._c2b_body(700, invoice.name)
         Event = self.env.registry['muchiri.mpesa.event']
-        with patch.object(Event, '_mpesa_dispatch_inbound', side_effect=RuntimeError("worker fault")):
+        with patch.object(Event, '_mpesa_admit', side_effect=RuntimeError("worker fault")):
             response = self._post_c2b(body)
         self.assertEqual(response.status_code, 200, response.text)
         self.assertEqual(response.json(), {'ResultCode': 0, 'ResultDesc': "Accepted"})
         self.assertFalse(self._row(body['TransID']), "nothing recorded by the failed handling")
         event = self.env['muchiri.mpesa.event'].sudo().search([('kind', '=', 'c2b_confirmation')], order='id desc',
                                                               limit=1)
-        self.assertEqual(event.callback_state, 'received', "kept for the retry job")
+        self.assertEqual(event.state, 'received', "kept for the retry job")
         self.assertIn(body['TransID'].encode(), event._mpesa_raw_body())
         self.env.cr.execute(
             "UPDATE muchiri_mpesa_event SET create_date = create_date - interval '3 minutes' WHERE id = %s",
             [event.id])
         event.invalidate_recordset()
-        self.assertEqual(self.env['muchiri.mpesa.event'].sudo()._cron_mpesa_ledger_inbound(), 1)
+        self.assertEqual(self.env['muchiri.mpesa.event'].sudo()._cron_mpesa_settle_callbacks(), 1)
         self.assertEqual(self._row(body['TransID']).state, 'matched')
 
     @mute_logger('odoo.http')

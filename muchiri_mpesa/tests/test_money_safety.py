@@ -62,8 +62,8 @@ class MoneySafetyCommon(MpesaCommon):
         tx.provider_reference = f'{checkout_id}-not-yet'
         self._post_callback(self._body(tx, checkout_request_id=checkout_id, **body))
         tx.provider_reference = checkout_id
-        event = self._events(kind='callback', checkout_request_id=checkout_id)
-        self.assertEqual(event.callback_state, 'unmatched')
+        event = self._events(kind='stk_callback', checkout_request_id=checkout_id)
+        self.assertEqual(event.state, 'unmatched')
         return event
 
     def _second_provider(self, **values):
@@ -87,9 +87,9 @@ class TestProviderScoping(MoneySafetyCommon):
 
         response = self._post_callback(self._body(tx), secret=other.mpesa_callback_secret)
         self.assertEqual(response.status_code, 200, "acknowledged: a CheckoutRequestID can come before its answer")
-        event = self._events(kind='callback', checkout_request_id=tx.provider_reference)
+        event = self._events(kind='stk_callback', checkout_request_id=tx.provider_reference)
         self.assertEqual(event.provider_id, other, "filed under the provider whose path it came on")
-        self.assertEqual(event.callback_state, 'unmatched')
+        self.assertEqual(event.state, 'unmatched')
         self.assertFalse(event.transaction_id)
         self.assertEqual(tx.state, 'pending', "another provider's transaction is never touched")
         self.assertFalse(tx.mpesa_receipt_number)
@@ -172,8 +172,8 @@ class TestMatchByHand(MoneySafetyCommon):
         self._answered(tx)
         self.simulator.fail_next(1, error='invalid', operations=['stk_query'])
         self._post_callback(self._body(tx))
-        event = self._events(kind='callback', transaction_id=tx.id)
-        self.assertEqual(event.callback_state, 'error')
+        event = self._events(kind='stk_callback', transaction_id=tx.id)
+        self.assertEqual(event.state, 'error')
         self.assertEqual(event.transaction_id, tx, "the match is never lost")
         lost = self._lost_answer_tx(tx)
         with self.assertRaises(UserError):
@@ -186,7 +186,7 @@ class TestMatchByHand(MoneySafetyCommon):
         event = self._kept_unmatched(tx)
         with self.assertRaisesRegex(UserError, 'already belongs to'):
             self._match(event, self._lost_answer_tx(tx))
-        self.assertEqual(event.callback_state, 'unmatched')
+        self.assertEqual(event.state, 'unmatched')
 
     def test_a_receipt_held_by_another_transaction_is_refused(self):
         tx = self._pending_tx()
@@ -219,7 +219,7 @@ class TestMatchByHand(MoneySafetyCommon):
         self._match(event, tx, user=manager, reason="The customer paid from his wife's phone.")
         self.assertEqual(tx.state, 'done', "still confirmed by Daraja's query")
         self.assertEqual(tx.provider_reference, checkout_id)
-        self.assertEqual(event.callback_state, 'processed')
+        self.assertEqual(event.state, 'processed')
         notes = self.quotation.message_ids.mapped('body')
         self.assertTrue(any("wife" in (note or '') for note in notes), "the reason is in the chatter")
 
@@ -319,7 +319,7 @@ class TestButtonsCheckTheirGroup(MoneySafetyCommon):
     def _records_to_call(self):
         """One record of each model with buttons (created as the administrator)."""
         tx = self._pending_tx()  # Something for the status check to ask Daraja about.
-        event = self.env['muchiri.mpesa.event'].sudo().create({'kind': 'callback', 'provider_id': self.provider.id})
+        event = self.env['muchiri.mpesa.event'].sudo().create({'kind': 'stk_callback', 'provider_id': self.provider.id})
         ledger_row = self.env['muchiri.mpesa.ledger'].sudo()._mpesa_record(
             self.provider, 'TSTSEC0001', 'c2b', {'amount': 100.0})[0]
         return {
@@ -383,8 +383,8 @@ class TestSettlementQueue(MoneySafetyCommon):
         response = self._post_callback(self._body(tx), settle=False)
         self.assertEqual(response.json(), {'ResultCode': 0, 'ResultDesc': 'Accepted'})
         self.assertEqual(self._queries(), 0, "no worker waits on Daraja while Daraja calls us")
-        event = self._events(kind='callback', transaction_id=tx.id)
-        self.assertEqual(event.callback_state, 'queued')
+        event = self._events(kind='stk_callback', transaction_id=tx.id)
+        self.assertEqual(event.state, 'queued')
         self.assertEqual(event._mpesa_raw_body(), response.request.body.encode()
                          if isinstance(response.request.body, str) else response.request.body)
         self.env.invalidate_all()
@@ -405,7 +405,7 @@ class TestSettlementQueue(MoneySafetyCommon):
         self._settle_callbacks()
         self.assertEqual(tx.state, 'done')
         self.assertEqual(self._queries(), 1)
-        states = sorted(self._events(kind='callback', transaction_id=tx.id).mapped('callback_state'))
+        states = sorted(self._events(kind='stk_callback', transaction_id=tx.id).mapped('state'))
         self.assertEqual(states, ['ignored', 'ignored', 'processed'])
 
     def _two_queued_callbacks(self):
@@ -423,8 +423,8 @@ class TestSettlementQueue(MoneySafetyCommon):
         self.simulator.fail_next(1, error='invalid', operations=['stk_query'])  # Refused for good.
         tried_from = fields.Datetime.now()
         self._settle_callbacks()
-        refused = self._events(kind='callback', transaction_id=first.id)
-        self.assertEqual(refused.callback_state, 'error')
+        refused = self._events(kind='stk_callback', transaction_id=first.id)
+        self.assertEqual(refused.state, 'error')
         # From when it was tried (settling the other may take longer than the back-off itself).
         self.assertGreaterEqual(refused.next_attempt_at, tried_from + timedelta(seconds=const.SETTLE_RETRY_FIRST),
                                 "it backs off on its own")
@@ -437,17 +437,18 @@ class TestSettlementQueue(MoneySafetyCommon):
         self._answered(tx)
         self.provider.write({'mpesa_ip_check': 'enforce', 'mpesa_allowed_ips': '196.201.214.200'})
         Event = self.env['muchiri.mpesa.event'].sudo()
-        forged = Event._mpesa_keep_callback(self.provider, json.dumps(self._body(tx)).encode(), '6.6.6.6')
+        forged = Event._mpesa_keep(self.provider, 'stk_callback', json.dumps(self._body(tx)).encode(), '6.6.6.6')
         self._settle_callbacks()
-        self.assertEqual(forged.callback_state, 'received', "its request may still be admitting it")
+        self.assertEqual(forged.state, 'received', "its request may still be admitting it")
         forged.next_attempt_at = fields.Datetime.now() - timedelta(seconds=1)  # Past the grace.
         self._settle_callbacks()
-        self.assertEqual(forged.callback_state, 'rejected')
+        self.assertEqual(forged.state, 'rejected')
         self.assertEqual(tx.state, 'pending')
-        genuine = Event._mpesa_keep_callback(self.provider, json.dumps(self._body(tx)).encode(), '196.201.214.200')
+        genuine = Event._mpesa_keep(
+            self.provider, 'stk_callback', json.dumps(self._body(tx)).encode(), '196.201.214.200')
         genuine.next_attempt_at = fields.Datetime.now() - timedelta(seconds=1)
         self._settle_callbacks()
-        self.assertEqual(genuine.callback_state, 'processed')
+        self.assertEqual(genuine.state, 'processed')
         self.assertEqual(tx.state, 'done')
 
     @mute_logger(EVENT_LOGGER)
@@ -455,11 +456,11 @@ class TestSettlementQueue(MoneySafetyCommon):
         tx = self._pending_tx()
         self._answered(tx)
         self._post_callback(self._body(tx), settle=False)
-        event = self._events(kind='callback', transaction_id=tx.id)
+        event = self._events(kind='stk_callback', transaction_id=tx.id)
         with patch.object(type(tx), '_mpesa_apply_callback', side_effect=RuntimeError("bad data")):
             self._settle_callbacks()
             self._settle_callbacks()
-        self.assertEqual(event.callback_state, 'error')
+        self.assertEqual(event.state, 'error')
         self.assertEqual(event.attempt_count, 1, "not retried on every run")
         self.assertGreater(event.next_attempt_at, fields.Datetime.now())
 
@@ -468,7 +469,7 @@ class TestSettlementQueue(MoneySafetyCommon):
         self.simulator.fail_next(1, error='spike_arrest', operations=['stk_query'])
         self._settle_callbacks()
         self.assertEqual(self._queries(), 1, "Daraja asked us to wait: nothing more is sent")
-        self.assertEqual(self._events(kind='callback', transaction_id=second.id).callback_state, 'queued')
+        self.assertEqual(self._events(kind='stk_callback', transaction_id=second.id).state, 'queued')
 
 
 @tagged('post_install', '-at_install')
@@ -501,7 +502,7 @@ class TestSmallerDefects(MoneySafetyCommon):
         tx = self._pending_tx()
         self._answered(tx)  # The customer paid; Daraja's callback is lost.
         self._post_callback(self._body(tx, code=1032))  # Forged: the query answers success.
-        self.assertEqual(self._events(kind='callback', transaction_id=tx.id).callback_state, 'rejected')
+        self.assertEqual(self._events(kind='stk_callback', transaction_id=tx.id).state, 'rejected')
         self.assertFalse(tx.mpesa_callback_at, "the forged callback is not counted as a callback")
 
     @mute_logger(TX_LOGGER)
@@ -532,8 +533,8 @@ class TestSmallerDefects(MoneySafetyCommon):
         self.assertEqual(tx.mpesa_receipt_status, 'unverified')
         self._post_callback(self._body(tx, receipt='SECOND0001'))
         self.assertEqual(tx.mpesa_receipt_number, 'FIRST00001', "never silently replaced")
-        conflict = self._events(kind='callback', receipt_number='SECOND0001')
-        self.assertEqual(conflict.callback_state, 'conflict', "kept, never dropped")
+        conflict = self._events(kind='stk_callback', receipt_number='SECOND0001')
+        self.assertEqual(conflict.state, 'conflict', "kept, never dropped")
         self.env['muchiri.mpesa.alert']._cron_check_alerts()
         alert = self.env['muchiri.mpesa.alert'].search([('kind', '=', 'receipt_conflict')])
         self.assertEqual(alert.transaction_ids, tx)
@@ -565,7 +566,7 @@ class TestSmallerDefects(MoneySafetyCommon):
         self._post_callback(self._body(tx, checkout_request_id=checkout_id))
         self.assertEqual(tx.provider_reference, checkout_id)
         self.assertEqual(tx.state, 'done')
-        self.assertEqual(self._events(kind='callback', checkout_request_id=checkout_id).transaction_id, tx)
+        self.assertEqual(self._events(kind='stk_callback', checkout_request_id=checkout_id).transaction_id, tx)
 
     def test_the_cron_takes_a_lost_push_answer_from_the_log(self):
         tx, checkout_id = self._push_answer_lost()

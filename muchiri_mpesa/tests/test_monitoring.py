@@ -323,8 +323,8 @@ class TestMonitoring(AccountPaymentCommon, SaleCommon):
             '1-2-3', checkout, int(result_code), "Result", amount=100 if result_code == '0' else None,
             receipt='UNMATCHED1' if result_code == '0' else None, phone='254708374149',
         )
-        event = self.env['muchiri.mpesa.event'].sudo()._mpesa_keep_callback(
-            self.provider, json.dumps(body).encode(), '196.201.214.200',
+        event = self.env['muchiri.mpesa.event'].sudo()._mpesa_keep(
+            self.provider, 'stk_callback', json.dumps(body).encode(), '196.201.214.200',
         )
         event._mpesa_parse()
         if transaction:
@@ -548,7 +548,7 @@ class TestMonitoringCallback(MpesaCommon):
     """What the exchange log keeps of a callback posted to Odoo's real route."""
 
     def _callback_event(self, checkout_request_id):
-        [event] = self._events(kind='callback', checkout_request_id=checkout_request_id)
+        [event] = self._events(kind='stk_callback', checkout_request_id=checkout_request_id)
         return event
 
     def test_callback_event_records_our_answer(self):
@@ -563,10 +563,10 @@ class TestMonitoringCallback(MpesaCommon):
         self.assertLess(event.duration_ms, 20000.0)
 
         # A body that is no stkCallback: answered 400, and so recorded.
-        before = self._events(kind='callback')
+        before = self._events(kind='stk_callback')
         self.assertEqual(self._post_callback(None, raw='{"Body": {}}', settle=False).status_code, 400)
-        rejected = self._events(kind='callback') - before
-        self.assertEqual((rejected.callback_state, rejected.http_status), ('rejected', 400))
+        rejected = self._events(kind='stk_callback') - before
+        self.assertEqual((rejected.state, rejected.http_status), ('rejected', 400))
         self.assertGreater(rejected.duration_ms, 0.0)
 
     def test_callback_body_shown_indented_kept_exact(self):
@@ -587,7 +587,7 @@ class TestMonitoringCallback(MpesaCommon):
 
         # What is not JSON is shown as it came.
         self._post_callback(None, raw='not json {', settle=False)
-        garbage = self._events(kind='callback', request_body='not json {')
+        garbage = self._events(kind='stk_callback', request_body='not json {')
         self.assertEqual(garbage.request_body_pretty, 'not json {')
         arch = self.env['muchiri.mpesa.event'].get_view(view_type='list')['arch']
         self.assertIn('name="amount"', arch, "the exchanges list shows the amount")

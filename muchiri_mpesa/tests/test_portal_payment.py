@@ -45,8 +45,8 @@ class TestPortalPayment(MpesaCommon):
         self._wait_final(tx)
         self._assert_paid(tx)
         self.assertIn(tx.mpesa_receipt_number, tx.state_message, "the status page shows the receipt")
-        callbacks = self._events(kind='callback', transaction_id=tx.id)
-        self.assertEqual(callbacks.mapped('callback_state'), ['processed'])
+        callbacks = self._events(kind='stk_callback', transaction_id=tx.id)
+        self.assertEqual(callbacks.mapped('state'), ['processed'])
         mine = self.env['mail.mail'].search([('model', '=', 'payment.transaction'), ('res_id', '=', tx.id)])
         self.assertFalse(mine, "Odoo's own order confirmation is the one mail of a success")
 
@@ -89,7 +89,7 @@ class TestPortalPayment(MpesaCommon):
         tx, _result = self._pay_from_portal(PHONE_CALLBACK_TWICE)
         self._wait_final(tx, callbacks=2)
         self._assert_paid(tx)
-        states = sorted(self._events(kind='callback', transaction_id=tx.id).mapped('callback_state'))
+        states = sorted(self._events(kind='stk_callback', transaction_id=tx.id).mapped('state'))
         self.assertEqual(states, ['ignored', 'processed'])
         self.assertEqual(len(self.quotation.transaction_ids.payment_id), 1)
 
@@ -110,8 +110,8 @@ class TestPortalPayment(MpesaCommon):
             self.env.flush_all()  # What the cron's commit does: the callback's request reads it.
         self.assertEqual(tx.state, 'done')
         self._wait_callbacks(tx)
-        late = self._events(kind='callback', transaction_id=tx.id)
-        self.assertEqual(late.callback_state, 'processed')
+        late = self._events(kind='stk_callback', transaction_id=tx.id)
+        self.assertEqual(late.state, 'processed')
         self.assertEqual(tx.state, 'done')
         self.assertEqual(tx.mpesa_settled_by, 'query')
         self.assertEqual(tx.mpesa_receipt_number, late.receipt_number, "the late receipt is kept")

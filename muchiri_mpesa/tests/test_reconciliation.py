@@ -133,8 +133,8 @@ class TestReconciliation(MpesaCommon):
         real_id = tx.provider_reference
         tx.provider_reference = 'ws_CO_not_committed_yet'  # As if the push answer were not saved.
         self._post_callback(self._success_body(tx, checkout_request_id=real_id))
-        kept = self._events(kind='callback', checkout_request_id=real_id)
-        self.assertEqual(kept.callback_state, 'unmatched')
+        kept = self._events(kind='stk_callback', checkout_request_id=real_id)
+        self.assertEqual(kept.state, 'unmatched')
         tx.provider_reference = real_id
         self._make_due(tx)
         self._cron()  # The scheduled query settles it; the kept callback waits for that.
@@ -147,7 +147,7 @@ class TestReconciliation(MpesaCommon):
         self.assertEqual(self._queries(), 1)
         self.assertEqual(tx.mpesa_receipt_number, 'LATE000001')
         self.assertEqual(tx.mpesa_receipt_status, 'unverified')
-        self.assertEqual(kept.callback_state, 'processed')
+        self.assertEqual(kept.state, 'processed')
 
     def test_callback_and_cron_racing_settle_once(self):
         """The simulator's callback arrives while the cron holds the transaction: Odoo's test
@@ -159,9 +159,9 @@ class TestReconciliation(MpesaCommon):
         self._cron()  # The callback waits for the lock meanwhile (or came just before).
         self._wait_callbacks(tx)
         self.assertEqual(tx.state, 'done')
-        callback = self._events(kind='callback', transaction_id=tx.id)
+        callback = self._events(kind='stk_callback', transaction_id=tx.id)
         self.assertEqual(len(callback), 1)
-        self.assertEqual(callback.callback_state, 'processed', "it settled it, or brought its receipt")
+        self.assertEqual(callback.state, 'processed', "it settled it, or brought its receipt")
         self.assertTrue(tx.mpesa_receipt_number)
         tx._post_process()
         self.assertEqual(len(self.quotation.transaction_ids.payment_id), 1)

@@ -419,7 +419,7 @@ class TestRefundAttacks(InitiatorCommon):
             ]},
         }}
 
-    @mute_logger('odoo.addons.muchiri_mpesa.controllers.initiator')
+    @mute_logger('odoo.addons.muchiri_mpesa.controllers.main')
     def test_a_result_on_a_wrong_secret_is_refused(self):
         _tx, refund = self._pending_refund()
         events = self._events(kind='initiator_result')
@@ -437,7 +437,7 @@ class TestRefundAttacks(InitiatorCommon):
         self._run_initiator_job()
         self.assertEqual(refund.state, 'done')
         events = self._events(kind='initiator_result', transaction_id=refund.id)
-        self.assertEqual(sorted(events.mapped('callback_state')), ['ignored', 'processed'])
+        self.assertEqual(sorted(events.mapped('state')), ['ignored', 'processed'])
         self.assertEqual(len(self.env['account.payment'].search([('payment_transaction_id', '=', refund.id)])), 1)
 
     def test_a_result_for_an_unknown_conversation_is_kept_and_changes_nothing(self):
@@ -448,7 +448,7 @@ class TestRefundAttacks(InitiatorCommon):
         self.assertEqual((response.status_code, response.json()['ResultCode']), (200, 0))
         self._run_initiator_job()
         event = self._events(kind='initiator_result', conversation_id='AG_20991231_unknown')
-        self.assertEqual(event.callback_state, 'unmatched')
+        self.assertEqual(event.state, 'unmatched')
         self.assertEqual(event.request_body, json.dumps(body), "kept exactly")
         self.assertEqual(refund.state, 'pending')
 
@@ -458,13 +458,13 @@ class TestRefundAttacks(InitiatorCommon):
             with self.subTest(raw=raw):
                 response = self._post_callback(None, raw=raw, settle=False, route=const.LNM_ROUTES['status_result'])
                 self.assertEqual(response.status_code, 400)
-        self.assertEqual(len(self._events(kind='initiator_result', callback_state='rejected')), 3)
+        self.assertEqual(len(self._events(kind='initiator_result', state='rejected')), 3)
 
     def test_a_timeout_on_the_status_route_is_read_leniently(self):
         response = self._post_result({'Result': {'ResultCode': 1}}, route='status_timeout')
         self.assertEqual(response.status_code, 200)
         event = self._events(kind='initiator_timeout')
-        self.assertEqual(event.callback_state, 'unmatched')
+        self.assertEqual(event.state, 'unmatched')
 
     def test_secrets_stay_with_system_administrators(self):
         tx = self._paid()

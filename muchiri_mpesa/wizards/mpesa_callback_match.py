@@ -46,7 +46,7 @@ class MpesaCallbackMatch(models.TransientModel):
         self.env['payment.provider']._mpesa_check_group('account.group_account_invoice')
         event, tx = self.event_id.sudo(), self.transaction_id.sudo()
         outcome = event._mpesa_match_by_hand(tx, self.override_reason)
-        if event.callback_state != 'processed':
+        if event.state != 'processed':
             # Raising rolls everything back: the transaction keeps no borrowed CheckoutRequestID.
             raise UserError(self.env._("The payment was not accepted: %s", event.message or outcome))
         tx.mpesa_outcome_unknown = False
