@@ -11,13 +11,8 @@ from . import (
     mpesa_report,
     mpesa_token,
     payment_provider,
-    payment_provider_accounting,
-    payment_provider_c2b,
-    payment_provider_initiator,
-    payment_provider_monitoring,
     payment_transaction,
     res_partner,
-    res_partner_mpesa_hash,
     sale_order,
 )
 

@@ -128,7 +128,7 @@ class TestPull(MpesaLedgerCommon):
         self.simulator.age_transaction(trans_id, 2)  # Older than the queries' overlap.
         Ledger = self.registry['muchiri.mpesa.ledger']
         with patch.object(Ledger, '_mpesa_record_pull', side_effect=ValueError("database hiccup")), \
-                mute_logger('odoo.addons.muchiri_mpesa.models.payment_provider_c2b'):
+                mute_logger('odoo.addons.muchiri_mpesa.models.payment_provider'):
             self._pull()
         self.assertFalse(self._row(trans_id))
         self._pull()
@@ -178,7 +178,7 @@ class TestPull(MpesaLedgerCommon):
         self.assertIn(tx.reference, row.note)
         self.assertFalse(row.transaction_ids, "not paid while the prompt may say it is its money")
 
-    @mute_logger('odoo.addons.muchiri_mpesa.daraja.client', 'odoo.addons.muchiri_mpesa.models.payment_provider_c2b')
+    @mute_logger('odoo.addons.muchiri_mpesa.daraja.client', 'odoo.addons.muchiri_mpesa.models.payment_provider')
     def test_a_pull_cut_short_moves_the_window_only_past_what_it_read(self):
         """A Daraja that repeats a page (it ignores OffSetValue) cuts the run short: the window stops
         at the last payment read, an alert says so, and the next run reads what the first did not."""
