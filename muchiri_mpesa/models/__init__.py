@@ -2,12 +2,11 @@
 from . import (
     ir_http,
     mpesa_alert,
-    mpesa_alert_initiator,
     mpesa_event,
     mpesa_event_c2b,
     mpesa_event_initiator,
     mpesa_ledger,
-    mpesa_ledger_gap,
+    mpesa_ledger_day,
     mpesa_matching,
     mpesa_payable,
     mpesa_payable_reference,
