@@ -2,10 +2,9 @@
 from . import (
     ir_http,
     mpesa_alert,
-    mpesa_alert_initiator,
     mpesa_event,
     mpesa_ledger,
-    mpesa_ledger_gap,
+    mpesa_ledger_day,
     mpesa_matching,
     mpesa_payable,
     mpesa_report,

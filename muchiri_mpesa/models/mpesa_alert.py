@@ -3,7 +3,7 @@
 
 One record per alerting condition, identified by a key (what it is about: a provider's success
 rate, a provider's missing callbacks, one order's failures).  While the condition holds, the
-same record stays open and is updated in place; it is closed when a check no longer finds the
+same record stays open and is updated in place; it is closed when a watch no longer finds the
 condition.  Users are notified when the alert opens, and again only when the condition brings
 transactions they were not told about and the provider's quiet period has passed since the last
 notification: a condition that merely persists never repeats.
@@ -15,6 +15,9 @@ says what it is about and points to it, and the chatter records who was notified
 
 Result codes read as the catalogue's plain words with the code beside them ("The M-Pesa PIN
 entered was wrong (2001)"), never Daraja's raw wording; amounts in the currency's format.
+
+The ledger's conditions compare it with Safaricom's Pull Transactions per day (the
+muchiri.mpesa.ledger.day view) and watch the money that waits unmatched.
 """
 import logging
 from collections import Counter
@@ -27,12 +30,16 @@ from odoo import api, fields, models
 from odoo.fields import Command
 from odoo.tools.misc import formatLang
 
-from .. import const
+from .. import const, daraja, utils
 
 _logger = logging.getLogger(__name__)
 
 # A success callback still unmatched after this long needs a person.
 UNMATCHED_CALLBACK_DELAY = timedelta(minutes=5)
+# A day is compared once Pull has read past its end by this much (Safaricom lists late rows).
+DAY_SETTLED_AFTER = timedelta(hours=1)
+# Ledger money waiting unmatched this long is an alert.
+UNMATCHED_ALERT_DELAY = timedelta(minutes=15)
 
 ALERT_KINDS = [
     ('success_rate', "Low success rate"),
@@ -40,6 +47,9 @@ ALERT_KINDS = [
     ('order_failures', "Repeated failures on an order"),
     ('unmatched_callback', "Payments matching no transaction"),
     ('receipt_conflict', "Conflicting receipts"),
+    ('ledger_gap', "Ledger differs from Safaricom"),
+    ('ledger_unmatched', "M-Pesa money to match"),
+    ('pull_cut_short', "Pull Transactions cut short"),
 ]
 
 ALERT_STATES = [
@@ -53,7 +63,7 @@ MAX_LISTED = 30
 
 @dataclass
 class AlertCondition:
-    """What a check found: an alert to open or keep open."""
+    """What a watch found: an alert to open or keep open."""
     kind: str
     key: str
     name: str
@@ -70,11 +80,6 @@ def _format_age(env, seconds):
     if minutes < 120:
         return env._("%s min", minutes)
     return env._("%(hours)s h %(minutes)s min", hours=minutes // 60, minutes=minutes % 60)
-
-
-def _result_label(env, tx):
-    """What a transaction's end means (see payment.transaction._mpesa_result_text)."""
-    return tx._mpesa_result_text()
 
 
 def _listed(env, lines):
@@ -106,7 +111,7 @@ class MpesaAlert(models.Model):
     message = fields.Text(string="Details", readonly=True)
     transaction_ids = fields.Many2many(
         'payment.transaction', 'muchiri_mpesa_alert_transaction_rel', 'alert_id', 'transaction_id',
-        string="Transactions", readonly=True, help="The transactions of the last check.",
+        string="Transactions", readonly=True, help="The transactions of the last watch.",
     )
     reported_transaction_ids = fields.Many2many(
         'payment.transaction', 'muchiri_mpesa_alert_reported_transaction_rel', 'alert_id',
@@ -122,28 +127,30 @@ class MpesaAlert(models.Model):
     notification_count = fields.Integer(string="Notifications", readonly=True)
     closed_at = fields.Datetime(string="Closed On", readonly=True)
 
+    # === CRUD METHODS === #
+
     def init(self):
-        # One open alert per key, even if a check is started by hand while the cron runs.
+        # One open alert per key, even if a watch is started by hand while the cron runs.
         self.env.cr.execute(
             "CREATE UNIQUE INDEX IF NOT EXISTS muchiri_mpesa_alert_open_key_uniq"
             " ON muchiri_mpesa_alert (key) WHERE state = 'open'"
         )
 
-    # === ACTIONS === #
+    # === ACTION METHODS === #
 
     def action_close(self):
-        """Acknowledge: if the condition persists, the next check reopens the alert, quietly
+        """Acknowledge: if the condition persists, the next watch reopens the alert, quietly
         within the quiet period."""
         self.env['payment.provider']._mpesa_check_group('account.group_account_invoice')
         self.filtered(lambda alert: alert.state == 'open')._close(
             self.env._("Closed by %s.", self.env.user.name)
         )
 
-    # === CRON === #
+    # === BUSINESS METHODS - WATCHING === #
 
     @api.model
     def _cron_check_alerts(self):
-        """Check every active M-Pesa provider; one failing check never blocks the others."""
+        """Watch every active M-Pesa provider; one failing watch never blocks the others."""
         alerts = self.sudo()
         providers = self.env['payment.provider'].sudo().search([
             ('code', '=', const.PROVIDER_CODE), ('state', '!=', 'disabled'),
@@ -151,25 +158,26 @@ class MpesaAlert(models.Model):
         for provider in providers:
             try:
                 with self.env.cr.savepoint():
-                    alerts._check_provider(provider)
+                    alerts._watch_provider(provider)
             except Exception:
-                _logger.exception("M-Pesa monitoring: the checks of provider %s failed.", provider.id)
+                _logger.exception("M-Pesa monitoring: the watch of provider %s failed.", provider.id)
         alerts.search([
             ('state', '=', 'open'), ('provider_id', 'not in', providers.ids),
         ])._close(self.env._("The provider is disabled."))
 
-    def _check_provider(self, provider):
-        """Run the checks of `provider`: raise what they find, close what they no longer find.
+    def _watch_provider(self, provider):
+        """Watch every condition of `provider`: raise what is found, close what is no longer found.
 
         :return: the open alerts of the provider
         """
         now = fields.Datetime.now()
         conditions = [
-            *self._check_success_rate(provider, now),
-            *self._check_pending_callbacks(provider, now),
-            *self._check_order_failures(provider, now),
-            *self._check_unmatched_callbacks(provider, now),
-            *self._check_receipt_conflicts(provider, now),
+            *self._watch_success_rate(provider, now),
+            *self._watch_pending_callbacks(provider, now),
+            *self._watch_order_failures(provider, now),
+            *self._watch_unmatched_callbacks(provider, now),
+            *self._watch_receipt_conflicts(provider, now),
+            *self._watch_ledger(provider, now),
         ]
         alerts = self.browse()
         for condition in conditions:
@@ -179,9 +187,43 @@ class MpesaAlert(models.Model):
         ])._close(self.env._("The condition has cleared."))
         return alerts
 
-    # === CHECKS === #
+    @api.model
+    def _mpesa_raise_receipt_proof_alert(self, provider):
+        """Raise the contradicted receipts now, not at the next monitoring run: accountants must
+        hear of it."""
+        now = fields.Datetime.now()
+        for condition in self._watch_contradicted_receipts(provider):
+            self._raise_condition(provider, condition, now)
 
-    def _check_success_rate(self, provider, now):
+    @api.model
+    def _mpesa_raise_ledger_gaps(self, provider):
+        """Raise the ledger's alerts of `provider` now (after a Pull query)."""
+        now = fields.Datetime.now()
+        for condition in self._watch_ledger(provider, now):
+            self._raise_condition(provider, condition, now)
+
+    # === BUSINESS METHODS - CONDITIONS === #
+
+    def _condition(self, kind, provider, name, message, transactions=None, orders=None, key=None):
+        """What a watch found: one alert per provider and kind unless `key` says otherwise; the
+        orders are those of the transactions unless given."""
+        transactions = self.env['payment.transaction'] if transactions is None else transactions
+        return AlertCondition(
+            kind=kind, key=key or f'{kind}:{provider.id}', name=name, message=message,
+            transactions=transactions,
+            orders=transactions.sale_order_ids if orders is None else orders,
+        )
+
+    def _recent_callbacks(self, provider, now, domain):
+        """The STK callbacks of `provider` matching `domain`, within the retention window."""
+        return self.env['muchiri.mpesa.event'].search([
+            ('provider_id', '=', provider.id),
+            ('kind', '=', 'stk_callback'),
+            *domain,
+            ('create_date', '>=', now - timedelta(days=const.KEEP_WORKING_DAYS)),
+        ], order='id')
+
+    def _watch_success_rate(self, provider, now):
         """The share of payments settled in the window that succeeded, against the threshold.
 
         Read through the report, so that the alert and the analysis agree on what a payment
@@ -204,7 +246,7 @@ class MpesaAlert(models.Model):
         if rate >= provider.mpesa_alert_min_rate:
             return []
         failures = report.search([*domain, ('outcome', '=', 'failure')]).transaction_id
-        by_result = Counter(_result_label(self.env, tx) for tx in failures)
+        by_result = Counter(tx._mpesa_result_text() for tx in failures)
         lines = [
             self.env._("- %(result)s: %(count)s", result=result, count=count)
             for result, count in by_result.most_common()
@@ -213,11 +255,10 @@ class MpesaAlert(models.Model):
         cancelled_note = self.env._(
             "  Prompts cancelled by the customer, not counted: %s.", cancelled,
         ) if cancelled else ''
-        return [AlertCondition(
-            kind='success_rate',
-            key=f'success_rate:{provider.id}',
+        return [self._condition(
+            'success_rate', provider,
             name=self.env._("%(provider)s: success rate %(rate)s%%", provider=provider.name,
-                   rate=f'{rate:.0f}'),
+                            rate=f'{rate:.0f}'),
             message=self.env._(
                 "Only %(rate)s%% of the M-Pesa payments settled in the last %(window)s minutes"
                 " succeeded (%(succeeded)s of %(total)s), under the %(threshold)s%% threshold."
@@ -227,10 +268,9 @@ class MpesaAlert(models.Model):
                 lines=_listed(self.env, lines),
             ),
             transactions=failures,
-            orders=failures.sale_order_ids,
         )]
 
-    def _check_pending_callbacks(self, provider, now):
+    def _watch_pending_callbacks(self, provider, now):
         """Payments still pending with no callback at all long after their prompt: one alert."""
         txs = self.env['payment.transaction'].search([
             ('provider_id', '=', provider.id),
@@ -251,11 +291,10 @@ class MpesaAlert(models.Model):
             )
             for tx in txs
         ]
-        return [AlertCondition(
-            kind='pending_callback',
-            key=f'pending_callback:{provider.id}',
+        return [self._condition(
+            'pending_callback', provider,
             name=self.env._("%(provider)s: %(count)s payments without a callback",
-                   provider=provider.name, count=len(txs)),
+                            provider=provider.name, count=len(txs)),
             message=self.env._(
                 "%(count)s M-Pesa payments are still pending without any callback more than"
                 " %(delay)s seconds after their prompt.  The reconciliation queries Daraja for"
@@ -263,21 +302,17 @@ class MpesaAlert(models.Model):
                 count=len(txs), delay=provider.mpesa_alert_pending_delay, lines=_listed(self.env, lines),
             ),
             transactions=txs,
-            orders=txs.sale_order_ids,
         )]
 
-    def _check_unmatched_callbacks(self, provider, now):
+    def _watch_unmatched_callbacks(self, provider, now):
         """Success callbacks that no transaction took after five minutes: money M-Pesa took that
         no order shows (a prompt whose answer was lost, or a forged callback).  One alert."""
-        events = self.env['muchiri.mpesa.event'].search([
-            ('provider_id', '=', provider.id),
-            ('kind', '=', 'stk_callback'),
+        events = self._recent_callbacks(provider, now, [
             # Every state a callback waits in: one stuck anywhere is money no order shows.
             ('state', 'in', const.CALLBACK_WAITING_STATES),
             ('result_code', '=', '0'),
             ('create_date', '<=', now - UNMATCHED_CALLBACK_DELAY),
-            ('create_date', '>=', now - timedelta(days=7)),
-        ], order='id')
+        ])
         # Those of a pending transaction wait for its scheduled query: the reconciliation's job.
         events = events.filtered(lambda event: event.transaction_id.state != 'pending')
         if not events:
@@ -291,9 +326,8 @@ class MpesaAlert(models.Model):
             )
             for event in events
         ]
-        return [AlertCondition(
-            kind='unmatched_callback',
-            key=f'unmatched_callback:{provider.id}',
+        return [self._condition(
+            'unmatched_callback', provider,
             name=self.env._("%(provider)s: %(count)s M-Pesa payments match no transaction",
                             provider=provider.name, count=len(events)),
             message=self.env._(
@@ -303,18 +337,21 @@ class MpesaAlert(models.Model):
                 count=len(events), lines=_listed(self.env, lines),
             ),
             transactions=events.transaction_id,
-            orders=events.transaction_id.sale_order_ids,
         )]
 
-    def _check_receipt_conflicts(self, provider, now):
-        """Receipts that disagree with the one a payment already holds: one alert, until each is
-        resolved by an accountant (the callbacks stay in the log, nothing was replaced)."""
-        events = self.env['muchiri.mpesa.event'].search([
-            ('provider_id', '=', provider.id),
-            ('kind', '=', 'stk_callback'),
-            ('state', '=', 'conflict'),
-            ('create_date', '>=', now - timedelta(days=7)),
-        ], order='id')
+    def _watch_receipt_conflicts(self, provider, now):
+        """Receipts that disagree with the one a payment holds, and receipts M-Pesa's Transaction
+        Status contradicts: one alert each, open while any of them is unresolved."""
+        return [
+            *self._watch_second_receipts(provider, now),
+            *self._watch_contradicted_receipts(provider),
+        ]
+
+    def _watch_second_receipts(self, provider, now):
+        """Callbacks that brought another receipt than the one a payment already holds: one alert,
+        until each is resolved by an accountant (the callbacks stay in the log, nothing was
+        replaced)."""
+        events = self._recent_callbacks(provider, now, [('state', '=', 'conflict')])
         if not events:
             return []
         lines = [
@@ -325,9 +362,8 @@ class MpesaAlert(models.Model):
             )
             for event in events
         ]
-        return [AlertCondition(
-            kind='receipt_conflict',
-            key=f'receipt_conflict:{provider.id}',
+        return [self._condition(
+            'receipt_conflict', provider,
             name=self.env._("%(provider)s: %(count)s conflicting M-Pesa receipts",
                             provider=provider.name, count=len(events)),
             message=self.env._(
@@ -336,10 +372,41 @@ class MpesaAlert(models.Model):
                 lines=_listed(self.env, lines),
             ),
             transactions=events.transaction_id,
-            orders=events.transaction_id.sale_order_ids,
         )]
 
-    def _check_order_failures(self, provider, now):
+    def _watch_contradicted_receipts(self, provider):
+        """Receipts that M-Pesa's Transaction Status contradicts, of payments and of paybill
+        payments awaiting confirmation (forged, most likely): one alert."""
+        txs = self.env['payment.transaction'].search([
+            ('provider_id', '=', provider.id), ('mpesa_receipt_status', '=', 'conflict'),
+        ], order='id')
+        rows = self.env['muchiri.mpesa.ledger'].search([
+            ('provider_id', '=', provider.id), ('state', '=', 'awaiting'), ('conflict', '=', True),
+        ], order='id')
+        if not (txs or rows):
+            return []
+        lines = [
+            self.env._("- %(reference)s, receipt %(receipt)s: %(proof)s", reference=tx.reference,
+                       receipt=tx.mpesa_receipt_number or '-', proof=tx.mpesa_receipt_proof or '-')
+            for tx in txs
+        ] + [
+            self.env._("- paybill payment %(receipt)s of %(amount)s: %(proof)s", receipt=row.name,
+                       amount=row._mpesa_format(row.amount), proof=row.confirmation_note or row.note or '-')
+            for row in rows
+        ]
+        return [self._condition(
+            'receipt_conflict', provider, key=f'receipt_proof_conflict:{provider.id}',
+            name=self.env._("%(provider)s: %(count)s M-Pesa receipts contradicted by M-Pesa",
+                            provider=provider.name, count=len(txs) + len(rows)),
+            message=self.env._(
+                "M-Pesa's Transaction Status contradicts these receipts, recorded after the payment"
+                " was settled.  Nothing was changed: check each on the M-Pesa statement and correct"
+                " the payment.\n%(lines)s", lines=_listed(self.env, lines),
+            ),
+            transactions=txs,
+        )]
+
+    def _watch_order_failures(self, provider, now):
         """Orders with several failed payments in the look-back: one alert per order.
 
         Cancellations count here: a customer who cancels prompt after prompt on one order needs
@@ -360,12 +427,11 @@ class MpesaAlert(models.Model):
             txs = txs.sorted('id')
             lines = [
                 self.env._("- %(reference)s: %(result)s", reference=tx.reference,
-                           result=_result_label(self.env, tx))
+                           result=tx._mpesa_result_text())
                 for tx in txs
             ]
-            conditions.append(AlertCondition(
-                kind='order_failures',
-                key=f'order_failures:{provider.id}:{order.id}',
+            conditions.append(self._condition(
+                'order_failures', provider, key=f'order_failures:{provider.id}:{order.id}',
                 name=self.env._("%(order)s: %(count)s failed or cancelled M-Pesa payments",
                                 order=order.name, count=len(txs)),
                 message=self.env._(
@@ -379,7 +445,90 @@ class MpesaAlert(models.Model):
             ))
         return conditions
 
-    # === RAISING, NOTIFYING, CLOSING === #
+    # === BUSINESS METHODS - LEDGER CONDITIONS === #
+
+    def _watch_ledger(self, provider, now):
+        """The ledger's conditions: the alerts stay open while their condition holds, and close
+        with the others when it clears."""
+        return [
+            *self._watch_pull_cut_short(provider),
+            *self._watch_ledger_gaps(provider, now),
+            *self._watch_ledger_unmatched(provider, now),
+        ]
+
+    def _watch_pull_cut_short(self, provider):
+        """The last Pull run did not read its whole window: what it did not read is neither in the
+        ledger nor compared by the gap report yet.  One alert, until a run reads its whole window."""
+        reason = provider.sudo().mpesa_pull_cut_short
+        if not reason:
+            return []
+        return [self._condition(
+            'pull_cut_short', provider,
+            name=self.env._("%(provider)s: Pull Transactions did not read every payment", provider=provider.name),
+            message=self.env._(
+                "%(reason)s\nUntil a run reads its whole window, payments after that time are missing"
+                " from the ledger if their confirmation was lost, and the ledger per day does not compare"
+                " those days.  If this persists, Daraja keeps 48 hours only: check the M-Pesa statement"
+                " and tell Safaricom (apisupport@safaricom.co.ke).", reason=reason,
+            ),
+        )]
+
+    def _watch_ledger_gaps(self, provider, now):
+        """The days Pull has read past, within what Daraja keeps, whose figures differ: one alert."""
+        synced = provider.sudo().mpesa_pull_synced_until
+        if not synced:
+            return []
+        # The last day Pull read to its end, in Kenya time as M-Pesa statements are.
+        last_day = utils.kenya_time(synced - DAY_SETTLED_AFTER).date() - timedelta(days=1)
+        first_day = utils.kenya_time(now - daraja.PULL_WINDOW).date()
+        self.env['muchiri.mpesa.ledger'].flush_model()  # The view reads the table.
+        days = self.env['muchiri.mpesa.ledger.day'].search([
+            ('provider_id', '=', provider.id), ('differs', '=', True),
+            ('day', '>=', first_day), ('day', '<=', last_day),
+        ])
+        if not days:
+            return []
+        lines = [self.env._(
+            "- %(day)s: ledger %(ledger_count)s payments, %(ledger_amount)s; Safaricom %(pull_count)s,"
+            " %(pull_amount)s; %(unlisted)s not listed by Safaricom",
+            day=day.day, ledger_count=day.ledger_count, ledger_amount=day.ledger_amount,
+            pull_count=day.pull_count, pull_amount=day.pull_amount, unlisted=day.unlisted_count,
+        ) for day in days]
+        return [self._condition(
+            'ledger_gap', provider,
+            name=self.env._("%(provider)s: the M-Pesa ledger differs from Safaricom on %(count)s days",
+                            provider=provider.name, count=len(days)),
+            message=self.env._(
+                "Safaricom's Pull Transactions does not list what the ledger holds.  Open M-Pesa >"
+                " Ledger per Day, then the payments not listed by Safaricom or flagged as conflicting,"
+                " and check them on the M-Pesa statement.\n%(lines)s", lines=_listed(self.env, lines),
+            ),
+        )]
+
+    def _watch_ledger_unmatched(self, provider, now):
+        """Money in the exceptions queue, or awaiting its confirmation, for a while: one alert."""
+        rows = self.env['muchiri.mpesa.ledger'].search([
+            ('provider_id', '=', provider.id), ('state', 'in', ('awaiting', 'unmatched')),
+            ('create_date', '<=', now - UNMATCHED_ALERT_DELAY),
+        ], order='id')
+        if not rows:
+            return []
+        lines = [self.env._(
+            "- %(receipt)s: %(amount)s, account %(account)s: %(note)s", receipt=row.name,
+            amount=row._mpesa_format(row.amount), account=row.bill_ref or '-', note=row.note or '-',
+        ) for row in rows]
+        return [self._condition(
+            'ledger_unmatched', provider,
+            name=self.env._("%(provider)s: %(count)s M-Pesa payments to match",
+                            provider=provider.name, count=len(rows)),
+            message=self.env._(
+                "These payments reached the shortcode and match no order or invoice.  Match them,"
+                " mark them as not ours, or flag them for refund (M-Pesa > Ledger > Exceptions).\n%(lines)s",
+                lines=_listed(self.env, lines),
+            ),
+        )]
+
+    # === BUSINESS METHODS - RAISING, NOTIFYING, CLOSING === #
 
     def _raise_condition(self, provider, condition, now):
         """Open or update the alert of `condition`; notify only what is new, at most once per
@@ -449,14 +598,11 @@ class MpesaAlert(models.Model):
         })
 
     def _get_recipients(self):
-        """Active internal users of the provider's alert group who can open this alert."""
+        """The provider's alert recipients who can open this alert."""
         self.ensure_one()
-        users = self.provider_id.mpesa_alert_group_id.users.filtered(
-            lambda user: user.active and not user.share
+        return utils.alert_recipients(self.provider_id).filtered(
+            lambda user: self.with_user(user).with_context(allowed_company_ids=user.company_ids.ids).has_access('read')
         )
-        return users.filtered(lambda user: self.with_user(user).with_context(
-            allowed_company_ids=user.company_ids.ids
-        ).has_access('read'))
 
     def _close(self, reason):
         if not self:

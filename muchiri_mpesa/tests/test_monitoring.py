@@ -527,7 +527,7 @@ class TestMonitoring(AccountPaymentCommon, SaleCommon):
         self.assertEqual(alert.state, 'open')
 
         alert_model = self.registry['muchiri.mpesa.alert']
-        check_pending = alert_model._check_pending_callbacks
+        check_pending = alert_model._watch_pending_callbacks
 
         def broken(alerts, provider, now):
             if provider == self.provider:
@@ -535,7 +535,7 @@ class TestMonitoring(AccountPaymentCommon, SaleCommon):
             return check_pending(alerts, provider, now)
 
         self._tx('pending', pushed=120, provider_id=other.id)
-        with patch.object(alert_model, '_check_pending_callbacks', broken), \
+        with patch.object(alert_model, '_watch_pending_callbacks', broken), \
                 mute_logger('odoo.addons.muchiri_mpesa.models.mpesa_alert'):
             self.alerts._cron_check_alerts()
         other_alert = self.alerts.search([('provider_id', '=', other.id)])
