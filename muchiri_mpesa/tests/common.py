@@ -415,27 +415,37 @@ class MpesaLedgerCommon(MpesaCommon):
 
     # === DARAJA'S BODIES === #
 
+    # A C2B validation or confirmation body, in Daraja's documented shape (docs/design.md, 3. Daraja facts).
+    c2b_data = {
+        'TransactionType': "Pay Bill",
+        'TransID': "TST0000000",
+        'TransTime': "20260115093012",
+        'TransAmount': "4500.00",
+        'BusinessShortCode': SIM_SHORTCODE,
+        'BillRefNumber': "",
+        'InvoiceNumber': "",
+        'OrgAccountBalance': "",
+        'ThirdPartyTransID': "",
+        'MSISDN': "",
+        'FirstName': "Wanjiku",
+        'MiddleName': "",
+        'LastName': "",
+    }
+
     @staticmethod
     def _receipt():
         return f"TST{next(_receipts):07d}"
 
     def _c2b_body(self, amount, bill_ref, receipt=None, phone=PHONE_SUCCESS, hashed=True, shortcode=SIM_SHORTCODE):
-        """A C2B validation or confirmation body, in Daraja's documented shape (docs/design.md, 3. Daraja facts)."""
-        return {
-            'TransactionType': "Pay Bill",
-            'TransID': receipt or self._receipt(),
-            'TransTime': "20260115093012",
-            'TransAmount': f"{amount:.2f}" if isinstance(amount, (int, float)) else amount,
-            'BusinessShortCode': shortcode,
-            'BillRefNumber': bill_ref,
-            'InvoiceNumber': "",
-            'OrgAccountBalance': "",
-            'ThirdPartyTransID': "",
-            'MSISDN': daraja.hash_msisdn(phone) if hashed else phone,
-            'FirstName': "Wanjiku",
-            'MiddleName': "",
-            'LastName': "",
-        }
+        """`c2b_data` for a payment of `amount` to the account `bill_ref`."""
+        return dict(
+            self.c2b_data,
+            TransID=receipt or self._receipt(),
+            TransAmount=f"{amount:.2f}" if isinstance(amount, (int, float)) else amount,
+            BusinessShortCode=shortcode,
+            BillRefNumber=bill_ref,
+            MSISDN=daraja.hash_msisdn(phone) if hashed else phone,
+        )
 
     def _post_c2b(self, body, kind='c2b_confirmation', secret=None, raw=None):
         """POST to one of the provider's C2B routes, then run the jobs the request wakes."""

@@ -128,7 +128,7 @@ class TestLedgerMatching(MpesaLedgerCommon):
         self.assertEqual(row.state, 'unmatched', "the provider's company only")
         self.assertEqual(order.state, 'draft')
 
-    # === DUPLICATES AND HOSTILE INPUT === #
+    # === DUPLICATES AND MALFORMED INPUT === #
 
     def test_a_replayed_confirmation_is_one_row_and_one_payment(self):
         invoice = self._invoice(4500)

@@ -39,6 +39,8 @@ from .common import (
     MpesaPaybillCommon,
 )
 
+_logger = logging.getLogger(__name__)
+
 # The event kind each route keeps its body as.
 ROUTE_KINDS = {
     'stk': 'callback',
@@ -73,7 +75,7 @@ SECRET_FIELDS = ('mpesa_consumer_key', 'mpesa_consumer_secret', 'mpesa_passkey',
 
 @tagged('post_install', '-at_install')
 class TestInboundRoutes(MpesaCommon):
-    """Hostile requests on every inbound route Daraja calls (const.LNM_ROUTES), over real HTTP.
+    """Requests no Daraja would send, on every inbound route Daraja calls (const.LNM_ROUTES), over real HTTP.
 
     Each route gets the same catalogue: the wrong method, bodies no Daraja would send (empty, a form,
     2 MB, invalid UTF-8, a JSON array, a JSON string), wrong or mangled secrets, and one body posted
@@ -583,8 +585,15 @@ class TestForgedNotifications(MpesaPaybillCommon):
             self.assertFalse(self.env['payment.transaction'].search([('mpesa_receipt_number', '=', victim)]))
 
 
-_logger = logging.getLogger(__name__)
-
+# === MALFORMED STK CALLBACKS === #
+# Failure mode 18: malformed bodies on the callback route, over real HTTP.
+#
+# A few thousand seeded bodies (MUCHIRI_HOSTILE_BODIES, default 2000) are posted to the real route:
+# a systematic catalogue (every field with every wrong type, every odd number in every numeric field,
+# every lone surrogate in every string field, every wrong path...) and then random mutations of real
+# callbacks for real transactions.  Whatever comes, the route answers 2xx/4xx, logs no ERROR, keeps
+# every body it received on its secret path exactly as sent, keeps nothing sent anywhere else, and
+# changes no transaction while it answers (settlement is the cron's, which this test does not run).
 DEFAULT_BODIES = 2000
 SEED = 7
 CALLBACK_PATH = '/payment/mpesa/callback/'
@@ -730,7 +739,7 @@ class Case:
 
 
 class MalformedBodies:
-    """Seeded generator of the hostile requests (catalogue first, then random mutations)."""
+    """Seeded generator of the malformed requests (catalogue first, then random mutations)."""
 
     def __init__(self, rng, secret, targets, amount):
         self.rng = rng
@@ -1174,14 +1183,6 @@ class _ErrorRecords(logging.Handler):
         self.records.append(record)
 
 
-# Failure mode 18: hostile bodies on the callback route, over real HTTP.
-#
-# A few thousand seeded bodies (MUCHIRI_HOSTILE_BODIES, default 2000) are posted to the real route:
-# a systematic catalogue (every field with every wrong type, every odd number in every numeric field,
-# every lone surrogate in every string field, every wrong path...) and then random mutations of real
-# callbacks for real transactions.  Whatever comes, the route answers 2xx/4xx, logs no ERROR, keeps
-# every body it received on its secret path exactly as sent, keeps nothing sent anywhere else, and
-# changes no transaction while it answers (settlement is the cron's, which this test does not run).
 @tagged('post_install', '-at_install')
 class TestMalformedBodies(MpesaCommon):
     """Failure mode 18: any bytes at all get a 4xx, never a 5xx, are kept exactly, and change nothing."""
