@@ -1,16 +1,29 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+"""What the tests share: a KES quotation of a distributor, an M-Pesa provider that talks to a real Daraja
+simulator on loopback, the simulator's callbacks reaching this Odoo's real HTTP server, and Daraja's
+bodies built as Daraja sends them.
+
+- MpesaCommon: the STK Push flow (a prompt, its callback, its query, the settlement job).
+- MpesaInitiatorCommon: the provider's initiator is the simulator's (Reversal, Transaction Status).
+- MpesaLedgerCommon: KES invoices, and C2B bodies posted to the real paybill routes.
+- MpesaPaybillCommon: paybill money confirmed by Transaction Status or Pull.
+"""
 import contextlib
+import itertools
 import json
 import threading
 import time
+from datetime import datetime
 from urllib.parse import urlsplit
 
 from odoo.fields import Command
 from odoo.tests import common as odoo_test_common
+from odoo.tests import new_test_user
 
 from odoo.addons.account_payment.tests.common import AccountPaymentCommon
-from odoo.addons.muchiri_mpesa import const
-from odoo.addons.muchiri_mpesa.daraja.simulator import DarajaSimulator
+from odoo.addons.muchiri_mpesa import const, daraja
+from odoo.addons.muchiri_mpesa.daraja.simulator import C2B_CONFIRMATION, DarajaSimulator
+from odoo.addons.muchiri_mpesa.daraja.simulator.c2b import LOST_CONFIRMATION
 from odoo.addons.payment.tests.http_common import PaymentHttpCommon
 from odoo.addons.sale.tests.common import SaleCommon
 
@@ -33,6 +46,15 @@ PHONE_CALLBACK_TWICE = '254700000006'
 PHONE_CALLBACK_LATE = '254700000007'
 PHONE_CALLBACK_EARLY = '254700000008'
 PHONE_LOCKED = '254700000009'
+
+# The distributor's own M-Pesa number in the tests that find the payer by it: no other contact has
+# it (demo data gives its contacts the simulator's success number, which the distributor has too).
+PAYER_PHONE = '254711222333'
+
+_receipts = itertools.count(1)
+
+TX_LOGGER = 'odoo.addons.muchiri_mpesa.models.payment_transaction'
+EVENT_LOGGER = 'odoo.addons.muchiri_mpesa.models.mpesa_event'
 
 
 class MpesaCommon(AccountPaymentCommon, SaleCommon, PaymentHttpCommon):
@@ -239,3 +261,287 @@ class MpesaCommon(AccountPaymentCommon, SaleCommon, PaymentHttpCommon):
             return self.env['muchiri.mpesa.event'].search(
                 [(key, '=', value) for key, value in domain.items()]
             )
+
+    def _pending_tx(self, phone=PHONE_CALLBACK_LOST, order=None):
+        values = self._start_portal_payment(order)
+        self._stk_push(values, phone)
+        tx = self._get_tx(values['reference'])
+        self.assertEqual(tx.state, 'pending')
+        return tx
+
+    def _answered(self, tx):
+        self._wait(lambda: self._result_known(tx), message="the customer's answer", settle=False)
+
+    def _body(self, tx, code=0, amount=4500, receipt='SIM1234567', checkout_request_id=None, phone=None):
+        metadata = {
+            'amount': amount, 'receipt': receipt, 'transaction_date': datetime(2026, 11, 26, 12, 0, 0),
+            'phone': phone or tx.mpesa_phone,
+        } if code == 0 else {}
+        return daraja.stk_callback_body(
+            tx.mpesa_merchant_request_id or '1-2-3', checkout_request_id or tx.provider_reference, code,
+            "The service request is processed successfully." if code == 0 else "Request cancelled by user",
+            **metadata,
+        )
+
+    def _queries(self):
+        return len(self.simulator.requests_for('stk_query'))
+
+    def _kept_unmatched(self, tx, **body):
+        """A success callback kept before its transaction held the CheckoutRequestID."""
+        checkout_id = tx.provider_reference
+        tx.provider_reference = f'{checkout_id}-not-yet'
+        self._post_callback(self._body(tx, checkout_request_id=checkout_id, **body))
+        tx.provider_reference = checkout_id
+        event = self._events(kind='stk_callback', checkout_request_id=checkout_id)
+        self.assertEqual(event.state, 'unmatched')
+        return event
+
+    def _second_provider(self, **values):
+        return self.provider.copy({
+            'name': "M-Pesa (second shortcode)",
+            'mpesa_consumer_key': SIM_KEY, 'mpesa_consumer_secret': SIM_SECRET,
+            'mpesa_shortcode': SIM_SHORTCODE, 'mpesa_passkey': SIM_PASSKEY,
+            'mpesa_api_url': self.simulator.base_url, 'mpesa_callback_base_url': self.base_url(),
+            **values,
+        })
+
+
+class MpesaInitiatorCommon(MpesaCommon):
+    """An M-Pesa provider whose initiator is the simulator's, and an accountant."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.provider.write({
+            'mpesa_initiator_name': cls.simulator.initiator_name,
+            'mpesa_initiator_password': cls.simulator.initiator_password,
+            'mpesa_initiator_certificate': cls.simulator.certificate_pem,
+            'mpesa_invoice_on_payment': True,  # The payment is reconciled with an invoice.
+        })
+        cls.accountant = new_test_user(
+            cls.env, login='mpesa_refund_accountant', groups='base.group_user,account.group_account_invoice',
+        )
+
+    def _paid(self, order=None):
+        tx, result = self._pay_from_portal(PHONE_SUCCESS, order=order)
+        self.assertEqual(result, {})
+        self._wait_final(tx)
+        self.assertEqual((tx.state, tx.mpesa_receipt_status), ('done', 'confirmed'))
+        self.assertTrue(tx.payment_id, "post-processing made the payment")
+        return tx
+
+    def _order(self):
+        return self.quotation.copy({'require_payment': True, 'prepayment_percent': 1.0})
+
+    def _refund_with_odoos_button(self, tx, user=None):
+        """The Refund button of the payment, then the refund wizard's button, as the accountant."""
+        with self.registry.test_lock:  # A result may be posted to the test server meanwhile.
+            payment = tx.payment_id.with_user(user or self.accountant)
+            self.assertGreater(payment.amount_available_for_refund, 0, "Odoo offers the refund")
+            action = payment.action_refund_wizard()
+            wizard = self.env[action['res_model']].with_user(user or self.accountant).with_context(
+                active_id=payment.id, active_model='account.payment').create({})
+            self.assertEqual(wizard.support_refund, 'full_only')
+            wizard.action_refund()
+            self.env.invalidate_all()
+        return self._refund_of(tx)
+
+    def _refund_of(self, tx):
+        with self.registry.test_lock:
+            self.env.invalidate_all()
+            return tx.child_transaction_ids.filtered(lambda child: child.operation == 'refund').sorted('id')[-1:]
+
+    def _run_initiator_job(self):
+        """The initiator job, as the cron Odoo wakes after each result would (no cron runs in tests)."""
+        with self.registry.test_lock:
+            self.env['payment.transaction'].sudo()._cron_mpesa_initiator()
+            self.env.invalidate_all()
+
+    def _wait_results(self, count=1, kind='initiator_result'):
+        """Wait until the simulator posted `count` results to Odoo, then run the initiator job."""
+        self.simulator.wait_for_deliveries(kind, count=count, timeout=15)
+        self._run_initiator_job()
+
+    def _initiator_requests(self, api):
+        return [request for request in self.simulator.initiator_requests if request['api'] == api]
+
+    def _post_result(self, body, route='reversal_result', secret=None):
+        return self._post_callback(body, secret=secret, settle=False, route=const.LNM_ROUTES[route])
+
+
+class MpesaLedgerCommon(MpesaCommon):
+    """KES invoices of the distributor, and C2B bodies posted to this Odoo's real routes as Daraja posts them."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.provider.mpesa_invoice_on_payment = True  # A paid order is invoiced.
+        # No initiator and no Pull: paybill money is booked on the source check, which refuses any
+        # address but the test server's (the tests of the matching rules).  The confirmation by
+        # Transaction Status and Pull has tests of its own.
+        cls.provider.write({
+            'mpesa_ip_check': 'enforce',
+            'mpesa_allowed_ips': '\n'.join(['127.0.0.1', *const.SAFARICOM_CALLBACK_IPS]),
+        })
+        # A login of its own: demo data has an 'accountant' already.
+        cls.accountant = cls.env['res.users'].create({
+            'name': "Akinyi Accountant", 'login': 'mpesa_ledger_accountant', 'password': 'mpesa_ledger_accountant',
+            'email': 'akinyi@example.com',
+            'groups_id': [Command.set([cls.env.ref('account.group_account_invoice').id,
+                                       cls.env.ref('base.group_user').id])],
+        })
+
+    # === DOCUMENTS === #
+
+    def _invoice(self, amount=4500.0, partner=None, company=None):
+        """A posted KES customer invoice."""
+        env = self.env(context=dict(self.env.context, allowed_company_ids=(company or self.env.company).ids))
+        invoice = env['account.move'].create({
+            'move_type': 'out_invoice',
+            'partner_id': (partner or self.distributor).id,
+            'currency_id': self.currency_kes.id,
+            'company_id': (company or self.env.company).id,
+            'invoice_line_ids': [Command.create({
+                'name': "Maize flour", 'quantity': 1, 'price_unit': amount, 'tax_ids': [Command.clear()],
+            })],
+        })
+        invoice.action_post()
+        return invoice
+
+    def _own_number(self):
+        """Give the distributor a number no other contact has; the payer's MSISDN to pay from."""
+        self.distributor.mobile = '0711 222 333'
+        return PAYER_PHONE
+
+    # === DARAJA'S BODIES === #
+
+    # A C2B validation or confirmation body, in Daraja's documented shape (docs/design.md, 3. Daraja facts).
+    c2b_data = {
+        'TransactionType': "Pay Bill",
+        'TransID': "TST0000000",
+        'TransTime': "20260115093012",
+        'TransAmount': "4500.00",
+        'BusinessShortCode': SIM_SHORTCODE,
+        'BillRefNumber': "",
+        'InvoiceNumber': "",
+        'OrgAccountBalance': "",
+        'ThirdPartyTransID': "",
+        'MSISDN': "",
+        'FirstName': "Wanjiku",
+        'MiddleName': "",
+        'LastName': "",
+    }
+
+    @staticmethod
+    def _receipt():
+        return f"TST{next(_receipts):07d}"
+
+    def _c2b_body(self, amount, bill_ref, receipt=None, phone=PHONE_SUCCESS, hashed=True, shortcode=SIM_SHORTCODE):
+        """`c2b_data` for a payment of `amount` to the account `bill_ref`."""
+        return dict(
+            self.c2b_data,
+            TransID=receipt or self._receipt(),
+            TransAmount=f"{amount:.2f}" if isinstance(amount, (int, float)) else amount,
+            BusinessShortCode=shortcode,
+            BillRefNumber=bill_ref,
+            MSISDN=daraja.hash_msisdn(phone) if hashed else phone,
+        )
+
+    def _post_c2b(self, body, kind='c2b_confirmation', secret=None, raw=None):
+        """POST to one of the provider's C2B routes, then run the jobs the request wakes."""
+        self.env.flush_all()  # The request reads the database on a cursor of its own.
+        return self._post_callback(body, secret=secret, raw=raw, route=const.LNM_ROUTES[kind])
+
+    def _confirm(self, amount, bill_ref, **kwargs):
+        """A confirmation posted to Odoo; the ledger row it made."""
+        body = self._c2b_body(amount, bill_ref, **kwargs)
+        response = self._post_c2b(body)
+        self.assertEqual(response.status_code, 200, response.text)
+        self.assertEqual(response.json(), {'ResultCode': 0, 'ResultDesc': "Accepted"})
+        return self._row(body['TransID'])
+
+    def _confirm_by_hand(self, row):
+        """An accounting manager confirms a row awaiting confirmation against the statement."""
+        manager = new_test_user(self.env, login=f'mpesa_manager_{row.id}',
+                                groups='base.group_user,account.group_account_manager')
+        with self.registry.test_lock:
+            row.with_user(manager).action_mpesa_confirm_by_hand()
+            self.env.invalidate_all()
+
+    def _row(self, receipt):
+        with self.registry.test_lock:
+            self.env.invalidate_all()
+            return self.env['muchiri.mpesa.ledger'].sudo().search([('name', '=', receipt)])
+
+    def _raw(self, body):
+        return json.dumps(body)
+
+
+class MpesaPaybillCommon(MpesaLedgerCommon):
+    """Paybill money that Transaction Status or a Pull row confirms: the source check only logs."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        # The default of a provider: the source check only logs unknown addresses.
+        cls.provider.write({'mpesa_ip_check': 'log'})
+        cls.manager = new_test_user(
+            cls.env, login='mpesa_confirm_manager', groups='base.group_user,account.group_account_manager',
+        )
+
+    def setUp(self):
+        super().setUp()
+        self.provider.action_mpesa_c2b_register()
+
+    def _with_initiator(self):
+        self.provider.write({
+            'mpesa_initiator_name': self.simulator.initiator_name,
+            'mpesa_initiator_password': self.simulator.initiator_password,
+            'mpesa_initiator_certificate': self.simulator.certificate_pem,
+        })
+
+    def _run_initiator_job(self):
+        """The initiator job, as the cron the confirmation wakes would run it (no cron runs in tests)."""
+        with self.registry.test_lock:
+            self.env['payment.transaction'].sudo()._cron_mpesa_initiator()
+            self.env.invalidate_all()
+        self._settle_callbacks()  # Odoo's post-processing, which the confirmation runs or wakes.
+
+    def _status_requests(self):
+        return [request for request in self.simulator.initiator_requests if request['api'] == 'transaction_status']
+
+    def _confirm_by_status(self, results=1):
+        """The job asks Transaction Status; Daraja's result reaches Odoo; the job settles it."""
+        self._run_initiator_job()
+        self.simulator.wait_for_deliveries('initiator_result', count=results, timeout=15)
+        self._run_initiator_job()
+
+    def _lost_payment(self, amount, bill_ref):
+        """A real payment to the paybill whose confirmation the simulator never sends: its receipt
+        is real, so a body forged with it can be told apart only by what Daraja says of it."""
+        self.env.flush_all()
+        trans_id = self.simulator.c2b_pay(amount, LOST_CONFIRMATION, bill_ref)
+        self.assertEqual(self.simulator.wait_for_c2b(trans_id)['state'], 'completed')
+        return trans_id
+
+    def _pay(self, amount, bill_ref):
+        """A phone pays the paybill; the simulator's confirmation reaches Odoo."""
+        self.env.flush_all()
+        trans_id = self.simulator.c2b_pay(amount, PHONE_SUCCESS, bill_ref)
+        self.assertEqual(self.simulator.wait_for_c2b(trans_id)['state'], 'completed')
+        self.simulator.wait_for_deliveries(C2B_CONFIRMATION, count=1, reference=trans_id, timeout=10)
+        self._settle_callbacks()
+        return trans_id
+
+    def assertPaysNothing(self, row, order=None, invoice=None):
+        row.invalidate_recordset()
+        self.assertEqual(row.state, 'awaiting', row.note)
+        self.assertFalse(row.confirmation)
+        self.assertFalse(row.transaction_ids, "no transaction, so no payment")
+        if order:
+            order.invalidate_recordset()
+            self.assertIn(order.state, ('draft', 'sent'), "the order is not confirmed")
+            self.assertFalse(order.transaction_ids)
+        if invoice:
+            invoice.invalidate_recordset()
+            self.assertEqual(invoice.payment_state, 'not_paid')

@@ -1,8 +1,12 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 """The accounting loop, end to end through the portal and the simulator: a distributor's payment
 leaves an invoiced order, a posted and reconciled payment in the M-Pesa journal with the receipt as
-its memo, and one mail."""
-from odoo.exceptions import AccessError
+its memo, and one mail.  An invoice takes one prompt at a time, and a second payment of it is flagged.
+"""
+from datetime import timedelta
+
+from odoo import fields
+from odoo.exceptions import AccessError, ValidationError
 from odoo.fields import Command
 from odoo.tests import new_test_user, tagged
 
@@ -151,3 +155,53 @@ class TestAccountingLoop(MpesaCommon):
             self.assertEqual(values[0]['mpesa_payment_status'], 'paid', user.login)
         with self.assertRaises(AccessError):
             self.provider.with_user(salesman).read(['mpesa_invoice_on_payment'])
+
+
+@tagged('post_install', '-at_install')
+class TestInvoiceGuards(MpesaCommon):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.invoice = cls.env['account.move'].create({
+            'move_type': 'out_invoice', 'partner_id': cls.distributor.id, 'currency_id': cls.currency_kes.id,
+            'invoice_line_ids': [Command.create({
+                'product_id': cls.product.id, 'quantity': 3, 'price_unit': 1500.0, 'tax_ids': [Command.clear()],
+            })],
+        })
+        cls.invoice.action_post()
+
+    def _invoice_tx(self, reference):
+        return self.env['payment.transaction'].sudo().create({
+            'provider_id': self.provider.id, 'payment_method_id': self.payment_method_id,
+            'reference': reference, 'amount': self.invoice.amount_total, 'currency_id': self.currency_kes.id,
+            'partner_id': self.distributor.id, 'invoice_ids': [Command.set(self.invoice.ids)],
+            'operation': 'online_direct',
+        })
+
+    def test_one_prompt_per_invoice_and_none_once_paid(self):
+        first = self._invoice_tx('INV-MP-1')
+        self.assertIsNone(first._mpesa_send_stk_push(PHONE_CALLBACK_LOST))
+        with self.assertRaisesRegex(ValidationError, 'already sent'):
+            self._invoice_tx('INV-MP-2')._mpesa_send_stk_push(PHONE_CALLBACK_LOST)
+        self._answered(first)
+        first.mpesa_push_sent_at -= timedelta(minutes=10)  # Past the cooldown: Daraja is asked.
+        with self.assertRaisesRegex(ValidationError, 'already paid'):
+            self._invoice_tx('INV-MP-3')._mpesa_send_stk_push(PHONE_CALLBACK_LOST)
+        self.assertEqual(first.state, 'done', "the old prompt was settled by the query")
+        self.assertEqual(len(self.simulator.pushes), 1)
+
+    def test_a_second_payment_of_an_invoice_is_flagged_for_refund(self):
+        first = self._invoice_tx('INV-MP-1')
+        first._mpesa_send_stk_push(PHONE_CALLBACK_LOST)
+        self._answered(first)
+        first._mpesa_settle_by_query()
+        self.assertEqual(first.state, 'done')
+        self.assertFalse(self.invoice.mpesa_needs_refund)
+        second = self._invoice_tx('INV-MP-2')
+        second.write({'mpesa_requested_amount': 4500, 'provider_reference': 'ws_CO_second',
+                      'mpesa_push_sent_at': fields.Datetime.now(), 'state': 'pending'})
+        second._handle_notification_data('mpesa', second._mpesa_notification('0', "Paid", 'query'))
+        self.assertEqual(second.state, 'done')
+        self.assertTrue(self.invoice.mpesa_needs_refund, "recorded, never hidden")
+        self.assertTrue(self.invoice.activity_ids)

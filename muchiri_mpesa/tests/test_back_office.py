@@ -4,13 +4,7 @@ from unittest.mock import patch
 from odoo.exceptions import UserError, ValidationError
 from odoo.tests import Form, tagged
 
-from .common import (
-    PHONE_CALLBACK_LOST,
-    PHONE_LOCKED,
-    PHONE_NO_ANSWER,
-    PHONE_SUCCESS,
-    MpesaCommon,
-)
+from .common import PHONE_CALLBACK_LOST, PHONE_LOCKED, PHONE_NO_ANSWER, PHONE_SUCCESS, MpesaCommon
 
 
 @tagged('post_install', '-at_install')

@@ -1,7 +1,8 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 """Monitoring: the analysis report and the alerts, on transactions set up directly with the ORM
 (the alert rules read what the payment flow writes; no simulator is needed), and what the
-exchange log records of a callback posted through the real route."""
+exchange log records of a callback posted through the real route.
+"""
 import json
 from datetime import timedelta
 from itertools import count
@@ -591,3 +592,10 @@ class TestMonitoringCallback(MpesaCommon):
         self.assertEqual(garbage.request_body_pretty, 'not json {')
         arch = self.env['muchiri.mpesa.event'].get_view(view_type='list')['arch']
         self.assertIn('name="amount"', arch, "the exchanges list shows the amount")
+
+    def test_a_forged_callback_does_not_mute_the_missing_callback_alert(self):
+        tx = self._pending_tx()
+        self._answered(tx)  # The customer paid; Daraja's callback is lost.
+        self._post_callback(self._body(tx, code=1032))  # Forged: the query answers success.
+        self.assertEqual(self._events(kind='stk_callback', transaction_id=tx.id).state, 'rejected')
+        self.assertFalse(tx.mpesa_callback_at, "the forged callback is not counted as a callback")

@@ -1,7 +1,8 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 """A shop that takes cards or bank transfers besides M-Pesa sees no change in them: the M-Pesa
 provider's *Invoice on Payment* invoices the orders M-Pesa paid, and only those; Odoo's own
-Automatic Invoice stays the shop's to set."""
+Automatic Invoice stays the shop's to set.
+"""
 from odoo.tests import tagged
 from odoo.tools import str2bool
 

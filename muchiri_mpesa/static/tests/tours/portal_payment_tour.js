@@ -2,7 +2,7 @@
 
 import { registry } from "@web/core/registry";
 
-// These tours rely on the data of muchiri_mpesa/tests/test_portal_tour.py: one sent quotation of the
+// These tours rely on the data of muchiri_mpesa/tests/test_portal.py (TestPortalTour): one sent quotation of the
 // portal user "distributor", payable with M-Pesa only, and a Daraja simulator that answers the
 // prompt after a couple of seconds (the outcome is chosen by the phone number).
 

@@ -1,6 +1,15 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
-from odoo.tests import JsonRpcException, tagged
+"""The distributor's side: paying from the portal, the payment status page, and the tour in a browser.
+"""
+from datetime import timedelta
+from unittest.mock import Mock
+
+from odoo import fields, http
+from odoo.modules import module
+from odoo.tests import TEST_CURSOR_COOKIE_NAME, JsonRpcException, tagged
 from odoo.tools import mute_logger
+
+from odoo.addons.muchiri_mpesa import const
 
 from .common import (
     PHONE_CALLBACK_EARLY,
@@ -183,3 +192,118 @@ class TestPortalPayment(MpesaCommon):
         self.assertEqual(self.simulator.pushes[-1].amount, 4502, "M-Pesa takes whole shillings, rounded up")
         self.assertEqual(tx.mpesa_requested_amount, 4502)
         self.assertEqual(tx.amount, 4502, "the transaction records what the phone is asked")
+
+
+@tagged('post_install', '-at_install')
+class TestPaymentStatusPage(MpesaCommon):
+    """Odoo's payment status page, which the distributor's browser polls."""
+
+    def test_the_status_page_settles_a_received_callback_at_once(self):
+        """The cron worker may be busy with other jobs: the distributor's page does not wait for it."""
+        values = self._start_portal_payment()
+        self._stk_push(values, PHONE_CALLBACK_LOST)
+        tx = self._get_tx(values['reference'])
+        self._answered(tx)
+        self._post_callback(self._body(tx), settle=False)
+        self.assertEqual(tx.state, 'pending')
+        status = self.make_jsonrpc_request(self._build_url('/payment/status/poll'), {})
+        self.assertEqual(status['state'], 'done')
+        self.env.invalidate_all()
+        self.assertEqual(tx.mpesa_receipt_number, 'SIM1234567')
+        self.assertEqual(self._queries(), 1)
+
+    def test_the_status_page_asks_about_a_late_callback_once_in_a_while(self):
+        values = self._start_portal_payment()
+        self._stk_push(values, PHONE_CALLBACK_LOST)
+        tx = self._get_tx(values['reference'])
+        self._answered(tx)
+        tx.write({'mpesa_push_sent_at': fields.Datetime.now() - timedelta(seconds=10),
+                  'mpesa_next_check_at': fields.Datetime.now() + timedelta(minutes=10)})
+        poll = self._build_url('/payment/status/poll')
+        self.assertEqual(self.make_jsonrpc_request(poll, {})['state'], 'pending', "young: its callback may come")
+        self.assertEqual(self._queries(), 0)
+        tx.write({'mpesa_push_sent_at': fields.Datetime.now() - timedelta(seconds=30),
+                  'mpesa_last_check_at': fields.Datetime.now() - timedelta(seconds=2)})
+        self.assertEqual(self.make_jsonrpc_request(poll, {})['state'], 'pending', "asked 2 s ago: not again")
+        self.assertEqual(self._queries(), 0)
+        tx.mpesa_last_check_at = fields.Datetime.now() - timedelta(seconds=15)
+        self.assertEqual(self.make_jsonrpc_request(poll, {})['state'], 'done', "the late callback's answer")
+        self.assertEqual(self._queries(), 1)
+        self.assertEqual(tx.mpesa_settled_by, 'query')
+
+
+@tagged('post_install', '-at_install')
+class TestPortalTour(MpesaCommon):
+    """The distributor pays a quotation on the portal, in a real browser: the tours are in
+    static/tests/tours/portal_payment_tour.js."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        # As the salesperson does: the distributor then follows it and finds it in /my/quotes.
+        cls.quotation.action_quotation_sent()
+
+    def setUp(self):
+        super().setUp()
+        # Long enough for the status page to show the pending state before the callback comes,
+        # even when the first render of the page compiles its templates (about 1.5 s here).
+        self.patch(self.simulator.settings, 'callback_delay', 3.0)
+
+    def check_test_cursor(self, operation):
+        """Let Daraja's callbacks in while the browser runs.
+
+        Once a tour starts, Odoo's test server refuses (400) every request without the browser's
+        test cookie; the simulator, like Daraja, sends none.  The callback is just another request
+        of this test: it is served under the same lock, on the same cursor.
+        """
+        request = http.request
+        if (
+            request and not isinstance(request, Mock)
+            and request.httprequest.path.startswith(('/payment/mpesa/callback/', const.LNM_PREFIX + '/'))
+            and not request.httprequest.cookies.get(TEST_CURSOR_COOKIE_NAME)
+            and self.http_request_key  # Not between two tests.
+            and module.current_test is self
+        ):
+            return
+        super().check_test_cursor(operation)
+
+    def _order_txs(self):
+        self.env.invalidate_all()
+        return self.quotation.transaction_ids.sudo()
+
+    def test_portal_payment_success(self):
+        with self._settling_in_background():
+            self.start_tour('/web/login', 'muchiri_mpesa_portal_pay_success', timeout=90)
+
+        txs = self._order_txs()
+        self.assertEqual(len(txs), 1, "the refused phone number made no transaction")
+        self.assertEqual(len(self.simulator.pushes), 1, "only one prompt reached Daraja")
+        self.assertEqual(txs.state, 'done')
+        self.assertEqual(txs.mpesa_phone, PHONE_SUCCESS)
+        self.assertTrue(txs.mpesa_receipt_number)
+        self.assertTrue(txs.is_post_processed, "the status page post-processed the transaction")
+        order = self.quotation
+        self.assertEqual(order.state, 'sale')
+        self.assertEqual(order.mpesa_payment_status, 'paid')
+        self.assertEqual(order.mpesa_receipt_number, txs.mpesa_receipt_number)
+        self.assertEqual(txs.payment_id.amount, 4500)
+
+    def test_portal_payment_cancelled(self):
+        with self._settling_in_background():
+            self.start_tour('/web/login', 'muchiri_mpesa_portal_pay_cancelled', timeout=90)
+
+        txs = self._order_txs()
+        self.assertEqual(len(txs), 1)
+        self.assertEqual(txs.state, 'cancel')
+        self.assertEqual(txs.mpesa_phone, PHONE_CANCELLED)
+        self.assertEqual(txs.mpesa_result_code, '1032')
+        self.assertFalse(txs.mpesa_receipt_number)
+        order = self.quotation
+        self.assertEqual(order.state, 'sent', "the order is still a quotation")
+        self.assertEqual(order.mpesa_payment_status, 'cancelled', "a customer's cancellation, no failure")
+        self.assertFalse(order.mpesa_receipt_number)
+
+    def test_portal_form_tells_the_whole_shillings(self):
+        self.quotation.order_line.price_unit = 1500.40  # 3 units: KES 4,501.20, the phone asks 4,502.
+        self.start_tour('/web/login', 'muchiri_mpesa_portal_whole_shillings', timeout=90)
+        self.assertFalse(self.quotation.transaction_ids, "only looked at: nothing was sent")
