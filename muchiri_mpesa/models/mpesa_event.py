@@ -384,7 +384,7 @@ class MpesaEvent(models.Model):
     @api.model
     def _mpesa_wake_unmatched(self, provider, checkout_request_id):
         """A transaction of `provider` now holds `checkout_request_id`: the callbacks that came
-        before it (failure mode 3) are due at once."""
+        before it are due at once (docs/design.md, 12. Failure modes and what handles each)."""
         waiting = self.sudo().search([
             ('kind', '=', 'stk_callback'), ('provider_id', '=', provider.id),
             ('checkout_request_id', '=', checkout_request_id), ('state', '=', 'unmatched'),

@@ -148,7 +148,7 @@ class PaymentTransaction(models.Model):
     # === CRUD METHODS === #
 
     def init(self):
-        """One payment, one transaction (failure mode 17), in the database itself.
+        """One payment, one transaction (docs/design.md, 2. Prompts and callbacks), in the database itself.
 
         Partial unique indexes: PostgreSQL lets no foreign key use them, so writing a receipt takes
         no row lock that would block the exchange log's own cursor (see _mpesa_lock).
@@ -569,7 +569,7 @@ class PaymentTransaction(models.Model):
         that racing callbacks and queries handle it one after the other.
 
         Scoped to the provider whose secret authenticated the callback: a callback on one
-        provider's path never touches another provider's transactions (failure mode 17).  And to
+        provider's path never touches another provider's transactions (docs/design.md, 6. URLs and callback sources).  And to
         prompts: a transaction that sent none (the ledger's, whose reference is its receipt; a
         refund, whose reference is its reversal's ConversationID) has no STK callback to take.
         """
