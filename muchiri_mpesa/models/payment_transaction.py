@@ -570,8 +570,9 @@ class PaymentTransaction(models.Model):
 
         Scoped to the provider whose secret authenticated the callback: a callback on one
         provider's path never touches another provider's transactions (docs/design.md, 6. URLs and
-        callback sources).  And to prompts: a transaction that sent none (the ledger's, whose reference is its receipt; a
-        refund, whose reference is its reversal's ConversationID) has no STK callback to take.
+        callback sources).  And to prompts: a transaction that sent none (the ledger's, whose
+        reference is its receipt; a refund, whose reference is its reversal's ConversationID) has
+        no STK callback to take.
         """
         if not (provider and checkout_request_id):
             return self.browse()
