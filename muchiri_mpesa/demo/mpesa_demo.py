@@ -1,10 +1,10 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 """What the demo data cannot say in XML: where the simulator and this Odoo are, and quotations that
-a restart must not reset.  Called by demo/mpesa_demo.xml only, so only on a database with demo data."""
+a restart must not reset.  Plain functions, called by demo/mpesa_demo.xml only (through the
+provider's `_mpesa_demo_*` methods), so only on a database with demo data."""
 import logging
 import os
 
-from odoo import api, models
 from odoo.fields import Command
 
 _logger = logging.getLogger(__name__)
@@ -36,68 +36,63 @@ def demo_setting(env, variable, parameter, default):
     ).strip().rstrip('/')
 
 
-class PaymentProvider(models.Model):
-    _inherit = 'payment.provider'
+def setup_provider(env):
+    """Point the M-Pesa provider at the local simulator, in test mode, published.
 
-    @api.model
-    def _mpesa_demo_setup(self):
-        """Point the M-Pesa provider at the local simulator, in test mode, published.
+    Runs at each load of the demo data, so that a restarted container picks up its URLs.  A
+    provider that went live (enabled) is never touched: only Safaricom may confirm its money.
+    """
+    provider = env.ref('muchiri_mpesa.payment_provider_mpesa')
+    if provider.state == 'enabled':
+        _logger.warning("M-Pesa demo data: %s is enabled; it stays as it is.", provider.name)
+        return
+    api_url = demo_setting(env, 'MPESA_DEMO_API_URL', 'muchiri_mpesa.demo_api_url', DEMO_API_URL)
+    # Empty: the web base URL (Odoo's own address as the browser last saw it).
+    callback_url = demo_setting(
+        env, 'MPESA_DEMO_CALLBACK_URL', 'muchiri_mpesa.demo_callback_base_url', '',
+    )
+    provider.write({
+        **DEMO_CREDENTIALS,
+        'state': 'test',
+        'is_published': True,
+        'mpesa_api_url': api_url,
+        'mpesa_callback_base_url': callback_url or False,
+        # The simulator posts from wherever it runs (another container, this machine).
+        'mpesa_ip_check': 'log',
+        # An order M-Pesa paid is invoiced and its payment reconciled, as the README shows;
+        # the shop's other providers are left as they are.
+        'mpesa_invoice_on_payment': True,
+    })
+    _logger.info("M-Pesa demo data: the provider talks to %s; callbacks go to %s.",
+                 api_url, provider._mpesa_callback_base_url())
 
-        Runs at each load of the demo data, so that a restarted container picks up its URLs.  A
-        provider that went live (enabled) is never touched: only Safaricom may confirm its money.
-        """
-        provider = self.env.ref('muchiri_mpesa.payment_provider_mpesa')
-        if provider.state == 'enabled':
-            _logger.warning("M-Pesa demo data: %s is enabled; it stays as it is.", provider.name)
-            return
-        api_url = demo_setting(self.env, 'MPESA_DEMO_API_URL', 'muchiri_mpesa.demo_api_url', DEMO_API_URL)
-        # Empty: the web base URL (Odoo's own address as the browser last saw it).
-        callback_url = demo_setting(
-            self.env, 'MPESA_DEMO_CALLBACK_URL', 'muchiri_mpesa.demo_callback_base_url', '',
-        )
-        provider.write({
-            **DEMO_CREDENTIALS,
-            'state': 'test',
-            'is_published': True,
-            'mpesa_api_url': api_url,
-            'mpesa_callback_base_url': callback_url or False,
-            # The simulator posts from wherever it runs (another container, this machine).
-            'mpesa_ip_check': 'log',
-            # An order M-Pesa paid is invoiced and its payment reconciled, as the README shows;
-            # the shop's other providers are left as they are.
-            'mpesa_invoice_on_payment': True,
+def create_quotations(env):
+    """The distributor's quotations, sent and ready to pay: created once, never reset (a paid
+    one stays paid when the module is loaded again)."""
+    IrModelData = env['ir.model.data']
+    partner = env.ref('muchiri_mpesa.demo_distributor_contact')
+    pricelist = env.ref('muchiri_mpesa.demo_pricelist_kes')
+    for name, lines in DEMO_QUOTATIONS:
+        if env.ref(f'muchiri_mpesa.{name}', raise_if_not_found=False):
+            continue
+        order = env['sale.order'].create({
+            'partner_id': partner.id,
+            'user_id': env.ref('base.user_admin').id,  # The distributor's contact at the warehouse.
+            'pricelist_id': pricelist.id,
+            'require_payment': True,
+            'require_signature': False,
+            'prepayment_percent': 1.0,
+            'order_line': [Command.create({
+                'product_id': env.ref(f'muchiri_mpesa.{product}').id,
+                'product_uom_qty': quantity,
+                'price_unit': price,
+                'tax_id': [Command.clear()],
+            }) for product, quantity, price in lines],
         })
-        _logger.info("M-Pesa demo data: the provider talks to %s; callbacks go to %s.",
-                     api_url, provider._mpesa_callback_base_url())
-
-    @api.model
-    def _mpesa_demo_quotations(self):
-        """The distributor's quotations, sent and ready to pay: created once, never reset (a paid
-        one stays paid when the module is loaded again)."""
-        IrModelData = self.env['ir.model.data']
-        partner = self.env.ref('muchiri_mpesa.demo_distributor_contact')
-        pricelist = self.env.ref('muchiri_mpesa.demo_pricelist_kes')
-        for name, lines in DEMO_QUOTATIONS:
-            if self.env.ref(f'muchiri_mpesa.{name}', raise_if_not_found=False):
-                continue
-            order = self.env['sale.order'].create({
-                'partner_id': partner.id,
-                'user_id': self.env.ref('base.user_admin').id,  # The distributor's contact at the warehouse.
-                'pricelist_id': pricelist.id,
-                'require_payment': True,
-                'require_signature': False,
-                'prepayment_percent': 1.0,
-                'order_line': [Command.create({
-                    'product_id': self.env.ref(f'muchiri_mpesa.{product}').id,
-                    'product_uom_qty': quantity,
-                    'price_unit': price,
-                    'tax_id': [Command.clear()],
-                }) for product, quantity, price in lines],
-            })
-            # Sent, with the distributor following it: listed under the portal's Quotations.
-            order.message_subscribe(partner_ids=partner.ids)
-            order.state = 'sent'
-            IrModelData.create({
-                'module': 'muchiri_mpesa',
-                'name': name, 'model': 'sale.order', 'res_id': order.id, 'noupdate': True,
-            })
+        # Sent, with the distributor following it: listed under the portal's Quotations.
+        order.message_subscribe(partner_ids=partner.ids)
+        order.state = 'sent'
+        IrModelData.create({
+            'module': 'muchiri_mpesa',
+            'name': name, 'model': 'sale.order', 'res_id': order.id, 'noupdate': True,
+        })

@@ -23,6 +23,7 @@ from odoo.tools.misc import formatLang
 from odoo.addons.payment import utils as payment_utils
 
 from .. import const, daraja
+from ..demo import mpesa_demo
 from ..utils import as_pem, aware, commit, kenya_text, reference_key
 from .mpesa_token import DatabaseTokenStore
 
@@ -1272,6 +1273,16 @@ class PaymentProvider(models.Model):
                 record.message_post(body=self.env._("%(note)s  It reverses %(payment)s (refund %(refund)s).",
                                                     note=note, payment=payment.mpesa_receipt_number or '-',
                                                     refund=refund.reference))
+
+    # === DEMO DATA (demo/mpesa_demo.xml calls these, on a database with demo data only) === #
+
+    @api.model
+    def _mpesa_demo_setup(self):
+        mpesa_demo.setup_provider(self.env)
+
+    @api.model
+    def _mpesa_demo_quotations(self):
+        mpesa_demo.create_quotations(self.env)
 
 
 def _new_callback_secret():
