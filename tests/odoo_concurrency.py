@@ -1246,9 +1246,8 @@ class Harness:
     @staticmethod
     def inbound_events(env, bodies: list[bytes]) -> list[tuple[str, str, str]]:
         """(state, source address, body) of every exchange that kept one of these bodies (a callback or a C2B
-        confirmation).  The scenario's only SQL on muchiri_mpesa_event: the state column is named here alone."""
-        state = "callback_state" if "callback_state" in env["muchiri.mpesa.event"]._fields else "state"
-        env.cr.execute(f"SELECT {state}, remote_addr, request_body FROM muchiri_mpesa_event"
+        confirmation).  The scenario's only SQL on muchiri_mpesa_event."""
+        env.cr.execute("SELECT state, remote_addr, request_body FROM muchiri_mpesa_event"
                        " WHERE request_body = ANY(%s) ORDER BY id", [[body.decode() for body in bodies]])
         return env.cr.fetchall()
 
