@@ -83,6 +83,7 @@ class MpesaController(http.Controller):
         Daraja is calling us.
         """
         kind, initiator_api = _route_kind(request.httprequest.path)
+        _logger.debug("M-Pesa %s received.", kind)  # With the SQL log: what the intake itself costs.
         provider_sudo = request.env['payment.provider'].sudo()._mpesa_find_by_secret(secret)
         if not provider_sudo:
             _logger.warning("M-Pesa %s on an unknown secret path was refused.", kind)
@@ -91,6 +92,7 @@ class MpesaController(http.Controller):
             provider_sudo, kind, request.httprequest.get_data(cache=True), request.httprequest.remote_addr,
             initiator_api=initiator_api,
         )
+        _logger.debug("M-Pesa %s answered %s.", kind, status)
         return request.make_json_response(answer, status=status)
 
 
