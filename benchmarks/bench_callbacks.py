@@ -469,7 +469,8 @@ def main() -> int:
     print(f"health latency:            {ms([h[1] for h in in_burst])}")
     if sql:
         print(f"SQL queries per callback:  mean {statistics.fmean(sql):.1f}, median {statistics.median(sql):.0f}, "
-              f"max {max(sql)} ({len(callback_lines)} callback lines in the access log; goal <= {SQL_GOAL})")
+              f"max {max(sql)} ({len(callback_lines)} callback lines in the access log; goal <= {SQL_GOAL}"
+              f"{'' if args.log_sql else '; --log-sql splits them: Odoo and the addon'})")
     else:
         print("SQL queries per callback:  - (no callback line with perf figures in the access log)")
     health_sql = [line.queries for line in health_lines if line.queries is not None]
