@@ -11,7 +11,10 @@ time.  It prints:
   The ratio is taken from the worker time each request cost (Odoo's access log); the wall-clock ratio is printed
   too, but both kinds of clients take turns on Odoo's one accept queue, so it mostly follows the thread counts;
 - p50 / p95 latency of the callbacks (and of the health requests);
-- SQL queries per callback, from Odoo's access log (its three perf figures per request);
+- SQL queries per callback, from Odoo's access log (its three perf figures per request); with --log-sql, each
+  statement of the last callback, split into Odoo's own request (before and after the route's method) and the
+  addon's (between the controller's two debug lines), and that split for every callback (Odoo's SQL log slows
+  the workers: take the throughput figures from a run without it, and a small --n is enough);
 - the time from each callback to its transaction's `done`, read from the database (polled every 50 ms) until
   all N are done or --settle-timeout: the cron worker settles them when the route wakes it
   (muchiri_mpesa.cron_mpesa_settle_callbacks);
@@ -25,7 +28,7 @@ scripts/odoo-tests (PGHOST, PGPORT, ODOO_DB_USER, ODOO_DB_PASSWORD):
 
     python3 benchmarks/bench_callbacks.py [--n 300] [--db muchiri_mpesa_bench_callbacks] [--threads 8]
                                           [--health-threads 8] [--query-delay 0] [--settle-timeout 300]
-                                          [--timeout 1200] [--no-install]
+                                          [--timeout 1200] [--no-install] [--log-sql]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import json
 import logging
 import os
 import queue
+import re
 import statistics
 import sys
 import threading
@@ -176,6 +180,71 @@ class DonePoller(threading.Thread):
 
 # === FIGURES === #
 
+_LOG_RECORD = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<pid>\d+) \w+ \S+ (?P<logger>\S+): (?P<message>.*)$")
+_QUERY_PREFIX = re.compile(r"^\[[^\]]*\] query:\s*")
+_INTAKE_LOGGER = "odoo.addons.muchiri_mpesa.controllers.main"  # its debug lines bracket the addon's statements
+
+
+@dataclass
+class CallbackStatements:
+    """The SQL statements one callback request ran, from Odoo's SQL log: Odoo's own and the addon's."""
+
+    odoo: list[str] = field(default_factory=list)
+    addon: list[str] = field(default_factory=list)
+
+
+def callback_statements(text: str) -> list[CallbackStatements]:
+    """The statements of each callback request in a piece of a log written with --log-sql, in order.
+
+    A worker serves one request at a time: its statements since its previous access line are the request's.
+    The controller's debug lines ("... received", "... answered") mark where the addon's part begins and ends.
+    """
+    pending: dict[int, tuple[CallbackStatements, list[str]]] = {}  # pid -> (statements, the list being filled)
+    last: list[str] | None = None  # the statement a continuation line belongs to
+    found = []
+    for line in text.splitlines():
+        match = _LOG_RECORD.match(line)
+        if not match:
+            if last is not None:
+                last[-1] += "\n" + line
+            continue
+        last = None
+        pid, logger, message = int(match["pid"]), match["logger"], match["message"].rstrip()
+        if pid not in pending:
+            fresh = CallbackStatements()
+            pending[pid] = (fresh, fresh.odoo)
+        statements, filling = pending[pid]
+        if logger == "odoo.sql_db" and "query:" in message:
+            filling.append(_QUERY_PREFIX.sub("", message, count=1))
+            last = filling
+        elif logger == _INTAKE_LOGGER and message.endswith(" received."):
+            pending[pid] = (statements, statements.addon)
+        elif logger == _INTAKE_LOGGER and " answered " in message:
+            pending[pid] = (statements, statements.odoo)
+        elif logger == "werkzeug":
+            access = odoo_prefork.parse_access_line(line)
+            if access is not None and access.path.startswith("/payment/lnm/"):
+                found.append(statements)
+            del pending[pid]
+    return found
+
+
+def print_statements(calls: list[CallbackStatements]) -> None:
+    if not calls:
+        print("SQL statements:            - (no callback in Odoo's SQL log)")
+        return
+    odoo_counts, addon_counts = [len(c.odoo) for c in calls], [len(c.addon) for c in calls]
+    print(f"SQL statements per callback, from Odoo's SQL log ({len(calls)} callbacks): Odoo's request mean "
+          f"{statistics.fmean(odoo_counts):.1f} (min {min(odoo_counts)}), the addon's mean "
+          f"{statistics.fmean(addon_counts):.1f} (min {min(addon_counts)}); total goal <= {SQL_GOAL}")
+    print("the last callback's statements:")
+    for part, statements in (("odoo ", calls[-1].odoo), ("addon", calls[-1].addon)):
+        for number, statement in enumerate(statements, 1):
+            text = " ".join(statement.split())
+            print(f"  {part} {number:2d}. {text[:300]}{' ...' if len(text) > 300 else ''}")
+
+
 def percentile(values: list[float], share: float) -> float:
     """Nearest-rank percentile (share 0.5 = median); 0 for no values."""
     if not values:
@@ -304,6 +373,8 @@ def main() -> int:
                         help="seconds to wait, after the burst, for every transaction to be done")
     parser.add_argument("--timeout", type=float, default=1200.0, help="hard limit of the whole run, in seconds")
     parser.add_argument("--no-install", action="store_true", help="reuse the database as it is")
+    parser.add_argument("--log-sql", action="store_true",
+                        help="log Odoo's SQL and print each statement of a callback (slower: use a small --n)")
     args = parser.parse_args()
     hard_timeout(args.timeout)
 
@@ -322,7 +393,8 @@ def main() -> int:
 
     with DarajaSimulator(consumer_key=KEY, consumer_secret=SECRET, shortcode=SHORTCODE, passkey=PASSKEY,
                          callback_delay=0, callback_retry_delays=(), max_records=10 * args.n + 1000) as sim:
-        server = _server = odoo_prefork.PreforkOdoo(args.db, workers=2, max_cron_threads=1)
+        extra_args = ["--log-sql", f"--log-handler={_INTAKE_LOGGER}:DEBUG"] if args.log_sql else []
+        server = _server = odoo_prefork.PreforkOdoo(args.db, workers=2, max_cron_threads=1, extra_args=extra_args)
         deliveries, callback_path = create_transactions(odoo, args.db, sim, args.n, server.base_url)
         tx_ids = [d.tx_id for d in deliveries]
         print(f"{args.n} pending transactions; starting Odoo (log: {server.log_path}) ...", flush=True)
@@ -356,6 +428,7 @@ def main() -> int:
             settle_ended = time.monotonic()
             stk_queries = len(sim.requests_for("stk_query")) - queries_before
             log_lines = server.access_log(mark)
+            statements = callback_statements(server.log_since(mark)) if args.log_sql else None
             errors = server.error_lines(mark)
         _server = None
         sources, events = settled_by(args.db, odoo, tx_ids)
@@ -396,12 +469,15 @@ def main() -> int:
     print(f"health latency:            {ms([h[1] for h in in_burst])}")
     if sql:
         print(f"SQL queries per callback:  mean {statistics.fmean(sql):.1f}, median {statistics.median(sql):.0f}, "
-              f"max {max(sql)} ({len(callback_lines)} callback lines in the access log; goal <= {SQL_GOAL})")
+              f"max {max(sql)} ({len(callback_lines)} callback lines in the access log; goal <= {SQL_GOAL}"
+              f"{'' if args.log_sql else '; --log-sql splits them: Odoo and the addon'})")
     else:
         print("SQL queries per callback:  - (no callback line with perf figures in the access log)")
     health_sql = [line.queries for line in health_lines if line.queries is not None]
     if health_sql:
         print(f"SQL queries per health:    mean {statistics.fmean(health_sql):.1f}")
+    if statements is not None:
+        print_statements(statements)
     print(f"callback to done:          {ms(to_done)} (polled every {POLL_INTERVAL * 1000:.0f} ms); "
           f"{len(to_done)} of {args.n} done {settle_ended - burst_started:.1f} s after the burst began")
     print(f"settled by:                {dict(sources)}; callback events {dict(events)}; STK queries {stk_queries}"

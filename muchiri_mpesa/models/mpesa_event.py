@@ -9,6 +9,7 @@ from psycopg2.errors import DeadlockDetected, LockNotAvailable, SerializationFai
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError
+from odoo.tools import SQL
 
 from .. import const, daraja, utils
 
@@ -193,7 +194,7 @@ class MpesaEvent(models.Model):
             # The bytes in hand: the commit that kept them emptied the cache, they are not read again.
             event = event.with_context(mpesa_raw_body=(event.id, bytes(raw_body or b'')))
             try:
-                status, answer = event._mpesa_handle_inbound(started=started)
+                status, answer = event._mpesa_handle_inbound(started=started, provider=provider)
             except Exception:  # The body is kept: never a 5xx.
                 _logger.warning("M-Pesa %s %s could not be handled now; it is kept.", kind, event.id, exc_info=True)
                 event.env.cr.rollback()  # Back to the kept body, committed: the settlement job takes it.
@@ -222,11 +223,48 @@ class MpesaEvent(models.Model):
 
         :return: the event, 'received'
         """
+        return self._mpesa_insert(self._mpesa_keep_values(provider, kind, raw_body, remote_addr, initiator_api))
+
+    @api.model
+    def _mpesa_keep_values(self, provider, kind, raw_body, remote_addr, initiator_api=False):
         values = self._mpesa_inbound_values(provider, kind, raw_body, remote_addr)
         values['initiator_api'] = initiator_api
         if kind == 'stk_callback':  # Its request admits it; the job only once the request is past.
             values['next_attempt_at'] = fields.Datetime.now() + ADMISSION_GRACE
-        return self.create(values)
+        return values
+
+    @api.model
+    def _mpesa_insert(self, values):
+        """The event of `values` (stored fields only), inserted by one INSERT ... RETURNING.
+
+        Not the ORM's create: on the fresh cursor of a callback it also reads the user (the company
+        of its defaults lookup) and asks the database for its clock, two statements more on every
+        callback.  This model has nothing else for create to do: no default, constraint, stored
+        computed field or create override.  The values are converted as the ORM converts them.
+
+        :param dict values: completed here with the log access fields (the row, as inserted)
+        """
+        now = fields.Datetime.now()
+        values.update(create_uid=self.env.uid, write_uid=self.env.uid, create_date=now, write_date=now)
+        names = list(values)
+        self.env.cr.execute(SQL(
+            "INSERT INTO %s (%s) VALUES (%s) RETURNING id",
+            SQL.identifier(self._table),
+            SQL(", ").join(map(SQL.identifier, names)),
+            SQL(", ").join(self._fields[name].convert_to_column_insert(values[name], self, values) for name in names),
+        ))
+        event = self.browse(self.env.cr.fetchone()[0])
+        event._mpesa_cache_row(values)
+        return event
+
+    def _mpesa_cache_row(self, values):
+        """Put this new event's row, inserted with `values`, in the cache as the ORM's create does:
+        the commit that keeps it empties the cache, and the row is known without reading it."""
+        self.ensure_one()
+        record = self.with_context(bin_size=False)
+        for name, field in self._fields.items():
+            if name != 'id' and field.store and field.column_type and (name in values or not field.compute):
+                self.env.cache.set(record, field, field.convert_to_cache(values.get(name), record))
 
     @api.model
     @contextlib.contextmanager
@@ -240,8 +278,12 @@ class MpesaEvent(models.Model):
         """
         with self.env.registry.cursor() as cr:
             env = self.env(cr=cr, su=True)
-            event = env[self._name]._mpesa_keep(provider.with_env(env), kind, raw_body, remote_addr, initiator_api)
+            Event = env[self._name]
+            values = Event._mpesa_keep_values(provider.with_env(env), kind, raw_body, remote_addr, initiator_api)
+            event = Event._mpesa_insert(values)
             cr.commit()  # pylint: disable=invalid-commit
+            # The row is what was just inserted and committed: it is not read back.
+            event._mpesa_cache_row(values)
             yield event
 
     def _mpesa_raw_body(self):
@@ -253,12 +295,13 @@ class MpesaEvent(models.Model):
         raw = self.sudo().with_context(bin_size=False).raw_body
         return base64.b64decode(raw) if raw else (self.request_body or '').encode()
 
-    def _mpesa_handle_inbound(self, own_transaction=True, started=None):
+    def _mpesa_handle_inbound(self, own_transaction=True, started=None, provider=None):
         """Admit this kept body and wake the settlement job when it waits for it.
 
         :param bool own_transaction: whether the caller's database transaction holds nothing but
             this handling (the route's cursor of `_mpesa_keep_inbound`): a concurrency error is
             then retried at once on a fresh transaction; otherwise it is raised
+        :param provider: the body's provider as the caller read it (see `_mpesa_admit`)
         :return: the HTTP status and the JSON body that answer Daraja
         :rtype: tuple[int, dict]
         """
@@ -269,7 +312,7 @@ class MpesaEvent(models.Model):
                 # The route's own transaction holds nothing but the kept body, committed: a failure
                 # rolls back to it (see _mpesa_receive), and no savepoint is needed.
                 with contextlib.nullcontext() if own_transaction else self.env.cr.savepoint():
-                    status, answer = self._mpesa_admit()
+                    status, answer = self._mpesa_admit(provider)
                     # Written with the admission's own UPDATE: one statement for the whole intake.
                     self.write({
                         'http_status': status,
@@ -289,17 +332,21 @@ class MpesaEvent(models.Model):
             self._mpesa_wake_settlement()
         return status, answer
 
-    def _mpesa_admit(self):
+    def _mpesa_admit(self, provider=None):
         """Source check, then the kind's handler (parse, record or match).  Run by the request, or
         by the job for a body whose request died after keeping it.  A refused body is marked
         rejected here, and only here.
 
+        :param provider: the body's provider (its `provider_id`) as the request read it when its
+            secret path named it: checked as read then, not read again on the body's cursor
         :return: the HTTP status and the JSON body that answer Daraja
         """
         self.ensure_one()
         inbound = INBOUND_KINDS[self.kind]
+        if not (provider and provider.id == self.provider_id.id):
+            provider = self.provider_id
         try:
-            if not self.provider_id._mpesa_is_allowed_source(self.remote_addr):
+            if not provider._mpesa_is_allowed_source(self.remote_addr):
                 raise InboundRefusal(403, dict(inbound['refusal']),
                                      self.env._("The source address %s is not allowed.", self.remote_addr))
             return getattr(self, inbound['handler'])()
