@@ -84,13 +84,7 @@ class MpesaController(http.Controller):
         """
         kind, initiator_api = _route_kind(request.httprequest.path)
         _logger.debug("M-Pesa %s received.", kind)  # With the SQL log: what the intake itself costs.
-        Provider = request.env['payment.provider'].sudo()
-        # What the intake reads of a provider (its secret, its source check) in one narrow query,
-        # rather than every column of the table: _mpesa_find_by_secret finds it in the cache.
-        Provider.with_context(active_test=False).search_fetch(
-            [('code', '=', 'mpesa')], ['mpesa_callback_secret', 'mpesa_ip_check', 'mpesa_allowed_ips'],
-        )
-        provider_sudo = Provider._mpesa_find_by_secret(secret)
+        provider_sudo = request.env['payment.provider'].sudo()._mpesa_find_by_secret(secret)
         if not provider_sudo:
             _logger.warning("M-Pesa %s on an unknown secret path was refused.", kind)
             raise NotFound()

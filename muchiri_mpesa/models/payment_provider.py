@@ -691,9 +691,14 @@ class PaymentProvider(models.Model):
     def _mpesa_find_by_secret(self, secret):
         """The M-Pesa provider (sudo) whose callback secret is `secret`, enabled or not: a disabled
         provider's prompts still get their answers.  Compared in constant time, as bytes, so that
-        any text in the path is just a wrong secret."""
+        any text in the path is just a wrong secret.
+
+        One narrow query (the secret and what the source check reads), not every column: every
+        inbound body pays for it (docs/design.md, 6. URLs and callback sources)."""
         given = (secret or '').encode('utf-8', errors='surrogateescape')
-        providers = self.sudo().with_context(active_test=False).search([('code', '=', 'mpesa')])
+        providers = self.sudo().with_context(active_test=False).search_fetch(
+            [('code', '=', 'mpesa')], ['mpesa_callback_secret', 'mpesa_ip_check', 'mpesa_allowed_ips'],
+        )
         for provider in providers:
             expected = (provider.mpesa_callback_secret or '').encode()
             if expected and hmac.compare_digest(expected, given):
