@@ -5,6 +5,7 @@ import logging
 import time
 from datetime import timedelta
 
+import requests
 from psycopg2.errors import DeadlockDetected, LockNotAvailable, SerializationFailure
 
 from odoo import api, fields, models
@@ -440,9 +441,9 @@ class MpesaEvent(models.Model):
             waiting.next_attempt_at = False
             self._mpesa_wake_settlement()
 
-    def _mpesa_settle_stk_callback(self, answers):
-        """Confirm the callback by STK Query (one per prompt and run: `answers`) and settle its
-        transaction under the transaction's row lock."""
+    def _mpesa_settle_stk_callback(self, answers, session=None):
+        """Confirm the callback by STK Query (one per prompt and run: `answers`, on the run's
+        `session`) and settle its transaction under the transaction's row lock."""
         callback = self._mpesa_parse()
         tx = self._mpesa_match(lock=True)
         if not tx:
@@ -450,7 +451,7 @@ class MpesaEvent(models.Model):
                 'unmatched', self.env._("No transaction of this provider has this CheckoutRequestID yet."),
             )
             return 'wait'
-        state, message = tx._mpesa_apply_callback(callback, answers)
+        state, message = tx._mpesa_apply_callback(callback, answers, session=session)
         if state in const.CALLBACK_FINAL_STATES:
             self._mark(state, message)
             return 'done'
@@ -535,7 +536,7 @@ class MpesaEvent(models.Model):
             self._mpesa_wake_post_processing()
         return 200, dict(daraja.C2B_CONFIRMATION_ACK)
 
-    def _mpesa_settle_c2b_confirmation(self, _answers):
+    def _mpesa_settle_c2b_confirmation(self, _answers, _session=None):
         """A confirmation whose request died (or failed) before it recorded it: handled as the
         request would have, source check included."""
         if self.state not in ('received', 'error'):
@@ -662,7 +663,7 @@ class MpesaEvent(models.Model):
         ])
         waiting.next_attempt_at = False
 
-    def _mpesa_settle_initiator_result(self, _answers):
+    def _mpesa_settle_initiator_result(self, _answers, _session=None):
         """Settle the result under its transaction's (or ledger row's) lock."""
         result = self._mpesa_parse_initiator()
         tx = self._mpesa_match_initiator(lock=True)
@@ -744,28 +745,33 @@ class MpesaEvent(models.Model):
         without waiting for the invoices.
         """
         answers = {}  # (provider id, CheckoutRequestID) -> the STK Query's answer in this run
+        # One connection to Daraja for the whole run, not a new one for each query.
+        session = requests.Session()
         settled = 0
         stopped = False
         deadline = time.monotonic() + const.SETTLE_RUN_SECONDS
         tried = set()
         # Until nothing is due: a body kept while the run works is taken by this run, since its
         # wake-up may find the run's own trigger still due (see _mpesa_wake_settlement).
-        while not stopped and time.monotonic() < deadline:
-            domain = self._mpesa_due_domain(kinds)
-            if tried:
-                domain.append(('id', 'not in', list(tried)))
-            events = self.sudo().search(domain, order='id', limit=batch_size)
-            if not events:
-                break
-            tried.update(events.ids)
-            for event in events:
-                outcome = event._mpesa_settle(answers)
-                utils.commit(self.env)
-                settled += outcome == 'done'
-                # Past the run's time, the rest waits for the next run: never Odoo's cron time limit.
-                if outcome == 'stop' or time.monotonic() >= deadline:
-                    stopped = outcome == 'stop'
+        try:
+            while not stopped and time.monotonic() < deadline:
+                domain = self._mpesa_due_domain(kinds)
+                if tried:
+                    domain.append(('id', 'not in', list(tried)))
+                events = self.sudo().search(domain, order='id', limit=batch_size)
+                if not events:
                     break
+                tried.update(events.ids)
+                for event in events:
+                    outcome = event._mpesa_settle(answers, session)
+                    utils.commit(self.env)
+                    settled += outcome == 'done'
+                    # Past the run's time, the rest waits for the next run: never Odoo's cron time limit.
+                    if outcome == 'stop' or time.monotonic() >= deadline:
+                        stopped = outcome == 'stop'
+                        break
+        finally:
+            session.close()
         if settled:
             # Confirming, invoicing and mailing (a PDF each) are Odoo's post-processing job's, run
             # next: a burst of payments turns done at once, and the invoices follow.
@@ -781,8 +787,8 @@ class MpesaEvent(models.Model):
         initiator job settles them before it sends its queries)."""
         return self._cron_mpesa_settle_callbacks(batch_size, kinds=INITIATOR_KINDS)
 
-    def _mpesa_settle(self, answers):
-        """Take one kept body as far as it can go now.
+    def _mpesa_settle(self, answers, session=None):
+        """Take one kept body as far as it can go now (its STK Query on the run's `session`).
 
         :return: 'done' (a final state), 'wait' (kept for later) or 'stop' (Daraja throttles us or
                  cannot be reached: end the run)
@@ -790,7 +796,7 @@ class MpesaEvent(models.Model):
         self.ensure_one()
         try:
             with self.env.cr.savepoint():
-                return self._mpesa_settle_locked(answers)
+                return self._mpesa_settle_locked(answers, session)
         except CONCURRENCY_ERRORS:
             return 'wait'  # A concurrent worker has it: the next run sees the result.
         except (daraja.DarajaConnectionError, daraja.DarajaProtocolError) as error:
@@ -806,7 +812,7 @@ class MpesaEvent(models.Model):
             self._mpesa_retry_later('error', str(error))
             return 'wait'
 
-    def _mpesa_settle_locked(self, answers):
+    def _mpesa_settle_locked(self, answers, session=None):
         if not utils.lock_rows(self, how='skip'):
             return 'wait'  # Another run has it.
         if self.state not in const.CALLBACK_WAITING_STATES:
@@ -815,7 +821,7 @@ class MpesaEvent(models.Model):
         if self.kind != 'c2b_confirmation' and self.state == 'received' and self._mpesa_admit()[0] != 200:
             return 'done'  # Its request died before admitting it; refused now, as it would have been.
         try:
-            return getattr(self, inbound['settle'])(answers)
+            return getattr(self, inbound['settle'])(answers, session)
         except InboundRefusal as refusal:
             self._mpesa_refuse(refusal)
             return 'done'

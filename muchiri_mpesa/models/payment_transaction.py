@@ -721,7 +721,7 @@ class PaymentTransaction(models.Model):
 
     # === BUSINESS METHODS - CALLBACKS === #
 
-    def _mpesa_apply_callback(self, callback, answers):
+    def _mpesa_apply_callback(self, callback, answers, session=None):
         """Apply a kept callback to this (locked) transaction, after the checks a forged one fails.
 
         Daraja does not sign callbacks: its answer to our own STK Query decides.  `answers` holds
@@ -745,7 +745,7 @@ class PaymentTransaction(models.Model):
         query = None
         if confirmed:
             key = (self.provider_id.id, self.provider_reference)
-            query = answers.get(key) or self._mpesa_query()
+            query = answers.get(key) or self._mpesa_query(session=session)
             answers[key] = query
             if query.outcome == PENDING:
                 return 'queued', self.env._("Daraja has not confirmed this result yet.")
