@@ -1070,7 +1070,7 @@ class Harness:
         with self.env() as env:
             txs = env["payment.transaction"].browse(tx_ids)
             env.cr.execute("SELECT request_body, count(*) FROM muchiri_mpesa_event"
-                           " WHERE kind = 'callback' AND request_body = ANY(%s) GROUP BY request_body",
+                           " WHERE kind = 'stk_callback' AND request_body = ANY(%s) GROUP BY request_body",
                            [[body.decode() for body in bodies]])
             kept = dict(env.cr.fetchall())
             payments = Counter(env["account.payment"].search([("payment_transaction_id", "in", tx_ids)])
