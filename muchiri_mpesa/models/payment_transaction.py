@@ -1230,11 +1230,6 @@ class PaymentTransaction(models.Model):
     def _mpesa_schedule_next_check(self, seconds):
         self.mpesa_next_check_at = fields.Datetime.now() + timedelta(seconds=seconds)
 
-    @api.model
-    def _mpesa_commit(self):
-        """`utils.commit`, for the callers that still name it on the model."""
-        utils.commit(self.env)
-
     # === BUSINESS METHODS - STK PROMPTS IN THE LEDGER === #
 
     def _mpesa_ledger_record_stk(self):
