@@ -90,6 +90,8 @@ def test_a_till_pays_after_the_callback_delay(daraja_sim, callback_listener, dar
     record = daraja_sim.b2b_checkout(ack.request_id)
     assert record["transactionId"] == result.transaction_id and record["result_posted"]
     assert callback_listener.wait_for(1)[0].json() == delivery.body
+    shown = requests.get(f"{daraja_sim.base_url}/__sim__/state", timeout=5).json()["b2b_checkouts"]
+    assert [c["RequestRefID"] for c in shown] == [ack.request_id] and shown[0]["transactionId"] == payment.receipt
 
 
 def test_a_till_cancels(daraja_sim, callback_listener, daraja_client):

@@ -724,6 +724,10 @@ class DarajaSimulator:
                     for d in state.deliveries
                     if d.kind != STK_CALLBACK
                 ],
+                "b2b_checkouts": [
+                    {key: value for key, value in record.items() if key != "result_at"}
+                    for record in state.b2b_checkouts.values()
+                ],
                 "payments": [
                     {
                         "receipt": p.receipt,
