@@ -295,6 +295,8 @@ def test_transaction_status_by_the_request_that_made_the_payment() -> None:
     both = _status_payload(original_conversation_id=SUCCESS["requestId"], transaction_id="RDQ01NFT1Q")
     assert (both["TransactionID"], both["OriginalConversationID"]) == ("RDQ01NFT1Q", SUCCESS["requestId"])
     assert "OriginalConversationID" not in _status_payload(transaction_id="RDQ01NFT1Q")
+    by_conversation = _status_payload(original_conversation_id=SUCCESS["conversationID"])
+    assert by_conversation["OriginalConversationID"] == "AG_20230426_2010434680d9f5a73766"
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -48,7 +48,7 @@ PARTNER_NAME_MAX = 100
 _SHORTCODE = re.compile(r"[0-9]{5,7}")  # a till or paybill number, as ShortcodeConfig takes it
 _PAYMENT_REF = re.compile(rf"[A-Za-z0-9-]{{1,{PAYMENT_REF_MAX}}}")
 _RECEIPT = re.compile(r"[A-Za-z0-9]{4,32}")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 _WHAT = "B2B checkout result"
 
 

@@ -71,7 +71,7 @@ IDENTIFIER_SHORTCODE = "4"
 REMARKS_MIN, REMARKS_MAX, OCCASION_MAX = 2, 100, 100
 _PARTY = re.compile(r"[0-9]{5,12}")
 _TRANSACTION_ID = re.compile(r"[A-Za-z0-9]{4,32}")
-_CONVERSATION_ID = re.compile(r"[A-Za-z0-9._:-]{4,100}")  # a RequestRefID (UUID), an AG_... ConversationID
+_CONVERSATION_ID = re.compile(r"[A-Za-z0-9_.:-]{4,100}")  # a RequestRefID (UUID), an AG_... ConversationID
 _MAX_PARAMETERS = 100
 _WHAT = "initiator result"
 

@@ -69,7 +69,7 @@ MAGIC_REMARKS: dict[str, str] = {"SIM-NO-RESULT": NO_RESULT, "SIM-QUEUE-TIMEOUT"
 OUTCOMES = (NO_RESULT, QUEUE_TIMEOUT)
 
 _TRANSACTION_ID = re.compile(r"[A-Za-z0-9]{4,32}")
-_CONVERSATION_ID = re.compile(r"[A-Za-z0-9._:-]{4,100}")
+_CONVERSATION_ID = re.compile(r"[A-Za-z0-9_.:-]{4,100}")
 
 
 _DEBIT_ACCOUNT = {"reversal": "Utility Account", "b2b": "Merchant Account"}
