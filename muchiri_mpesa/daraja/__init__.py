@@ -7,6 +7,13 @@ Payload shapes, passwords, timestamps and the meaning of Daraja's codes live her
 
 from __future__ import annotations
 
+from .b2b import (
+    B2B_CHECKOUT_PATH,
+    B2BCheckoutAck,
+    B2BCheckoutRequest,
+    B2BCheckoutResult,
+    parse_b2b_checkout_result,
+)
 from .c2b import (
     C2B_CONFIRMATION_ACK,
     RESPONSE_CANCELLED,
@@ -33,6 +40,13 @@ from .client import (
 )
 from .codes import (
     ALREADY_REVERSED_CODE,
+    B2B_CANCELLED_CODE,
+    B2B_KYC_FAILED_CODE,
+    B2B_NO_NOMINATED_NUMBER_CODE,
+    B2B_RESULT_CODES,
+    B2B_RETRYABLE_CODES,
+    B2B_USSD_ERROR_CODE,
+    B2B_USSD_NETWORK_ERROR_CODE,
     C2B_INVALID_ACCOUNT,
     C2B_INVALID_AMOUNT,
     C2B_INVALID_KYC,
@@ -49,6 +63,7 @@ from .codes import (
     ApiErrorCode,
     Outcome,
     ResultCode,
+    classify_b2b_result,
     classify_result,
     describe_api_error,
     describe_initiator_result,
@@ -117,6 +132,14 @@ from .urls import check_daraja_url
 __all__ = [
     "ACCEPTED_RESPONSE",
     "ALREADY_REVERSED_CODE",
+    "B2B_CANCELLED_CODE",
+    "B2B_CHECKOUT_PATH",
+    "B2B_KYC_FAILED_CODE",
+    "B2B_NO_NOMINATED_NUMBER_CODE",
+    "B2B_RESULT_CODES",
+    "B2B_RETRYABLE_CODES",
+    "B2B_USSD_ERROR_CODE",
+    "B2B_USSD_NETWORK_ERROR_CODE",
     "C2B_CONFIRMATION_ACK",
     "C2B_INVALID_ACCOUNT",
     "C2B_INVALID_AMOUNT",
@@ -150,6 +173,9 @@ __all__ = [
     "UNKNOWN_TRANSACTION_CODES",
     "AccessToken",
     "ApiErrorCode",
+    "B2BCheckoutAck",
+    "B2BCheckoutRequest",
+    "B2BCheckoutResult",
     "C2BPayment",
     "C2BRegistration",
     "CallbackParseError",
@@ -188,6 +214,7 @@ __all__ = [
     "certificate_summary",
     "check_amount",
     "check_daraja_url",
+    "classify_b2b_result",
     "classify_result",
     "describe_api_error",
     "describe_initiator_result",
@@ -195,6 +222,7 @@ __all__ = [
     "is_being_processed",
     "mask_msisdn",
     "normalize_msisdn",
+    "parse_b2b_checkout_result",
     "parse_c2b_payment",
     "parse_initiator_result",
     "parse_pull_rows",

@@ -1,4 +1,4 @@
-"""DarajaClient: OAuth token, STK Push and STK Push Query over HTTP.
+"""DarajaClient: OAuth token, STK Push and STK Push Query, and the other Daraja APIs, over HTTP.
 
 Rules that keep money safe:
 - everything is validated before anything is sent (see stk.py);
@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import requests
 import urllib3.exceptions
 
+from .b2b import B2B_CHECKOUT_PATH, B2BCheckoutAck, B2BCheckoutRequest
 from .c2b import (
     C2B_REGISTER_PATHS,
     C2B_SIMULATE_PATH,
@@ -35,6 +36,8 @@ from .c2b import (
     is_already_registered,
 )
 from .codes import (
+    B2B_RESULT_CODES,
+    B2B_RETRYABLE_CODES,
     INVALID_TOKEN_CODES,
     PRODUCT_MISMATCH_CODE,
     PULL_NONE_FOUND,
@@ -176,7 +179,8 @@ class StkQueryResult:
 class Exchange:
     """One HTTP exchange with Daraja, redacted, for the audit log."""
 
-    operation: str  # "token" | "stk_push" | "stk_query" | "reversal" | "transaction_status" | "c2b_..." | "pull_..."
+    operation: str  # "token" | "stk_push" | "stk_query" | "reversal" | "transaction_status" | "c2b_..." | "pull_..." |
+    # "b2b_checkout"
     method: str
     url: str
     request_body: dict[str, Any] | None
@@ -204,6 +208,7 @@ _ACTION = {
     "c2b_simulate": "the C2B payment simulation",
     "pull_register": "the Pull Transactions registration",
     "pull_query": "the Pull Transactions query",
+    "b2b_checkout": "the B2B Express Checkout request",
 }
 
 
@@ -746,15 +751,20 @@ class DarajaClient:
         *,
         initiator: str,
         security_credential: str,
-        transaction_id: str,
+        transaction_id: str = "",
         party_a: str,
         identifier_type: str,
         result_url: str,
         timeout_url: str,
         remarks: str,
         occasion: str = "",
+        original_conversation_id: str = "",
     ) -> InitiatorAck:
-        """Ask M-Pesa where a receipt stands; the Result (ReceiptNo, Amount, TransactionStatus...) comes later."""
+        """Ask M-Pesa where a receipt stands; the Result (ReceiptNo, Amount, TransactionStatus...) comes later.
+
+        Without the receipt (its result was lost), name the payment by ``original_conversation_id``: the
+        identifier of the request that made it (a B2B Express Checkout's RequestRefID).
+        """
         payload = build_transaction_status_payload(
             initiator=initiator,
             security_credential=security_credential,
@@ -765,10 +775,10 @@ class DarajaClient:
             timeout_url=timeout_url,
             remarks=remarks,
             occasion=occasion,
+            original_conversation_id=original_conversation_id,
         )
-        return self._initiator_request(
-            "transaction_status", TRANSACTION_STATUS_PATH, payload, payload["TransactionID"]
-        )
+        shown = payload.get("TransactionID") or f"the request {payload['OriginalConversationID']}"
+        return self._initiator_request("transaction_status", TRANSACTION_STATUS_PATH, payload, shown)
 
     # -- C2B -----------------------------------------------------------------------------------------------------
 
@@ -937,3 +947,82 @@ class DarajaClient:
             offset += len(page)
         _log.warning("Pull Transactions of %s cut short after %s pages.", shortcode, max_pages)
         return PullListing.of(rows, start, end, PULL_CUT_PAGE_LIMIT)
+
+    # -- B2B Express Checkout ------------------------------------------------------------------------------------
+
+    def b2b_checkout(
+        self,
+        *,
+        till: str,
+        amount: Decimal | int | str,
+        reference: str,
+        callback_url: str,
+        partner_name: str,
+        request_id: str | None = None,
+        receiver_shortcode: str | None = None,
+    ) -> B2BCheckoutAck:
+        """Ask Daraja to prompt ``till`` (the distributor's till) to pay our paybill (``receiver_shortcode``,
+        default the client's business shortcode).  Started is not paid: the result comes to ``callback_url``.
+
+        Raises DarajaValidationError (nothing sent), DarajaApiError (refused: the prompt was not started; see
+        ``retryable``), DarajaConnectionError or DarajaProtocolError (the outcome is unknown: never send it again
+        blindly, a second request is a second prompt).  An http:// callback URL is taken only when Daraja itself
+        is reached over http://, which only a local simulator is.
+        """
+        request = B2BCheckoutRequest(
+            primary_shortcode=till,
+            receiver_shortcode=(
+                receiver_shortcode if receiver_shortcode is not None else self.shortcode.business_shortcode
+            ),
+            amount=amount,  # type: ignore[arg-type]  # validated (and made an int) by the request
+            payment_ref=reference,
+            callback_url=callback_url,
+            partner_name=partner_name,
+            max_amount=self.max_amount,
+            allow_http=urlsplit(self.credentials.base_url).scheme == "http",
+            **({"request_id": request_id} if request_id is not None else {}),
+        )
+        payload = request.payload()
+        shown = f"till {request.primary_shortcode}, KES {request.amount:,}, reference {request.payment_ref}"
+
+        def interpret(status: int, data: dict[str, Any] | None) -> B2BCheckoutAck:
+            if _token_rejected(status, data):
+                raise _rejected_token(status, data)
+            if data is not None and _text(data.get("errorCode")):
+                raise _api_error("b2b_checkout", status, data, unknown_retryable=False)
+            code = _text(data.get("code")) if data is not None else None
+            if data is None or code is None:
+                raise DarajaProtocolError(
+                    f"Daraja answered the B2B Express Checkout request with HTTP {status} and a body that is not "
+                    "Daraja's; the prompt may or may not have been started.",
+                    http_status=status,
+                )
+            said = _text(data.get("status")) or ""
+            if code != REQUEST_ACCEPTED:
+                known = B2B_RESULT_CODES.get(code)
+                message = known.message if known is not None else "Daraja did not start the B2B checkout."
+                raise DarajaApiError(
+                    f"{message} (code {code}{': ' + said if said else ''})",
+                    http_status=status,
+                    error_code=code,
+                    error_message=said or None,
+                    retryable=code in B2B_RETRYABLE_CODES,
+                )
+            if status != 200:
+                raise DarajaProtocolError(
+                    f"Daraja answered the B2B Express Checkout request with HTTP {status} and code 0; the prompt "
+                    "may or may not have been started.",
+                    http_status=status,
+                )
+            return B2BCheckoutAck(request_id=request.request_id, code=code, status=said, request=request, raw=data)
+
+        def send(token: AccessToken) -> B2BCheckoutAck:
+            return self._exchange("b2b_checkout", "POST", B2B_CHECKOUT_PATH, interpret, body=payload, token=token)
+
+        try:
+            ack = self._with_token(send)
+        except DarajaError as exc:
+            _log.warning("B2B checkout of %s failed: %s", shown, exc)
+            raise
+        _log.info("B2B checkout of %s started: RequestRefID %s.", shown, ack.request_id)
+        return ack

@@ -7,7 +7,8 @@ Every code Daraja answers with lives here, and only here:
 - the ``ResponseCode`` of an accepted request;
 - the ``ResultCode`` of an initiator Result (Reversal, Transaction Status);
 - the ``ResultCode`` a C2B ValidationURL answers to refuse a payment;
-- the ``ResponseCode`` of a Pull Transactions query.
+- the ``ResponseCode`` of a Pull Transactions query;
+- the ``code`` of a B2B Express Checkout acknowledgement and the ``resultCode`` of its result.
 
 Codes are compared as text because Daraja sends them as numbers in callbacks, as strings in
 queries, and sometimes as words (``SFC_IC0003``, ``R000001``).  An unknown STK result code is
@@ -22,6 +23,13 @@ from dataclasses import dataclass
 
 __all__ = [
     "ALREADY_REVERSED_CODE",
+    "B2B_CANCELLED_CODE",
+    "B2B_KYC_FAILED_CODE",
+    "B2B_NO_NOMINATED_NUMBER_CODE",
+    "B2B_RESULT_CODES",
+    "B2B_RETRYABLE_CODES",
+    "B2B_USSD_ERROR_CODE",
+    "B2B_USSD_NETWORK_ERROR_CODE",
     "C2B_INVALID_ACCOUNT",
     "C2B_INVALID_AMOUNT",
     "C2B_INVALID_KYC",
@@ -45,6 +53,7 @@ __all__ = [
     "ApiErrorCode",
     "Outcome",
     "ResultCode",
+    "classify_b2b_result",
     "classify_result",
     "describe_api_error",
     "describe_initiator_result",
@@ -304,3 +313,56 @@ C2B_REJECTION_CODES: dict[str, str] = {
 # The ResponseCode of a query (HTTP 200 both): rows found, or none in the window.
 PULL_SUCCESS = "1000"
 PULL_NONE_FOUND = "1001"
+
+
+# === B2B EXPRESS CHECKOUT (USSD push to a till) === #
+
+# The acknowledgement {"code", "status"} starts the USSD prompt only when its code is REQUEST_ACCEPTED ("0"); the
+# resultCode of the result posted to callbackUrl says what the till's operator did.  The codes are the same in
+# both places: a refusal may come at once (in the acknowledgement) or later (in the result).
+B2B_CANCELLED_CODE = "4001"
+B2B_KYC_FAILED_CODE = "4102"
+B2B_NO_NOMINATED_NUMBER_CODE = "4104"
+B2B_USSD_NETWORK_ERROR_CODE = "4201"
+B2B_USSD_ERROR_CODE = "4203"
+
+_B2B_NOTHING_TAKEN = "No money was taken from the till; try again."
+
+B2B_RESULT_CODES: dict[str, ResultCode] = {
+    entry.code: entry
+    for entry in (
+        ResultCode(REQUEST_ACCEPTED, Outcome.SUCCESS, "The M-Pesa payment from the till was received."),
+        ResultCode(B2B_CANCELLED_CODE, Outcome.CANCELED, "The till's operator cancelled the M-Pesa prompt."),
+        _failed(
+            B2B_KYC_FAILED_CODE,
+            "M-Pesa refused the till: its KYC details are incomplete. The till's owner must update them with "
+            "Safaricom. No money was taken.",
+        ),
+        _failed(
+            B2B_NO_NOMINATED_NUMBER_CODE,
+            "The till has no nominated phone number to receive the M-Pesa prompt. The till's owner must set one "
+            "under Organization Details on the M-Pesa web portal. No money was taken.",
+        ),
+        _failed(
+            B2B_USSD_NETWORK_ERROR_CODE,
+            "M-Pesa could not reach the phone of the till's operator (USSD network error). " + _B2B_NOTHING_TAKEN,
+        ),
+        _failed(
+            B2B_USSD_ERROR_CODE,
+            "M-Pesa could not show the prompt on the phone of the till's operator (USSD error). "
+            + _B2B_NOTHING_TAKEN,
+        ),
+    )
+}
+# Refusals that may pass when the same request is sent again later (a passing network fault).
+B2B_RETRYABLE_CODES = frozenset({B2B_USSD_NETWORK_ERROR_CODE, B2B_USSD_ERROR_CODE})
+
+
+def classify_b2b_result(code: object) -> ResultCode:
+    """Look a B2B Express Checkout code up as text; an unknown code (or none) means PENDING, never FAILED, as for
+    STK (docs/design.md, 12. Failure modes: pending read as failure)."""
+    text = "" if code is None else str(code).strip()
+    known = B2B_RESULT_CODES.get(text)
+    if known is not None:
+        return known
+    return ResultCode(text, Outcome.PENDING, PENDING_MESSAGE)

@@ -71,6 +71,7 @@ IDENTIFIER_SHORTCODE = "4"
 REMARKS_MIN, REMARKS_MAX, OCCASION_MAX = 2, 100, 100
 _PARTY = re.compile(r"[0-9]{5,12}")
 _TRANSACTION_ID = re.compile(r"[A-Za-z0-9]{4,32}")
+_CONVERSATION_ID = re.compile(r"[A-Za-z0-9_.:-]{4,100}")  # a RequestRefID (UUID), an AG_... ConversationID
 _MAX_PARAMETERS = 100
 _WHAT = "initiator result"
 
@@ -217,30 +218,51 @@ def build_reversal_payload(
     }
 
 
+def _original_conversation_id(value: object) -> str:
+    text = value.strip() if isinstance(value, str) else ""
+    if not _CONVERSATION_ID.fullmatch(text):
+        raise DarajaValidationError(
+            "The original conversation ID must be the identifier of the request (such as its RequestRefID).",
+            field="original_conversation_id",
+        )
+    return text
+
+
 def build_transaction_status_payload(
     *,
     initiator: str,
     security_credential: str,
-    transaction_id: str,
+    transaction_id: str = "",
     party_a: str,
     identifier_type: str,
     result_url: str,
     timeout_url: str,
     remarks: str,
     occasion: str = "",
+    original_conversation_id: str = "",
 ) -> dict[str, Any]:
-    """Daraja's exact Transaction Status body; ``identifier_type`` "4" shortcode, "2" till, "1" MSISDN."""
+    """Daraja's exact Transaction Status body; ``identifier_type`` "4" shortcode, "2" till, "1" MSISDN.
+
+    A payment is named by its receipt (``transaction_id``) or, when the receipt never came (a lost result), by
+    the identifier of the request that made it (``original_conversation_id``, Daraja's OriginalConversationID:
+    for a B2B Express Checkout its RequestRefID).
+    """
     kind = str(identifier_type).strip()
     if kind not in (IDENTIFIER_SHORTCODE, IDENTIFIER_TILL, IDENTIFIER_MSISDN):
         raise InvalidConfiguration(
             "The M-Pesa identifier type must be 4 (shortcode), 2 (till) or 1 (MSISDN).", field="identifier_type"
         )
+    named: dict[str, str] = {}
+    if transaction_id or not original_conversation_id:
+        named["TransactionID"] = _transaction_id(transaction_id)
+    if original_conversation_id:
+        named["OriginalConversationID"] = _original_conversation_id(original_conversation_id)
     common = _common(initiator, security_credential, result_url, timeout_url, remarks, occasion)
     return {
         "Initiator": common["Initiator"],
         "SecurityCredential": common["SecurityCredential"],
         "CommandID": TRANSACTION_STATUS_COMMAND,
-        "TransactionID": _transaction_id(transaction_id),
+        **named,
         "PartyA": _party(party_a, "party_a", "party of the transaction"),
         "IdentifierType": kind,
         "ResultURL": common["ResultURL"],

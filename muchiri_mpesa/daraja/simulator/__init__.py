@@ -1,5 +1,6 @@
 """A local Daraja with Safaricom's exact wire format: OAuth, M-Pesa Express (STK Push, Query, callbacks), C2B
-(register URL v1/v2, simulate, validation, confirmation), Pull Transactions, Reversal and Transaction Status.
+(register URL v1/v2, simulate, validation, confirmation), Pull Transactions, Reversal and Transaction Status, and
+B2B Express Checkout (USSD push to a till).
 
 ``python3 -m muchiri_mpesa.daraja.simulator --port 8089`` from the repository root (``--help`` lists every flag),
 or in-process for tests::
@@ -25,7 +26,12 @@ Magic values (full table in README.md of this folder):
   ``SIM-QUEUE-TIMEOUT`` (not processed, the timeout body goes to QueueTimeOutURL); see ``MAGIC_REMARKS``.
   A real receipt reverses once (then R000001); unknown receipt, other amount or shortcode R000002; an Initiator or
   SecurityCredential other than ``initiator_name`` / ``initiator_password`` encrypted with ``certificate_pem``
-  gives 2001.  Transaction Status answers TransactionStatus "Completed", or "Reversed" once reversed.
+  gives 2001.  Transaction Status answers TransactionStatus "Completed", or "Reversed" once reversed; it names the
+  payment by TransactionID, or by OriginalConversationID (the request that made it: a B2B RequestRefID).
+- B2B Express Checkout: the paying till (primaryShortCode) chooses the outcome, see ``B2B_MAGIC_TILLS``: 600101
+  cancelled (4001), 600102 never answers, 600103 pays but the result is lost (Transaction Status by
+  OriginalConversationID = RequestRefID finds it), 600104 refused at once (4104), 600105 4102 in the result; any
+  other till pays.
 
 Settings (keyword arguments of DarajaSimulator, attributes of the same name, CLI flags): consumer_key,
 consumer_secret, shortcode, passkey, till_number, callback_delay, prompt_timeout, late_callback_delay,
@@ -43,7 +49,8 @@ Python helpers for tests (on a DarajaSimulator ``sim``):
 - Every POST to a merchant URL: ``sim.deliveries(kind=None, reference=None)``,
   ``sim.wait_for_deliveries(kind=None, count=1, reference=None, timeout=5)``; kinds ``STK_CALLBACK``,
   ``C2B_VALIDATION``, ``C2B_CONFIRMATION`` (reference: the TransID), ``INITIATOR_RESULT``, ``INITIATOR_TIMEOUT``
-  (reference: the ConversationID of the acknowledgement).
+  (reference: the ConversationID of the acknowledgement), ``B2B_RESULT`` (reference: the RequestRefID).
+- B2B: ``sim.b2b_checkouts``, ``sim.b2b_checkout(request_id)``.
 - C2B: ``sim.c2b_pay(amount, msisdn, bill_ref="", command_id=PAYBILL, first_name=..., middle_name=...,
   last_name=...) -> TransID`` (what a phone paying the paybill or till does), ``sim.wait_for_c2b(trans_id)``,
   ``sim.c2b_payments``, ``sim.c2b_registrations``, ``sim.pull_registrations``, ``sim.pull_next("repeat_page" |
@@ -61,6 +68,7 @@ Control API for other processes: ``/__sim__/health``, ``state``, ``certificate``
 ``reset``, ``fail-next``, ``delay-next``, ``c2b-pay``, ``age``, ``initiator-next``, ``pull-next`` (POST, JSON).
 """
 
+from .b2b import B2B_DEFAULT_SCENARIO, B2B_MAGIC_TILLS, B2BScenario, b2b_magic_tills_table, b2b_scenario_for
 from .c2b import C2B_MAGIC_NUMBERS
 from .listener import ACCEPTED, CallbackListener, ReceivedCallback
 from .scenarios import (
@@ -76,6 +84,7 @@ from .scenarios import (
     scenario_for,
 )
 from .server import (
+    B2B_CHECKOUT_PATH,
     C2B_REGISTER_V1_PATH,
     C2B_REGISTER_V2_PATH,
     C2B_SIMULATE_PATH,
@@ -116,6 +125,7 @@ from .server import (
     StkTransaction,
 )
 from .state import (
+    B2B_RESULT,
     C2B_CONFIRMATION,
     C2B_VALIDATION,
     DELIVERY_KINDS,
@@ -127,6 +137,10 @@ from .state import (
 __all__ = [
     "ABOVE_MAXIMUM_SCENARIO",
     "ACCEPTED",
+    "B2B_CHECKOUT_PATH",
+    "B2B_DEFAULT_SCENARIO",
+    "B2B_MAGIC_TILLS",
+    "B2B_RESULT",
     "C2B_CONFIRMATION",
     "C2B_MAGIC_NUMBERS",
     "C2B_REGISTER_V1_PATH",
@@ -170,6 +184,7 @@ __all__ = [
     "TILL",
     "TOKEN_LIFETIME",
     "TRANSACTION_STATUS_PATH",
+    "B2BScenario",
     "CallbackAttempt",
     "CallbackDelivery",
     "CallbackListener",
@@ -181,6 +196,8 @@ __all__ = [
     "ResultTiming",
     "Scenario",
     "StkTransaction",
+    "b2b_magic_tills_table",
+    "b2b_scenario_for",
     "magic_numbers_table",
     "scenario_for",
 ]

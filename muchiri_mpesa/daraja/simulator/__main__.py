@@ -10,6 +10,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from .b2b import b2b_magic_tills_table
 from .c2b import C2B_MAGIC_NUMBERS
 from .initiator import MAGIC_REMARKS
 from .scenarios import magic_numbers_table
@@ -273,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{certificate}"
         f"Magic phone numbers:\n{magic_numbers_table()}\n"
         f"C2B magic payer numbers:\n{c2b_magic_table()}\n"
+        f"B2B Express Checkout magic tills:\n{b2b_magic_tills_table()}\n"
         f"Initiator magic Remarks / Occasion: {', '.join(MAGIC_REMARKS)}\n"
         "Ctrl-C to stop.",
         flush=True,

@@ -12,7 +12,9 @@ Outcomes:
   again: R000001; unknown receipt, other shortcode or another amount: R000002; wrong credential: 2001.
 - Transaction Status: ReceiptNo, Amount, TransactionStatus ("Completed", or "Reversed" once reversed),
   DebitPartyName, CreditPartyName ("<shortcode> - <organisation>"), InitiatedTime, FinalisedTime, ...;
-  unknown receipt or another PartyA: R000002; wrong credential: 2001.
+  unknown receipt or another PartyA: R000002; wrong credential: 2001.  The payment is named by TransactionID
+  (its receipt) or, without one, by OriginalConversationID: the request that made it (a B2B checkout's
+  RequestRefID, whose result may have been lost).
 - Magic: ``SIM-NO-RESULT`` in Remarks or Occasion (or ``sim.initiator_next("no_result")``): processed, but the
   Result never comes; ``SIM-QUEUE-TIMEOUT`` (or ``sim.initiator_next("queue_timeout")``): not processed, the
   timeout body goes to QueueTimeOutURL instead.
@@ -67,6 +69,10 @@ MAGIC_REMARKS: dict[str, str] = {"SIM-NO-RESULT": NO_RESULT, "SIM-QUEUE-TIMEOUT"
 OUTCOMES = (NO_RESULT, QUEUE_TIMEOUT)
 
 _TRANSACTION_ID = re.compile(r"[A-Za-z0-9]{4,32}")
+_CONVERSATION_ID = re.compile(r"[A-Za-z0-9_.:-]{4,100}")
+
+
+_DEBIT_ACCOUNT = {"reversal": "Utility Account", "b2b": "Merchant Account"}
 
 
 def _pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -91,19 +97,25 @@ class InitiatorApi:
             return self._identity
 
     # -- checks -------------------------------------------------------------------------------------------------
-    def _common(self, body: Mapping[str, Any], command: str) -> dict[str, Any]:
+    def _common(self, body: Mapping[str, Any], command: str, *, by_originator: bool = False) -> dict[str, Any]:
+        """The fields both APIs share; ``by_originator``: TransactionID may be left out when the payment is named
+        by OriginalConversationID instead (Transaction Status)."""
         reject = ("mpesa", "m-pesa", "safaricom") if self.state.settings.reject_mpesa_in_callback_url else ()
         initiator = check_text(body, "Initiator", 100)
         credential = check_text(body, "SecurityCredential", 4096)
         if body.get("CommandID") != command:
             raise _invalid("CommandID")
+        originator = text_of(body.get("OriginalConversationID")) if by_originator else ""
+        if originator and not _CONVERSATION_ID.fullmatch(originator):
+            raise _invalid("OriginalConversationID")
         transaction_id = text_of(body.get("TransactionID"))
-        if not _TRANSACTION_ID.fullmatch(transaction_id):
+        if not _TRANSACTION_ID.fullmatch(transaction_id) and not (originator and not transaction_id):
             raise _invalid("TransactionID")
         checked = {
             "initiator": initiator,
             "credential": credential,
             "transaction_id": transaction_id,
+            "original_conversation_id": originator,
             "result_url": check_url(body, "ResultURL", reject),
             "timeout_url": check_url(body, "QueueTimeOutURL", reject),
             "remarks": check_text(body, "Remarks", 100, min_length=2),
@@ -186,7 +198,7 @@ class InitiatorApi:
 
     # -- Transaction Status -------------------------------------------------------------------------------------
     def status(self, body: dict[str, Any]) -> _Response:
-        checked = self._common(body, "TransactionStatusQuery")
+        checked = self._common(body, "TransactionStatusQuery", by_originator=True)
         party_a = check_digits(body, "PartyA")
         kind = text_of(body.get("IdentifierType"))
         if kind not in ("1", "2", "4"):
@@ -199,10 +211,22 @@ class InitiatorApi:
         if not self._credential_ok(checked["initiator"], checked["credential"]):
             return (*INVALID_INITIATOR, "", [])
         with state.lock:
-            payment = state.visible_payment(checked["transaction_id"])
-            if payment is None:
+            # By receipt; or, without one, by the request that made the payment (OriginalConversationID).
+            if checked["transaction_id"]:
+                payment = state.visible_payment(checked["transaction_id"])
+            else:
+                payment = state.payment_of_request(checked["original_conversation_id"])
+            if payment is None or (
+                checked["original_conversation_id"]
+                and payment.originator_conversation_id != checked["original_conversation_id"]
+            ):
                 return (*INVALID_ORIGINAL, "", [])
-            parties = (payment.msisdn,) if kind == "1" else (payment.shortcode, payment.business_shortcode)
+            if kind == "1":
+                parties: tuple[str, ...] = () if payment.source == "b2b" else (payment.msisdn,)
+            else:  # the shortcode paid; for a B2B payment the paying till too
+                parties = (payment.shortcode, payment.business_shortcode)
+                if payment.source == "b2b":
+                    parties += (payment.msisdn,)
             if party_a not in parties:
                 return (*INVALID_ORIGINAL, "", [])
             reversed_ = payment.reversed_by is not None
@@ -210,6 +234,8 @@ class InitiatorApi:
         business = f"{payment.shortcode} - {settings.organization_name}"
         if payment.source == "reversal":
             debit, credit, reason = business, customer, "Reversal"
+        elif payment.source == "b2b":
+            debit, credit, reason = customer, business, "Business Pay Bill"
         else:
             debit, credit = customer, business
             reason = "Pay Bill Online" if payment.transaction_type == PAYBILL else "Pay Merchant"
@@ -220,7 +246,7 @@ class InitiatorApi:
             ("OriginatorConversationID", payment.originator_conversation_id or state.originator_conversation_id()),
             ("InitiatedTime", stamp),
             ("CreditPartyCharges", ""),
-            ("DebitAccountType", "MMF Account" if payment.source != "reversal" else "Utility Account"),
+            ("DebitAccountType", _DEBIT_ACCOUNT.get(payment.source, "MMF Account")),
             ("TransactionReason", ""),
             ("ReasonType", reason),
             ("TransactionStatus", "Reversed" if reversed_ else "Completed"),
@@ -243,6 +269,7 @@ class InitiatorApi:
             "OriginatorConversationID": originator,
             "ConversationID": conversation,
             "TransactionID": checked["transaction_id"],
+            "OriginalConversationID": checked.get("original_conversation_id", ""),
             "outcome": outcome or "result",
         }
         due = _monotonic() + state.settings.result_delay

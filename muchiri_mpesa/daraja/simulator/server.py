@@ -2,10 +2,10 @@
 
 ``DarajaSimulator`` owns one shared state (``state.SimState``) and hands it to one module per API: ``oauth``,
 ``stk`` (M-Pesa Express), ``c2b`` (register URL, simulate, validation and confirmation), ``pull`` (Pull
-Transactions) and ``initiator`` (Reversal, Transaction Status).  ``httpd`` is the HTTP plumbing and ``delivery``
-the POSTs to the merchant's URLs.  This module routes requests, keeps the request log, injects gateway errors
-and delays, and serves the control API; the package docstring and README.md list every path, magic value and
-helper.
+Transactions), ``initiator`` (Reversal, Transaction Status) and ``b2b`` (B2B Express Checkout).  ``httpd`` is
+the HTTP plumbing and ``delivery`` the POSTs to the merchant's URLs.  This module routes requests, keeps the
+request log, injects gateway errors and delays, and serves the control API; the package docstring and README.md
+list every path, magic value and helper.
 
 Served at Daraja's paths (see each module) and, for tools that cannot call the Python API:
 
@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
+from .b2b import B2B_CHECKOUT_PATH, B2B_MAGIC_TILLS, B2BApi
 from .c2b import (
     C2B_MAGIC_NUMBERS,
     C2B_REGISTER_V1_PATH,
@@ -98,6 +99,8 @@ from .stk import (
 )
 
 __all__ = [
+    "B2B_CHECKOUT_PATH",
+    "B2B_MAGIC_TILLS",
     "BEING_PROCESSED_MESSAGE",
     "C2B_MAGIC_NUMBERS",
     "C2B_REGISTER_V1_PATH",
@@ -157,7 +160,7 @@ INJECTABLE_ERRORS: dict[str, tuple[int, str, str]] = {
 }
 OPERATIONS = (
     "token", "stk_push", "stk_query", "reversal", "transaction_status", "c2b_register", "c2b_simulate",
-    "pull_register", "pull_query",
+    "pull_register", "pull_query", "b2b_checkout",
 )
 
 # (method, path) -> (operation, handler of the parsed JSON body)
@@ -316,6 +319,7 @@ class DarajaSimulator:
         self._initiator = InitiatorApi(self._state, self._deliverer)
         self._c2b = C2BApi(self._state, self._deliverer)
         self._pull = PullApi(self._state)
+        self._b2b = B2BApi(self._state, self._deliverer)
         self._routes: _Routes = {
             ("POST", STK_PUSH_PATH): ("stk_push", self._stk.push),
             ("POST", STK_QUERY_PATH): ("stk_query", self._stk.query),
@@ -326,6 +330,7 @@ class DarajaSimulator:
             ("POST", C2B_SIMULATE_PATH): ("c2b_simulate", self._c2b.simulate),
             ("POST", PULL_REGISTER_PATH): ("pull_register", self._pull.register),
             ("POST", PULL_QUERY_PATH): ("pull_query", self._pull.query),
+            ("POST", B2B_CHECKOUT_PATH): ("b2b_checkout", self._b2b.checkout),
         }
         self._httpd: _HttpServer | None = None
         self._serve_thread: threading.Thread | None = None
@@ -600,6 +605,24 @@ class DarajaSimulator:
         with self._state.lock:
             return copy.deepcopy(self._state.pull_registrations)
 
+    # -- B2B Express Checkout -----------------------------------------------------------------------------------
+    @property
+    def b2b_checkouts(self) -> list[dict[str, Any]]:
+        """Every B2B checkout started, oldest first: RequestRefID, primaryShortCode, receiverShortCode, amount,
+        paymentRef, partnerName, callbackUrl, scenario, resultCode (None: never answered), transactionId (the
+        receipt when paid), conversationID, result_posted (False when the result is lost or never comes)."""
+        records = self._b2b.records()
+        for record in records:
+            record.pop("result_at", None)
+        return records
+
+    def b2b_checkout(self, request_id: str) -> dict[str, Any]:
+        """The B2B checkout of ``request_id`` (its RequestRefID); KeyError if none was started."""
+        for record in self.b2b_checkouts:
+            if record["RequestRefID"] == request_id:
+                return record
+        raise KeyError(request_id)
+
     # -- initiator APIs: certificate, credential, outcomes, ledger ----------------------------------------------
     @property
     def certificate_pem(self) -> str:
@@ -638,7 +661,7 @@ class DarajaSimulator:
 
     @property
     def payments(self) -> list[Payment]:
-        """Every receipt produced so far (STK and C2B payments, reversals), oldest first; copies."""
+        """Every receipt produced so far (STK, C2B and B2B payments, reversals), oldest first; copies."""
         now = _monotonic()
         with self._state.lock:
             return [copy.deepcopy(p) for p in self._state.ledger.values() if p.visible_at <= now]
@@ -700,6 +723,10 @@ class DarajaSimulator:
                     {"kind": d.kind, "reference": d.reference, "url": d.url, "state": d.state}
                     for d in state.deliveries
                     if d.kind != STK_CALLBACK
+                ],
+                "b2b_checkouts": [
+                    {key: value for key, value in record.items() if key != "result_at"}
+                    for record in state.b2b_checkouts.values()
                 ],
                 "payments": [
                     {

@@ -149,15 +149,17 @@ C2B_VALIDATION = "c2b_validation"
 C2B_CONFIRMATION = "c2b_confirmation"
 INITIATOR_RESULT = "initiator_result"
 INITIATOR_TIMEOUT = "initiator_timeout"
-DELIVERY_KINDS = (STK_CALLBACK, C2B_VALIDATION, C2B_CONFIRMATION, INITIATOR_RESULT, INITIATOR_TIMEOUT)
+B2B_RESULT = "b2b_result"
+DELIVERY_KINDS = (STK_CALLBACK, C2B_VALIDATION, C2B_CONFIRMATION, INITIATOR_RESULT, INITIATOR_TIMEOUT, B2B_RESULT)
 
 
 @dataclass
 class CallbackDelivery:
     """One POST to a merchant URL (a duplicate is a second delivery) and its delivery attempts.
 
-    ``kind`` says which (STK_CALLBACK, C2B_VALIDATION, ...); ``reference`` is the TransID of a C2B delivery or
-    the ConversationID of an initiator result.  STK callbacks keep their two request ids.
+    ``kind`` says which (STK_CALLBACK, C2B_VALIDATION, ...); ``reference`` is the TransID of a C2B delivery, the
+    ConversationID of an initiator result or the RequestRefID of a B2B result.  STK callbacks keep their two
+    request ids.
     """
 
     checkout_request_id: str
@@ -194,7 +196,8 @@ class CallbackDelivery:
 
 @dataclass
 class Payment:
-    """One receipt the simulator produced: an STK or C2B payment into a shortcode, or a reversal of one.
+    """One receipt the simulator produced: an STK, C2B or B2B (a till paying) payment into a shortcode, or a
+    reversal of one.
 
     The ledger behind Pull Transactions, Transaction Status and Reversal.  ``at`` is when M-Pesa completed it
     (aware UTC; ``age_transaction`` moves it back for the 48 hours of Pull); ``visible_at`` (monotonic) is when
@@ -202,19 +205,19 @@ class Payment:
     """
 
     receipt: str
-    source: str  # "stk" | "c2b" | "reversal"
+    source: str  # "stk" | "c2b" | "b2b" | "reversal"
     shortcode: str  # the paybill, or the till of a Buy Goods payment
     business_shortcode: str  # the paybill, or the store number of a till
     transaction_type: str  # PAYBILL | TILL (for a reversal: that of the original)
     amount: int
-    msisdn: str
+    msisdn: str  # the payer: a phone, or the paying till of a B2B payment
     bill_ref: str
     first_name: str
     middle_name: str
     last_name: str
     at: datetime
     visible_at: float
-    originator_conversation_id: str = ""
+    originator_conversation_id: str = ""  # the request that made it (a B2B RequestRefID): Transaction Status finds it
     reversed_by: str | None = None  # the receipt of its reversal
     reverses: str | None = None  # a reversal: the receipt it reversed
 
@@ -340,6 +343,7 @@ class SimState:
         self.initiator_requests: list[dict[str, Any]] = []
         self.initiator_outcomes: list[str] = []
         self.pull_outcomes: list[str] = []  # quirks of the next Pull queries (sim.pull_next)
+        self.b2b_checkouts: dict[str, dict[str, Any]] = {}  # RequestRefID -> what became of a B2B checkout
 
     # -- ids ----------------------------------------------------------------------------------------------------
     def request_id(self) -> str:
@@ -376,6 +380,14 @@ class SimState:
             self.ledger[payment.receipt] = payment
             if payment.source != "reversal":
                 self.balances[payment.shortcode] = self.balances.get(payment.shortcode, 0) + payment.amount
+
+    def payment_of_request(self, originator: str, now: float | None = None) -> Payment | None:
+        """The visible ledger entry made by the request ``originator`` (a B2B RequestRefID), if any."""
+        with self.lock:
+            for payment in self.ledger.values():
+                if payment.originator_conversation_id == originator and payment.source != "reversal":
+                    return self.visible_payment(payment.receipt, now)
+            return None
 
     def visible_payment(self, receipt: str, now: float | None = None) -> Payment | None:
         """The ledger entry of ``receipt`` once it happened (an STK payment after the customer answered)."""
