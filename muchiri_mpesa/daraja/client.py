@@ -75,6 +75,7 @@ from .pull import (
     build_pull_register_payload,
     parse_pull_rows,
 )
+from .qr import QR_PATH, QrCode, build_qr_payload, parse_qr_answer
 from .stk import (
     PAYBILL,
     SANDBOX_URL,
@@ -204,6 +205,7 @@ _ACTION = {
     "c2b_simulate": "the C2B payment simulation",
     "pull_register": "the Pull Transactions registration",
     "pull_query": "the Pull Transactions query",
+    "qr_generate": "the Dynamic QR request",
 }
 
 
@@ -937,3 +939,22 @@ class DarajaClient:
             offset += len(page)
         _log.warning("Pull Transactions of %s cut short after %s pages.", shortcode, max_pages)
         return PullListing.of(rows, start, end, PULL_CUT_PAGE_LIMIT)
+
+    # -- Dynamic QR ----------------------------------------------------------------------------------------------
+
+    def generate_qr(
+        self,
+        merchant_name: str,
+        ref_no: str,
+        amount: Decimal | int | str,
+        cpi: str | int,
+        trx_code: str = "PB",
+        size: int = 300,
+    ) -> QrCode:
+        """A QR code the M-Pesa app scans to pay ``amount`` into ``cpi`` with ``ref_no`` as the account number."""
+        payload = build_qr_payload(merchant_name, ref_no, amount, trx_code, cpi, size)
+
+        def accept(status: int, data: dict[str, Any]) -> QrCode:
+            return parse_qr_answer(data, status)
+
+        return self._plain_request("qr_generate", QR_PATH, payload, accept)

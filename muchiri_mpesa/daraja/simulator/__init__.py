@@ -63,6 +63,7 @@ Control API for other processes: ``/__sim__/health``, ``state``, ``certificate``
 
 from .c2b import C2B_MAGIC_NUMBERS
 from .listener import ACCEPTED, CallbackListener, ReceivedCallback
+from .qr import qr_content, read_qr_content
 from .scenarios import (
     ABOVE_MAXIMUM_SCENARIO,
     DARAJA_MAX_AMOUNT,
@@ -101,6 +102,7 @@ from .server import (
     PAYBILL,
     PULL_QUERY_PATH,
     PULL_REGISTER_PATH,
+    QR_PATH,
     REVERSAL_PATH,
     SANDBOX_PASSKEY,
     STK_PUSH_PATH,
@@ -161,6 +163,7 @@ __all__ = [
     "PAYBILL",
     "PULL_QUERY_PATH",
     "PULL_REGISTER_PATH",
+    "QR_PATH",
     "REVERSAL_PATH",
     "SANDBOX_PASSKEY",
     "SANDBOX_TEST_MSISDN",
@@ -182,5 +185,7 @@ __all__ = [
     "Scenario",
     "StkTransaction",
     "magic_numbers_table",
+    "qr_content",
+    "read_qr_content",
     "scenario_for",
 ]

@@ -340,6 +340,7 @@ class SimState:
         self.initiator_requests: list[dict[str, Any]] = []
         self.initiator_outcomes: list[str] = []
         self.pull_outcomes: list[str] = []  # quirks of the next Pull queries (sim.pull_next)
+        self.qr_codes: dict[str, dict[str, Any]] = {}  # Dynamic QR content -> its RequestID and payments
 
     # -- ids ----------------------------------------------------------------------------------------------------
     def request_id(self) -> str:
