@@ -1,5 +1,6 @@
 """A local Daraja with Safaricom's exact wire format: OAuth, M-Pesa Express (STK Push, Query, callbacks), C2B
-(register URL v1/v2, simulate, validation, confirmation), Pull Transactions, Reversal and Transaction Status.
+(register URL v1/v2, simulate, validation, confirmation), Pull Transactions, Reversal, Transaction Status and
+Dynamic QR.
 
 ``python3 -m muchiri_mpesa.daraja.simulator --port 8089`` from the repository root (``--help`` lists every flag),
 or in-process for tests::
@@ -11,8 +12,9 @@ or in-process for tests::
 
 The package is split by API around one shared state: ``state`` (settings, records, the ledger of receipts),
 ``delivery`` (POSTs to merchant URLs, retries), ``httpd`` (HTTP plumbing), ``oauth``, ``stk``, ``c2b``, ``pull``,
-``initiator`` (with ``keys``: its RSA key pair and certificate), and ``server.DarajaSimulator``, the façade.
-Standard library only, except ``keys`` which imports ``cryptography`` when the initiator APIs first need it.
+``initiator`` (with ``keys``: its RSA key pair and certificate), ``qr``, and ``server.DarajaSimulator``, the façade.
+Standard library only, except ``keys`` which imports ``cryptography`` when the initiator APIs first need it, and
+``qr`` which imports ``qrcode`` (with Pillow) when a Dynamic QR image is first drawn.
 
 Magic values (full table in README.md of this folder):
 
@@ -54,6 +56,8 @@ Python helpers for tests (on a DarajaSimulator ``sim``):
 - Initiator: ``sim.certificate_pem``, ``sim.initiator_name``, ``sim.initiator_password``,
   ``sim.security_credential(password=None)``, ``sim.initiator_next("no_result" | "queue_timeout", count=1)``,
   ``sim.initiator_requests``.
+- Dynamic QR: ``sim.qr_codes``, ``sim.pay_qr(content, msisdn) -> TransID`` (a phone scanning the code: a C2B
+  payment with its RefNo); the image encodes ``qr_content(...)``, read back with ``read_qr_content``.
 - Gateway: ``sim.fail_next``, ``sim.delay_next``, ``sim.expire_tokens()``, ``sim.requests_for(operation)``,
   ``sim.reset()``, ``sim.state()``.
 

@@ -159,7 +159,7 @@ INJECTABLE_ERRORS: dict[str, tuple[int, str, str]] = {
 }
 OPERATIONS = (
     "token", "stk_push", "stk_query", "reversal", "transaction_status", "c2b_register", "c2b_simulate",
-    "pull_register", "pull_query",
+    "pull_register", "pull_query", "qr_generate",
 )
 
 # (method, path) -> (operation, handler of the parsed JSON body)
