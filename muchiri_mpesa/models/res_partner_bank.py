@@ -84,4 +84,6 @@ class ResPartnerBank(models.Model):
         model, document_id = self.env.context.get('mpesa_qr_document') or (None, None)
         document = self.env[model].browse(document_id) if model else None
         image = document._mpesa_kept_qr_code(key, make) if document else make()
-        return image_data_uri(image) if image else None
+        if not image:
+            return None
+        return image_data_uri(image if isinstance(image, bytes) else image.encode())
