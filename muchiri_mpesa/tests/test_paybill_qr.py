@@ -158,3 +158,15 @@ class TestPaybillQr(MpesaLedgerCommon):
         self.assertIn('600,000.00', block)
         self.assertIn('o_mpesa_paybill_limit', block)
         self.assertEqual(self._qr_content(block)['Amount'], 250000)
+
+    def test_a_swahili_distributor_reads_the_paybill_details_in_swahili(self):
+        self.env['res.lang']._activate_lang('sw')
+        self.env['ir.module.module']._load_module_terms(['muchiri_mpesa'], ['sw'], overwrite=True)
+        self.distributor.lang = 'sw'
+        invoice = self._invoice(600000.0)
+        block = self._paybill_block(self._invoice_html(invoice))
+        for swahili in ("Lipa kwa M-Pesa", "Nambari ya akaunti:", "Kiasi:", "weka nambari ya biashara",
+                        "Au changanua msimbo wa QR", "Malipo moja ya M-Pesa ni hadi", "lipa kiasi kilichobaki",
+                        "Msimbo wa QR unaomba malipo ya kwanza."):
+            self.assertIn(swahili, block)
+        self.assertNotIn("Account number:", block)
