@@ -15,6 +15,7 @@
         "security/ir.model.access.csv",
         "views/payment_provider_views.xml",
         "views/payment_mpesa_templates.xml",
+        "views/mpesa_paybill_templates.xml",
         "views/payment_transaction_views.xml",
         "wizards/mpesa_callback_match_views.xml",  # Its action is a button of the exchanges' form.
         "views/mpesa_event_views.xml",

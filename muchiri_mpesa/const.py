@@ -98,6 +98,7 @@ EVENT_KINDS = [
     ('transaction_status', "Transaction Status request"),
     ('initiator_result', "Reversal / Transaction Status result"),
     ('initiator_timeout', "Reversal / Transaction Status timeout"),
+    ('qr_generate', "Dynamic QR request"),
 ]
 
 # What became of a received callback: kept, queued by the request, settled by the job (docs/design.md, 2. Prompts and

@@ -1055,8 +1055,12 @@ def test_cli_options_reach_the_simulator(monkeypatch):
     assert seen["invalidate_previous_tokens"] is False and seen["reject_mpesa_in_callback_url"] is True
 
 
+LAZY_IMPORTS = {"keys.py": {"cryptography"}, "qr.py": {"qrcode"}}
+
+
 def test_simulator_uses_the_standard_library_only():
-    """Only keys.py (the initiator APIs' RSA) may use cryptography, and only inside its functions."""
+    """Only keys.py (the initiator APIs' RSA) may use cryptography, and qr.py (the Dynamic QR image) qrcode,
+    each only inside its functions."""
     stdlib = set(sys.stdlib_module_names)
     for path in SIMULATOR_DIR.glob("*.py"):
         if path.name == "demo.py":  # the demo drives the DarajaClient (requests) against the simulator
@@ -1070,10 +1074,12 @@ def test_simulator_uses_the_standard_library_only():
             else:
                 continue
             for name in names:
-                allowed = stdlib | {"__future__"} | ({"cryptography"} if path.name == "keys.py" else set())
+                allowed = stdlib | {"__future__"} | LAZY_IMPORTS.get(path.name, set())
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
-        if path.name == "keys.py":  # lazily: a bare Python still runs OAuth, STK and C2B
-            assert all(not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("cryptography")
+        for lazy in LAZY_IMPORTS.get(path.name, ()):  # lazily: a bare Python still runs OAuth, STK and C2B
+            assert all(not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith(lazy)
+                       for node in tree.body)
+            assert all(not isinstance(node, ast.Import) or not any(a.name.startswith(lazy) for a in node.names)
                        for node in tree.body)
 
 

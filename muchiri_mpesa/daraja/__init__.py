@@ -112,6 +112,7 @@ from .pull import (
     parse_pull_rows,
     pull_date,
 )
+from .qr import QR_PATH, QR_TRX_CODES, QrCode, build_qr_payload, parse_qr_answer
 from .stk import (
     KENYA_TZ,
     PAYBILL,
@@ -165,6 +166,8 @@ __all__ = [
     "PULL_CUT_REPEATED_PAGE",
     "PULL_PAYMENT_TYPES",
     "PULL_WINDOW",
+    "QR_PATH",
+    "QR_TRX_CODES",
     "RESPONSE_CANCELLED",
     "RESPONSE_COMPLETED",
     "RESULT_CODES",
@@ -198,6 +201,7 @@ __all__ = [
     "Outcome",
     "PullListing",
     "PullTransaction",
+    "QrCode",
     "ResultCode",
     "ShortcodeConfig",
     "StkCallback",
@@ -205,6 +209,7 @@ __all__ = [
     "StkQueryResult",
     "TokenStore",
     "account_reference",
+    "build_qr_payload",
     "build_reversal_payload",
     "build_stk_push_payload",
     "build_stk_query_payload",
@@ -226,6 +231,7 @@ __all__ = [
     "parse_c2b_payment",
     "parse_initiator_result",
     "parse_pull_rows",
+    "parse_qr_answer",
     "parse_stk_callback",
     "phones_may_match",
     "pull_date",

@@ -78,6 +78,7 @@ from .pull import (
     build_pull_register_payload,
     parse_pull_rows,
 )
+from .qr import QR_PATH, QrCode, build_qr_payload, parse_qr_answer
 from .stk import (
     PAYBILL,
     SANDBOX_URL,
@@ -209,6 +210,7 @@ _ACTION = {
     "pull_register": "the Pull Transactions registration",
     "pull_query": "the Pull Transactions query",
     "b2b_checkout": "the B2B Express Checkout request",
+    "qr_generate": "the Dynamic QR request",
 }
 
 
@@ -1026,3 +1028,22 @@ class DarajaClient:
             raise
         _log.info("B2B checkout of %s started: RequestRefID %s.", shown, ack.request_id)
         return ack
+
+    # -- Dynamic QR ----------------------------------------------------------------------------------------------
+
+    def generate_qr(
+        self,
+        merchant_name: str,
+        ref_no: str,
+        amount: Decimal | int | str,
+        cpi: str | int,
+        trx_code: str = "PB",
+        size: int = 300,
+    ) -> QrCode:
+        """A QR code the M-Pesa app scans to pay ``amount`` into ``cpi`` with ``ref_no`` as the account number."""
+        payload = build_qr_payload(merchant_name, ref_no, amount, trx_code, cpi, size)
+
+        def accept(status: int, data: dict[str, Any]) -> QrCode:
+            return parse_qr_answer(data, status)
+
+        return self._plain_request("qr_generate", QR_PATH, payload, accept)

@@ -12,6 +12,7 @@ from . import (
     payment_provider,
     payment_transaction,
     res_partner,
+    res_partner_bank,
     sale_order,
 )
 

@@ -20,3 +20,9 @@ class AccountMove(models.Model):
         lookup."""
         return self._mpesa_search_key(company, key, "move_type = 'out_invoice'",
                                       ['name', 'company_id', 'move_type'], limit)
+
+    def _generate_qr_code(self, silent_errors=False):
+        """Override of `account` to keep an M-Pesa QR code on the invoice (`_mpesa_kept_qr_code`)
+        when the invoice's bank account is the company's M-Pesa paybill or till."""
+        return super(AccountMove, self.with_context(mpesa_qr_document=(self._name, self.id)))._generate_qr_code(
+            silent_errors=silent_errors)

@@ -12,13 +12,14 @@ on the column itself is never stale.  The SQL expression (`utils.KEY_SQL`) and `
 normalise alike.
 """
 import logging
+from decimal import Decimal
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError
 from odoo.tools import SQL
 from odoo.tools.misc import formatLang
 
-from .. import utils
+from .. import daraja, utils
 
 _logger = logging.getLogger(__name__)
 
@@ -50,6 +51,12 @@ class MpesaPayable(models.AbstractModel):
              " Transaction Status, or one that M-Pesa contradicts.",
     )
     mpesa_receipt_unverified_note = fields.Char(compute='_compute_mpesa_receipt_unverified')
+    # Daraja's Dynamic QR of the document, kept while what it asks is unchanged (`mpesa_qr_for`).
+    mpesa_qr_code = fields.Binary(string="M-Pesa QR Code", attachment=True, copy=False, readonly=True)
+    mpesa_qr_for = fields.Char(
+        string="M-Pesa QR Code For", copy=False, readonly=True,
+        help="What the QR code asks: type, business number, account number and amount.",
+    )
 
     # === COMPUTE METHODS === #
 
@@ -93,6 +100,74 @@ class MpesaPayable(models.AbstractModel):
             SQL(where and 'AND ' + where), limit,
         ))
         return self.sudo().browse([row[0] for row in self.env.cr.fetchall()])
+
+    # === BUSINESS METHODS - PROVIDER AND PAYBILL === #
+
+    def _mpesa_provider(self):
+        """The M-Pesa provider (sudo) that takes this document's payments: an enabled one before one
+        in test mode; empty when there is none."""
+        self.ensure_one()
+        Provider = self.env['payment.provider'].sudo()
+        return Provider.search([
+            ('code', '=', 'mpesa'), ('state', 'in', ('enabled', 'test')),
+            *Provider._check_company_domain(self.company_id),
+        ], order='state, sequence, id', limit=1)
+
+    def _mpesa_paybill_details(self):
+        """How to pay this document from the phone's M-Pesa menu or by scanning its QR code, or an
+        empty dict when M-Pesa does not take it (no provider, not KES, not offered to its partner,
+        nothing due).
+
+        :return: {'provider', 'bank_account' (the company's res.partner.bank of the paybill or till),
+                  'trx_code' ('PB' or 'BG'), 'business_number', 'account' (the document's number,
+                  which the matcher reads first; none for a till), 'amount_due', 'qr_amount' (whole
+                  shillings, at most one M-Pesa payment)}
+        """
+        self.ensure_one()
+        provider = self._mpesa_provider()
+        if not provider or self.state == 'cancel' or provider._mpesa_unavailability_reason(
+                self.partner_id.commercial_partner_id, self.currency_id):
+            return {}
+        due = self._mpesa_amount_due()
+        bank_account = provider._mpesa_bank_account()
+        if not utils.is_material(due) or not bank_account:
+            return {}
+        till = provider.mpesa_shortcode_type == 'till'
+        return {
+            'provider': provider,
+            'bank_account': bank_account,
+            'trx_code': 'BG' if till else 'PB',
+            'business_number': bank_account.acc_number,
+            'account': False if till else self.name,
+            'amount_due': due,
+            'qr_amount': min(daraja.to_whole_shillings(Decimal(str(due))), daraja.DARAJA_MAX_AMOUNT),
+        }
+
+    def _mpesa_qr_data_uri(self):
+        """The document's M-Pesa QR code as a data URI for an <img>, or None when there is none:
+        made by Odoo's QR mechanism (the 'mpesa' method of the company's paybill account, which asks
+        Daraja's Dynamic QR API) and kept on the document while what it asks is unchanged."""
+        self.ensure_one()
+        details = self._mpesa_paybill_details()
+        if not details:
+            return None
+        bank_account = details['bank_account'].with_context(mpesa_qr_document=(self._name, self.id))
+        reference = details['account'] or self.name
+        return bank_account.build_qr_code_base64(
+            details['qr_amount'], reference, reference, self.currency_id, self.partner_id, qr_method='mpesa',
+        )
+
+    def _mpesa_kept_qr_code(self, key, make):
+        """The document's QR image (base64) for `key`: the kept one, else `make()`'s, kept."""
+        self.ensure_one()
+        document = self.sudo()
+        if document.mpesa_qr_for == key and document.mpesa_qr_code:
+            return document.mpesa_qr_code
+        image = make()
+        if image:
+            # A page or a PDF may be rendered by anyone who may read the document.
+            document.with_context(tracking_disable=True).write({'mpesa_qr_code': image, 'mpesa_qr_for': key})
+        return image
 
     # === BUSINESS METHODS - PROMPTS === #
 

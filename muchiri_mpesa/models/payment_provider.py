@@ -997,6 +997,31 @@ class PaymentProvider(models.Model):
             or Account.search([*domain, ('account_type', '=', 'expense')], limit=1)
         return rounding
 
+    def _mpesa_business_number(self):
+        """What a customer pays into from the phone's menu: the paybill, or the till for Buy Goods."""
+        self.ensure_one()
+        provider = self.sudo()
+        number = provider.mpesa_till_number if provider.mpesa_shortcode_type == 'till' else provider.mpesa_shortcode
+        return (number or '').strip()
+
+    def _mpesa_bank_account(self):
+        """The company's bank account (res.partner.bank, sudo) of this provider's paybill or till,
+        made on first use: Odoo's QR mechanism draws its 'M-Pesa' QR codes for it
+        (models/res_partner_bank.py).  Empty while the number is not set."""
+        self.ensure_one()
+        number = self._mpesa_business_number()
+        Bank = self.env['res.partner.bank'].sudo().with_context(active_test=False)
+        if not number.isdigit():
+            return Bank.browse()
+        partner = self.company_id.partner_id
+        account = Bank.search([('partner_id', '=', partner.id), ('sanitized_acc_number', '=', number)], limit=1)
+        return account or Bank.create({
+            'partner_id': partner.id,
+            'acc_number': number,
+            'acc_holder_name': self.company_id.name,
+            'currency_id': self.env.ref('base.KES').id,
+        })
+
     # === BUSINESS METHODS - INITIATOR === #
 
     def _mpesa_recheck_unverified_receipts(self):

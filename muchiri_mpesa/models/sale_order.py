@@ -151,16 +151,6 @@ class SaleOrder(models.Model):
             return self.env._("%s has nothing left to pay.", self.name)
         return None
 
-    def _mpesa_provider(self):
-        """The M-Pesa provider (sudo) that takes this order's payments: an enabled one before one in
-        test mode; empty when there is none."""
-        self.ensure_one()
-        Provider = self.env['payment.provider'].sudo()
-        return Provider.search([
-            ('code', '=', 'mpesa'), ('state', 'in', ('enabled', 'test')),
-            *Provider._check_company_domain(self.company_id),
-        ], order='state, sequence, id', limit=1)
-
     def _mpesa_pending_transactions(self):
         """The order's M-Pesa transactions (sudo) whose prompt waits for Daraja's final answer."""
         self.ensure_one()

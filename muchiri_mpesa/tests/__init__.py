@@ -7,6 +7,7 @@ from . import (
     test_ledger,
     test_monitoring,
     test_other_providers,
+    test_paybill_qr,
     test_portal,
     test_provider,
     test_refund_flows,

@@ -1,6 +1,6 @@
 """A local Daraja with Safaricom's exact wire format: OAuth, M-Pesa Express (STK Push, Query, callbacks), C2B
-(register URL v1/v2, simulate, validation, confirmation), Pull Transactions, Reversal and Transaction Status, and
-B2B Express Checkout (USSD push to a till).
+(register URL v1/v2, simulate, validation, confirmation), Pull Transactions, Reversal and Transaction Status, B2B
+Express Checkout (USSD push to a till) and Dynamic QR.
 
 ``python3 -m muchiri_mpesa.daraja.simulator --port 8089`` from the repository root (``--help`` lists every flag),
 or in-process for tests::
@@ -12,8 +12,9 @@ or in-process for tests::
 
 The package is split by API around one shared state: ``state`` (settings, records, the ledger of receipts),
 ``delivery`` (POSTs to merchant URLs, retries), ``httpd`` (HTTP plumbing), ``oauth``, ``stk``, ``c2b``, ``pull``,
-``initiator`` (with ``keys``: its RSA key pair and certificate), and ``server.DarajaSimulator``, the façade.
-Standard library only, except ``keys`` which imports ``cryptography`` when the initiator APIs first need it.
+``initiator`` (with ``keys``: its RSA key pair and certificate), ``qr``, and ``server.DarajaSimulator``, the façade.
+Standard library only, except ``keys`` which imports ``cryptography`` when the initiator APIs first need it, and
+``qr`` which imports ``qrcode`` (with Pillow) when a Dynamic QR image is first drawn.
 
 Magic values (full table in README.md of this folder):
 
@@ -61,6 +62,8 @@ Python helpers for tests (on a DarajaSimulator ``sim``):
 - Initiator: ``sim.certificate_pem``, ``sim.initiator_name``, ``sim.initiator_password``,
   ``sim.security_credential(password=None)``, ``sim.initiator_next("no_result" | "queue_timeout", count=1)``,
   ``sim.initiator_requests``.
+- Dynamic QR: ``sim.qr_codes``, ``sim.pay_qr(content, msisdn) -> TransID`` (a phone scanning the code: a C2B
+  payment with its RefNo); the image encodes ``qr_content(...)``, read back with ``read_qr_content``.
 - Gateway: ``sim.fail_next``, ``sim.delay_next``, ``sim.expire_tokens()``, ``sim.requests_for(operation)``,
   ``sim.reset()``, ``sim.state()``.
 
@@ -71,6 +74,7 @@ Control API for other processes: ``/__sim__/health``, ``state``, ``certificate``
 from .b2b import B2B_DEFAULT_SCENARIO, B2B_MAGIC_TILLS, B2BScenario, b2b_magic_tills_table, b2b_scenario_for
 from .c2b import C2B_MAGIC_NUMBERS
 from .listener import ACCEPTED, CallbackListener, ReceivedCallback
+from .qr import qr_content, read_qr_content
 from .scenarios import (
     ABOVE_MAXIMUM_SCENARIO,
     DARAJA_MAX_AMOUNT,
@@ -110,6 +114,7 @@ from .server import (
     PAYBILL,
     PULL_QUERY_PATH,
     PULL_REGISTER_PATH,
+    QR_PATH,
     REVERSAL_PATH,
     SANDBOX_PASSKEY,
     STK_PUSH_PATH,
@@ -175,6 +180,7 @@ __all__ = [
     "PAYBILL",
     "PULL_QUERY_PATH",
     "PULL_REGISTER_PATH",
+    "QR_PATH",
     "REVERSAL_PATH",
     "SANDBOX_PASSKEY",
     "SANDBOX_TEST_MSISDN",
@@ -199,5 +205,7 @@ __all__ = [
     "b2b_magic_tills_table",
     "b2b_scenario_for",
     "magic_numbers_table",
+    "qr_content",
+    "read_qr_content",
     "scenario_for",
 ]

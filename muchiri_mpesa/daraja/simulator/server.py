@@ -53,6 +53,7 @@ from .initiator import (
 from .keys import encrypt_credential
 from .oauth import OAUTH_PATH, OAuthApi
 from .pull import PULL_OUTCOMES, PULL_QUERY_PATH, PULL_REGISTER_PATH, PullApi
+from .qr import QR_PATH, QrApi
 from .state import (
     _INVALID_PAYLOAD,
     _NOT_FOUND,
@@ -131,6 +132,7 @@ __all__ = [
     "PULL_QUERY_PATH",
     "PULL_REGISTER_PATH",
     "PUSH_ACCEPTED_DESC",
+    "QR_PATH",
     "QUERY_ACCEPTED_DESC",
     "REVERSAL_PATH",
     "SANDBOX_PASSKEY",
@@ -160,7 +162,7 @@ INJECTABLE_ERRORS: dict[str, tuple[int, str, str]] = {
 }
 OPERATIONS = (
     "token", "stk_push", "stk_query", "reversal", "transaction_status", "c2b_register", "c2b_simulate",
-    "pull_register", "pull_query", "b2b_checkout",
+    "pull_register", "pull_query", "b2b_checkout", "qr_generate",
 )
 
 # (method, path) -> (operation, handler of the parsed JSON body)
@@ -320,6 +322,7 @@ class DarajaSimulator:
         self._c2b = C2BApi(self._state, self._deliverer)
         self._pull = PullApi(self._state)
         self._b2b = B2BApi(self._state, self._deliverer)
+        self._qr = QrApi(self._state)
         self._routes: _Routes = {
             ("POST", STK_PUSH_PATH): ("stk_push", self._stk.push),
             ("POST", STK_QUERY_PATH): ("stk_query", self._stk.query),
@@ -331,6 +334,7 @@ class DarajaSimulator:
             ("POST", PULL_REGISTER_PATH): ("pull_register", self._pull.register),
             ("POST", PULL_QUERY_PATH): ("pull_query", self._pull.query),
             ("POST", B2B_CHECKOUT_PATH): ("b2b_checkout", self._b2b.checkout),
+            ("POST", QR_PATH): ("qr_generate", self._qr.generate),
         }
         self._httpd: _HttpServer | None = None
         self._serve_thread: threading.Thread | None = None
@@ -580,6 +584,22 @@ class DarajaSimulator:
             raise ValueError("command_id must be PAYBILL or TILL and amount >= 1")
         return self._c2b.pay(int(amount), str(msisdn), bill_ref, command_id=command_id, first_name=first_name,
                              middle_name=middle_name, last_name=last_name)
+
+    def pay_qr(self, content: str, msisdn: str) -> str:
+        """What a phone scanning a Dynamic QR code of this simulator does: a C2B payment of its Amount into its
+        CPI, with its RefNo as the account number; returns the TransID (wait with ``wait_for_c2b``).
+        ``content`` is what the image decodes to; ValueError for a code this simulator did not make."""
+        data, command_id = self._qr.command_of(content)
+        trans_id = self.c2b_pay(int(data["Amount"]), msisdn, data["RefNo"], command_id=command_id)
+        with self._state.lock:
+            self._state.qr_codes[content]["paid"].append(trans_id)
+        return trans_id
+
+    @property
+    def qr_codes(self) -> list[dict[str, Any]]:
+        """Every Dynamic QR code made: {"RequestID", "content" (what the image decodes to), "paid" (TransIDs)}."""
+        with self._state.lock:
+            return copy.deepcopy(list(self._state.qr_codes.values()))
 
     def wait_for_c2b(self, trans_id: str, timeout: float = 5.0) -> dict[str, Any]:
         """The C2B payment once decided: {"TransID", "state": "completed" | "cancelled", "validation" (the

@@ -344,6 +344,7 @@ class SimState:
         self.initiator_outcomes: list[str] = []
         self.pull_outcomes: list[str] = []  # quirks of the next Pull queries (sim.pull_next)
         self.b2b_checkouts: dict[str, dict[str, Any]] = {}  # RequestRefID -> what became of a B2B checkout
+        self.qr_codes: dict[str, dict[str, Any]] = {}  # Dynamic QR content -> its RequestID and payments
 
     # -- ids ----------------------------------------------------------------------------------------------------
     def request_id(self) -> str:
