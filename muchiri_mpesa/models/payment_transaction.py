@@ -1050,7 +1050,8 @@ class PaymentTransaction(models.Model):
                 'due': due,
                 'total': document.amount_total,
                 'next': self.provider_id._mpesa_instalment_amount(due, currency),
-                'url': document.get_portal_url(),
+                # The button only where the page offers the payment form (Odoo's own rule).
+                'url': document._has_to_be_paid() and document.get_portal_url(),
             })
         return lines
 
