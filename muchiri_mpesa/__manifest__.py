@@ -1,7 +1,7 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 {
     "name": "Payment Provider: M-Pesa (Daraja STK Push)",
-    "version": "18.0.1.1.0",
+    "version": "18.0.1.2.0",
     "category": "Accounting/Payment Providers",
     "sequence": 350,
     "summary": "Take M-Pesa payments from distributors by STK Push (Lipa Na M-Pesa Online).",

@@ -396,7 +396,7 @@ def test_unknown_checkout_request_id(daraja_sim, client):
 
 
 def test_validation_happens_before_anything_is_sent(daraja_sim, callback_listener, client):
-    for kwargs in ({"phone": "0800123456"}, {"amount": 0}, {"amount": 150_001}, {"phone": "12345"}):
+    for kwargs in ({"phone": "0800123456"}, {"amount": 0}, {"amount": 250_001}, {"phone": "12345"}):
         with pytest.raises(DarajaValidationError):
             pay(client, callback_listener, **kwargs)
     with pytest.raises(DarajaValidationError):

@@ -18,7 +18,7 @@ from muchiri_mpesa.daraja import (
 
 
 def test_limits() -> None:
-    assert (MIN_AMOUNT, DEFAULT_MAX_AMOUNT, DARAJA_MAX_AMOUNT) == (1, 150_000, 250_000)
+    assert (MIN_AMOUNT, DEFAULT_MAX_AMOUNT, DARAJA_MAX_AMOUNT) == (1, 250_000, 250_000)
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_negative_amount_message() -> None:
 
 @pytest.mark.parametrize(
     ("amount", "expected"),
-    [(1, 1), (0.5, 1), (Decimal("0.01"), 1), (150_000, 150_000), ("149999.2", 150_000)],
+    [(1, 1), (0.5, 1), (Decimal("0.01"), 1), (250_000, 250_000), ("249999.2", 250_000)],
 )
 def test_check_amount_accepts_within_limits(amount: object, expected: int) -> None:
     assert check_amount(amount) == expected  # type: ignore[arg-type]
@@ -77,8 +77,8 @@ def test_check_amount_accepts_within_limits(amount: object, expected: int) -> No
 
 def test_above_the_default_limit_says_so_after_rounding() -> None:
     with pytest.raises(InvalidAmount) as caught:
-        check_amount(Decimal("150000.01"))
-    assert str(caught.value) == "KES 150,001 is above the KES 150,000 limit for one M-Pesa payment."
+        check_amount(Decimal("250000.01"))
+    assert str(caught.value) == "KES 250,001 is above the KES 250,000 limit for one M-Pesa payment."
 
 
 def test_zero_is_below_the_minimum() -> None:

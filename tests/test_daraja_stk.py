@@ -252,8 +252,8 @@ def _push(**overrides: object) -> dict:
 def test_push_payload_validates_phone_and_amount() -> None:
     with pytest.raises(InvalidPhoneNumber):
         _push(phone="0733123456")
-    with pytest.raises(InvalidAmount, match="KES 150,000 limit"):
-        _push(amount=150_000.5)
+    with pytest.raises(InvalidAmount, match="KES 250,000 limit"):
+        _push(amount=250_000.5)
     with pytest.raises(InvalidAmount, match="KES 500 limit"):
         _push(amount=501, max_amount=500)
     with pytest.raises(InvalidAmount):
@@ -478,7 +478,7 @@ def test_nothing_leaves_when_the_input_is_invalid() -> None:
         with pytest.raises(InvalidPhoneNumber):
             client.stk_push(**{**PUSH, "phone": "0733123456"})
         with pytest.raises(InvalidAmount):
-            client.stk_push(**{**PUSH, "amount": 150_001})
+            client.stk_push(**{**PUSH, "amount": 250_001})
         with pytest.raises(InvalidConfiguration):
             client.stk_push(**{**PUSH, "callback_url": "/relative"})
         with pytest.raises(DarajaValidationError):

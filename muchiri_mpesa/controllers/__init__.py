@@ -1,2 +1,2 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
-from . import main
+from . import main, portal

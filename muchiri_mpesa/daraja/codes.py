@@ -99,8 +99,18 @@ RESULT_CODES: dict[str, ResultCode] = {
         _failed("1", "The M-Pesa balance is too low for this payment."),
         _failed("2", "The amount is below the M-Pesa minimum."),
         _failed("3", "The amount is above the M-Pesa maximum for one payment."),
-        _failed("4", "This payment would go over the daily M-Pesa limit of this phone."),
-        _failed("8", "This payment would go over the M-Pesa account balance limit."),
+        _failed(
+            "4",
+            "This payment would take the phone over its M-Pesa daily limit (KES 500,000 a day). "
+            "No money was taken for it: pay the rest tomorrow, or another way, such as to the "
+            "seller's paybill.",
+        ),
+        _failed(
+            "8",
+            "This payment would take the M-Pesa account over its balance limit (KES 500,000). "
+            "No money was taken for it: pay the rest tomorrow, or another way, such as to the "
+            "seller's paybill.",
+        ),
         _failed(
             "17",
             "M-Pesa refused a second payment of the same amount from this phone within 2 minutes. "

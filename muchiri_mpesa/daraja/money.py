@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 DARAJA_MAX_AMOUNT = 250_000  # Safaricom's ceiling for one transaction
-DEFAULT_MAX_AMOUNT = 150_000  # the provider's default cap (docs/design.md, 5. Money rules)
+DEFAULT_MAX_AMOUNT = DARAJA_MAX_AMOUNT  # one prompt's default cap (docs/design.md, 5. Money rules)
 MIN_AMOUNT = 1
 
 # Far above any payment, low enough that int() of the value stays cheap for absurd input.

@@ -136,6 +136,14 @@ class PaymentProvider(models.Model):
         groups='base.group_system',
         help="While a prompt sent for an order is younger than this, another one is refused.",
     )
+    mpesa_prompt_max_amount = fields.Integer(
+        string="Maximum per Prompt (KES)", default=daraja.DEFAULT_MAX_AMOUNT,
+        help="The most one M-Pesa prompt asks for; a larger order or invoice is paid in several"
+             " prompts, each approved on the phone.  Daraja takes up to 250,000 in one payment."
+             "  Lower it when your distributors' M-Pesa accounts have lower daily or balance"
+             " limits: a prompt above what their account may pay fails, smaller ones go through."
+             "  (Odoo's Maximum Amount, on the Configuration tab, hides M-Pesa for larger orders.)",
+    )
     mpesa_reconcile_cutoff_hours = fields.Integer(
         string="Give Up After (hours)", default=const.DEFAULT_RECONCILE_CUTOFF_HOURS,
         groups='base.group_system',
@@ -390,6 +398,18 @@ class PaymentProvider(models.Model):
                     "An enabled M-Pesa provider talks to Safaricom's production API (%(prod)s), not"
                     " to %(url)s: use test mode for the sandbox or a simulator.",
                     prod=provider._mpesa_api_base_url(), url=url,
+                ))
+
+    @api.constrains('mpesa_prompt_max_amount')
+    def _check_mpesa_prompt_max_amount(self):
+        for provider in self.filtered(lambda p: p.code == 'mpesa'):
+            if not daraja.MIN_AMOUNT <= provider.mpesa_prompt_max_amount <= daraja.DARAJA_MAX_AMOUNT:
+                currency = self.env.ref('base.KES', raise_if_not_found=False) or provider.main_currency_id
+                raise ValidationError(self.env._(
+                    "The maximum of one M-Pesa prompt must be from %(minimum)s to %(maximum)s, the"
+                    " limit of Daraja for one payment.",
+                    minimum=formatLang(self.env, daraja.MIN_AMOUNT, currency_obj=currency),
+                    maximum=formatLang(self.env, daraja.DARAJA_MAX_AMOUNT, currency_obj=currency),
                 ))
 
     @api.constrains('mpesa_allowed_ips')
@@ -782,10 +802,36 @@ class PaymentProvider(models.Model):
             raise ValidationError(str(error)) from error
 
     def _mpesa_max_amount(self):
-        """Odoo's maximum amount, capped by what Daraja accepts for one payment."""
+        """The most one prompt asks for: the provider's own maximum, within what Daraja accepts
+        for one payment.  Odoo's `maximum_amount` keeps its meaning (it hides the provider for
+        larger amounts); an amount above this one is paid in instalments."""
         self.ensure_one()
-        maximum = int(self.maximum_amount or daraja.DEFAULT_MAX_AMOUNT)
-        return min(maximum, daraja.DARAJA_MAX_AMOUNT)
+        maximum = self.mpesa_prompt_max_amount or daraja.DEFAULT_MAX_AMOUNT
+        return max(daraja.MIN_AMOUNT, min(maximum, daraja.DARAJA_MAX_AMOUNT))
+
+    def _mpesa_instalment_amount(self, due, currency):
+        """What the next prompt asks of `due`: all of it when one prompt may take it, else the
+        largest prompt allowed (the rest is asked by the next ones)."""
+        self.ensure_one()
+        return min(currency.round(due), self._mpesa_max_amount())
+
+    def _mpesa_amount_limits(self, amount, currency):
+        """The M-Pesa limits the payment form says before Pay for `amount`: whether it is below
+        M-Pesa's minimum, and how many prompts it takes (each at most the provider's maximum, the
+        first one asking `first`).
+
+        :rtype: dict
+        """
+        self.ensure_one()
+        shillings = daraja.to_whole_shillings(Decimal(str(currency.round(max(amount or 0.0, 0.0)))))
+        maximum = self._mpesa_max_amount()
+        return {
+            'minimum': daraja.MIN_AMOUNT,
+            'below_minimum': shillings < daraja.MIN_AMOUNT,
+            'maximum': maximum,
+            'prompts': max(1, -(-shillings // maximum)),
+            'first': min(shillings, maximum),
+        }
 
     def _mpesa_client(self, transaction=None, session=None):
         """A Daraja client whose token is shared through the database and whose every HTTP exchange

@@ -1006,6 +1006,76 @@ class PaymentTransaction(models.Model):
             refund._mpesa_clear_refund_flags()
         return res
 
+    # === BUSINESS METHODS - INSTALMENTS === #
+
+    def _mpesa_limit_to_instalment(self):
+        """An order or invoice above what one prompt may ask is paid in instalments, one prompt
+        (one transaction, receipt and payment) each: this new transaction asks the next one,
+        min(what is still due, the provider's maximum).  Decided here from the documents, never
+        from the amount the browser sent; an amount one prompt may take is left as Odoo made it."""
+        self.ensure_one()
+        provider = self.provider_id
+        documents = self._mpesa_documents()
+        if (
+            self.provider_code != 'mpesa' or self.state != 'draft' or self.operation != 'online_direct'
+            or not documents
+            or self.currency_id.compare_amounts(self.amount, provider._mpesa_max_amount()) <= 0
+        ):
+            return
+        due = sum(document._mpesa_amount_due() for document in documents)
+        if self.currency_id.compare_amounts(due, 0) <= 0:
+            return  # Nothing left: the push refuses it, saying so.
+        self.amount = provider._mpesa_instalment_amount(due, self.currency_id)
+
+    def _mpesa_instalments(self):
+        """What the status page says after this prompt of the documents it paid part of: for each
+        one partly paid and still due, what is paid, what is left, the next prompt's amount and
+        the page where it is asked.
+
+        :rtype: list[dict]
+        """
+        self.ensure_one()
+        if self.provider_code != 'mpesa' or self.operation == 'refund' \
+                or self.state not in ('done', 'cancel', 'error'):
+            return []
+        lines = []
+        for document in self._mpesa_documents():
+            currency = document.currency_id
+            paid, due = document._mpesa_paid_amount(), document._mpesa_amount_due()
+            if currency.compare_amounts(paid, 0) <= 0 or currency.compare_amounts(due, 0) <= 0:
+                continue
+            lines.append({
+                'document': document,
+                'paid': paid,
+                'due': due,
+                'total': document.amount_total,
+                'next': self.provider_id._mpesa_instalment_amount(due, currency),
+                # The button only where the page offers the payment form (Odoo's own rule).
+                'url': document._has_to_be_paid() and document.get_portal_url(),
+            })
+        return lines
+
+    def _mpesa_limit_advice(self):
+        """After an M-Pesa limit (ResultCode 4: the daily limit, 8: the balance limit), where the
+        rest can be paid from the phone's menu instead, or None."""
+        self.ensure_one()
+        if self.provider_code != 'mpesa' or self.mpesa_result_code not in const.LIMIT_RESULT_CODES:
+            return None
+        provider = self.provider_id.sudo()
+        account = ', '.join(self._mpesa_documents().mapped('name')) or self.reference
+        if provider.mpesa_shortcode_type == 'till' and provider.mpesa_till_number:
+            return self.env._(
+                "You can also pay from your phone's M-Pesa menu: Lipa na M-Pesa, Buy Goods and"
+                " Services, till number %(till)s.", till=provider.mpesa_till_number,
+            )
+        if not provider.mpesa_shortcode:
+            return None
+        return self.env._(
+            "You can also pay from your phone's M-Pesa menu: Lipa na M-Pesa, Pay Bill, business"
+            " number %(paybill)s, account number %(account)s.",
+            paybill=provider.mpesa_shortcode, account=account,
+        )
+
     # === BUSINESS METHODS - INVOICE ON PAYMENT === #
 
     @api.model

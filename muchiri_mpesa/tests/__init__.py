@@ -4,6 +4,7 @@ from . import (
     test_back_office,
     test_c2b_flows,
     test_demo_data,
+    test_instalments,
     test_ledger,
     test_monitoring,
     test_other_providers,

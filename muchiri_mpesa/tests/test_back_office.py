@@ -171,7 +171,7 @@ class TestBackOffice(MpesaCommon):
         for values, message in cases:
             with self.subTest(**values):
                 self._assert_refused(self._wizard(**values), message)
-        self.provider.maximum_amount = 2000
+        self.provider.mpesa_prompt_max_amount = 2000
         limit = self._order()._mpesa_format_amount(2000)
         self._assert_refused(self._wizard(amount=2500), f"above the {limit} limit")
         self.quotation.invalidate_recordset()
