@@ -1062,18 +1062,19 @@ class PaymentTransaction(models.Model):
         if self.provider_code != 'mpesa' or self.mpesa_result_code not in const.LIMIT_RESULT_CODES:
             return None
         provider = self.provider_id.sudo()
-        account = ', '.join(self._mpesa_documents().mapped('name')) or self.reference
-        if provider.mpesa_shortcode_type == 'till' and provider.mpesa_till_number:
+        number = provider._mpesa_business_number()
+        if not number:
+            return None
+        if provider.mpesa_shortcode_type == 'till':
             return self.env._(
                 "You can also pay from your phone's M-Pesa menu: Lipa na M-Pesa, Buy Goods and"
-                " Services, till number %(till)s.", till=provider.mpesa_till_number,
+                " Services, till number %(till)s.", till=number,
             )
-        if not provider.mpesa_shortcode:
-            return None
+        account = ', '.join(self._mpesa_documents().mapped('name')) or self.reference
         return self.env._(
             "You can also pay from your phone's M-Pesa menu: Lipa na M-Pesa, Pay Bill, business"
             " number %(paybill)s, account number %(account)s.",
-            paybill=provider.mpesa_shortcode, account=account,
+            paybill=number, account=account,
         )
 
     # === BUSINESS METHODS - INVOICE ON PAYMENT === #
