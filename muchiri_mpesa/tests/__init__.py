@@ -6,6 +6,7 @@ from . import (
     test_demo_data,
     test_ledger,
     test_monitoring,
+    test_notification_data,
     test_other_providers,
     test_portal,
     test_provider,
