@@ -169,6 +169,18 @@ class LogCapture(logging.Handler):
             return list(self.records[mark:])
 
 
+@dataclass
+class PaidPrompt:
+    """A committed pending transaction of its own order whose prompt the customer paid, and the stkCallback body
+    Daraja sends for it (the simulator's own), as it reaches Odoo."""
+
+    order_id: int
+    tx_id: int
+    checkout_request_id: str
+    sim_tx: Any
+    body: bytes
+
+
 class Checks:
     """What a scenario measured, and which of its expectations failed."""
 
@@ -297,9 +309,14 @@ class Harness:
                 raise RuntimeError(f"the simulated customer never answered {checkout_request_id}")
             time.sleep(0.02)
 
-    def settled_prompt(self, tag: str, due: bool) -> tuple[int, int, str]:
-        """A committed pending transaction of its own order whose prompt the customer paid (no callback
-        sent); due for its next status check, or not due for a long while."""
+    def paid_prompt_of(self, order_id: int, tx_id: int, checkout_request_id: str) -> PaidPrompt:
+        """The paid prompt `checkout_request_id` of transaction `tx_id`, with Daraja's callback for it."""
+        sim_tx = self.sim.transaction(checkout_request_id)
+        return PaidPrompt(order_id, tx_id, checkout_request_id, sim_tx, json.dumps(sim_tx.callback_body).encode())
+
+    def paid_prompt(self, tag: str, due: bool) -> PaidPrompt:
+        """A committed pending transaction of its own order whose prompt, sent by Odoo's push, the customer paid
+        (no callback sent); due for its next status check, or not due for a long while."""
         with self.env() as env:
             order = self.new_order(env, tag)
             tx = self.new_draft_tx(env, tag, order)
@@ -314,7 +331,7 @@ class Harness:
             )
             next_check = self.odoo.fields.Datetime.now() - timedelta(seconds=1) if due else later
             env.cr.execute("UPDATE payment_transaction SET mpesa_next_check_at = %s WHERE id = %s", [next_check, tx.id])
-        return order.id, tx.id, checkout_request_id
+        return self.paid_prompt_of(order.id, tx.id, checkout_request_id)
 
     # -- what the workers run ------------------------------------------------------------------------------
     def controller_push(self, env, reference: str, phone: str):
@@ -678,15 +695,15 @@ class Harness:
     def s5_callback_vs_cron(self, c: Checks) -> None:
         settled_by, states, replays, slowest, queries = Counter(), Counter(), Counter(), 0.0, Counter()
         for i in range(self.rounds):
-            order_id, tx_id, checkout_request_id = self.settled_prompt(f"S5R{i}", due=True)
-            sim_tx = self.sim.transaction(checkout_request_id)
-            raw_body = json.dumps(sim_tx.callback_body).encode()
+            prompt = self.paid_prompt(f"S5R{i}", due=True)
+            order_id, tx_id, checkout_request_id = prompt.order_id, prompt.tx_id, prompt.checkout_request_id
+            sim_tx = prompt.sim_tx
             queries_before = sim_tx.queries
             # Both at once, then one or the other a little late: the lock changes hands at every point.
             lag = [0.0, 0.0, 0.003, 0.003, 0.01, 0.01, 0.02, 0.02, 0.05, 0.05][i % 10]
             jobs = [
                 Job("cron", self.cron_reconcile, mode="cron", public=False, delay=lag if i % 2 else 0.0),
-                Job("callback", functools.partial(self.controller_callback, raw_body=raw_body),
+                Job("callback", functools.partial(self.controller_callback, raw_body=prompt.body),
                     delay=0.0 if i % 2 else lag),
                 Job("settle", self.cron_settle, mode="cron", public=False, delay=lag),
             ]
@@ -725,11 +742,10 @@ class Harness:
     def s6_duplicate_callbacks(self, c: Checks) -> None:
         state_sets, replays, slowest = Counter(), Counter(), 0.0
         for i in range(self.repeat):
-            _order_id, tx_id, checkout_request_id = self.settled_prompt(f"S6R{i}", due=False)
-            sim_tx = self.sim.transaction(checkout_request_id)
-            raw_body = json.dumps(sim_tx.callback_body).encode()
+            prompt = self.paid_prompt(f"S6R{i}", due=False)
+            tx_id, checkout_request_id, sim_tx = prompt.tx_id, prompt.checkout_request_id, prompt.sim_tx
             delay = [0.0, 0.0, 0.002, 0.005, 0.01][i % 5]
-            jobs = [Job(f"delivery{k}", functools.partial(self.controller_callback, raw_body=raw_body),
+            jobs = [Job(f"delivery{k}", functools.partial(self.controller_callback, raw_body=prompt.body),
                         delay=delay if k else 0.0) for k in range(2)]
             # Two settlement runs at once (the cron, and a run a second worker started).
             jobs += [Job(f"settle{k}", self.cron_settle, mode="cron", public=False, delay=delay * k)
@@ -805,10 +821,10 @@ class Harness:
             })
         outcomes, replays, slowest = Counter(), Counter(), 0.0
         for i in range(self.repeat):
-            _order_id, tx_id, checkout_request_id = self.settled_prompt(f"S8R{i}", due=False)
-            sim_tx = self.sim.transaction(checkout_request_id)
+            prompt = self.paid_prompt(f"S8R{i}", due=False)
+            tx_id = prompt.tx_id
             with self.env() as env:  # Paid by its callback, then post-processed: a posted payment.
-                self.controller_callback(env, json.dumps(sim_tx.callback_body).encode())
+                self.controller_callback(env, prompt.body)
             with self.env() as env:
                 self.cron_settle(env)
             with self.env() as env:
@@ -967,12 +983,12 @@ class Harness:
         noise = [line for line in lines if any(f" {name}: " in line for name in PREFORK_NOISE)]
         return [line for line in lines if line not in noise], len(noise)
 
-    def paid_prompts(self, tag: str, n: int) -> tuple[list[int], list[Any], list[bytes]]:
+    def paid_prompts(self, tag: str, n: int) -> list[PaidPrompt]:
         """`n` pending transactions of their own orders whose prompts the customers paid: real prompts on distinct
         phones, their answers known in 0.2 s, the simulator's own callbacks sent to the listener (what reaches
         Odoo is the caller's burst), their status checks a day away (only the callbacks settle them).
 
-        :return: the transactions' ids, the simulator's prompts and the stkCallback bodies, in the same order
+        :return: the paid prompts, in the order of their transactions
         """
         with self.env() as env:
             orders = [self.new_order(env, f"{tag}R{i}") for i in range(n)]
@@ -985,7 +1001,7 @@ class Harness:
             self.wait_final(result.checkout_request_id)
         with self.env() as env:
             later = self.odoo.fields.Datetime.now() + timedelta(days=1)
-            txs = env["payment.transaction"]
+            prompts = []
             for order, result in zip(orders, pushed, strict=True):
                 tx = self.new_draft_tx(env, tag, env["sale.order"].browse(order.id))
                 tx.write({
@@ -996,17 +1012,16 @@ class Harness:
                     "mpesa_push_sent_at": self.odoo.fields.Datetime.now(), "mpesa_next_check_at": later,
                 })
                 tx._set_pending()
-                txs |= tx
-            tx_ids = txs.ids
-        sim_txs = [self.sim.transaction(result.checkout_request_id) for result in pushed]
-        return tx_ids, sim_txs, [json.dumps(sim_tx.callback_body).encode() for sim_tx in sim_txs]
+                prompts.append((order.id, tx.id, result.checkout_request_id))
+        return [self.paid_prompt_of(*prompt) for prompt in prompts]
 
     def k1_kill_during_callbacks(self, c: Checks) -> None:
         """A burst of duplicated callbacks on a prefork Odoo; an HTTP worker killed -9 in the middle of one, later the
         cron worker in the middle of its work; the callers retry what got no answer, as Daraja does."""
         n = self.kill_txs
         copies = [2 + i % 3 for i in range(n)]  # 2 to 4 deliveries of each callback
-        tx_ids, sim_txs, bodies = self.paid_prompts("K1", n)
+        prompts = self.paid_prompts("K1", n)
+        tx_ids, sim_txs, bodies = [p.tx_id for p in prompts], [p.sim_tx for p in prompts], [p.body for p in prompts]
         deliveries = [(i, bodies[i]) for i in range(n) for _ in range(copies[i])]
         random.Random(7).shuffle(deliveries)  # Duplicates race at every distance.
         statuses: list[list[int | None]] = [[] for _ in deliveries]
@@ -1299,7 +1314,8 @@ class Harness:
                 env["payment.provider"].browse(self.provider_id).write(saved)
 
     def _k3_two_servers(self, c: Checks, n: int, payments_before: int, settle_id: int, post_id: int) -> None:
-        tx_ids, sim_txs, stk_bodies = self.paid_prompts("K3", n)
+        prompts = self.paid_prompts("K3", n)
+        tx_ids, sim_txs, stk_bodies = [p.tx_id for p in prompts], [p.sim_tx for p in prompts], [p.body for p in prompts]
         order_ids, receipts, c2b_bodies = self.paid_c2b("K3", n)
         with self.env() as env:
             provider = env["payment.provider"].browse(self.provider_id)

@@ -7,6 +7,7 @@ from . import (
     test_instalments,
     test_ledger,
     test_monitoring,
+    test_notification_data,
     test_other_providers,
     test_paybill_qr,
     test_portal,

@@ -9,6 +9,7 @@ bodies built as Daraja sends them.
 - MpesaPaybillCommon: paybill money confirmed by Transaction Status or Pull.
 """
 import contextlib
+import copy
 import itertools
 import json
 import threading
@@ -16,6 +17,7 @@ import time
 from datetime import datetime
 from urllib.parse import urlsplit
 
+from odoo import fields
 from odoo.fields import Command
 from odoo.tests import common as odoo_test_common
 from odoo.tests import new_test_user
@@ -52,6 +54,7 @@ PHONE_LOCKED = '254700000009'
 PAYER_PHONE = '254711222333'
 
 _receipts = itertools.count(1)
+_prompts = itertools.count(1)
 
 TX_LOGGER = 'odoo.addons.muchiri_mpesa.models.payment_transaction'
 EVENT_LOGGER = 'odoo.addons.muchiri_mpesa.models.mpesa_event'
@@ -127,6 +130,98 @@ class MpesaCommon(AccountPaymentCommon, SaleCommon, PaymentHttpCommon):
     def setUp(self):
         super().setUp()
         self.simulator.reset()  # Pending prompts of a previous test would lock its phones.
+
+    # === DARAJA'S BODIES === #
+    # As Daraja posts them (docs/design.md, 3. Daraja facts).  The helpers below deep-copy one and set
+    # the few fields that vary: the ids of the request answered, the amount, the receipt.
+
+    # STK callbacks, to the CallBackURL of a prompt: paid, cancelled by the customer, too low a balance.
+    stk_success_data = {'Body': {'stkCallback': {
+        'MerchantRequestID': "29115-34620561-1",
+        'CheckoutRequestID': "ws_CO_191220191020363925",
+        'ResultCode': 0,
+        'ResultDesc': "The service request is processed successfully.",
+        'CallbackMetadata': {'Item': [
+            {'Name': 'Amount', 'Value': 4500.0},
+            {'Name': 'MpesaReceiptNumber', 'Value': "SIM1234567"},
+            {'Name': 'Balance'},
+            {'Name': 'TransactionDate', 'Value': 20261126150000},  # Kenya time.
+            {'Name': 'PhoneNumber', 'Value': 254708374149},
+        ]},
+    }}}
+    stk_cancelled_data = {'Body': {'stkCallback': {
+        'MerchantRequestID': "29115-34620561-1",
+        'CheckoutRequestID': "ws_CO_191220191020363925",
+        'ResultCode': 1032,
+        'ResultDesc': "Request cancelled by user",
+    }}}
+    stk_no_funds_data = {'Body': {'stkCallback': {
+        'MerchantRequestID': "29115-34620561-1",
+        'CheckoutRequestID': "ws_CO_191220191020363925",
+        'ResultCode': 1,
+        'ResultDesc': "The balance is insufficient for the transaction.",
+    }}}
+
+    # C2B, to the shortcode's ValidationURL (asked before the payment: no balance yet) and its
+    # ConfirmationURL (after it).  The MSISDN is hashed.
+    c2b_validation_data = {
+        'TransactionType': "Pay Bill",
+        'TransID': "TST0000000",
+        'TransTime': "20260115093012",
+        'TransAmount': "4500.00",
+        'BusinessShortCode': SIM_SHORTCODE,
+        'BillRefNumber': "",
+        'InvoiceNumber': "",
+        'OrgAccountBalance': "",
+        'ThirdPartyTransID': "",
+        'MSISDN': "",
+        'FirstName': "Wanjiku",
+        'MiddleName': "",
+        'LastName': "",
+    }
+    c2b_confirmation_data = dict(c2b_validation_data, OrgAccountBalance="49197.00")
+
+    # Initiator results, to the ResultURL of a Reversal and of a Transaction Status query.
+    reversal_result_data = {'Result': {
+        'ResultType': 0,
+        'ResultCode': 0,
+        'ResultDesc': "The service request is processed successfully.",
+        'OriginatorConversationID': "29115-34620561-9",
+        'ConversationID': "AG_20261126_00004e48cf7e3533f581",
+        'TransactionID': "SIMREV0001",
+        'ResultParameters': {'ResultParameter': [
+            {'Key': 'DebitAccountBalance', 'Value': "Utility Account|KES|45500.00|45500.00|0.00|0.00"},
+            {'Key': 'Amount', 'Value': 4500.0},
+            {'Key': 'TransCompletedTime', 'Value': 20261126150500},
+            {'Key': 'OriginalTransactionID', 'Value': "SIM1234567"},
+            {'Key': 'Charge', 'Value': 0.0},
+            {'Key': 'CreditPartyPublicName', 'Value': f"{PHONE_SUCCESS} - Wanjiku"},
+            {'Key': 'DebitPartyPublicName', 'Value': f"{SIM_SHORTCODE} - Muchiri Shop"},
+        ]},
+        'ReferenceData': {'ReferenceItem': {
+            'Key': 'QueueTimeoutURL',
+            'Value': "https://internalsandbox.safaricom.co.ke/mpesa/reversalresults/v1/submit",
+        }},
+    }}
+    status_result_data = {'Result': {
+        'ResultType': 0,
+        'ResultCode': 0,
+        'ResultDesc': "The service request is processed successfully.",
+        'OriginatorConversationID': "29115-34620561-10",
+        'ConversationID': "AG_20261126_00004e48cf7e3533f582",
+        'TransactionID': "SIM0000000",
+        'ResultParameters': {'ResultParameter': [
+            {'Key': 'DebitPartyName', 'Value': f"{PHONE_SUCCESS} - Wanjiku"},
+            {'Key': 'CreditPartyName', 'Value': f"{SIM_SHORTCODE} - Muchiri Shop"},
+            {'Key': 'TransactionStatus', 'Value': "Completed"},
+            {'Key': 'Amount', 'Value': 4500.0},
+            {'Key': 'ReceiptNo', 'Value': "SIM1234567"},
+        ]},
+        'ReferenceData': {'ReferenceItem': {
+            'Key': 'QueueTimeoutURL',
+            'Value': "https://internalsandbox.safaricom.co.ke/mpesa/transactionstatusresults/v1/submit",
+        }},
+    }}
 
     # === HELPERS === #
 
@@ -273,15 +368,88 @@ class MpesaCommon(AccountPaymentCommon, SaleCommon, PaymentHttpCommon):
         self._wait(lambda: self._result_known(tx), message="the customer's answer", settle=False)
 
     def _body(self, tx, code=0, amount=4500, receipt='SIM1234567', checkout_request_id=None, phone=None):
-        metadata = {
-            'amount': amount, 'receipt': receipt, 'transaction_date': datetime(2026, 11, 26, 12, 0, 0),
-            'phone': phone or tx.mpesa_phone,
-        } if code == 0 else {}
-        return daraja.stk_callback_body(
-            tx.mpesa_merchant_request_id or '1-2-3', checkout_request_id or tx.provider_reference, code,
-            "The service request is processed successfully." if code == 0 else "Request cancelled by user",
-            **metadata,
+        """Daraja's callback for the prompt of `tx`: `stk_success_data` when `code` is 0, else a failure
+        with that ResultCode (`stk_no_funds_data` for 1, `stk_cancelled_data` for any other)."""
+        if code == 0:
+            return self._stk_body(self.stk_success_data, tx, checkout_request_id, Amount=amount,
+                                  MpesaReceiptNumber=receipt, PhoneNumber=phone or tx.mpesa_phone)
+        return self._stk_body(self.stk_no_funds_data if code == 1 else self.stk_cancelled_data, tx,
+                              checkout_request_id, ResultCode=code)
+
+    @staticmethod
+    def _stk_body(sample, tx, checkout_request_id=None, ResultCode=None, **items):
+        """A deep copy of `sample` for the prompt of `tx`; `items` set the CallbackMetadata items of
+        those names (None leaves one out, as Daraja leaves out what it does not know)."""
+        body = copy.deepcopy(sample)
+        callback = body['Body']['stkCallback']
+        callback['MerchantRequestID'] = tx.mpesa_merchant_request_id or '1-2-3'
+        callback['CheckoutRequestID'] = checkout_request_id or tx.provider_reference
+        if ResultCode is not None:
+            callback['ResultCode'] = ResultCode
+        if 'CallbackMetadata' in callback:
+            metadata = callback['CallbackMetadata']
+            for item in metadata['Item']:
+                if item['Name'] in items:
+                    item['Value'] = items[item['Name']]
+            metadata['Item'] = [item for item in metadata['Item'] if 'Value' not in item or item['Value'] is not None]
+            for item in metadata['Item']:  # Numbers, as Daraja writes them.
+                if item['Name'] == 'Amount':
+                    item['Value'] = float(item['Value'])
+                elif item['Name'] == 'PhoneNumber' and str(item['Value']).isdigit():
+                    item['Value'] = int(item['Value'])
+        return body
+
+    @staticmethod
+    def _initiator_result(sample, conversation_id, originator_id, transaction_id=None, code=None, **parameters):
+        """A deep copy of `sample` (`reversal_result_data`, `status_result_data`) answering the
+        request Daraja accepted with these ids; `parameters` set the ResultParameters of those Keys."""
+        body = copy.deepcopy(sample)
+        result = body['Result']
+        result.update(OriginatorConversationID=originator_id, ConversationID=conversation_id)
+        if transaction_id is not None:
+            result['TransactionID'] = transaction_id
+        if code is not None:
+            result['ResultCode'] = code
+        for parameter in result['ResultParameters']['ResultParameter']:
+            if parameter['Key'] in parameters:
+                parameter['Value'] = parameters[parameter['Key']]
+        return body
+
+    def _prompt_on_phone(self, amount=4500, order=None):
+        """A pending transaction of `order` (the quotation) as its push leaves it, without HTTP:
+        the prompt is on the phone, its answer is to come."""
+        number = next(_prompts)
+        tx = self._create_transaction(
+            'direct', reference=f'PROMPT-{number}', amount=amount,
+            sale_order_ids=[Command.set((order or self.quotation).ids)],
         )
+        tx.write({
+            'provider_reference': f'ws_CO_prompt_{number}',
+            'mpesa_merchant_request_id': f'29115-34620561-{number}',
+            'mpesa_phone': PHONE_SUCCESS,
+            'mpesa_requested_amount': int(amount),
+            'mpesa_push_sent_at': fields.Datetime.now(),
+        })
+        tx._set_pending()
+        return tx
+
+    def _notification_data(self, tx, code=0, amount=None, receipt='NTF0000001', **values):
+        """The notification dict of a confirmed callback for `tx` (`_mpesa_callback_notification`):
+        a success pays what the prompt asked unless `amount` says otherwise."""
+        success = code == 0
+        return tx._mpesa_notification(
+            code, "The service request is processed successfully." if success else "Request cancelled by user",
+            'callback',
+            amount=(tx.mpesa_requested_amount if amount is None else amount) if success else None,
+            receipt_number=receipt if success else None,
+            paid_at=datetime(2026, 11, 26, 12, 0, 0) if success else None,
+            confirmed=True,
+            **values,
+        )
+
+    def _handle_notification(self, data):
+        """M-Pesa's answer, handled as the settlement job hands a trusted callback to Odoo."""
+        return self.env['payment.transaction'].sudo()._handle_notification_data('mpesa', data)
 
     def _queries(self):
         return len(self.simulator.requests_for('stk_query'))
@@ -415,31 +583,15 @@ class MpesaLedgerCommon(MpesaCommon):
 
     # === DARAJA'S BODIES === #
 
-    # A C2B validation or confirmation body, in Daraja's documented shape (docs/design.md, 3. Daraja facts).
-    c2b_data = {
-        'TransactionType': "Pay Bill",
-        'TransID': "TST0000000",
-        'TransTime': "20260115093012",
-        'TransAmount': "4500.00",
-        'BusinessShortCode': SIM_SHORTCODE,
-        'BillRefNumber': "",
-        'InvoiceNumber': "",
-        'OrgAccountBalance': "",
-        'ThirdPartyTransID': "",
-        'MSISDN': "",
-        'FirstName': "Wanjiku",
-        'MiddleName': "",
-        'LastName': "",
-    }
-
     @staticmethod
     def _receipt():
         return f"TST{next(_receipts):07d}"
 
-    def _c2b_body(self, amount, bill_ref, receipt=None, phone=PHONE_SUCCESS, hashed=True, shortcode=SIM_SHORTCODE):
-        """`c2b_data` for a payment of `amount` to the account `bill_ref`."""
+    def _c2b_body(self, amount, bill_ref, receipt=None, phone=PHONE_SUCCESS, hashed=True, shortcode=SIM_SHORTCODE,
+                  sample=None):
+        """`c2b_confirmation_data` (or `sample`) for a payment of `amount` to the account `bill_ref`."""
         return dict(
-            self.c2b_data,
+            sample or self.c2b_confirmation_data,
             TransID=receipt or self._receipt(),
             TransAmount=f"{amount:.2f}" if isinstance(amount, (int, float)) else amount,
             BusinessShortCode=shortcode,

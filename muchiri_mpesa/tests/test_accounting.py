@@ -10,8 +10,6 @@ from odoo.exceptions import AccessError, ValidationError
 from odoo.fields import Command
 from odoo.tests import new_test_user, tagged
 
-from odoo.addons.muchiri_mpesa import daraja
-
 from .common import PHONE_CALLBACK_LOST, PHONE_CANCELLED, PHONE_SUCCESS, MpesaCommon
 
 
@@ -117,10 +115,7 @@ class TestAccountingLoop(MpesaCommon):
         self.assertIn(order, self.env['sale.order'].search([('mpesa_receipt_pending', '=', True)]))
         self.assertIn("receipt pending", tx.payment_id.memo)
         # Then the callback brings the receipt: the payment says it, for the statement.
-        self._post_callback(daraja.stk_callback_body(
-            tx.mpesa_merchant_request_id, tx.provider_reference, 0, "The service request is processed successfully.",
-            amount=4500, receipt='LATE000042', phone=tx.mpesa_phone,
-        ))
+        self._post_callback(self._body(tx, receipt='LATE000042'))
         self.assertFalse(order.mpesa_receipt_pending)
         self.assertEqual(tx.payment_id.memo, f"LATE000042 - {order.name}")
         self.assertEqual(tx.payment_id.move_id.ref, tx.payment_id.memo)

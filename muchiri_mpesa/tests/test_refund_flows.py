@@ -7,12 +7,12 @@ import psycopg2
 
 from odoo.exceptions import UserError, ValidationError
 from odoo.fields import Command
-from odoo.tests import tagged
+from odoo.tests import new_test_user, tagged
 from odoo.tools import is_html_empty, mute_logger
 
-from odoo.addons.muchiri_mpesa import daraja
+from odoo.addons.muchiri_mpesa import const, daraja
 
-from .common import MpesaInitiatorCommon, MpesaPaybillCommon
+from .common import MpesaCommon, MpesaInitiatorCommon, MpesaPaybillCommon
 
 
 @tagged('post_install', '-at_install')
@@ -204,30 +204,20 @@ class TestRefund(MpesaInitiatorCommon):
         self._run_initiator_job()
         self.assertEqual(len(self._initiator_requests('transaction_status')), 1)
         self.assertTrue(refund.mpesa_status_conversation_id)
-        status = {'Result': {
-            'ResultType': 0, 'ResultCode': 0, 'ResultDesc': "The service request is processed successfully.",
-            'OriginatorConversationID': refund.mpesa_status_originator_id,
-            'ConversationID': refund.mpesa_status_conversation_id, 'TransactionID': 'SIM0000000',
-            'ResultParameters': {'ResultParameter': [
-                {'Key': 'ReceiptNo', 'Value': tx.mpesa_receipt_number},
-                {'Key': 'TransactionStatus', 'Value': 'Completed'},
-                {'Key': 'Amount', 'Value': tx.amount},
-            ]},
-        }}
+        status = self._initiator_result(
+            self.status_result_data, refund.mpesa_status_conversation_id, refund.mpesa_status_originator_id,
+            ReceiptNo=tx.mpesa_receipt_number, TransactionStatus='Completed', Amount=tx.amount,
+        )
         self._post_result(status, route='status_result')
         self._run_initiator_job()
         self.assertEqual(refund.state, 'error')
         self.assertFalse(refund.mpesa_reversal_claim)
         reversal_id = self.simulator.payment(tx.mpesa_receipt_number).reversed_by
         self.assertTrue(reversal_id, "M-Pesa did reverse it")
-        late = {'Result': {
-            'ResultType': 0, 'ResultCode': 0, 'ResultDesc': "The service request is processed successfully.",
-            'OriginatorConversationID': refund.mpesa_originator_conversation_id,
-            'ConversationID': refund.provider_reference, 'TransactionID': reversal_id,
-            'ResultParameters': {'ResultParameter': [
-                {'Key': 'OriginalTransactionID', 'Value': tx.mpesa_receipt_number},
-            ]},
-        }}
+        late = self._initiator_result(
+            self.reversal_result_data, refund.provider_reference, refund.mpesa_originator_conversation_id,
+            transaction_id=reversal_id, OriginalTransactionID=tx.mpesa_receipt_number,
+        )
         self._post_result(late)
         self._run_initiator_job()
         self.assertEqual(refund.state, 'done', "a late success still wins")
@@ -249,15 +239,11 @@ class TestRefund(MpesaInitiatorCommon):
         self._wait_results()
         self.assertEqual((second.state, second.mpesa_result_code), ('error', 'R000001'))
         self.assertTrue(second.mpesa_reversal_claim)
-        late = {'Result': {
-            'ResultType': 0, 'ResultCode': 0, 'ResultDesc': "The service request is processed successfully.",
-            'OriginatorConversationID': first.mpesa_originator_conversation_id,
-            'ConversationID': first.provider_reference,
-            'TransactionID': self.simulator.payment(tx.mpesa_receipt_number).reversed_by,
-            'ResultParameters': {'ResultParameter': [
-                {'Key': 'OriginalTransactionID', 'Value': tx.mpesa_receipt_number},
-            ]},
-        }}
+        late = self._initiator_result(
+            self.reversal_result_data, first.provider_reference, first.mpesa_originator_conversation_id,
+            transaction_id=self.simulator.payment(tx.mpesa_receipt_number).reversed_by,
+            OriginalTransactionID=tx.mpesa_receipt_number,
+        )
         self._post_result(late)
         self._run_initiator_job()
         self.assertEqual(first.state, 'done')
@@ -355,10 +341,11 @@ class TestPaybillRefund(MpesaPaybillCommon):
         super().setUp()
         self._with_initiator()
 
-    def _paid_by_paybill(self, amount, bill_ref):
-        """A phone pays the paybill; Transaction Status confirms it; the ledger row, its transactions."""
+    def _paid_by_paybill(self, amount, bill_ref, results=1):
+        """A phone pays the paybill; Transaction Status confirms it (its `results`-th result of the
+        test); the ledger row, its transactions."""
         trans_id = self._pay(amount, bill_ref)
-        self._confirm_by_status()
+        self._confirm_by_status(results)
         row = self._row(trans_id)
         self.assertEqual(row.confirmation, 'status', row.note)
         return row
@@ -546,8 +533,96 @@ class TestPaybillRefund(MpesaPaybillCommon):
         self.assertEqual(invoice.payment_state, 'not_paid')
         self.assertFalse(invoice.mpesa_needs_refund)
 
+    def test_a_refund_of_one_overpayment_keeps_the_flag_of_another(self):
+        """Two paybill payments overpaid one invoice: 500 of the first, the whole second.  Reversing the
+        second leaves the first's 500 to refund: the flag and its activity stay until that is refunded."""
+        invoice = self._invoice(4000)
+        first = self._paid_by_paybill(4500, invoice.name)
+        second = self._paid_by_paybill(4500, invoice.name, results=2)
+        self.assertEqual([(first.state, first.refund_amount), (second.state, second.refund_amount)],
+                         [('over', 500), ('over', 4500)])
+        self.assertTrue(invoice.mpesa_needs_refund)
+        self._refund(second.transaction_ids)
+        self.assertEqual(second.state, 'refunded', "the second payment went back whole")
+        self.assertEqual((first.state, first.refund_amount), ('over', 500))
+        self.assertEqual(invoice._mpesa_extra_to_refund(), 500)
+        self.assertTrue(invoice.mpesa_needs_refund, "the first payment's 500 is still to refund")
+        self.assertTrue(invoice.activity_ids.filtered(lambda a: 'refund' in (a.summary or '')))
+        # The refund action now offers the first payment's 500.
+        with self.registry.test_lock:
+            action = invoice.with_user(self.accountant).action_mpesa_refund_extra_payment()
+            wizard = self.env[action['res_model']].browse(action['res_id'])
+            self.assertEqual((wizard.transaction_id, wizard.extra_amount), (first.transaction_ids, 500))
+            wizard.with_user(self.accountant).action_refund_by_hand()
+            self.env.invalidate_all()
+        self.assertFalse(invoice.mpesa_needs_refund, "nothing left to refund")
+        self.assertEqual(len(self._reversals()), 1)
+
     def test_nothing_to_refund_says_why(self):
         invoice = self._invoice(4000)
         invoice.mpesa_needs_refund = True
         with self.assertRaisesRegex(UserError, 'reverses whole payments'), self.registry.test_lock:
             invoice.with_user(self.accountant).action_mpesa_refund_extra_payment()
+
+
+@tagged('post_install', '-at_install')
+class TestRefundFlag(MpesaCommon):
+    """The one rule of the refund flag (`_mpesa_update_refund_flag`) on an order that one prompt paid
+    beyond its total: M-Pesa's answer handled as Odoo's providers handle theirs, no HTTP."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.accountant = new_test_user(
+            cls.env, login='mpesa_flag_accountant', groups='base.group_user,account.group_account_invoice',
+        )
+
+    def _overpaid_order(self):
+        """The quotation (4500) paid 5000 by one prompt: 500 beyond its total, inside one payment."""
+        order = self.quotation
+        tx = self._prompt_on_phone(5000, order)
+        self._handle_notification(self._notification_data(tx, receipt='FLG0000001'))
+        self.assertEqual(tx.state, 'done')
+        self.assertTrue(order.mpesa_needs_refund)
+        return order, tx
+
+    def _refund_wizard(self, order):
+        """The refund button of the order, as the accountant: the wizard it opens."""
+        action = order.with_user(self.accountant).action_mpesa_refund_extra_payment()
+        return self.env[action['res_model']].with_user(self.accountant).browse(action['res_id'])
+
+    def _pay_back_by_hand(self, order, amount):
+        wizard = self._refund_wizard(order)
+        wizard.amount = amount
+        wizard.action_refund_by_hand()
+
+    def _refund_activities(self, order):
+        return order.activity_ids.filtered(lambda a: 'refund' in (a.summary or ''))
+
+    def test_an_extra_partly_paid_back_by_hand_is_not_offered_again(self):
+        order, tx = self._overpaid_order()
+        wizard = self._refund_wizard(order)
+        self.assertEqual((wizard.transaction_id, wizard.extra_amount, wizard.amount), (tx, 500, 500))
+        self._pay_back_by_hand(order, 200)
+        self.assertEqual(tx.mpesa_paid_back_by_hand, 200)
+        self.assertEqual(order._mpesa_extra_amount(), 500, "the order's payments still exceed its total by 500")
+        self.assertEqual(order._mpesa_extra_to_refund(), 300, "less what went back by hand")
+        self.assertTrue(order.mpesa_needs_refund)
+        wizard = self._refund_wizard(order)
+        self.assertEqual((wizard.extra_amount, wizard.amount), (300, 300), "the refund offers the rest only")
+        wizard.amount = 301
+        with self.assertRaisesRegex(UserError, 'at most the extra'):
+            wizard.action_refund_by_hand()
+        self.assertEqual(tx.mpesa_paid_back_by_hand, 200)
+
+    def test_the_flag_clears_once_less_than_a_shilling_is_left(self):
+        order, tx = self._overpaid_order()
+        self._pay_back_by_hand(order, 500 - const.ROUNDING_TOLERANCE)
+        self.assertAlmostEqual(order._mpesa_extra_to_refund(), const.ROUNDING_TOLERANCE)
+        self.assertTrue(order.mpesa_needs_refund, "a whole shilling is still money owed back")
+        self.assertTrue(self._refund_activities(order))
+        self._pay_back_by_hand(order, const.ROUNDING_TOLERANCE / 2)
+        self.assertAlmostEqual(order._mpesa_extra_to_refund(), const.ROUNDING_TOLERANCE / 2)
+        self.assertFalse(order.mpesa_needs_refund, "less than a shilling is rounding")
+        self.assertFalse(self._refund_activities(order), "the accountants' activity is closed")
+        self.assertAlmostEqual(tx.mpesa_paid_back_by_hand, 500 - const.ROUNDING_TOLERANCE / 2)

@@ -291,18 +291,10 @@ class TestForgedNotifications(MpesaPaybillCommon):
 
     def _status_result(self, conversation_id, originator_id, receipt, amount, shortcode=SIM_SHORTCODE):
         """A Transaction Status result as Daraja posts it, saying `receipt` paid `amount` to `shortcode`."""
-        return {'Result': {
-            'ResultType': 0, 'ResultCode': 0, 'ResultDesc': "The service request is processed successfully.",
-            'OriginatorConversationID': originator_id, 'ConversationID': conversation_id,
-            'TransactionID': 'SIM0000000',
-            'ResultParameters': {'ResultParameter': [
-                {'Key': 'DebitPartyName', 'Value': f"{PHONE_SUCCESS} - Wanjiku"},
-                {'Key': 'CreditPartyName', 'Value': f"{shortcode} - Muchiri Shop"},
-                {'Key': 'TransactionStatus', 'Value': "Completed"},
-                {'Key': 'Amount', 'Value': amount},
-                {'Key': 'ReceiptNo', 'Value': receipt},
-            ]},
-        }}
+        return self._initiator_result(
+            self.status_result_data, conversation_id, originator_id,
+            CreditPartyName=f"{shortcode} - Muchiri Shop", Amount=amount, ReceiptNo=receipt,
+        )
 
     def _pull_confirmed_row(self, amount):
         """A real payment with no account number whose confirmation was lost: Pull Transactions
@@ -424,14 +416,10 @@ class TestForgedNotifications(MpesaPaybillCommon):
         money = self._money()
 
         def reversed_body(conversation_id, originator_id):
-            return {'Result': {
-                'ResultType': 0, 'ResultCode': 0, 'ResultDesc': "The service request is processed successfully.",
-                'OriginatorConversationID': originator_id, 'ConversationID': conversation_id,
-                'TransactionID': 'SIMREV0F01',
-                'ResultParameters': {'ResultParameter': [
-                    {'Key': 'OriginalTransactionID', 'Value': tx.mpesa_receipt_number},
-                ]},
-            }}
+            return self._initiator_result(
+                self.reversal_result_data, conversation_id, originator_id, transaction_id='SIMREV0F01',
+                OriginalTransactionID=tx.mpesa_receipt_number,
+            )
 
         for name, conversation_id, originator_id in (
             ("its ConversationID", refund.provider_reference, '29115-34620561-9'),
@@ -486,7 +474,7 @@ class TestForgedNotifications(MpesaPaybillCommon):
         self.assertIn('45,000', ' '.join(row.message_ids.mapped('body')))
         # Nor does Daraja's validation route take anything from the claim.
         since = self._last_event_id()
-        body = self._c2b_body(4500, order.name, receipt=row.name)
+        body = self._c2b_body(4500, order.name, receipt=row.name, sample=self.c2b_validation_data)
         self.assertEqual(self._post('c2b_validation', body), [200])
         self._run_jobs()
         [event] = self._kept(since, body)
@@ -1441,15 +1429,11 @@ class TestRefundSecurity(MpesaInitiatorCommon):
         return tx, self._refund_with_odoos_button(tx)
 
     def _result_body(self, refund, code=0, conversation_id=None):
-        return {'Result': {
-            'ResultType': 0, 'ResultCode': code, 'ResultDesc': "The service request is processed successfully.",
-            'OriginatorConversationID': refund.mpesa_originator_conversation_id,
-            'ConversationID': conversation_id or refund.provider_reference,
-            'TransactionID': 'SIMREV0001',
-            'ResultParameters': {'ResultParameter': [
-                {'Key': 'OriginalTransactionID', 'Value': refund.source_transaction_id.mpesa_receipt_number},
-            ]},
-        }}
+        return self._initiator_result(
+            self.reversal_result_data, conversation_id or refund.provider_reference,
+            refund.mpesa_originator_conversation_id, transaction_id='SIMREV0001', code=code,
+            OriginalTransactionID=refund.source_transaction_id.mpesa_receipt_number,
+        )
 
     @mute_logger('odoo.addons.muchiri_mpesa.controllers.main')
     def test_a_result_on_a_wrong_secret_is_refused(self):

@@ -5,7 +5,7 @@ a receipt recorded after the fact.
 """
 import json
 import logging
-from datetime import datetime, timedelta
+from datetime import timedelta
 from unittest.mock import patch
 
 from odoo import fields
@@ -14,7 +14,7 @@ from odoo.fields import Command
 from odoo.tests import tagged
 from odoo.tools import mute_logger
 
-from odoo.addons.muchiri_mpesa import const, daraja
+from odoo.addons.muchiri_mpesa import const
 from odoo.addons.muchiri_mpesa.controllers.main import _MaskCallbackSecret
 
 from .common import (
@@ -93,12 +93,7 @@ class TestCallback(MpesaCommon):
                    message="the simulator to know the result")
 
     def _success_body(self, tx, amount=4500, receipt='SIM1234567', checkout_request_id=None):
-        return daraja.stk_callback_body(
-            tx.mpesa_merchant_request_id or '1-2-3', checkout_request_id or tx.provider_reference,
-            0, "The service request is processed successfully.",
-            amount=amount, receipt=receipt, transaction_date=datetime(2026, 11, 26, 12, 0, 0),
-            phone=tx.mpesa_phone,
-        )
+        return self._body(tx, amount=amount, receipt=receipt, checkout_request_id=checkout_request_id)
 
     def test_accepted_answer_is_dajara_shaped(self):
         tx = self._pending_tx()
@@ -306,10 +301,7 @@ class TestCallback(MpesaCommon):
     def test_forged_failure_does_not_cancel_a_paid_prompt(self):
         tx = self._pending_tx()
         self._settled_at_simulator(tx)  # Daraja's query says: paid.
-        body = daraja.stk_callback_body(
-            tx.mpesa_merchant_request_id, tx.provider_reference, 1032, "Request cancelled by user",
-        )
-        self._post_callback(body)
+        self._post_callback(self._stk_body(self.stk_cancelled_data, tx))
         self.env.invalidate_all()
         self.assertEqual(tx.state, 'done', "Daraja's own answer wins over the forged callback")
         self.assertEqual(tx.mpesa_settled_by, 'query')
@@ -582,10 +574,8 @@ class TestStkQuery(MpesaCommon):
         self.assertEqual(tx.mpesa_receipt_number, 'LATE000001')
 
     def _success_body(self, tx, checkout_request_id=None):
-        return daraja.stk_callback_body(
-            tx.mpesa_merchant_request_id, checkout_request_id or tx.provider_reference, 0, "Success",
-            amount=tx.mpesa_requested_amount, receipt='LATE000001', phone=tx.mpesa_phone,
-        )
+        return self._body(tx, amount=tx.mpesa_requested_amount, receipt='LATE000001',
+                          checkout_request_id=checkout_request_id)
 
     def test_spike_arrest_stops_the_run_and_backs_off(self):
         first, second = self._two_answered_lost_callback_txs()
