@@ -835,17 +835,25 @@ class MpesaEvent(models.Model):
             return 'wait'
 
     def _mpesa_settle_locked(self, answers, session=None):
-        if not utils.lock_rows(self, how='skip'):
+        self.ensure_one()
+        # Locked as `utils.lock_rows(self, 'skip')` locks it; its bytes read by the same statement.
+        self.env.cr.execute(SQL(
+            "SELECT raw_body FROM %s WHERE id = %s FOR NO KEY UPDATE SKIP LOCKED", SQL.identifier(self._table), self.id,
+        ), log_exceptions=False)
+        locked = self.env.cr.fetchone()
+        if not locked:
             return 'wait'  # Another run has it.
-        if self.state not in const.CALLBACK_WAITING_STATES:
+        self.invalidate_recordset()
+        event = self.with_context(mpesa_raw_body=(self.id, base64.b64decode(locked[0]))) if locked[0] else self
+        if event.state not in const.CALLBACK_WAITING_STATES:
             return 'done'
-        inbound = INBOUND_KINDS[self.kind]
-        if self.kind != 'c2b_confirmation' and self.state == 'received' and self._mpesa_admit()[0] != 200:
+        inbound = INBOUND_KINDS[event.kind]
+        if event.kind != 'c2b_confirmation' and event.state == 'received' and event._mpesa_admit()[0] != 200:
             return 'done'  # Its request died before admitting it; refused now, as it would have been.
         try:
-            return getattr(self, inbound['settle'])(answers, session)
+            return getattr(event, inbound['settle'])(answers, session)
         except InboundRefusal as refusal:
-            self._mpesa_refuse(refusal)
+            event._mpesa_refuse(refusal)
             return 'done'
 
     # === BUSINESS METHODS - WAKING THE JOBS === #

@@ -929,9 +929,11 @@ class PaymentTransaction(models.Model):
 
         :param documents: where to post it instead (one document: one mail)
         """
-        template = self.env.ref(template_xmlid, raise_if_not_found=False)
-        if not (template and self.partner_id.email):
+        # By its cached id: env.ref() would ask the database whether it exists, on every settlement.
+        template_id = self.env['ir.model.data']._xmlid_to_res_id(template_xmlid, raise_if_not_found=False)
+        if not (template_id and self.partner_id.email):
             return
+        template = self.env['mail.template'].browse(template_id)
         try:
             with self.env.cr.savepoint():  # A mail problem must never undo a settlement.
                 template = template.sudo()
