@@ -20,6 +20,8 @@ time.  It prints:
   (muchiri_mpesa.cron_mpesa_settle_callbacks);
 - the burst's time from the first callback posted to the last transaction done, the settlement job's rate
   (callbacks settled per second while it worked; goal >= 30/s) and the STK Queries per callback (goal 1).
+  benchmarks/profile_settle.py measures the job's SQL statements and time per callback, in process (the cron
+  worker's log mixes in Odoo's post-processing job, which the settlement wakes).
 
 The transactions are not due for the reconciliation cron (next check in a day): only the callbacks settle them.
 A benchmark that prints figures, not a test: exit 0 when it measured, 1 when it could not run (3 on the hard

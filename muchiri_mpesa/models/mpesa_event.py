@@ -145,7 +145,13 @@ class MpesaEvent(models.Model):
         """Keep one outbound HTTP exchange reported by the Daraja client (already redacted).
 
         On its own committed cursor: the answer of a push that is on a phone (its CheckoutRequestID)
-        survives whatever later happens to the request that sent it.
+        survives whatever later happens to the request that sent it.  Inserted as a kept body is
+        (`_mpesa_insert`): the fresh cursor reads neither the user nor the database's clock.
+
+        An STK Query of the settlement job is the exception (context `mpesa_exchange_log`, a
+        list): it changes nothing at Daraja, so the job inserts it on its own cursor with the
+        body it settles, whatever became of that body, and commits them together (one cursor
+        and commit fewer for each callback; see `_mpesa_keep_exchanges`).
         """
         request_body = exchange.request_body or {}
         response_body = exchange.response_body if isinstance(exchange.response_body, dict) else {}
@@ -171,8 +177,19 @@ class MpesaEvent(models.Model):
             'duration_ms': exchange.duration_ms,
             'error': exchange.error or False,
         }
+        log = self.env.context.get('mpesa_exchange_log')
+        if log is not None and exchange.operation == 'stk_query':
+            log.append(values)
+            return None
         with self.env.registry.cursor() as cr:
-            return self.with_env(self.env(cr=cr, su=True)).create(values).id
+            return self.with_env(self.env(cr=cr, su=True))._mpesa_insert(values).id
+
+    @api.model
+    def _mpesa_keep_exchanges(self, log):
+        """Insert the exchanges `_record_exchange` left in `log` on this cursor, and empty it."""
+        for values in log:
+            self.sudo()._mpesa_insert(values)
+        log.clear()
 
     # === BUSINESS METHODS - INBOUND: THE REQUEST === #
 
@@ -745,6 +762,7 @@ class MpesaEvent(models.Model):
         without waiting for the invoices.
         """
         answers = {}  # (provider id, CheckoutRequestID) -> the STK Query's answer in this run
+        exchanges = []  # The STK Queries of the body in hand, for its commit (see _record_exchange)
         # One connection to Daraja for the whole run, not a new one for each query.
         session = requests.Session()
         settled = 0
@@ -763,7 +781,11 @@ class MpesaEvent(models.Model):
                     break
                 tried.update(events.ids)
                 for event in events:
+                    # On its own: each commit empties the cache, and the batch's other bodies
+                    # (their raw bytes too) would be read again with each one.
+                    event = event.with_prefetch().with_context(mpesa_exchange_log=exchanges)
                     outcome = event._mpesa_settle(answers, session)
+                    self._mpesa_keep_exchanges(exchanges)  # Its STK Query, committed with it.
                     utils.commit(self.env)
                     settled += outcome == 'done'
                     # Past the run's time, the rest waits for the next run: never Odoo's cron time limit.
@@ -813,17 +835,25 @@ class MpesaEvent(models.Model):
             return 'wait'
 
     def _mpesa_settle_locked(self, answers, session=None):
-        if not utils.lock_rows(self, how='skip'):
+        self.ensure_one()
+        # Locked as `utils.lock_rows(self, 'skip')` locks it; its bytes read by the same statement.
+        self.env.cr.execute(SQL(
+            "SELECT raw_body FROM %s WHERE id = %s FOR NO KEY UPDATE SKIP LOCKED", SQL.identifier(self._table), self.id,
+        ), log_exceptions=False)
+        locked = self.env.cr.fetchone()
+        if not locked:
             return 'wait'  # Another run has it.
-        if self.state not in const.CALLBACK_WAITING_STATES:
+        self.invalidate_recordset()
+        event = self.with_context(mpesa_raw_body=(self.id, base64.b64decode(locked[0]))) if locked[0] else self
+        if event.state not in const.CALLBACK_WAITING_STATES:
             return 'done'
-        inbound = INBOUND_KINDS[self.kind]
-        if self.kind != 'c2b_confirmation' and self.state == 'received' and self._mpesa_admit()[0] != 200:
+        inbound = INBOUND_KINDS[event.kind]
+        if event.kind != 'c2b_confirmation' and event.state == 'received' and event._mpesa_admit()[0] != 200:
             return 'done'  # Its request died before admitting it; refused now, as it would have been.
         try:
-            return getattr(self, inbound['settle'])(answers, session)
+            return getattr(event, inbound['settle'])(answers, session)
         except InboundRefusal as refusal:
-            self._mpesa_refuse(refusal)
+            event._mpesa_refuse(refusal)
             return 'done'
 
     # === BUSINESS METHODS - WAKING THE JOBS === #

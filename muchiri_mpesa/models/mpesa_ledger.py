@@ -173,7 +173,7 @@ class MpesaLedger(models.Model):
     # === BUSINESS METHODS - RECORDING: ONE ROW PER RECEIPT === #
 
     @api.model
-    def _mpesa_record(self, provider, receipt, source, values):
+    def _mpesa_record(self, provider, receipt, source, values, notes=None):
         """The row of `receipt` for `provider`'s company, created by this source or found, locked
         until the end of the database transaction, with `source` added to it.
 
@@ -183,6 +183,8 @@ class MpesaLedger(models.Model):
 
         :param str source: 'stk', 'c2b' or 'pull'
         :param dict values: what the source says of the payment (fields of this model)
+        :param list notes: where a row this call creates gathers its chatter notes, for the caller
+                           to post as one message (`_mpesa_post_notes`); posted at once without
         :return: the row (sudo), and whether this call created it
         :rtype: tuple[muchiri.mpesa.ledger, bool]
         """
@@ -200,7 +202,8 @@ class MpesaLedger(models.Model):
                                                    create_uid, write_uid, create_date, write_date)
                VALUES (%s, %s, %s, %s, 'unmatched', %s, %s, now() AT TIME ZONE 'UTC', now() AT TIME ZONE 'UTC')
                ON CONFLICT (company_id, name) DO NOTHING RETURNING id""",
-            [receipt, company.id, provider.id, self.env.ref('base.KES').id, self.env.uid, self.env.uid],
+            [receipt, company.id, provider.id, self.env['ir.model.data']._xmlid_to_res_id('base.KES'),
+             self.env.uid, self.env.uid],
             log_exceptions=False,
         )
         inserted = cr.fetchone()
@@ -213,12 +216,13 @@ class MpesaLedger(models.Model):
         row = self.sudo().browse(cr.fetchone()[0])
         row.invalidate_recordset()
         created = bool(inserted)
-        row._mpesa_add_source(source, values, created)
+        row._mpesa_add_source(source, values, created, notes if created else None)
         return row, created
 
-    def _mpesa_add_source(self, source, values, created):
+    def _mpesa_add_source(self, source, values, created, notes=None):
         """Add what `source` says of this (locked) row: its flag, the fields still empty, and a
-        conflict when it disagrees with what is recorded."""
+        conflict when it disagrees with what is recorded.  Its chatter notes go to `notes` when
+        given (see `_mpesa_note`)."""
         self.ensure_one()
         values = dict(values)
         confirms = values.pop('confirmation', False)
@@ -267,11 +271,11 @@ class MpesaLedger(models.Model):
             confirms = False
         self.write(update)
         if created:
-            self.message_post(body=self.env._("Reported by %(origin)s.", origin=source.upper()))
+            self._mpesa_note(self.env._("Reported by %(origin)s.", origin=source.upper()), notes)
         elif not already:
-            self.message_post(body=self.env._("Also reported by %(origin)s.", origin=source.upper()))
+            self._mpesa_note(self.env._("Also reported by %(origin)s.", origin=source.upper()), notes)
         if confirms:
-            self._mpesa_confirmed(self.confirmation_note)
+            self._mpesa_confirmed(self.confirmation_note, notes)
 
     @api.model
     def _mpesa_record_c2b(self, provider, payment):
@@ -338,22 +342,26 @@ class MpesaLedger(models.Model):
             self.state = 'unmatched'
         return Matching._mpesa_match(self)
 
-    def _mpesa_link_prompt(self, tx):
+    def _mpesa_link_prompt(self, tx, notes=None):
         """Prompt `tx` holds this row's receipt: the row's money is the prompt's, and pays what it
-        paid."""
+        paid.  Its chatter note goes to `notes` when given (see `_mpesa_note`)."""
         self.ensure_one()
         documents = tx._mpesa_documents()
-        self.write({
+        values = {
             'state': 'matched',
             'note': self.env._("Paid by M-Pesa prompt %s.", tx.reference),
-            'sale_order_ids': [Command.link(order.id) for order in tx.sale_order_ids],
-            'invoice_ids': [Command.link(move.id) for move in tx.invoice_ids],
             'partner_id': self.partner_id.id or tx.partner_id.commercial_partner_id.id,
-        })
-        self.message_post(body=self.env._(
+        }
+        # Only what there is to link: writing no link still reads the row's documents.
+        if tx.sale_order_ids:
+            values['sale_order_ids'] = [Command.link(order.id) for order in tx.sale_order_ids]
+        if tx.invoice_ids:
+            values['invoice_ids'] = [Command.link(move.id) for move in tx.invoice_ids]
+        self.write(values)
+        self._mpesa_note(self.env._(
             "Paid by M-Pesa prompt %(reference)s%(documents)s.", reference=tx.reference,
             documents=f" ({', '.join(documents.mapped('name'))})" if documents else '',
-        ))
+        ), notes)
 
     def _mpesa_placed(self, state, note, documents, refund_amount):
         """The matching placed this row's money on `documents` (orders and invoices, in one list).
@@ -411,9 +419,10 @@ class MpesaLedger(models.Model):
         self.write({'confirmation': how, 'confirmation_note': note[:250], 'status_next_at': False})
         self._mpesa_confirmed(note)
 
-    def _mpesa_confirmed(self, note):
-        """The row's money is confirmed: its receipts are verified ones, and it is placed now."""
-        self.message_post(body=self.env._("Confirmed: %s", note))
+    def _mpesa_confirmed(self, note, notes=None):
+        """The row's money is confirmed: its receipts are verified ones, and it is placed now.
+        Its chatter note goes to `notes` when given (see `_mpesa_note`)."""
+        self._mpesa_note(self.env._("Confirmed: %s", note), notes)
         if self.confirmation in DARAJA_CONFIRMATIONS:
             self.env['payment.transaction'].sudo().search([
                 ('provider_id', '=', self.provider_id.id), ('mpesa_receipt_number', '=', self.name),
@@ -735,6 +744,36 @@ class MpesaLedger(models.Model):
 
     def _mpesa_format(self, amount):
         return formatLang(self.env, amount, currency_obj=self.currency_id)
+
+    def _mpesa_note(self, body, notes=None):
+        """Post `body` on the row's chatter, or add it to `notes`, which the caller posts with
+        the row's other notes as one message (`_mpesa_post_notes`)."""
+        self.ensure_one()
+        if notes is None:
+            self.message_post(body=body)
+        else:
+            notes.append(body)
+
+    def _mpesa_post_notes(self, notes):
+        """Post the notes gathered on this row as one message, and empty `notes`.
+
+        When the row's state changed in this database transaction, its tracking message (logged
+        at commit, with every tracked value that moved) carries them: one message says the whole
+        story of a receipt an STK prompt reported, confirmed and paid (three posts and a tracking
+        message cost a settled callback about half its time).  Otherwise they are posted now.
+        """
+        self.ensure_one()
+        if not notes:
+            return
+        body = Markup().join(Markup("<p>%s</p>") % note for note in notes)
+        notes.clear()
+        # `_track_prepare` keeps the values the row had before its first tracked write; a state
+        # that moved since is a change the tracking message is sure to log.
+        tracked = self.env.cr.precommit.data.get(f'mail.tracking.{self._name}', {}).get(self.id)
+        if tracked and tracked.get('state', self.state) != self.state:
+            self._track_set_log_message(body)
+        else:
+            self.message_post(body=body)
 
     def _mpesa_ask_accountants(self, message, summary=None):
         """Post `message` on the row and give the provider's alert recipients an activity."""

@@ -929,9 +929,11 @@ class PaymentTransaction(models.Model):
 
         :param documents: where to post it instead (one document: one mail)
         """
-        template = self.env.ref(template_xmlid, raise_if_not_found=False)
-        if not (template and self.partner_id.email):
+        # By its cached id: env.ref() would ask the database whether it exists, on every settlement.
+        template_id = self.env['ir.model.data']._xmlid_to_res_id(template_xmlid, raise_if_not_found=False)
+        if not (template_id and self.partner_id.email):
             return
+        template = self.env['mail.template'].browse(template_id)
         try:
             with self.env.cr.savepoint():  # A mail problem must never undo a settlement.
                 template = template.sudo()
@@ -1312,12 +1314,15 @@ class PaymentTransaction(models.Model):
         self.ensure_one()
         try:
             with self.env.cr.savepoint():
+                notes = []  # The row's report, confirmation and link: one message (_mpesa_post_notes).
                 row, created = self.env['muchiri.mpesa.ledger'].sudo()._mpesa_record(
-                    self.provider_id, self.mpesa_receipt_number, 'stk', self._mpesa_ledger_values(),
+                    self.provider_id, self.mpesa_receipt_number, 'stk', self._mpesa_ledger_values(), notes,
                 )
-                if created or row.state in ('awaiting', 'unmatched'):
-                    self._mpesa_ledger_link(row)
-                elif self.mpesa_ledger_id != row:
+                linked = created or row.state in ('awaiting', 'unmatched')
+                if linked:
+                    self._mpesa_ledger_link(row, notes)
+                row._mpesa_post_notes(notes)
+                if not linked and self.mpesa_ledger_id != row:
                     # Placed already (by C2B or Pull, before its prompt said it was ours): the same
                     # money now pays two things.  Never hidden, never undone by guessing.
                     self.mpesa_ledger_id = row
@@ -1353,13 +1358,14 @@ class PaymentTransaction(models.Model):
             'confirmation': self.mpesa_receipt_status == 'confirmed' and 'stk',
         }
 
-    def _mpesa_ledger_link(self, row):
-        """This transaction holds `row`'s receipt: the row's money is its money."""
+    def _mpesa_ledger_link(self, row, notes=None):
+        """This transaction holds `row`'s receipt: the row's money is its money (the row's chatter
+        note to `notes` when given: see muchiri.mpesa.ledger._mpesa_note)."""
         self.ensure_one()
-        if self.mpesa_ledger_id == row and row.state != 'unmatched':
+        if row.state != 'unmatched' and self.mpesa_ledger_id == row:  # A new row is unmatched: no read.
             return
         self.mpesa_ledger_id = row
-        row._mpesa_link_prompt(self)
+        row._mpesa_link_prompt(self, notes)
 
     # === BUSINESS METHODS - LEDGER MONEY AS TRANSACTIONS === #
 

@@ -105,6 +105,30 @@ class TestCallback(MpesaCommon):
         self.assertEqual(tx.state, 'done')
         self.assertEqual(tx.mpesa_receipt_number, 'SIM1234567')
 
+    def test_ledger_row_tells_its_story_in_one_message(self):
+        """The receipt's row: reported, confirmed and paid in one message, with its tracked values
+        (tracking on, as in Odoo's cron; the tests' environment turns it off)."""
+        tx = self._pending_tx()
+        self._settled_at_simulator(tx)
+        self._post_callback(self._success_body(tx), settle=False)
+        with self.registry.test_lock:
+            self.env(context={})['muchiri.mpesa.event'].sudo()._cron_mpesa_settle_callbacks()
+            self.env.flush_all()
+            self.env.cr.flush()  # The tracking message is logged at commit.
+            self.env.invalidate_all()
+            row = tx.mpesa_ledger_id
+            self.assertEqual((row.name, row.state, row.confirmation), ('SIM1234567', 'matched', 'stk'))
+            self.assertEqual(len(row.message_ids), 1, "one message, not three posts and a tracking message")
+            message = row.message_ids
+            for said in ("Reported by STK.", "Confirmed: Reported by Daraja's STK.",
+                         f"Paid by M-Pesa prompt {tx.reference} ({self.quotation.name})."):
+                self.assertIn(said, message.body)
+            moved = {value.field_id.name: value for value in message.sudo().tracking_value_ids}
+            self.assertEqual(set(moved), {'state', 'confirmation', 'amount', 'partner_id'})
+            self.assertEqual(moved['state'].new_value_char, "Matched")
+            self.assertEqual(moved['confirmation'].new_value_char, "STK Query")
+            self.assertEqual(moved['amount'].new_value_float, 4500)
+
     def test_old_callback_path_still_settles_prompts_in_flight(self):
         """Prompts sent before the neutral prefix named the first path as their CallBackURL."""
         tx = self._pending_tx()
