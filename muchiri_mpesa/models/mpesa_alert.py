@@ -582,8 +582,8 @@ class MpesaAlert(models.Model):
                 activity.write({
                     'summary': self.name, 'note': note, 'date_deadline': fields.Date.context_today(self),
                 })
-            else:
-                self.activity_schedule(
+            else:  # Its mail queued: the job never waits on the mail server.
+                self.with_context(mail_notify_force_send=False).activity_schedule(
                     'mail.mail_activity_data_todo', summary=self.name, note=note, user_id=user.id,
                 )
         if recipients:

@@ -779,8 +779,9 @@ class MpesaLedger(models.Model):
         """Post `message` on the row and give the provider's alert recipients an activity."""
         self.ensure_one()
         self.message_post(body=message)
+        # The activities' mails are queued: a Daraja request or a job never waits on the mail server.
         for user in utils.alert_recipients(self.provider_id):
-            self.activity_schedule(
+            self.with_context(mail_notify_force_send=False).activity_schedule(
                 'mail.mail_activity_data_todo', summary=summary or self.env._("M-Pesa: check a payment"),
                 note=Markup("<p>%s</p>") % message, user_id=user.id,
             )

@@ -276,7 +276,7 @@ class MpesaPayable(models.AbstractModel):
                 with self.env.cr.savepoint():
                     document.message_post(body=message)
                     for user in utils.alert_recipients(provider) or self.user_id:
-                        document.activity_schedule(
+                        document.with_context(mail_notify_force_send=False).activity_schedule(
                             'mail.mail_activity_data_todo',
                             summary=self.env._("M-Pesa: check and refund an extra payment"),
                             note=message,
