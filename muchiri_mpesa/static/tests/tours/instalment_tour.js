@@ -2,64 +2,16 @@
 
 import { registry } from "@web/core/registry";
 
+import { loginAndOpenQuotation, openPaymentForm } from "./tour_steps";
+
 // This tour relies on the data of muchiri_mpesa/tests/test_instalments.py (TestInstalmentTour): one
 // sent quotation of KES 600,000 of the portal user "distributor", payable with M-Pesa, whose
 // prompts ask at most KES 250,000, and a Daraja simulator that answers after a few seconds.
 
-// The order's page is done loading once its chatter shows (see portal_payment_tour.js).
-function pageLoaded(content) {
-    return {
-        content,
-        trigger: "#chatterRoot:shadow .o-mail-Thread",
-        timeout: 30000,
-    };
-}
-
-function openPaymentForm() {
-    return [
-        pageLoaded("The quotation is fully loaded, its chatter included"),
-        {
-            content: "Pay the quotation",
-            trigger: "#o_sale_portal_paynow",
-            run: "click",
-        },
-        {
-            content: "Choose M-Pesa",
-            trigger: "#modalaccept input[name='o_payment_radio'][data-provider-code='mpesa']",
-            run: "click",
-        },
-    ];
-}
-
 registry.category("web_tour.tours").add("muchiri_mpesa_portal_instalment", {
     url: "/web/login",
     steps: () => [
-        {
-            content: "Enter the distributor's login",
-            trigger: ".oe_login_form input[name='login']",
-            run: "edit distributor",
-        },
-        {
-            content: "Enter the distributor's password",
-            trigger: ".oe_login_form input[name='password']",
-            run: "edit distributor",
-        },
-        {
-            content: "Log in",
-            trigger: ".oe_login_form button[type='submit']",
-            run: "click",
-        },
-        {
-            content: "Open the quotations from the portal home",
-            trigger: "a[href='/my/quotes']",
-            run: "click",
-        },
-        {
-            content: "Open the quotation",
-            trigger: ".o_portal_my_doc_table a[href^='/my/orders/']",
-            run: "click",
-        },
-        ...openPaymentForm(),
+        ...loginAndOpenQuotation(),
         {
             content: "Before Pay, the form says the amount is asked in 3 prompts of at most 250,000",
             trigger:

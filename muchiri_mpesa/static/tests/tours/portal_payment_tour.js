@@ -2,67 +2,11 @@
 
 import { registry } from "@web/core/registry";
 
+import { loginAndOpenQuotation, pageLoaded } from "./tour_steps";
+
 // These tours rely on the data of muchiri_mpesa/tests/test_portal.py (TestPortalTour): one sent quotation of the
 // portal user "distributor", payable with M-Pesa only, and a Daraja simulator that answers the
 // prompt after a couple of seconds (the outcome is chosen by the phone number).
-
-// The order's page is done loading once its chatter shows (its lazy bundles come last).  Odoo's
-// test server answers one request at a time: a click before would wait seconds for those bundles,
-// and a tour that ends before leaves a fetch the closing browser reports as an error.  With
-// website installed they are first built for the website, which may take longer than a step's
-// default 10 s.
-function pageLoaded(content) {
-    return {
-        content,
-        trigger: "#chatterRoot:shadow .o-mail-Thread",
-        timeout: 30000,
-    };
-}
-
-function loginAndOpenQuotation() {
-    return [
-        {
-            content: "Enter the distributor's login",
-            trigger: ".oe_login_form input[name='login']",
-            run: "edit distributor",
-        },
-        {
-            content: "Enter the distributor's password",
-            trigger: ".oe_login_form input[name='password']",
-            run: "edit distributor",
-        },
-        {
-            content: "Log in",
-            trigger: ".oe_login_form button[type='submit']",
-            run: "click",
-        },
-        {
-            content: "Open the quotations from the portal home",
-            trigger: "a[href='/my/quotes']",
-            run: "click",
-        },
-        {
-            content: "Open the quotation",
-            trigger: ".o_portal_my_doc_table a[href^='/my/orders/']",
-            run: "click",
-        },
-        pageLoaded("The quotation is fully loaded, its chatter included"),
-        {
-            content: "Accept and pay the quotation",
-            trigger: "#o_sale_portal_paynow",
-            run: "click",
-        },
-        {
-            content: "Choose M-Pesa",
-            trigger: "#modalaccept input[name='o_payment_radio'][data-provider-code='mpesa']",
-            run: "click",
-        },
-        {
-            content: "The phone number is filled in with the distributor's mobile",
-            trigger: "#modalaccept #o_mpesa_phone:value(0708 374 149)",
-        },
-    ];
-}
 
 function payWith(phone) {
     return [
