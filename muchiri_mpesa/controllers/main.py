@@ -70,6 +70,24 @@ class MpesaController(http.Controller):
         error = tx_sudo._mpesa_send_stk_push_or_refuse(phone)
         return {'error': error} if error else {}
 
+    @http.route('/payment/mpesa/till_push', type='json', auth='public')
+    def mpesa_till_push(self, reference, till, access_token):
+        """Prompt the distributor's till to pay a transaction made by Odoo's transaction route (B2B
+        Express Checkout), with the access-token check of the STK Push route.
+
+        :return: {} when the prompt is on its way, else {'error': message}
+        """
+        tx_sudo = request.env['payment.transaction'].sudo().search([
+            ('reference', '=', reference), ('provider_code', '=', 'mpesa'),
+        ], limit=1)
+        if not tx_sudo or not tx_sudo._mpesa_check_access_token(access_token):
+            raise ValidationError(request.env._("M-Pesa: this payment request is not valid."))
+        if str(till or '').strip() != tx_sudo.partner_id._mpesa_payment_till():
+            # Only the contact's own till is prompted: never a till the caller typed.
+            return {'error': request.env._("M-Pesa: this is not the till of your account.")}
+        error = tx_sudo._mpesa_send_b2b_checkout_or_refuse(till)
+        return {'error': error} if error else {}
+
     @http.route(list(const.INBOUND_ROUTE_KINDS), type='http', methods=['POST'], auth='public', csrf=False,
                 save_session=False)
     def mpesa_inbound(self, secret):
