@@ -292,6 +292,22 @@ class TestB2BTillPayments(MpesaPaybillCommon):
         self._confirm_by_status()
         self.assertPaidFromTill(tx)
 
+    def test_portal_form_offers_the_till_beside_the_phone(self):
+        self.distributor.mpesa_till_number = TILL_PAYS
+        self.authenticate('distributor', 'distributor')
+        page = self.url_open(self.quotation.get_portal_url()).text
+        self.assertIn('o_mpesa_phone', page)
+        self.assertIn('id="o_mpesa_pay_from_till"', page)
+        self.assertIn(f'data-till="{TILL_PAYS}"', page)
+        self.provider.mpesa_initiator_name = False  # Nothing could prove a till's payment.
+        page = self.url_open(self.quotation.get_portal_url()).text
+        self.assertIn('o_mpesa_phone', page)
+        self.assertNotIn('o_mpesa_pay_from_till', page)
+        self.provider.mpesa_initiator_name = self.simulator.initiator_name
+        self.distributor.mpesa_till_number = False
+        page = self.url_open(self.quotation.get_portal_url()).text
+        self.assertNotIn('o_mpesa_pay_from_till', page, "no till on the contact, no till offered")
+
     def test_till_number_validation(self):
         partner = self.env['res.partner'].create({'name': "Kamau Wholesalers"})
         for bad in ('1234', '12345678', '60010A', '600 100'):
