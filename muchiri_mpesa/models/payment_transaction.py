@@ -519,6 +519,10 @@ class PaymentTransaction(models.Model):
         """
         self.ensure_one()
         self._mpesa_lock()  # As a callback's settlement does.
+        if self.mpesa_b2b_till:  # A till prompt has no STK Query: Transaction Status is asked now.
+            if self.state == 'pending' and self.provider_id._mpesa_has_initiator():
+                self._mpesa_ask_status_soon()
+            return None
         if self._mpesa_end_test_mode_prompt():
             return None
         result = self._mpesa_query(session=session)

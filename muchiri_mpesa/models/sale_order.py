@@ -354,7 +354,7 @@ class SaleOrder(models.Model):
         """What Daraja says of `tx`, for the chatter (`result`: the query's answer, if one was asked)."""
         values = {
             'amount': self._mpesa_format_amount(tx.mpesa_requested_amount),
-            'phone': tx.mpesa_phone or '',
+            'phone': tx.mpesa_phone or (tx.mpesa_b2b_till and self.env._("till %s", tx.mpesa_b2b_till)) or '',
             'checkout': tx.provider_reference,
         }
         if tx.state == 'done':

@@ -288,6 +288,11 @@ class TestB2BTillPayments(MpesaPaybillCommon):
             self.env.invalidate_all()
         tx = self.quotation.transaction_ids.sudo()
         self.assertEqual((tx.state, tx.mpesa_b2b_till), ('pending', TILL_PAYS))
+        with self.registry.test_lock:  # "Check status": no STK Query of a till prompt, Transaction Status soon.
+            result = self.quotation.with_user(salesman).action_mpesa_check_status()
+            self.assertEqual(result['params']['type'], 'info', result['params']['message'])
+            self.assertFalse(self.simulator.requests_for('stk_query'))
+            self.env.invalidate_all()
         self._wait_b2b_result(tx)
         self._confirm_by_status()
         self.assertPaidFromTill(tx)
