@@ -20,6 +20,7 @@ LNM_ROUTES = {
     'reversal_timeout': LNM_PREFIX + '/<string:secret>/reversal/timeout',
     'status_result': LNM_PREFIX + '/<string:secret>/status/result',
     'status_timeout': LNM_PREFIX + '/<string:secret>/status/timeout',
+    'b2b_result': LNM_PREFIX + '/<string:secret>/b2b/result',
 }
 # What each inbound route receives: the kept event's kind, and the Daraja API whose result it is.
 # One controller method serves them all (controllers/main.py).
@@ -33,6 +34,7 @@ INBOUND_ROUTE_KINDS = {
     LNM_ROUTES['reversal_timeout']: ('initiator_timeout', 'reversal'),
     LNM_ROUTES['status_result']: ('initiator_result', 'status'),
     LNM_ROUTES['status_timeout']: ('initiator_timeout', 'status'),
+    LNM_ROUTES['b2b_result']: ('b2b_result', False),
 }
 # Routes whose raw body is kept before Odoo's form parser may read it (models/ir_http.py).
 INBOUND_ROUTES = frozenset(INBOUND_ROUTE_KINDS)
@@ -99,6 +101,8 @@ EVENT_KINDS = [
     ('initiator_result', "Reversal / Transaction Status result"),
     ('initiator_timeout', "Reversal / Transaction Status timeout"),
     ('qr_generate', "Dynamic QR request"),
+    ('b2b_checkout', "B2B Express Checkout request"),
+    ('b2b_result', "B2B Express Checkout result"),
 ]
 
 # What became of a received callback: kept, queued by the request, settled by the job (docs/design.md, 2. Prompts and
@@ -136,6 +140,7 @@ SETTLEMENT_SOURCES = [
     ('callback', "Callback"),
     ('query', "STK Query"),
     ('cutoff', "No answer by the cut-off"),
+    ('status', "Transaction Status"),
 ]
 
 # Reconciliation by STK Query (docs/design.md, 2. Prompts and callbacks): the first check once the customer has had time
@@ -176,3 +181,7 @@ PROMPT_REPORTED_WITHIN_DAYS = 2
 # The STK ResultCodes of M-Pesa's own limits (4: the phone's daily limit, 8: an account's balance
 # limit): the status page says where the rest can be paid instead (docs/design.md, 5. Money rules).
 LIMIT_RESULT_CODES = ('4', '8')
+
+# B2B Express Checkout (docs/design.md, 15. Pay from the till): a till prompt whose result has not come this many
+# seconds after it was started is asked about by Transaction Status (by its RequestRefID).
+B2B_RESULT_WAIT = 3 * 60

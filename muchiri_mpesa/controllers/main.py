@@ -53,6 +53,17 @@ def _route_kind(path):
 class MpesaController(http.Controller):
     _stk_push_url = '/payment/mpesa/stk_push'
 
+    @staticmethod
+    def _mpesa_transaction(reference, access_token):
+        """The M-Pesa transaction (sudo) `reference` names, if `access_token` is the one Odoo gave
+        with its processing values (signed over its reference, amount, currency and partner)."""
+        tx_sudo = request.env['payment.transaction'].sudo().search([
+            ('reference', '=', reference), ('provider_code', '=', 'mpesa'),
+        ], limit=1)
+        if not tx_sudo or not tx_sudo._mpesa_check_access_token(access_token):
+            raise ValidationError(request.env._("M-Pesa: this payment request is not valid."))
+        return tx_sudo
+
     @http.route(_stk_push_url, type='json', auth='public')
     def mpesa_stk_push(self, reference, phone, access_token):
         """Send the STK Push of a transaction made by Odoo's transaction route.
@@ -62,12 +73,22 @@ class MpesaController(http.Controller):
 
         :return: {} when the prompt is on its way, else {'error': message}
         """
-        tx_sudo = request.env['payment.transaction'].sudo().search([
-            ('reference', '=', reference), ('provider_code', '=', 'mpesa'),
-        ], limit=1)
-        if not tx_sudo or not tx_sudo._mpesa_check_access_token(access_token):
-            raise ValidationError(request.env._("M-Pesa: this payment request is not valid."))
+        tx_sudo = self._mpesa_transaction(reference, access_token)
         error = tx_sudo._mpesa_send_stk_push_or_refuse(phone)
+        return {'error': error} if error else {}
+
+    @http.route('/payment/mpesa/till_push', type='json', auth='public')
+    def mpesa_till_push(self, reference, till, access_token):
+        """Prompt the distributor's till to pay a transaction made by Odoo's transaction route (B2B
+        Express Checkout), with the access-token check of the STK Push route.
+
+        :return: {} when the prompt is on its way, else {'error': message}
+        """
+        tx_sudo = self._mpesa_transaction(reference, access_token)
+        if str(till or '').strip() != tx_sudo.partner_id._mpesa_payment_till():
+            # Only the contact's own till is prompted: never a till the caller typed.
+            return {'error': request.env._("M-Pesa: this is not the till of your account.")}
+        error = tx_sudo._mpesa_send_b2b_checkout_or_refuse(till)
         return {'error': error} if error else {}
 
     # auth='none', the public user set below: Odoo's 'public' reads the public user on every

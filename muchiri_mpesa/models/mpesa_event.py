@@ -56,6 +56,7 @@ INBOUND_KINDS = {
     'initiator_timeout': {
         'handler': '_mpesa_admit_initiator_result', 'settle': '_mpesa_settle_initiator_result', 'refusal': REJECTED,
     },
+    'b2b_result': {'handler': '_mpesa_admit_b2b_result', 'settle': '_mpesa_settle_b2b_result', 'refusal': REJECTED},
 }
 SETTLED_KINDS = tuple(kind for kind, inbound in INBOUND_KINDS.items() if inbound['settle'])
 
@@ -165,11 +166,11 @@ class MpesaEvent(models.Model):
             'provider_id': provider.id,
             'transaction_id': transaction.id if transaction else False,
             'checkout_request_id': response_body.get('CheckoutRequestID')
-            or request_body.get('CheckoutRequestID'),
+            or request_body.get('CheckoutRequestID') or request_body.get('RequestRefID'),
             'merchant_request_id': response_body.get('MerchantRequestID'),
             'phone': request_body.get('PhoneNumber'),
             'result_code': response_body.get('ResultCode') or response_body.get('errorCode')
-            or response_body.get('ResponseCode'),
+            or response_body.get('ResponseCode') or response_body.get('code'),
             'http_status': exchange.status or 0,
             'url': exchange.url,
             'request_body': request_text,
@@ -697,6 +698,66 @@ class MpesaEvent(models.Model):
                 "No request of this provider has both conversation IDs of this result yet."))
             return 'wait'
         state, message = tx._mpesa_apply_initiator_result(result, self.initiator_api)
+        self._mark(state, message)
+        return 'done'
+
+    # === BUSINESS METHODS - B2B EXPRESS CHECKOUT === #
+
+    def _mpesa_admit_b2b_result(self):
+        """Parse and match the result of a till prompt (B2B Express Checkout) by its requestId,
+        our RequestRefID; one whose request is unknown waits, unmatched, and changes nothing."""
+        self._mpesa_parse_b2b()
+        if not self._mpesa_match_b2b(lock=False):
+            self._mpesa_retry_later('unmatched', self.env._("No till prompt of this provider has this requestId."))
+            return 200, dict(daraja.ACCEPTED_RESPONSE)
+        self._mark('queued', self.env._("Waiting for settlement."))
+        self.next_attempt_at = False
+        return 200, dict(daraja.ACCEPTED_RESPONSE)
+
+    def _mpesa_parse_b2b(self):
+        """The B2B checkout result this event holds, its searchable fields filled.
+
+        :raise InboundRefusal: when the body is not one
+        """
+        self.ensure_one()
+        try:
+            result = daraja.parse_b2b_checkout_result(self._mpesa_raw_body())
+        except daraja.CallbackParseError as error:
+            raise InboundRefusal(400, {'ResultCode': 1, 'ResultDesc': "Rejected: not a B2B checkout result"},
+                                 str(error)) from error
+        if self.checkout_request_id != result.request_id:
+            self.write({
+                'checkout_request_id': result.request_id,
+                'receipt_number': result.transaction_id or False,
+                'amount': float(result.amount),
+                'result_code': result.result_code,
+            })
+        return result
+
+    def _mpesa_match_b2b(self, lock):
+        """The till prompt of this result, among its provider's only; the event keeps it."""
+        self.ensure_one()
+        tx = self.transaction_id.sudo()
+        if not tx and self.checkout_request_id:
+            tx = self.env['payment.transaction'].sudo().search([
+                ('provider_id', '=', self.provider_id.id), ('provider_code', '=', 'mpesa'),
+                ('provider_reference', '=', self.checkout_request_id), ('mpesa_push_sent_at', '!=', False),
+                ('mpesa_b2b_till', '!=', False),
+            ], limit=1)
+            if tx:
+                self.transaction_id = tx
+        if tx and lock:
+            tx._mpesa_lock()
+        return tx
+
+    def _mpesa_settle_b2b_result(self, _answers, _session=None):
+        """Apply the result under its transaction's lock: a success only asks Transaction Status."""
+        result = self._mpesa_parse_b2b()
+        tx = self._mpesa_match_b2b(lock=True)
+        if not tx:
+            self._mpesa_retry_later('unmatched', self.env._("No till prompt of this provider has this requestId."))
+            return 'wait'
+        state, message = tx._mpesa_apply_b2b_result(result)
         self._mark(state, message)
         return 'done'
 

@@ -95,6 +95,10 @@ class MpesaLedger(models.Model):
     source_stk = fields.Boolean(string="STK", readonly=True, help="An STK callback reported it.")
     source_c2b = fields.Boolean(string="C2B", readonly=True, help="A C2B confirmation reported it.")
     source_pull = fields.Boolean(string="Pull", readonly=True, help="Pull Transactions reported it.")
+    source_b2b = fields.Boolean(
+        string="B2B", readonly=True,
+        help="A till paid it after our B2B Express Checkout prompt (Transaction Status proved it).",
+    )
     sources = fields.Char(compute='_compute_sources')
     pull_amount = fields.Monetary(
         string="Amount per Safaricom", readonly=True,
@@ -153,11 +157,11 @@ class MpesaLedger(models.Model):
 
     # === COMPUTE METHODS === #
 
-    @api.depends('source_stk', 'source_c2b', 'source_pull')
+    @api.depends('source_stk', 'source_c2b', 'source_pull', 'source_b2b')
     def _compute_sources(self):
         for row in self:
             row.sources = ', '.join(label for flag, label in (
-                (row.source_stk, "STK"), (row.source_c2b, "C2B"), (row.source_pull, "Pull"),
+                (row.source_stk, "STK"), (row.source_c2b, "C2B"), (row.source_pull, "Pull"), (row.source_b2b, "B2B"),
             ) if flag)
 
     @api.depends('transaction_ids.payment_id')
@@ -181,7 +185,7 @@ class MpesaLedger(models.Model):
         row; when that row is invisible to this transaction's snapshot, PostgreSQL raises a
         serialization failure: the caller starts a fresh transaction and tries again.
 
-        :param str source: 'stk', 'c2b' or 'pull'
+        :param str source: 'stk', 'c2b', 'pull' or 'b2b'
         :param dict values: what the source says of the payment (fields of this model)
         :param list notes: where a row this call creates gathers its chatter notes, for the caller
                            to post as one message (`_mpesa_post_notes`); posted at once without

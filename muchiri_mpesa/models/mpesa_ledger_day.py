@@ -49,5 +49,7 @@ class MpesaLedgerDay(models.Model):
                        ) AS differs
                   FROM muchiri_mpesa_ledger l
                  WHERE l.trans_time IS NOT NULL
+                   -- A till's B2B payment, proven by Transaction Status, is compared only once Pull lists it.
+                   AND (l.source_pull OR l.source_b2b IS NOT TRUE)
               GROUP BY l.provider_id, l.company_id, l.currency_id, day
             )""")

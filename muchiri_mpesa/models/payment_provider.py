@@ -1360,6 +1360,27 @@ class PaymentProvider(models.Model):
     def _mpesa_demo_quotations(self):
         mpesa_demo.create_quotations(self.env)
 
+    # === BUSINESS METHODS - B2B EXPRESS CHECKOUT === #
+
+    def _mpesa_till_payment_refusal(self):
+        """Why this provider cannot prompt a distributor's till to pay (B2B Express Checkout), or None.
+
+        The till pays our paybill, and nothing the till's result says is booked before M-Pesa's
+        Transaction Status confirms it: without an initiator the money could never be proven.
+        """
+        self.ensure_one()
+        provider = self.sudo()
+        if provider.mpesa_shortcode_type == 'till':
+            return self.env._("M-Pesa takes till payments into a paybill only.")
+        if not provider._mpesa_has_initiator():
+            return self.env._(
+                "Paying from a till needs the provider's initiator: M-Pesa's Transaction Status proves the money.")
+        return None
+
+    def _mpesa_takes_till_payments(self):
+        self.ensure_one()
+        return self.code == 'mpesa' and not self._mpesa_till_payment_refusal()
+
 
 def _new_callback_secret():
     """A random path secret that holds none of the words Daraja refuses in a URL."""

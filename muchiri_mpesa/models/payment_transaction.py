@@ -22,8 +22,10 @@ the refunds that hold the reversal (`mpesa_reversal_claim`), taken under the pay
 and committed before the request leaves (Daraja has no idempotency key).
 """
 import logging
+import uuid
 from datetime import timedelta
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 import requests
 from psycopg2 import OperationalError
@@ -143,6 +145,11 @@ class PaymentTransaction(models.Model):
         string="M-Pesa Reversal", readonly=True, copy=False,
         help="The receipt of the M-Pesa transaction that gave the money back (also on the refunds of"
              " the other shares of one receipt, which carry no receipt of their own).",
+    )
+    # B2B Express Checkout: provider_reference holds the RequestRefID (see _mpesa_send_b2b_checkout).
+    mpesa_b2b_till = fields.Char(
+        string="Paying Till", readonly=True, copy=False, index='btree_not_null',
+        help="The distributor's till prompted to pay this (M-Pesa's B2B Express Checkout).",
     )
 
     # === CRUD METHODS === #
@@ -467,6 +474,10 @@ class PaymentTransaction(models.Model):
 
     def _mpesa_settle_previous_prompt(self):
         """Settle an older pending prompt of the same order before a new one may go."""
+        if self.mpesa_b2b_till:  # No STK Query for a till prompt: its result or Transaction Status tells.
+            raise ValidationError(self.env._(
+                "M-Pesa is still processing the till prompt for this order.  Try again in a few minutes."
+            ))
         try:
             with self.env.cr.savepoint(flush=False):
                 utils.lock_rows(self, 'nowait')  # Busy with the cron or a callback: never wait on it.
@@ -508,6 +519,10 @@ class PaymentTransaction(models.Model):
         """
         self.ensure_one()
         self._mpesa_lock()  # As a callback's settlement does.
+        if self.mpesa_b2b_till:  # A till prompt has no STK Query: Transaction Status is asked now.
+            if self.state == 'pending' and self.provider_id._mpesa_has_initiator():
+                self._mpesa_ask_status_soon()
+            return None
         if self._mpesa_end_test_mode_prompt():
             return None
         result = self._mpesa_query(session=session)
@@ -580,6 +595,7 @@ class PaymentTransaction(models.Model):
             ('provider_id', '=', provider.id), ('provider_code', '=', 'mpesa'),
             ('provider_reference', '=', checkout_request_id),
             ('mpesa_push_sent_at', '!=', False),
+            ('mpesa_b2b_till', '=', False),
         ], limit=1)
         if tx and lock:
             tx._mpesa_lock()
@@ -1615,6 +1631,8 @@ class PaymentTransaction(models.Model):
         self.ensure_one()
         if api_name == 'reversal':
             return self._mpesa_apply_reversal_result(result)
+        if self._mpesa_is_unproven_till_payment():
+            return self._mpesa_apply_b2b_status(result)
         if self.operation == 'refund':
             return self._mpesa_apply_refund_status(result)
         return self._mpesa_apply_receipt_status(result)
@@ -1863,6 +1881,8 @@ class PaymentTransaction(models.Model):
         """Send a Transaction Status query for this transaction's receipt (a refund: the receipt
         of the payment it reverses); its result comes to our ResultURL."""
         self.ensure_one()
+        if self._mpesa_is_unproven_till_payment():
+            return self._mpesa_send_b2b_status_query(session)
         provider = self.provider_id
         initiator, credential = provider._mpesa_initiator()
         party, identifier = provider._mpesa_initiator_party()
@@ -1958,6 +1978,8 @@ class PaymentTransaction(models.Model):
                 self.mpesa_receipt_proof = self.env._("Transaction Status could not be asked: %s", message)[:250]
 
     def _mpesa_needs_status_check(self):
+        if self._mpesa_is_unproven_till_payment():
+            return True
         if self.operation == 'refund':
             return self.state in ('draft', 'pending') and bool(self.source_transaction_id.mpesa_receipt_number)
         return self.mpesa_receipt_status == 'unverified' and bool(self.mpesa_receipt_number)
@@ -2077,3 +2099,307 @@ class PaymentTransaction(models.Model):
                 feedback=self.env._("Refunded by M-Pesa (%s).", self.reference),
                 author=self._mpesa_refund_author(),
             )
+
+    # === BUSINESS METHODS - B2B EXPRESS CHECKOUT === #
+
+    def _mpesa_send_b2b_checkout(self, till):
+        """Prompt the distributor's `till` to pay this draft transaction into our paybill (Daraja's
+        B2B Express Checkout) and set it pending (docs/design.md, 15. Pay from the till).
+
+        The guards of the STK Push: one prompt at a time per document, none for a paid one, the
+        amount limits, whole shillings.  The RequestRefID is ours (a UUID): it is written as the
+        provider reference and committed before the request leaves, so that the result always
+        finds its transaction and a replay never sends a second prompt.  Daraja's refusal in the
+        acknowledgement sets the transaction in error with Daraja's words.
+
+        :return: None when the prompt was started, else the message explaining why not
+        :rtype: str | None
+        """
+        self.ensure_one()
+        self._mpesa_lock_or_refuse(self.env._("This payment is already being sent to M-Pesa."))
+        if self.provider_code == 'mpesa' and self.state == 'pending' and self.mpesa_b2b_till:
+            return None  # A replay of a request whose prompt is already on its way.
+        if self.provider_code != 'mpesa' or self.state != 'draft' or self.mpesa_push_sent_at:
+            raise ValidationError(self.env._("This payment can no longer be sent to M-Pesa."))
+        provider = self.provider_id
+        reason = provider._mpesa_unavailability_reason(self.partner_id, self.currency_id) \
+            or provider._mpesa_till_payment_refusal()
+        if reason:
+            raise ValidationError(reason)
+        till = self.env['res.partner']._mpesa_clean_till(till)
+        amount = provider._mpesa_check_amount(self.amount, self.currency_id)
+        self._mpesa_check_no_prompt_waiting()
+        client = provider._mpesa_client(transaction=self)
+        checkout = {
+            'till': till, 'amount': amount, 'reference': self._mpesa_b2b_payment_ref(),
+            'callback_url': provider._mpesa_daraja_url('b2b_result'),
+            'partner_name': self.company_id.name or 'Payment', 'request_id': str(uuid.uuid4()),
+        }
+        try:  # Checked before the attempt is committed: a configuration error sends nothing.
+            daraja.B2BCheckoutRequest(
+                primary_shortcode=till, receiver_shortcode=client.shortcode.business_shortcode, amount=amount,
+                payment_ref=checkout['reference'], callback_url=checkout['callback_url'],
+                partner_name=checkout['partner_name'], request_id=checkout['request_id'],
+                max_amount=client.max_amount, allow_http=urlsplit(client.credentials.base_url).scheme == 'http',
+            )
+        except daraja.DarajaValidationError as error:
+            raise ValidationError(str(error)) from error
+        values = {
+            'provider_reference': checkout['request_id'],
+            'mpesa_b2b_till': till,
+            'mpesa_requested_amount': amount,
+            'mpesa_push_sent_at': fields.Datetime.now(),
+            'mpesa_api_url': client.credentials.base_url,
+        }
+        if self.currency_id.compare_amounts(amount, self.amount):
+            values['amount'] = amount  # What the till is really asked (whole shillings, rounded up).
+        self.write(values)
+        self._mpesa_documents()._mpesa_touch()  # See _mpesa_check_no_prompt_waiting.
+        utils.commit(self.env)
+
+        try:
+            client.b2b_checkout(**checkout)
+        except daraja.DarajaError as error:
+            message = self._mpesa_push_error_message(error)
+            if self._mpesa_push_may_have_reached(error):
+                # The prompt may be on its way: its result, or Transaction Status by our RequestRefID, tells.
+                self._set_pending(state_message=message)
+                self._mpesa_ask_b2b_status_later()
+            else:
+                self.mpesa_result_code = getattr(error, 'error_code', None) or False
+                self._set_error(message)
+            utils.commit(self.env)
+            return message
+        self._set_pending()
+        self._mpesa_ask_b2b_status_later()
+        utils.commit(self.env)
+        return None
+
+    def _mpesa_send_b2b_checkout_or_refuse(self, till):
+        """The portal's till prompt: a refusal before anything left cancels this draft with the
+        reason (as `_mpesa_send_stk_push_or_refuse`)."""
+        self.ensure_one()
+        self._mpesa_lock_or_refuse(self.env._("This payment is already being sent to M-Pesa."))
+        try:
+            return self._mpesa_send_b2b_checkout(till)
+        except ValidationError as error:
+            if self.state != 'draft' or self.mpesa_push_sent_at:
+                raise
+            self._set_canceled(state_message=str(error))
+            return str(error)
+
+    def _mpesa_b2b_payment_ref(self):
+        try:
+            return daraja.account_reference(self.reference)
+        except daraja.DarajaValidationError:
+            return daraja.account_reference(self.reference.replace('/', '-')[:12])
+
+    def _mpesa_is_unproven_till_payment(self):
+        """A till prompt whose money Transaction Status has not proven yet (pending, or in error
+        after an unsigned failure result: a proven payment still wins)."""
+        self.ensure_one()
+        return bool(self.mpesa_b2b_till) and self.operation != 'refund' and self.state in ('pending', 'error') \
+            and self.mpesa_receipt_status != 'confirmed'
+
+    def _mpesa_ask_b2b_status_later(self):
+        """Without a result by B2B_RESULT_WAIT, Transaction Status asks (the result may be lost)."""
+        if self.provider_id._mpesa_has_initiator():
+            self.write({'mpesa_status_next_at': fields.Datetime.now() + timedelta(seconds=const.B2B_RESULT_WAIT),
+                        'mpesa_status_count': 0})
+            self._mpesa_trigger_initiator_job(self.mpesa_status_next_at)
+
+    def _mpesa_send_b2b_status_query(self, session=None):
+        """Ask Transaction Status about this till prompt by its RequestRefID (Daraja's
+        OriginalConversationID): Daraja's own record of the payment, whatever a result claimed."""
+        self.ensure_one()
+        provider = self.provider_id
+        initiator, credential = provider._mpesa_initiator()
+        party, identifier = provider._mpesa_initiator_party()
+        client = provider._mpesa_client(transaction=self, session=session)
+        self.mpesa_status_count += 1
+        ack = client.transaction_status(
+            initiator=initiator,
+            security_credential=credential,
+            original_conversation_id=self.provider_reference,
+            party_a=party,
+            identifier_type=identifier,
+            result_url=provider._mpesa_daraja_url('status_result'),
+            timeout_url=provider._mpesa_daraja_url('status_timeout'),
+            remarks=self.env._("Check %s", self.reference)[:100],
+        )
+        self._mpesa_record_initiator_ack(ack, 'status')
+        return ack
+
+    def _mpesa_apply_b2b_result(self, result):
+        """Apply the till's result (a daraja.B2BCheckoutResult) to this (locked) transaction.
+
+        Daraja signs nothing it posts: a failure ends the prompt in error (never cancelled, so that
+        a proven payment still wins), and a success books nothing by itself.  Its receipt is kept,
+        unverified, and Transaction Status is asked at once; only its answer pays.
+
+        :return: the result event's new state and the message saying why
+        :rtype: tuple[str, str]
+        """
+        self.ensure_one()
+        if self.state == 'done':
+            if result.is_success and result.transaction_id == self.mpesa_receipt_number:
+                return 'ignored', self.env._("This receipt is already recorded.")
+            if result.is_success:
+                return 'conflict', self.env._(
+                    "A second receipt (%(new)s) for a till payment already paid with %(old)s.",
+                    new=result.transaction_id, old=self.mpesa_receipt_number,
+                )
+            return 'ignored', self.env._("The transaction is already done.")
+        if self.state not in ('pending', 'error'):
+            return 'ignored', self.env._("The transaction is already %s.", self.state)
+        last = {'mpesa_result_code': result.result_code, 'mpesa_result_desc': result.result_desc or result.description}
+        if result.outcome == PENDING:
+            self.write(last)
+            self._mpesa_ask_status_soon()
+            return 'processed', self.env._("An undocumented result code: M-Pesa's Transaction Status is asked.")
+        if not result.is_success:
+            if self.state != 'pending' or self.mpesa_receipt_number:
+                return 'ignored', self.env._("A success was reported already: M-Pesa's Transaction Status decides.")
+            self.write({**last, 'mpesa_settled_by': 'callback', 'mpesa_settled_at': fields.Datetime.now(),
+                        'mpesa_status_next_at': False, 'mpesa_callback_at': fields.Datetime.now()})
+            self._set_error(result.description)
+            self._mpesa_send_mail('muchiri_mpesa.mail_template_mpesa_payment_failed')
+            return 'processed', self.env._("Not paid: %s", result.description)
+        receipt = result.transaction_id
+        if Decimal(result.amount) != Decimal(self.mpesa_requested_amount or 0):
+            self._mpesa_ask_status_soon()  # Daraja's own record of the request decides.
+            return 'conflict', self.env._(
+                "The result says %(paid)s was paid, but %(asked)s was asked: nothing is paid on it,"
+                " M-Pesa's Transaction Status is asked.",
+                paid=self._mpesa_format_amount(float(result.amount)),
+                asked=self._mpesa_format_amount(self.mpesa_requested_amount),
+            )
+        if self.mpesa_receipt_number:
+            if receipt == self.mpesa_receipt_number:
+                return 'ignored', self.env._("This receipt is already recorded.")
+            return 'conflict', self.env._(
+                "A second receipt (%(new)s) for a till prompt that reported %(old)s: M-Pesa's Transaction"
+                " Status decides.", new=receipt, old=self.mpesa_receipt_number,
+            )
+        try:
+            self._mpesa_check_receipt_is_new(receipt)
+        except ValidationError as error:
+            self._mpesa_ask_status_soon()
+            return 'conflict', str(error)
+        self.write({**last, 'mpesa_receipt_number': receipt, 'mpesa_receipt_status': 'unverified',
+                    'mpesa_paid_amount': float(result.amount), 'mpesa_paid_at': fields.Datetime.now(),
+                    'mpesa_callback_at': self.mpesa_callback_at or fields.Datetime.now()})
+        if not self.provider_id._mpesa_has_initiator():
+            self.mpesa_receipt_proof = self.env._(
+                "Not paid: the provider has no initiator to ask M-Pesa's Transaction Status.")[:250]
+            return 'processed', self.mpesa_receipt_proof
+        self.mpesa_status_count = 0
+        self._mpesa_ask_status_soon()
+        return 'processed', self.env._(
+            "Receipt %s recorded, unverified: M-Pesa's Transaction Status is asked.", receipt)
+
+    def _mpesa_apply_b2b_status(self, result):
+        """A Transaction Status result of this till prompt, asked by its RequestRefID.  Completed,
+        for the amount asked, into our paybill: the payment is booked with the receipt Daraja
+        names (the ledger row, the transaction done, Odoo's post-processing).  An unknown payment
+        leaves a claimed receipt in conflict and pays nothing.
+
+        :return: the result event's new state and the message saying why
+        """
+        if result.is_timeout:
+            return self._mpesa_status_unanswered(result)
+        unknown = result.result_code in daraja.UNKNOWN_TRANSACTION_CODES
+        if not result.is_success and not unknown:
+            return self._mpesa_status_unanswered(result)
+        claimed = self.mpesa_receipt_number
+        if unknown:
+            message = self.env._(
+                "M-Pesa's Transaction Status knows no payment from till %(till)s for this prompt (%(code)s).",
+                till=self.mpesa_b2b_till, code=result.result_code,
+            )
+            if self.state == 'pending' and self.mpesa_status_count < const.INITIATOR_MAX_CHECKS:
+                self._mpesa_schedule_status_check()  # The prompt may still be on the till.
+            else:
+                self.mpesa_status_next_at = False
+                if self.state == 'pending':
+                    self._set_error(message)
+            if claimed:
+                return self._mpesa_receipt_conflict([message])
+            self.mpesa_receipt_proof = message[:250]
+            return 'processed', message
+        party = self.provider_id._mpesa_initiator_party()[0]
+        problems = self.env['muchiri.mpesa.ledger']._mpesa_status_disagreements(
+            result, result.receipt_no, self.mpesa_requested_amount, party,
+        ) if result.receipt_no else [self.env._("it names no receipt")]
+        originator = result.parameters.get('OriginatorConversationID')
+        if originator and originator != self.provider_reference:
+            problems.append(self.env._("it describes the request %s", originator))
+        debit = (result.parameters.get('DebitPartyName') or '').split(' - ', 1)[0].strip()
+        if debit and debit != self.mpesa_b2b_till:
+            problems.append(self.env._("it was paid by %(debit)s, not till %(till)s", debit=debit,
+                                       till=self.mpesa_b2b_till))
+        if not problems:
+            try:
+                self._mpesa_check_receipt_is_new(result.receipt_no)
+            except ValidationError as error:
+                problems.append(str(error))
+        if problems:
+            return self._mpesa_receipt_conflict(problems)
+        return self._mpesa_set_b2b_paid(result, claimed)
+
+    def _mpesa_set_b2b_paid(self, result, claimed):
+        """Daraja's Transaction Status proved the till's payment: book it."""
+        receipt = result.receipt_no
+        proof = self.env._("Confirmed by M-Pesa's Transaction Status on %s.", fields.Date.today())
+        self.write({
+            'mpesa_receipt_number': receipt,
+            'mpesa_receipt_status': 'confirmed',
+            'mpesa_receipt_proof': proof,
+            'mpesa_paid_amount': float(result.amount),
+            'mpesa_paid_at': utils.naive_utc(result.finalised_at) or fields.Datetime.now(),
+            'mpesa_result_code': '0',
+            'mpesa_result_desc': result.result_desc or False,
+            'mpesa_settled_by': 'status',
+            'mpesa_settled_at': fields.Datetime.now(),
+            'mpesa_status_next_at': False,
+            'mpesa_outcome_unknown': False,
+        })
+        self._set_done(state_message=self.env._("M-Pesa receipt %s", receipt))
+        self._mpesa_flag_overpaid_documents()
+        self._mpesa_ledger_record_b2b()
+        if claimed and claimed != receipt:
+            self._log_message_on_linked_documents(self.env._(
+                "The till's result named receipt %(claimed)s; M-Pesa's Transaction Status names %(receipt)s,"
+                " which paid.", claimed=claimed, receipt=receipt,
+            ))
+        if not self.sale_order_ids:
+            self._mpesa_send_mail('muchiri_mpesa.mail_template_mpesa_payment_confirmed')
+        return 'processed', self.env._("Paid from till %(till)s: receipt %(receipt)s, confirmed.",
+                                       till=self.mpesa_b2b_till, receipt=receipt)
+
+    def _mpesa_ledger_record_b2b(self):
+        """The till's proven receipt in the ledger (source 'b2b', confirmed by Transaction Status),
+        linked to this transaction; a row another source placed already is a conflict, as for STK."""
+        self.ensure_one()
+        provider = self.provider_id.sudo()
+        values = {
+            'amount': self.mpesa_paid_amount,
+            'trans_time': self.mpesa_paid_at or fields.Datetime.now(),
+            'msisdn': self.mpesa_b2b_till,
+            'shortcode': provider.mpesa_shortcode or False,
+            'bill_ref': self._mpesa_b2b_payment_ref(),
+            'transaction_type': "B2B Express Checkout",
+            'confirmation': 'status',
+        }
+        row, created = self.env['muchiri.mpesa.ledger'].sudo()._mpesa_record(
+            provider, self.mpesa_receipt_number, 'b2b', values,
+        )
+        if created or row.state in ('awaiting', 'unmatched'):
+            self._mpesa_ledger_link(row)
+        elif self.mpesa_ledger_id != row:
+            self.mpesa_ledger_id = row
+            row.conflict = True
+            row._mpesa_ask_accountants(self.env._(
+                "Receipt %(receipt)s was placed already, and till prompt %(reference)s says it paid it: the"
+                " money is counted twice.  Cancel one of the payments.", receipt=row.name, reference=self.reference,
+            ))

@@ -2,9 +2,15 @@
 """Distributors, and partners by the SHA-256 of their M-Pesa number: C2B confirmations carry the
 payer's MSISDN hashed, so the partners' numbers are hashed the way Daraja hashes them, stored and
 indexed (one indexed lookup per payment, however many partners)."""
+import re
+
 from odoo import api, fields, models
+from odoo.exceptions import ValidationError
 
 from .. import daraja
+
+# A till number as Daraja's B2B Express Checkout takes it (its primaryShortCode).
+TILL_NUMBER = re.compile(r'[0-9]{5,7}')
 
 
 class ResPartner(models.Model):
@@ -24,6 +30,11 @@ class ResPartner(models.Model):
         groups='account.group_account_invoice',
         help="The SHA-256 of the M-Pesa number, as C2B confirmations carry the payer's.",
     )
+    mpesa_till_number = fields.Char(
+        string="M-Pesa Till", copy=False,
+        help="The distributor's own M-Pesa till (Buy Goods number, 5 to 7 digits): an order or invoice may be"
+             " paid from it, its operator confirming M-Pesa's prompt (B2B Express Checkout).",
+    )
 
     # === COMPUTE METHODS === #
 
@@ -34,12 +45,37 @@ class ResPartner(models.Model):
             partner.mpesa_msisdn = msisdn or False
             partner.mpesa_msisdn_hash = daraja.hash_msisdn(msisdn) if msisdn else False
 
+    # === CONSTRAINT METHODS === #
+
+    @api.constrains('mpesa_till_number')
+    def _check_mpesa_till_number(self):
+        for partner in self.filtered('mpesa_till_number'):
+            if not TILL_NUMBER.fullmatch(partner.mpesa_till_number):
+                raise ValidationError(self.env._(
+                    "An M-Pesa till number is 5 to 7 digits (got %s).", partner.mpesa_till_number))
+
     # === BUSINESS METHODS === #
 
     def _mpesa_is_distributor(self):
         """A contact pays as its company does."""
         self.ensure_one()
         return self.is_distributor or self.commercial_partner_id.is_distributor
+
+
+    # === BUSINESS METHODS - B2B EXPRESS CHECKOUT === #
+
+    @api.model
+    def _mpesa_clean_till(self, till):
+        """`till` as M-Pesa takes it (its digits, spaces dropped), or a ValidationError saying why not."""
+        text = ''.join(str(till or '').split())
+        if not TILL_NUMBER.fullmatch(text):
+            raise ValidationError(self.env._("An M-Pesa till number is 5 to 7 digits (got %s).", till or '-'))
+        return text
+
+    def _mpesa_payment_till(self):
+        """The till this contact pays from: its own, else its company's."""
+        self.ensure_one()
+        return self.mpesa_till_number or self.commercial_partner_id.mpesa_till_number or False
 
 
 def _msisdn(number):

@@ -246,6 +246,61 @@ class SaleOrder(models.Model):
         self.message_post(body=note, subtype_xmlid='mail.mt_note')
         return tx, error
 
+    # === BUSINESS METHODS - B2B EXPRESS CHECKOUT === #
+
+    def _mpesa_request_till_payment(self, till, amount):
+        """Prompt the distributor's `till` to pay `amount` of this order (B2B Express Checkout), and
+        note it in the chatter; the rules of `_mpesa_request_payment`, with a till for a phone.
+
+        :return: the transaction (sudo), and None or the message of the refusal
+        """
+        self.ensure_one()
+        provider, amount = self._mpesa_check_till_request(amount)
+        Transaction = self.env['payment.transaction'].sudo()
+        order_command = [Command.set([self.id])]
+        tx = Transaction.create({
+            'provider_id': provider.id,
+            'payment_method_id': self.env.ref('payment.payment_method_mpesa').id,
+            'reference': Transaction._compute_reference(provider.code, sale_order_ids=order_command),
+            'amount': amount,
+            'currency_id': self.currency_id.id,
+            'partner_id': (self.partner_invoice_id or self.partner_id).id,
+            'sale_order_ids': order_command,
+            'operation': 'online_direct',
+        })
+        error = tx._mpesa_send_b2b_checkout(till)
+        values = {'amount': self._mpesa_format_amount(tx.mpesa_requested_amount), 'till': tx.mpesa_b2b_till or till,
+                  'reason': error}
+        if error:
+            note = self.env._("M-Pesa till prompt of %(amount)s to till %(till)s was refused: %(reason)s", **values)
+        else:
+            note = self.env._("M-Pesa till prompt of %(amount)s sent to till %(till)s.", **values)
+        self.message_post(body=note, subtype_xmlid='mail.mt_note')
+        return tx, error
+
+    def _mpesa_check_till_request(self, amount):
+        """`_mpesa_check_payment_request` for a till: the provider (sudo) and the amount to request."""
+        self.ensure_one()
+        blocker = self._mpesa_payment_request_blocker()
+        if blocker:
+            raise ValidationError(blocker)
+        provider = self._mpesa_provider()
+        refusal = provider._mpesa_till_payment_refusal() if provider else self.env._("M-Pesa is not set up.")
+        if refusal:
+            raise ValidationError(refusal)
+        currency = self.currency_id
+        amount = currency.round(amount or 0.0)
+        due = self._mpesa_amount_due()
+        if currency.compare_amounts(amount, 0) <= 0:
+            raise ValidationError(self.env._("The amount to request must be above zero."))
+        if currency.compare_amounts(amount, due) > 0:
+            raise ValidationError(self.env._(
+                "%(amount)s is more than the %(due)s still due on %(order)s.",
+                amount=self._mpesa_format_amount(amount), due=self._mpesa_format_amount(due), order=self.name,
+            ))
+        provider._mpesa_check_amount(amount, currency)
+        return provider, amount
+
     def action_mpesa_check_status(self):
         """Ask Daraja now where each pending M-Pesa prompt of the order stands, settle what it
         answers (as a callback would) and note the answers in the chatter.
@@ -299,7 +354,7 @@ class SaleOrder(models.Model):
         """What Daraja says of `tx`, for the chatter (`result`: the query's answer, if one was asked)."""
         values = {
             'amount': self._mpesa_format_amount(tx.mpesa_requested_amount),
-            'phone': tx.mpesa_phone or '',
+            'phone': tx.mpesa_phone or (tx.mpesa_b2b_till and self.env._("till %s", tx.mpesa_b2b_till)) or '',
             'checkout': tx.provider_reference,
         }
         if tx.state == 'done':

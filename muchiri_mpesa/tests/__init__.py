@@ -1,6 +1,7 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 from . import (
     test_accounting,
+    test_b2b_flows,
     test_back_office,
     test_c2b_flows,
     test_demo_data,

@@ -51,6 +51,7 @@ ROUTE_KINDS = {
     'reversal_timeout': 'initiator_timeout',
     'status_result': 'initiator_result',
     'status_timeout': 'initiator_timeout',
+    'b2b_result': 'b2b_result',
 }
 JSON = {'Content-Type': 'application/json'}
 FORM = {'Content-Type': 'application/x-www-form-urlencoded'}

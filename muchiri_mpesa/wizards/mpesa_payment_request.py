@@ -20,9 +20,18 @@ class MpesaPaymentRequest(models.TransientModel):
         string="Still Due", compute='_compute_amount_due', currency_field='currency_id',
     )
     phone = fields.Char(
-        compute='_compute_phone', store=True, readonly=False, required=True,
+        compute='_compute_phone', store=True, readonly=False,
         help="The Safaricom number that receives the prompt, e.g. 0712 345 678.",
     )
+    pay_from = fields.Selection(
+        [('phone', "A phone"), ('till', "The customer's till")], default='phone', required=True,
+        help="The customer's till: its operator gets an M-Pesa prompt to pay from it (B2B Express Checkout).",
+    )
+    till = fields.Char(
+        compute='_compute_till', store=True, readonly=False,
+        help="The customer's M-Pesa till (5 to 7 digits).",
+    )
+    can_pay_from_till = fields.Boolean(compute='_compute_can_pay_from_till')
     amount = fields.Monetary(
         compute='_compute_amount', store=True, readonly=False, required=True,
         currency_field='currency_id',
@@ -48,6 +57,19 @@ class MpesaPaymentRequest(models.TransientModel):
             wizard.phone = order.mpesa_phone or partner.mobile or partner.phone or False
 
     @api.depends('sale_order_id')
+    def _compute_till(self):
+        for wizard in self:
+            order = wizard.sale_order_id
+            partner = order.partner_invoice_id or order.partner_id
+            wizard.till = partner._mpesa_payment_till() if partner else False
+
+    @api.depends('sale_order_id')
+    def _compute_can_pay_from_till(self):
+        for wizard in self:
+            provider = wizard.sale_order_id._mpesa_provider() if wizard.sale_order_id else False
+            wizard.can_pay_from_till = bool(provider) and provider._mpesa_takes_till_payments()
+
+    @api.depends('sale_order_id')
     def _compute_amount(self):
         for wizard in self:
             wizard.amount = max(wizard.amount_due, 0.0)
@@ -62,6 +84,8 @@ class MpesaPaymentRequest(models.TransientModel):
         """
         self.ensure_one()
         self.env['payment.provider']._mpesa_check_group('sales_team.group_sale_salesman')
+        if self.pay_from == 'till':
+            return self._action_send_to_till()
         tx, error = self.sale_order_id._mpesa_request_payment(self.phone, self.amount)
         if error:
             params = {
@@ -81,6 +105,26 @@ class MpesaPaymentRequest(models.TransientModel):
                 ),
                 'sticky': False,
             }
+        return {
+            'type': 'ir.actions.client',
+            'tag': 'display_notification',
+            'params': {**params, 'next': {'type': 'ir.actions.act_window_close'}},
+        }
+
+    # === BUSINESS METHODS - B2B EXPRESS CHECKOUT === #
+
+    def _action_send_to_till(self):
+        tx, error = self.sale_order_id._mpesa_request_till_payment(self.till, self.amount)
+        params = {
+            'type': 'danger' if error else 'success',
+            'title': self.env._("M-Pesa refused the payment request") if error else self.env._("M-Pesa prompt sent"),
+            'message': error or self.env._(
+                "The operator of till %(till)s confirms %(amount)s on M-Pesa's prompt; the order is updated"
+                " once M-Pesa confirms the payment.",
+                till=tx.mpesa_b2b_till, amount=tx._mpesa_format_amount(tx.mpesa_requested_amount),
+            ),
+            'sticky': bool(error),
+        }
         return {
             'type': 'ir.actions.client',
             'tag': 'display_notification',

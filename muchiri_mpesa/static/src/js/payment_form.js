@@ -38,6 +38,10 @@ paymentForm.include({
             await this._super(...arguments);
             return;
         }
+        if (this._mpesaGetTill()) {
+            await this._super(...arguments); // Paid from the till: no phone to check.
+            return;
+        }
         const input = this._mpesaGetPhoneInput();
         input.setCustomValidity('');
         if (!MPESA_PHONE.test(this._mpesaGetPhone())) {
@@ -61,7 +65,12 @@ paymentForm.include({
             return;
         }
         try {
-            const result = await rpc('/payment/mpesa/stk_push', {
+            const till = this._mpesaGetTill();
+            const result = till ? await rpc('/payment/mpesa/till_push', {
+                reference: processingValues.reference,
+                till: till,
+                access_token: processingValues.mpesa_access_token,
+            }) : await rpc('/payment/mpesa/stk_push', {
                 reference: processingValues.reference,
                 phone: this._mpesaGetPhone(),
                 access_token: processingValues.mpesa_access_token,
@@ -91,6 +100,15 @@ paymentForm.include({
 
     _mpesaGetPhone() {
         return this._mpesaGetPhoneInput().value.replace(/[\s\-.]/g, '');
+    },
+
+    /**
+     * The till to pay from (B2B Express Checkout) when the distributor chose it, else null.
+     */
+    _mpesaGetTill() {
+        const radio = document.querySelector('input[name="o_payment_radio"]:checked');
+        const choice = this._getInlineForm(radio)?.querySelector('input[name="o_mpesa_pay_from"]:checked');
+        return choice && choice.value === 'till' ? choice.dataset.till : null;
     },
 
 });
