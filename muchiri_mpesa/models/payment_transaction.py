@@ -1879,20 +1879,25 @@ class PaymentTransaction(models.Model):
 
     def _mpesa_send_status_query(self, session=None):
         """Send a Transaction Status query for this transaction's receipt (a refund: the receipt
-        of the payment it reverses); its result comes to our ResultURL."""
+        of the payment it reverses; a till prompt not proven yet: its RequestRefID); its result
+        comes to our ResultURL."""
         self.ensure_one()
-        if self._mpesa_is_unproven_till_payment():
-            return self._mpesa_send_b2b_status_query(session)
         provider = self.provider_id
         initiator, credential = provider._mpesa_initiator()
         party, identifier = provider._mpesa_initiator_party()
-        payment = self.source_transaction_id if self.operation == 'refund' else self
+        if self._mpesa_is_unproven_till_payment():
+            # A till prompt by its RequestRefID (Daraja's OriginalConversationID): Daraja's own
+            # record of the payment, whatever a result claimed.
+            subject = {'original_conversation_id': self.provider_reference}
+        else:
+            payment = self.source_transaction_id if self.operation == 'refund' else self
+            subject = {'transaction_id': payment.mpesa_receipt_number}
         client = provider._mpesa_client(transaction=self, session=session)
         self.mpesa_status_count += 1
         ack = client.transaction_status(
             initiator=initiator,
             security_credential=credential,
-            transaction_id=payment.mpesa_receipt_number,
+            **subject,
             party_a=party,
             identifier_type=identifier,
             result_url=provider._mpesa_daraja_url('status_result'),
@@ -2207,28 +2212,6 @@ class PaymentTransaction(models.Model):
             self.write({'mpesa_status_next_at': fields.Datetime.now() + timedelta(seconds=const.B2B_RESULT_WAIT),
                         'mpesa_status_count': 0})
             self._mpesa_trigger_initiator_job(self.mpesa_status_next_at)
-
-    def _mpesa_send_b2b_status_query(self, session=None):
-        """Ask Transaction Status about this till prompt by its RequestRefID (Daraja's
-        OriginalConversationID): Daraja's own record of the payment, whatever a result claimed."""
-        self.ensure_one()
-        provider = self.provider_id
-        initiator, credential = provider._mpesa_initiator()
-        party, identifier = provider._mpesa_initiator_party()
-        client = provider._mpesa_client(transaction=self, session=session)
-        self.mpesa_status_count += 1
-        ack = client.transaction_status(
-            initiator=initiator,
-            security_credential=credential,
-            original_conversation_id=self.provider_reference,
-            party_a=party,
-            identifier_type=identifier,
-            result_url=provider._mpesa_daraja_url('status_result'),
-            timeout_url=provider._mpesa_daraja_url('status_timeout'),
-            remarks=self.env._("Check %s", self.reference)[:100],
-        )
-        self._mpesa_record_initiator_ack(ack, 'status')
-        return ack
 
     def _mpesa_apply_b2b_result(self, result):
         """Apply the till's result (a daraja.B2BCheckoutResult) to this (locked) transaction.

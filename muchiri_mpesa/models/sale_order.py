@@ -189,19 +189,7 @@ class SaleOrder(models.Model):
             msisdn = daraja.normalize_msisdn(phone or '')
         except daraja.DarajaValidationError as error:
             raise ValidationError(str(error)) from error
-        currency = self.currency_id
-        amount = currency.round(amount or 0.0)
-        due = self._mpesa_amount_due()
-        if currency.compare_amounts(amount, 0) <= 0:
-            raise ValidationError(self.env._("The amount to request must be above zero."))
-        if currency.compare_amounts(amount, due) > 0:
-            raise ValidationError(self.env._(
-                "%(amount)s is more than the %(due)s still due on %(order)s.",
-                amount=self._mpesa_format_amount(amount), due=self._mpesa_format_amount(due),
-                order=self.name,
-            ))
-        provider._mpesa_check_amount(amount, currency)
-        return provider, msisdn, amount
+        return provider, msisdn, self._mpesa_check_request_amount(provider, amount)
 
     def _mpesa_request_payment(self, phone, amount):
         """Send an M-Pesa prompt of `amount` for this order to `phone`, and note it in the chatter.
@@ -215,18 +203,7 @@ class SaleOrder(models.Model):
         """
         self.ensure_one()
         provider, msisdn, amount = self._mpesa_check_payment_request(phone, amount)
-        Transaction = self.env['payment.transaction'].sudo()
-        order_command = [Command.set([self.id])]
-        tx = Transaction.create({
-            'provider_id': provider.id,
-            'payment_method_id': self.env.ref('payment.payment_method_mpesa').id,
-            'reference': Transaction._compute_reference(provider.code, sale_order_ids=order_command),
-            'amount': amount,
-            'currency_id': self.currency_id.id,
-            'partner_id': (self.partner_invoice_id or self.partner_id).id,
-            'sale_order_ids': order_command,
-            'operation': 'online_direct',
-        })
+        tx = self._mpesa_new_transaction(provider, amount)
         error = tx._mpesa_send_stk_push(msisdn)
         values = {
             'amount': self._mpesa_format_amount(tx.mpesa_requested_amount),
@@ -246,6 +223,21 @@ class SaleOrder(models.Model):
         self.message_post(body=note, subtype_xmlid='mail.mt_note')
         return tx, error
 
+    def _mpesa_new_transaction(self, provider, amount):
+        """A new M-Pesa transaction (sudo) of `amount` for this order, as Odoo's portal makes one."""
+        Transaction = self.env['payment.transaction'].sudo()
+        order_command = [Command.set([self.id])]
+        return Transaction.create({
+            'provider_id': provider.id,
+            'payment_method_id': self.env.ref('payment.payment_method_mpesa').id,
+            'reference': Transaction._compute_reference(provider.code, sale_order_ids=order_command),
+            'amount': amount,
+            'currency_id': self.currency_id.id,
+            'partner_id': (self.partner_invoice_id or self.partner_id).id,
+            'sale_order_ids': order_command,
+            'operation': 'online_direct',
+        })
+
     # === BUSINESS METHODS - B2B EXPRESS CHECKOUT === #
 
     def _mpesa_request_till_payment(self, till, amount):
@@ -256,18 +248,7 @@ class SaleOrder(models.Model):
         """
         self.ensure_one()
         provider, amount = self._mpesa_check_till_request(amount)
-        Transaction = self.env['payment.transaction'].sudo()
-        order_command = [Command.set([self.id])]
-        tx = Transaction.create({
-            'provider_id': provider.id,
-            'payment_method_id': self.env.ref('payment.payment_method_mpesa').id,
-            'reference': Transaction._compute_reference(provider.code, sale_order_ids=order_command),
-            'amount': amount,
-            'currency_id': self.currency_id.id,
-            'partner_id': (self.partner_invoice_id or self.partner_id).id,
-            'sale_order_ids': order_command,
-            'operation': 'online_direct',
-        })
+        tx = self._mpesa_new_transaction(provider, amount)
         error = tx._mpesa_send_b2b_checkout(till)
         values = {'amount': self._mpesa_format_amount(tx.mpesa_requested_amount), 'till': tx.mpesa_b2b_till or till,
                   'reason': error}
@@ -288,6 +269,11 @@ class SaleOrder(models.Model):
         refusal = provider._mpesa_till_payment_refusal() if provider else self.env._("M-Pesa is not set up.")
         if refusal:
             raise ValidationError(refusal)
+        return provider, self._mpesa_check_request_amount(provider, amount)
+
+    def _mpesa_check_request_amount(self, provider, amount):
+        """The amount to request, rounded: above zero, at most what is still due, and one that
+        `provider` can ask in one prompt; else a ValidationError saying why."""
         currency = self.currency_id
         amount = currency.round(amount or 0.0)
         due = self._mpesa_amount_due()
@@ -299,7 +285,7 @@ class SaleOrder(models.Model):
                 amount=self._mpesa_format_amount(amount), due=self._mpesa_format_amount(due), order=self.name,
             ))
         provider._mpesa_check_amount(amount, currency)
-        return provider, amount
+        return amount
 
     def action_mpesa_check_status(self):
         """Ask Daraja now where each pending M-Pesa prompt of the order stands, settle what it
