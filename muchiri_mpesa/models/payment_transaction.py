@@ -2386,3 +2386,12 @@ class PaymentTransaction(models.Model):
                 "Receipt %(receipt)s was placed already, and till prompt %(reference)s says it paid it: the"
                 " money is counted twice.  Cancel one of the payments.", receipt=row.name, reference=self.reference,
             ))
+
+    def _mpesa_till_pending_message(self):
+        """What the status page says while a till prompt waits: the till's operator confirms it,
+        no phone does."""
+        self.ensure_one()
+        return self.env._(
+            "We sent an M-Pesa prompt to your till %(till)s: its operator enters the operator ID and"
+            " PIN to complete the payment.", till=self.mpesa_b2b_till,
+        )

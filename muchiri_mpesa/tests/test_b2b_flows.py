@@ -12,7 +12,7 @@ from odoo.tools import mute_logger
 from odoo.addons.muchiri_mpesa import const
 from odoo.addons.muchiri_mpesa.daraja.simulator import B2B_RESULT
 
-from .common import MpesaPaybillCommon
+from .common import DarajaDuringToursMixin, MpesaPaybillCommon
 
 TILL_PAYS = '600100'
 TILL_CANCELS = '600101'
@@ -324,3 +324,32 @@ class TestB2BTillPayments(MpesaPaybillCommon):
         contact = self.env['res.partner'].create({'name': "Kamau", 'parent_id': partner.id})
         self.assertEqual(contact._mpesa_payment_till(), '600100', "a contact pays from its company's till")
         self.assertEqual(self.env['res.partner']._mpesa_clean_till(' 600 101 '), '600101')
+
+
+@tagged('post_install', '-at_install')
+class TestTillTour(DarajaDuringToursMixin, MpesaPaybillCommon):
+    """The distributor chooses the till in the portal's payment form, in a real browser: the tour
+    is in static/tests/tours/portal_payment_tour.js."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.quotation.action_quotation_sent()
+
+    def setUp(self):
+        super().setUp()
+        self._with_initiator()
+        self.distributor.mpesa_till_number = TILL_PAYS
+        self.patch(self.simulator.settings, 'callback_delay', 3.0)  # The status page shows the wait first.
+
+    def test_portal_pays_from_the_till(self):
+        with self._settling_in_background(initiator=True):
+            self.start_tour('/web/login', 'muchiri_mpesa_portal_pay_from_till', timeout=120)
+        self.env.invalidate_all()
+        tx = self.quotation.transaction_ids.sudo()
+        self.assertEqual(len(tx), 1)
+        self.assertEqual((tx.state, tx.mpesa_b2b_till, tx.mpesa_settled_by), ('done', TILL_PAYS, 'status'))
+        self.assertFalse(self.simulator.pushes, "no prompt went to a phone")
+        self.assertEqual(self.simulator.b2b_checkout(tx.provider_reference)['primaryShortCode'], TILL_PAYS)
+        self.assertEqual(self.quotation.state, 'sale')
+        self.assertEqual(tx.payment_id.amount, 4500)

@@ -3,19 +3,16 @@
 real HTTP on loopback against the Daraja simulator (docs/design.md, 5. Money rules)."""
 import re
 from html import unescape
-from unittest.mock import Mock
 
-from odoo import http
 from odoo.exceptions import ValidationError
 from odoo.fields import Command
-from odoo.modules import module
-from odoo.tests import TEST_CURSOR_COOKIE_NAME, tagged
+from odoo.tests import tagged
 from odoo.tools import mute_logger
 from odoo.tools.misc import file_open, formatLang
 
-from odoo.addons.muchiri_mpesa import const, daraja
+from odoo.addons.muchiri_mpesa import daraja
 
-from .common import PHONE_CALLBACK_LOST, PHONE_CANCELLED, PHONE_SUCCESS, MpesaCommon
+from .common import PHONE_CALLBACK_LOST, PHONE_CANCELLED, PHONE_SUCCESS, DarajaDuringToursMixin, MpesaCommon
 
 BIG = 600000.0  # Three prompts of at most 250,000: 250,000, 250,000 and 100,000.
 
@@ -292,7 +289,7 @@ class TestLimitResultCodes(InstalmentsCommon):
 
 
 @tagged('post_install', '-at_install')
-class TestInstalmentTour(InstalmentsCommon):
+class TestInstalmentTour(DarajaDuringToursMixin, InstalmentsCommon):
     """The distributor reads the prompts before Pay and pays one instalment, in a real browser:
     the tour is in static/tests/tours/instalment_tour.js."""
 
@@ -304,19 +301,6 @@ class TestInstalmentTour(InstalmentsCommon):
     def setUp(self):
         super().setUp()
         self.patch(self.simulator.settings, 'callback_delay', 3.0)  # See TestPortalTour.
-
-    def check_test_cursor(self, operation):
-        """Let Daraja's callbacks in while the browser runs (see TestPortalTour)."""
-        request = http.request
-        if (
-            request and not isinstance(request, Mock)
-            and request.httprequest.path.startswith(('/payment/mpesa/callback/', const.LNM_PREFIX + '/'))
-            and not request.httprequest.cookies.get(TEST_CURSOR_COOKIE_NAME)
-            and self.http_request_key
-            and module.current_test is self
-        ):
-            return
-        super().check_test_cursor(operation)
 
     def test_portal_pays_one_instalment(self):
         with self._settling_in_background():

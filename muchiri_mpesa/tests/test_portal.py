@@ -2,14 +2,10 @@
 """The distributor's side: paying from the portal, the payment status page, and the tour in a browser.
 """
 from datetime import timedelta
-from unittest.mock import Mock
 
-from odoo import fields, http
-from odoo.modules import module
-from odoo.tests import TEST_CURSOR_COOKIE_NAME, JsonRpcException, tagged
+from odoo import fields
+from odoo.tests import JsonRpcException, tagged
 from odoo.tools import mute_logger
-
-from odoo.addons.muchiri_mpesa import const
 
 from .common import (
     PHONE_CALLBACK_EARLY,
@@ -22,6 +18,7 @@ from .common import (
     PHONE_NO_FUNDS,
     PHONE_SUCCESS,
     PHONE_WRONG_PIN,
+    DarajaDuringToursMixin,
     MpesaCommon,
 )
 
@@ -233,7 +230,7 @@ class TestPaymentStatusPage(MpesaCommon):
 
 
 @tagged('post_install', '-at_install')
-class TestPortalTour(MpesaCommon):
+class TestPortalTour(DarajaDuringToursMixin, MpesaCommon):
     """The distributor pays a quotation on the portal, in a real browser: the tours are in
     static/tests/tours/portal_payment_tour.js."""
 
@@ -248,24 +245,6 @@ class TestPortalTour(MpesaCommon):
         # Long enough for the status page to show the pending state before the callback comes,
         # even when the first render of the page compiles its templates (about 1.5 s here).
         self.patch(self.simulator.settings, 'callback_delay', 3.0)
-
-    def check_test_cursor(self, operation):
-        """Let Daraja's callbacks in while the browser runs.
-
-        Once a tour starts, Odoo's test server refuses (400) every request without the browser's
-        test cookie; the simulator, like Daraja, sends none.  The callback is just another request
-        of this test: it is served under the same lock, on the same cursor.
-        """
-        request = http.request
-        if (
-            request and not isinstance(request, Mock)
-            and request.httprequest.path.startswith(('/payment/mpesa/callback/', const.LNM_PREFIX + '/'))
-            and not request.httprequest.cookies.get(TEST_CURSOR_COOKIE_NAME)
-            and self.http_request_key  # Not between two tests.
-            and module.current_test is self
-        ):
-            return
-        super().check_test_cursor(operation)
 
     def _order_txs(self):
         self.env.invalidate_all()

@@ -24,6 +24,24 @@ paymentForm.include({
             return;
         }
         this._setPaymentFlow('direct');
+        const inlineForm = this._getInlineForm(document.querySelector('input[name="o_payment_radio"]:checked'));
+        if (inlineForm && !inlineForm.dataset.mpesaPayFrom) {
+            inlineForm.dataset.mpesaPayFrom = 'ready';
+            inlineForm.querySelectorAll('input[name="o_mpesa_pay_from"]').forEach((choice) => {
+                choice.addEventListener('change', () => this._mpesaShowPayFrom(inlineForm));
+            });
+        }
+        this._mpesaShowPayFrom(inlineForm);
+    },
+
+    /**
+     * Paid from the till, no phone is asked: the phone's field is hidden while the till is chosen.
+     */
+    _mpesaShowPayFrom(inlineForm) {
+        const phoneBlock = inlineForm?.querySelector('[name="o_mpesa_phone_block"]');
+        if (phoneBlock) {
+            phoneBlock.classList.toggle('d-none', !!this._mpesaGetTill());
+        }
     },
 
     // #=== PAYMENT FLOW ===#

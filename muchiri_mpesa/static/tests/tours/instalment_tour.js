@@ -2,7 +2,7 @@
 
 import { registry } from "@web/core/registry";
 
-import { loginAndOpenQuotation, openPaymentForm } from "./tour_steps";
+import { loginAndOpenQuotation, openPaymentForm, payWith } from "./tour_steps";
 
 // This tour relies on the data of muchiri_mpesa/tests/test_instalments.py (TestInstalmentTour): one
 // sent quotation of KES 600,000 of the portal user "distributor", payable with M-Pesa, whose
@@ -19,22 +19,7 @@ registry.category("web_tour.tours").add("muchiri_mpesa_portal_instalment", {
                 ":contains(will be asked in 3 prompts of at most 250,000.00)" +
                 ":contains(approve each on your phone)",
         },
-        {
-            content: "Enter the M-Pesa phone number",
-            trigger: "#modalaccept #o_mpesa_phone",
-            run: "edit 0708374149",
-        },
-        {
-            content: "Pay the first instalment",
-            trigger: "#modalaccept button[name='o_payment_submit_button']:enabled",
-            run: "click",
-        },
-        {
-            content: "The status page tells to complete the payment on the phone",
-            trigger:
-                "div[name='o_payment_status'] div[name='o_payment_status_alert']" +
-                ":contains(We sent an M-Pesa prompt to your phone)",
-        },
+        ...payWith("0708374149"),
         {
             content: "Back on the quotation: the instalment is received",
             trigger:

@@ -2,32 +2,12 @@
 
 import { registry } from "@web/core/registry";
 
-import { loginAndOpenQuotation, pageLoaded } from "./tour_steps";
+import { loginAndOpenQuotation, pageLoaded, payWith } from "./tour_steps";
 
 // These tours rely on the data of muchiri_mpesa/tests/test_portal.py (TestPortalTour): one sent quotation of the
 // portal user "distributor", payable with M-Pesa only, and a Daraja simulator that answers the
-// prompt after a couple of seconds (the outcome is chosen by the phone number).
-
-function payWith(phone) {
-    return [
-        {
-            content: `Enter the M-Pesa phone number ${phone}`,
-            trigger: "#modalaccept #o_mpesa_phone",
-            run: `edit ${phone}`,
-        },
-        {
-            content: "Pay",
-            trigger: "#modalaccept button[name='o_payment_submit_button']:enabled",
-            run: "click",
-        },
-        {
-            content: "The status page tells to complete the payment on the phone",
-            trigger:
-                "div[name='o_payment_status'] div[name='o_payment_status_alert']" +
-                ":contains(We sent an M-Pesa prompt to your phone)",
-        },
-    ];
-}
+// prompt after a couple of seconds (the outcome is chosen by the phone number).  The till's tour
+// relies on muchiri_mpesa/tests/test_b2b_flows.py (TestTillTour): the distributor's till pays.
 
 registry.category("web_tour.tours").add("muchiri_mpesa_portal_pay_success", {
     url: "/web/login",
@@ -100,5 +80,48 @@ registry.category("web_tour.tours").add("muchiri_mpesa_portal_whole_shillings", 
             content: "Before the prompt, the form says what the phone will ask: whole shillings",
             trigger: "#modalaccept .o_mpesa_whole_shillings:contains(M-Pesa takes whole shillings):contains(4,502.00)",
         },
+    ],
+});
+
+registry.category("web_tour.tours").add("muchiri_mpesa_portal_pay_from_till", {
+    url: "/web/login",
+    steps: () => [
+        ...loginAndOpenQuotation(),
+        {
+            content: "The form offers the distributor's till beside the phone",
+            trigger: "#modalaccept label[for='o_mpesa_pay_from_till']:contains(Pay from your till):contains(600100)",
+        },
+        {
+            content: "Choose the till",
+            trigger: "#modalaccept #o_mpesa_pay_from_till",
+            run: "click",
+        },
+        {
+            content: "No phone is asked when the till pays",
+            trigger: "#modalaccept div[name='o_mpesa_form']:has(div[name='o_mpesa_phone_block'].d-none)",
+        },
+        {
+            content: "Pay",
+            trigger: "#modalaccept button[name='o_payment_submit_button']:enabled",
+            run: "click",
+        },
+        {
+            content: "The status page tells that the till's operator confirms the payment",
+            trigger:
+                "div[name='o_payment_status'] div[name='o_payment_status_alert']" +
+                ":contains(We sent an M-Pesa prompt to your till 600100)",
+        },
+        {
+            content: "Back on the order: the payment is confirmed",
+            trigger:
+                "#quote_content div[name='o_payment_status_alert']" +
+                ":contains(Your M-Pesa payment has been received)",
+            timeout: 60000,
+        },
+        {
+            content: "The quotation became a sales order",
+            trigger: "#quote_content h2:contains(Sales Order)",
+        },
+        pageLoaded("The order's page is fully loaded"),
     ],
 });

@@ -1,7 +1,7 @@
 /** @odoo-module **/
 
 // The steps the M-Pesa portal tours share: log in as the portal user "distributor", open the
-// quotation, and open its payment form with M-Pesa chosen.
+// quotation, open its payment form with M-Pesa chosen, and pay from a phone.
 
 // The order's page is done loading once its chatter shows (its lazy bundles come last).  Odoo's
 // test server answers one request at a time: a click before would wait seconds for those bundles,
@@ -64,6 +64,28 @@ export function loginAndOpenQuotation() {
         {
             content: "The phone number is filled in with the distributor's mobile",
             trigger: "#modalaccept #o_mpesa_phone:value(0708 374 149)",
+        },
+    ];
+}
+
+// Pay from the phone `phone`: Odoo's status page then waits for the prompt's answer.
+export function payWith(phone) {
+    return [
+        {
+            content: `Enter the M-Pesa phone number ${phone}`,
+            trigger: "#modalaccept #o_mpesa_phone",
+            run: `edit ${phone}`,
+        },
+        {
+            content: "Pay",
+            trigger: "#modalaccept button[name='o_payment_submit_button']:enabled",
+            run: "click",
+        },
+        {
+            content: "The status page tells to complete the payment on the phone",
+            trigger:
+                "div[name='o_payment_status'] div[name='o_payment_status_alert']" +
+                ":contains(We sent an M-Pesa prompt to your phone)",
         },
     ];
 }
