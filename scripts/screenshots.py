@@ -3,7 +3,10 @@
 Run by `bash scripts/screenshots` against a running demo (scripts/demo); writes 1280x800 PNGs into
 docs/: the portal payment form with the phone, the "check your phone" page, the paid order, the
 order's M-Pesa tab, the M-Pesa analysis and the exchanges list.  Pays one demo quotation (the
-simulator's success number) on the way.  Needs `chromium` and websocket-client.
+simulator's success number) on the way.  The three ways a distributor pays (a large quotation's
+form asking in instalments, the choice of the till, the paybill details and QR code on the
+quotation) go into the addon's static/description/, where the provider's form shows them.  Needs
+`chromium` and websocket-client.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import websocket
 
 WIDTH, HEIGHT = 1280, 800
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+# The three ways to pay: shown by the provider's form too, so inside the addon (and linked by the README).
+DESCRIPTION = DOCS.parent / "muchiri_mpesa" / "static" / "description"
 
 
 class Browser:
@@ -86,12 +91,12 @@ class Browser:
         self.wait(f"!!document.querySelector({json.dumps(selector)})", what=selector)
         self.js(f"document.querySelector({json.dumps(selector)}).click()")
 
-    def shoot(self, name: str, settle: float = 0.8):
+    def shoot(self, name: str, settle: float = 0.8, folder: Path = DOCS):
         time.sleep(settle)  # Animations (modals, fading alerts) end.
         # Odoo's "page is out of date" notice: the assets of a new database are built while it loads.
         self.js("document.querySelectorAll('.o_notification').forEach(n => n.remove())")
         data = self.send("Page.captureScreenshot", format="png")["data"]
-        path = DOCS / name
+        path = folder / name
         path.write_bytes(base64.b64decode(data))
         print(f"screenshots: {path.relative_to(DOCS.parent)} ({path.stat().st_size // 1024} KiB)")
 
@@ -121,25 +126,53 @@ def backend(browser: Browser, base: str, path: str, ready: str):
     browser.wait("!document.querySelector('.o_loading_indicator, .o-main-components-container .o_blockUI')")
 
 
+def open_mpesa_form(browser: Browser):
+    """On a quotation's portal page: Accept & Pay, M-Pesa chosen, the phone filled in."""
+    browser.click("#o_sale_portal_paynow")
+    browser.wait("!!document.querySelector('#modalaccept.show #o_mpesa_phone')"
+                 " || !!document.querySelector(\"#modalaccept.show input[data-provider-code='mpesa']\")")
+    browser.js("""(() => {
+        const radio = document.querySelector(
+            "#modalaccept input[name='o_payment_radio'][data-provider-code='mpesa']");
+        if (radio && !radio.checked) radio.click();
+    })()""")
+    browser.wait("(document.querySelector('#modalaccept #o_mpesa_phone') || {}).value", what="the phone")
+
+
+def three_ways(browser: Browser, base: str):
+    """The largest demo quotation (above one prompt's 250,000): its form says the instalments
+    before Pay, offers the distributor's till; its page shows the paybill details and QR code."""
+    browser.open(f"{base}/my/quotes", "!!document.querySelector('.o_portal_my_doc_table')")
+    bulk_url = browser.js("""(() => {
+        const rows = [...document.querySelectorAll('.o_portal_my_doc_table tbody tr')];
+        const amount = (row) => parseFloat(row.innerText.replace(/,/g, '').match(/([0-9]+[.][0-9]{2})(?!.*[0-9])/s)[1]);
+        rows.sort((a, b) => amount(b) - amount(a));
+        return rows[0].querySelector("a[href^='/my/orders/']").getAttribute('href');
+    })()""")
+    browser.open(base + bulk_url, "!!document.querySelector('#o_sale_portal_paynow')")
+    browser.js("document.querySelector('.o_mpesa_paybill').scrollIntoView({block: 'center'})")
+    browser.shoot("portal-paybill-qr.png", folder=DESCRIPTION)
+    open_mpesa_form(browser)
+    browser.wait("!!document.querySelector('#modalaccept .o_mpesa_instalments_note')", what="the instalments note")
+    browser.shoot("portal-instalments.png", folder=DESCRIPTION)
+    browser.click("#modalaccept #o_mpesa_pay_from_till")
+    browser.wait("!!document.querySelector(\"#modalaccept div[name='o_mpesa_phone_block'].d-none\")",
+                 what="the till chosen")
+    browser.shoot("portal-pay-from-till.png", folder=DESCRIPTION)
+
+
 def run(base: str, db: str, chromium: str):
     DOCS.mkdir(exist_ok=True)
     browser = Browser(chromium)
     try:
         login(browser, base, db, "wanjiku", "wanjiku")
+        three_ways(browser, base)
         browser.open(f"{base}/my/quotes", "!!document.querySelector('.o_portal_my_doc_table')")
         order_url = browser.js("[...document.querySelectorAll(\".o_portal_my_doc_table a[href^='/my/orders/']\")]"
                                ".pop().getAttribute('href')")
         order_id = int(order_url.split("/my/orders/")[1].split("?")[0])
         browser.open(base + order_url, "!!document.querySelector('#o_sale_portal_paynow')")
-        browser.click("#o_sale_portal_paynow")
-        browser.wait("!!document.querySelector('#modalaccept.show #o_mpesa_phone')"
-                     " || !!document.querySelector(\"#modalaccept.show input[data-provider-code='mpesa']\")")
-        browser.js("""(() => {
-            const radio = document.querySelector(
-                "#modalaccept input[name='o_payment_radio'][data-provider-code='mpesa']");
-            if (radio && !radio.checked) radio.click();
-        })()""")
-        browser.wait("(document.querySelector('#modalaccept #o_mpesa_phone') || {}).value", what="the phone")
+        open_mpesa_form(browser)
         browser.shoot("portal-payment-form.png")
 
         browser.click("#modalaccept button[name='o_payment_submit_button']")

@@ -4,8 +4,11 @@ a restart must not reset.  Plain functions, called by demo/mpesa_demo.xml only (
 provider's `_mpesa_demo_*` methods), so only on a database with demo data."""
 import logging
 import os
+import urllib.request
 
 from odoo.fields import Command
+
+from ..daraja.simulator import DEFAULT_INITIATOR_NAME, DEFAULT_INITIATOR_PASSWORD
 
 _logger = logging.getLogger(__name__)
 
@@ -19,11 +22,13 @@ DEMO_CREDENTIALS = {
     'mpesa_passkey': 'bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919',
 }
 
-# xmlid, then (product xmlid, quantity, unit price in KES): the third shows the whole-shilling rounding.
+# xmlid, then (product xmlid, quantity, unit price in KES): the third shows the whole-shilling
+# rounding, the fourth is above one prompt's 250,000 (paid in instalments, or from the till).
 DEMO_QUOTATIONS = [
     ('demo_quotation_maize', [('demo_product_maize', 3, 1500.0)]),
     ('demo_quotation_oil', [('demo_product_oil', 10, 2350.0), ('demo_product_maize', 2, 812.5)]),
     ('demo_quotation_sugar', [('demo_product_sugar', 1, 8326.12)]),
+    ('demo_quotation_bulk', [('demo_product_sugar', 40, 8300.0), ('demo_product_oil', 20, 2350.0)]),
 ]
 
 
@@ -51,8 +56,19 @@ def setup_provider(env):
     callback_url = demo_setting(
         env, 'MPESA_DEMO_CALLBACK_URL', 'muchiri_mpesa.demo_callback_base_url', '',
     )
+    # The simulator's initiator: Transaction Status proves a till's payment, Reversal refunds.
+    certificate = simulator_certificate(api_url)
+    initiator = {
+        'mpesa_initiator_name': DEFAULT_INITIATOR_NAME,
+        'mpesa_initiator_password': DEFAULT_INITIATOR_PASSWORD,
+        'mpesa_initiator_certificate': certificate,
+    } if certificate else {}
+    if not certificate:
+        _logger.info("M-Pesa demo data: the simulator at %s does not answer; no initiator is set"
+                     " (no till payments nor refunds until it is).", api_url)
     provider.write({
         **DEMO_CREDENTIALS,
+        **initiator,
         'state': 'test',
         'is_published': True,
         'mpesa_api_url': api_url,
@@ -65,6 +81,17 @@ def setup_provider(env):
     })
     _logger.info("M-Pesa demo data: the provider talks to %s; callbacks go to %s.",
                  api_url, provider._mpesa_callback_base_url())
+
+def simulator_certificate(api_url):
+    """The simulator's certificate, which encrypts the initiator's password, or None when nothing
+    answers at `api_url` as the simulator does (GET /__sim__/certificate)."""
+    try:
+        with urllib.request.urlopen(f'{api_url}/__sim__/certificate', timeout=5) as answer:  # noqa: S310
+            pem = answer.read(16384).decode('ascii', 'replace')
+    except (OSError, ValueError):
+        return None
+    return pem if pem.startswith('-----BEGIN CERTIFICATE-----') else None
+
 
 def create_quotations(env):
     """The distributor's quotations, sent and ready to pay: created once, never reset (a paid

@@ -5,6 +5,7 @@ from unittest.mock import patch
 from odoo.tests import TransactionCase, tagged
 from odoo.tools import convert_file
 
+from odoo.addons.muchiri_mpesa.daraja.simulator import DarajaSimulator
 from odoo.addons.muchiri_mpesa.demo.mpesa_demo import DEMO_QUOTATIONS
 
 DEMO_FILE = 'demo/mpesa_demo.xml'
@@ -77,11 +78,11 @@ class TestDemoData(TransactionCase):
         self.assertTrue(provider.mpesa_invoice_on_payment, "a paid demo order is invoiced")
 
         orders = self.env['sale.order'].search([('partner_id', '=', contact.id)])
-        self.assertEqual(len(orders), 3)
+        self.assertEqual(len(orders), len(DEMO_QUOTATIONS))
         self.assertEqual(set(orders.mapped('state')), {'sent'})
         self.assertEqual(orders.currency_id, self.env.ref('base.KES'))
         self.assertIn(contact, orders.message_partner_ids, "listed in the distributor's portal")
-        self.assertEqual(orders.with_user(accountant).search_count([('id', 'in', orders.ids)]), 3,
+        self.assertEqual(orders.with_user(accountant).search_count([('id', 'in', orders.ids)]), len(orders),
                          "the accountant opens the distributors' orders")
         for order in orders:
             self.assertFalse(provider._mpesa_unavailability_reason(order.partner_id, order.currency_id))
@@ -104,7 +105,29 @@ class TestDemoData(TransactionCase):
         self.assertEqual(order.state, 'sale', "a paid quotation stays paid")
         self.assertEqual(self.env['sale.order'].search_count([
             ('partner_id', '=', self.env.ref('muchiri_mpesa.demo_distributor_contact').id),
-        ]), 3)
+        ]), len(DEMO_QUOTATIONS))
+
+    def test_the_simulators_initiator_when_it_answers(self):
+        """The simulator answering at the demo's address: its initiator and certificate are set, so
+        the distributor's till is offered and refunds work; not answering: no initiator, no till."""
+        simulator = DarajaSimulator(host='127.0.0.1', port=0)
+        simulator.start()
+        self.addCleanup(simulator.stop)
+        url = simulator.base_url
+        self.provider.write({'mpesa_initiator_name': False, 'mpesa_initiator_certificate': False})
+        contact = self.env.ref('muchiri_mpesa.demo_distributor_contact')
+
+        self._load_demo(MPESA_DEMO_API_URL=url)
+        self.assertEqual(self.provider.mpesa_initiator_name, simulator.initiator_name)
+        self.assertEqual(self.provider.mpesa_initiator_certificate, simulator.certificate_pem)
+        self.assertEqual(contact._mpesa_payment_till(), '600100', "the company's till, one of the simulator's")
+        self.assertTrue(self.provider._mpesa_takes_till_payments())
+
+        simulator.stop()
+        self.provider.write({'mpesa_initiator_name': False, 'mpesa_initiator_certificate': False})
+        self._load_demo(MPESA_DEMO_API_URL=url)
+        self.assertFalse(self.provider.mpesa_initiator_name, "nothing answered: no initiator")
+        self.assertFalse(self.provider._mpesa_takes_till_payments())
 
     def test_never_touches_an_enabled_provider(self):
         self.provider.write({
