@@ -4,12 +4,14 @@ portal's route starts the prompt, the simulator posts the till's result to the p
 M-Pesa's Transaction Status (asked by the RequestRefID) pays (docs/design.md, 15. Pay from the till)."""
 import json
 import uuid
+from unittest.mock import patch
 
 from odoo.exceptions import ValidationError
 from odoo.tests import Form, JsonRpcException, new_test_user, tagged
 from odoo.tools import mute_logger
 
 from odoo.addons.muchiri_mpesa import const
+from odoo.addons.muchiri_mpesa.daraja.client import DarajaClient
 from odoo.addons.muchiri_mpesa.daraja.simulator import B2B_RESULT
 
 from .common import MpesaPaybillCommon
@@ -19,6 +21,10 @@ TILL_CANCELS = '600101'
 TILL_NEVER_ANSWERS = '600102'
 TILL_RESULT_LOST = '600103'
 TILL_REFUSED = '600104'
+
+
+class WorkerKilled(Exception):
+    """The Odoo worker dies here: nothing after this point runs."""
 
 
 @tagged('post_install', '-at_install')
@@ -106,6 +112,45 @@ class TestB2BTillPayments(MpesaPaybillCommon):
         self.assertEqual(row.transaction_ids, tx)
         self.assertTrue(tx.payment_id, "Odoo's post-processing made the payment")
         return row
+
+    def _kill_till_prompt(self, till, sent):
+        """A till prompt whose worker dies right after the request (`sent`) or just before it: its
+        committed attempt is all that is left (a test commits nothing, so nothing is rolled back)."""
+        with self.registry.test_lock:
+            self.distributor.mpesa_till_number = till
+            self.env.flush_all()
+        values = self._start_portal_payment()
+        tx = self._get_tx(values['reference'])
+        send = DarajaClient.b2b_checkout
+
+        def dies(client, **kwargs):
+            if sent:
+                send(client, **kwargs)
+            raise WorkerKilled()
+
+        with self.registry.test_lock, patch.object(DarajaClient, 'b2b_checkout', dies):
+            try:
+                tx._mpesa_send_b2b_checkout(till)
+            except WorkerKilled:
+                pass
+            else:
+                self.fail("the worker died")
+            self.env.flush_all()
+            self.env.invalidate_all()
+        self.assertEqual((tx.state, tx.mpesa_b2b_till), ('draft', till))
+        self.assertTrue(tx.provider_reference and tx.mpesa_push_sent_at)
+        self.assertTrue(tx.mpesa_status_next_at, "Transaction Status was scheduled before the request left")
+        self.assertEqual(len(self.simulator.b2b_checkouts), int(sent))
+        return tx
+
+    def _status_due_now(self, tx, **values):
+        with self.registry.test_lock:
+            tx.write({'mpesa_status_next_at': tx.mpesa_push_sent_at, **values})  # B2B_RESULT_WAIT has passed.
+            self.env.flush_all()
+
+    def _done_till_payments(self):
+        self.quotation.invalidate_recordset()
+        return self.quotation.transaction_ids.filtered(lambda tx: tx.state == 'done')
 
     # === TESTS === #
 
@@ -196,6 +241,64 @@ class TestB2BTillPayments(MpesaPaybillCommon):
         request = self._status_requests()[-1]
         self.assertEqual(request.get('TransactionID') or '', '', "asked by the RequestRefID, not by a receipt")
         self.assertPaidFromTill(tx, TILL_RESULT_LOST)
+
+    def test_killed_prompt_whose_result_is_lost_is_booked_once_by_transaction_status(self):
+        tx = self._kill_till_prompt(TILL_RESULT_LOST, sent=True)
+        receipt = self.simulator.b2b_checkout(tx.provider_reference)['transactionId']
+        self._wait(lambda: receipt in {payment.receipt for payment in self.simulator.payments}, settle=False,
+                   message="the till paid")
+        with self.registry.test_lock:  # Past the cooldown: the till may still pay, no second prompt goes.
+            tx.mpesa_push_sent_at = tx.mpesa_push_sent_at.replace(year=2025)
+            self.env.flush_all()
+        again, answer = self._pay_from_till(TILL_RESULT_LOST)
+        self.assertIn("till prompt", answer['error'])
+        self.assertEqual(again.state, 'cancel')
+        self.assertEqual(len(self.simulator.b2b_checkouts), 1)
+        self._status_due_now(tx)
+        self._confirm_by_status()
+        self.assertEqual(self._status_requests()[-1].get('TransactionID') or '', '', "asked by the RequestRefID")
+        self.assertPaidFromTill(tx, TILL_RESULT_LOST)
+        self._run_initiator_job()
+        self.assertEqual(len(self._status_requests()), 1, "asked once")
+        self.assertEqual(self._done_till_payments(), tx, "booked once")
+        self.assertEqual(len(tx.payment_id), 1)
+
+    def test_killed_prompt_whose_result_comes_is_booked_once(self):
+        tx = self._kill_till_prompt(TILL_PAYS, sent=True)
+        self._wait_b2b_result(tx)
+        tx.invalidate_recordset()
+        self.assertEqual((tx.state, tx.mpesa_receipt_status), ('pending', 'unverified'), "the result finds it")
+        self.assertEqual(self._b2b_events(tx).state, 'processed')
+        self._confirm_by_status()
+        self.assertPaidFromTill(tx)
+        delivered = self.simulator.deliveries(B2B_RESULT, reference=tx.provider_reference)[0].body
+        self._post_b2b(json.loads(delivered) if isinstance(delivered, (str, bytes)) else delivered)
+        self._settle_callbacks()
+        self._run_initiator_job()
+        self.assertEqual(sorted(self._b2b_events(tx).mapped('state')), ['ignored', 'processed'])
+        self.assertEqual(len(self._status_requests()), 1)
+        self.assertEqual(self._done_till_payments(), tx, "booked once")
+
+    def test_killed_prompt_that_never_left_ends_and_frees_the_order(self):
+        tx = self._kill_till_prompt(TILL_PAYS, sent=False)
+        self._status_due_now(tx)
+        self._confirm_by_status()
+        tx.invalidate_recordset()
+        self.assertEqual(tx.state, 'pending', "Daraja knows no payment yet: the till may still answer")
+        self.assertIn("knows no payment", tx.mpesa_receipt_proof)
+        self.assertGreater(tx.mpesa_status_next_at, tx.mpesa_push_sent_at, "asked again later")
+        self._status_due_now(tx, mpesa_status_count=const.INITIATOR_MAX_CHECKS - 1)
+        self._confirm_by_status(results=2)
+        tx.invalidate_recordset()
+        self.assertEqual(tx.state, 'error')
+        self.assertIn(f"knows no payment from till {TILL_PAYS}", tx.state_message)
+        self.assertFalse(tx.mpesa_status_next_at)
+        self.assertFalse(tx.payment_id)
+        self.assertFalse(self.simulator.b2b_checkouts, "no prompt ever left")
+        self.quotation.invalidate_recordset()
+        self.assertTrue(self.quotation._mpesa_is_due())
+        again, answer = self._pay_from_till(TILL_PAYS)
+        self.assertEqual((answer, again.state), ({}, 'pending'), "the order may be paid again")
 
     def test_forged_success_on_the_secret_path_pays_nothing(self):
         tx, _answer = self._pay_from_till(TILL_NEVER_ANSWERS)
