@@ -300,6 +300,47 @@ class TestB2BTillPayments(MpesaPaybillCommon):
         again, answer = self._pay_from_till(TILL_PAYS)
         self.assertEqual((answer, again.state), ({}, 'pending'), "the order may be paid again")
 
+    def test_odoos_refund_reverses_the_till_payment_once(self):
+        tx, _answer = self._pay_from_till()
+        self._wait_b2b_result(tx)
+        self._confirm_by_status()
+        row = self.assertPaidFromTill(tx)
+        with self.registry.test_lock:  # Odoo's Refund button of the payment, then its wizard's, as the accountant.
+            payment = tx.payment_id.with_user(self.accountant)
+            self.assertGreater(payment.amount_available_for_refund, 0, "Odoo offers the refund")
+            action = payment.action_refund_wizard()
+            wizard = self.env[action['res_model']].with_user(self.accountant).with_context(
+                active_id=payment.id, active_model='account.payment').create({})
+            wizard.action_refund()
+            self.env.invalidate_all()
+        refund = tx.child_transaction_ids.filtered(lambda child: child.operation == 'refund')
+        self.assertEqual(len(refund), 1)
+        self.assertEqual((refund.state, refund.amount), ('pending', -tx.amount))
+        [reversal] = [request for request in self.simulator.initiator_requests if request['api'] == 'reversal']
+        self.assertEqual(reversal['TransactionID'], tx.mpesa_receipt_number, "the till payment's own receipt")
+        self.assertEqual(reversal['ResultCode'], '0', "M-Pesa reverses a till's payment")
+        self.simulator.wait_for_deliveries('initiator_result', count=2, timeout=15)  # Its status, then the reversal.
+        self._run_initiator_job()
+        refund.invalidate_recordset()
+        self.assertEqual(refund.state, 'done', refund.state_message)
+        reversed_by = self.simulator.payment(tx.mpesa_receipt_number).reversed_by
+        self.assertTrue(reversed_by)
+        self.assertEqual(refund.mpesa_reversal_receipt, reversed_by)
+        self.assertEqual((refund.payment_id.payment_type, refund.payment_id.amount), ('outbound', tx.amount))
+        row.invalidate_recordset()
+        self.assertEqual((row.state, row.reversal_receipt), ('refunded', reversed_by))
+        body = self.simulator.deliveries('initiator_result')[-1].body
+        self._post_callback(json.loads(body) if isinstance(body, (str, bytes)) else body,
+                            route=const.LNM_ROUTES['reversal_result'], settle=False)
+        self._run_initiator_job()
+        tx.invalidate_recordset()
+        refunds = tx.child_transaction_ids.filtered(lambda child: child.operation == 'refund')
+        self.assertEqual(refunds, refund, "one refund")
+        self.assertEqual(len(refund.payment_id), 1, "refunded once")
+        self.assertEqual(len([r for r in self.simulator.initiator_requests if r['api'] == 'reversal']), 1)
+        self.quotation.invalidate_recordset()
+        self.assertEqual(self.quotation.mpesa_payment_status, 'refunded')
+
     def test_forged_success_on_the_secret_path_pays_nothing(self):
         tx, _answer = self._pay_from_till(TILL_NEVER_ANSWERS)
         self._post_b2b(self._success_body(tx, receipt='SIMFORGED01'))
