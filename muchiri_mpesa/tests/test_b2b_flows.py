@@ -441,6 +441,37 @@ class TestB2BTillPayments(MpesaPaybillCommon):
         self._confirm_by_status()
         self.assertPaidFromTill(tx)
 
+    def test_back_office_till_request_asks_one_instalment_at_a_time(self):
+        salesman = new_test_user(self.env, login='mpesa_till_instalments', groups='sales_team.group_sale_salesman')
+        with self.registry.test_lock:
+            self.provider.maximum_amount = 0  # Odoo's own limit hides the provider: not M-Pesa's.
+            self.quotation.order_line[1:].unlink()
+            self.quotation.order_line.write({'product_uom_qty': 1, 'price_unit': 600000, 'tax_id': False})
+            self.quotation.user_id = salesman
+            self.env.flush_all()
+        self.assertEqual(self.quotation.amount_total, 600000)
+        kes = self.quotation._mpesa_format_amount
+        for due in (600000, 350000):
+            with self.registry.test_lock:
+                action = self.quotation.with_user(salesman).action_mpesa_request_payment()
+                with Form(self.env[action['res_model']].with_user(salesman).with_context(**action['context'])) as form:
+                    form.pay_from = 'till'
+                    self.assertEqual(form.amount, due)
+                result = form.record.action_send()
+                self.env.invalidate_all()
+            message = result['params']['message']
+            self.assertEqual(result['params']['type'], 'success', message)
+            self.assertIn(f"{kes(due)} is above one prompt's {kes(250000)}: this request asks {kes(250000)};"
+                          " request again for the rest.", message)
+            tx = self.quotation.transaction_ids.sudo().filtered(lambda t: t.state == 'pending')
+            self.assertEqual((tx.amount, tx.mpesa_b2b_till), (250000, TILL_PAYS))
+            self.assertEqual(int(float(self.simulator.b2b_checkout(tx.provider_reference)['amount'])), 250000)
+            self._wait_b2b_result(tx)
+            self._confirm_by_status(results=len(self._status_requests()) + 1)
+            self.assertPaidFromTill(tx)
+        self.quotation.invalidate_recordset()
+        self.assertEqual(self.quotation._mpesa_amount_due(), 100000, "the last request asks the rest")
+
     def test_portal_form_offers_the_till_beside_the_phone(self):
         self.distributor.mpesa_till_number = TILL_PAYS
         self.authenticate('distributor', 'distributor')
