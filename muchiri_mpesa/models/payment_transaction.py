@@ -1791,7 +1791,6 @@ class PaymentTransaction(models.Model):
         accountants.  The receipt and the amount are never changed by it."""
         if self.mpesa_receipt_status != 'unverified':
             return 'ignored', self.env._("The receipt is %s already.", self.mpesa_receipt_status or '-')
-        self._mpesa_resume_b2b_checkout()
         if result.is_timeout:
             return self._mpesa_status_unanswered(result)
         unknown = result.result_code in daraja.UNKNOWN_TRANSACTION_CODES
