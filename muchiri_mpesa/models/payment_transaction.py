@@ -430,7 +430,7 @@ class PaymentTransaction(models.Model):
         if not documents:
             return
         others = self._mpesa_other_prompts(documents)
-        previous = others.filtered(lambda tx: tx.state == 'pending' and tx.provider_reference)
+        previous = others.filtered(lambda tx: tx._mpesa_prompt_may_be_waiting())
         if previous:
             for other in previous:
                 other._mpesa_settle_previous_prompt()
@@ -441,7 +441,7 @@ class PaymentTransaction(models.Model):
             others = self._mpesa_other_prompts(documents)
         # FOR UPDATE: a concurrent push waiting here fails to serialize once this one touched them.
         utils.lock_rows(documents, strength='UPDATE')
-        if others.filtered(lambda tx: tx.state == 'pending' and tx.provider_reference):
+        if others.filtered(lambda tx: tx._mpesa_prompt_may_be_waiting()):
             raise ValidationError(self.env._(
                 "M-Pesa is still processing the previous prompt for %s.  Try again in a few minutes.",
                 ', '.join(documents.mapped('name')),
@@ -471,6 +471,12 @@ class PaymentTransaction(models.Model):
                     phone=daraja.mask_msisdn(other.mpesa_phone or ''),
                 ))
         return others
+
+    def _mpesa_prompt_may_be_waiting(self):
+        """Whether this prompt may still be answered: pending, or a till prompt whose worker died
+        before it recorded Daraja's answer (the till may have it: see _mpesa_resume_b2b_checkout)."""
+        self.ensure_one()
+        return (self.state == 'pending' and bool(self.provider_reference)) or self._mpesa_is_unanswered_till_prompt()
 
     def _mpesa_settle_previous_prompt(self):
         """Settle an older pending prompt of the same order before a new one may go."""
@@ -1888,6 +1894,7 @@ class PaymentTransaction(models.Model):
         if self._mpesa_is_unproven_till_payment():
             # A till prompt by its RequestRefID (Daraja's OriginalConversationID): Daraja's own
             # record of the payment, whatever a result claimed.
+            self._mpesa_resume_b2b_checkout()
             subject = {'original_conversation_id': self.provider_reference}
         else:
             payment = self.source_transaction_id if self.operation == 'refund' else self
@@ -2159,6 +2166,9 @@ class PaymentTransaction(models.Model):
         if self.currency_id.compare_amounts(amount, self.amount):
             values['amount'] = amount  # What the till is really asked (whole shillings, rounded up).
         self.write(values)
+        # Committed with the attempt: should this worker die before it records Daraja's answer,
+        # Transaction Status by the RequestRefID still tells (see _mpesa_resume_b2b_checkout).
+        self._mpesa_ask_b2b_status_later()
         self._mpesa_documents()._mpesa_touch()  # See _mpesa_check_no_prompt_waiting.
         utils.commit(self.env)
 
@@ -2166,19 +2176,44 @@ class PaymentTransaction(models.Model):
             client.b2b_checkout(**checkout)
         except daraja.DarajaError as error:
             message = self._mpesa_push_error_message(error)
+            if not self._mpesa_b2b_still_unanswered():
+                return message
             if self._mpesa_push_may_have_reached(error):
                 # The prompt may be on its way: its result, or Transaction Status by our RequestRefID, tells.
                 self._set_pending(state_message=message)
                 self._mpesa_ask_b2b_status_later()
             else:
-                self.mpesa_result_code = getattr(error, 'error_code', None) or False
+                self.write({'mpesa_result_code': getattr(error, 'error_code', None) or False,
+                            'mpesa_status_next_at': False})
                 self._set_error(message)
             utils.commit(self.env)
             return message
-        self._set_pending()
-        self._mpesa_ask_b2b_status_later()
-        utils.commit(self.env)
+        if self._mpesa_b2b_still_unanswered():
+            self._set_pending()
+            self._mpesa_ask_b2b_status_later()
+            utils.commit(self.env)
         return None
+
+    def _mpesa_b2b_still_unanswered(self):
+        """After the request (sent unlocked, its attempt committed): lock the transaction again and
+        tell whether it is still the draft this request left, which nothing else took meanwhile
+        (the till's result or the initiator job, see _mpesa_resume_b2b_checkout)."""
+        self._mpesa_lock()
+        self.invalidate_recordset()
+        return self.state == 'draft'
+
+    def _mpesa_resume_b2b_checkout(self):
+        """A till prompt still draft although its request was committed as sent: the worker died
+        before it recorded Daraja's answer (or Daraja's result beat it).  The till may have been
+        prompted: the prompt is followed as a pending one, its result or Transaction Status by the
+        RequestRefID books it, and "not found" after the checks ends it (docs/design.md, 15. Pay
+        from the till)."""
+        self.ensure_one()
+        if self.state == 'draft' and self.mpesa_b2b_till and self.mpesa_push_sent_at and self.operation != 'refund':
+            self._set_pending(state_message=self.env._(
+                "Daraja's answer to this till prompt was never recorded: M-Pesa's Transaction Status"
+                " tells whether till %s paid.", self.mpesa_b2b_till,
+            ))
 
     def _mpesa_send_b2b_checkout_or_refuse(self, till):
         """The portal's till prompt: a refusal before anything left cancels this draft with the
@@ -2201,10 +2236,17 @@ class PaymentTransaction(models.Model):
 
     def _mpesa_is_unproven_till_payment(self):
         """A till prompt whose money Transaction Status has not proven yet (pending, or in error
-        after an unsigned failure result: a proven payment still wins)."""
+        after an unsigned failure result: a proven payment still wins; or sent, its answer never
+        recorded)."""
         self.ensure_one()
-        return bool(self.mpesa_b2b_till) and self.operation != 'refund' and self.state in ('pending', 'error') \
-            and self.mpesa_receipt_status != 'confirmed'
+        return bool(self.mpesa_b2b_till) and self.operation != 'refund' and self.mpesa_receipt_status != 'confirmed' \
+            and (self.state in ('pending', 'error') or self._mpesa_is_unanswered_till_prompt())
+
+    def _mpesa_is_unanswered_till_prompt(self):
+        """A till prompt committed as sent whose Daraja answer was never recorded (still draft)."""
+        self.ensure_one()
+        return self.state == 'draft' and bool(self.mpesa_b2b_till) and bool(self.mpesa_push_sent_at) \
+            and self.operation != 'refund'
 
     def _mpesa_ask_b2b_status_later(self):
         """Without a result by B2B_RESULT_WAIT, Transaction Status asks (the result may be lost)."""
@@ -2224,6 +2266,7 @@ class PaymentTransaction(models.Model):
         :rtype: tuple[str, str]
         """
         self.ensure_one()
+        self._mpesa_resume_b2b_checkout()
         if self.state == 'done':
             if result.is_success and result.transaction_id == self.mpesa_receipt_number:
                 return 'ignored', self.env._("This receipt is already recorded.")
@@ -2289,6 +2332,7 @@ class PaymentTransaction(models.Model):
 
         :return: the result event's new state and the message saying why
         """
+        self._mpesa_resume_b2b_checkout()
         if result.is_timeout:
             return self._mpesa_status_unanswered(result)
         unknown = result.result_code in daraja.UNKNOWN_TRANSACTION_CODES

@@ -272,8 +272,9 @@ class SaleOrder(models.Model):
         return provider, self._mpesa_check_request_amount(provider, amount)
 
     def _mpesa_check_request_amount(self, provider, amount):
-        """The amount to request, rounded: above zero, at most what is still due, and one that
-        `provider` can ask in one prompt; else a ValidationError saying why."""
+        """The amount to request, rounded: above zero, at most what is still due; above what
+        `provider` asks in one prompt, the first instalment of it (the next request asks the next
+        one, as the portal does); else a ValidationError saying why."""
         currency = self.currency_id
         amount = currency.round(amount or 0.0)
         due = self._mpesa_amount_due()
@@ -284,8 +285,23 @@ class SaleOrder(models.Model):
                 "%(amount)s is more than the %(due)s still due on %(order)s.",
                 amount=self._mpesa_format_amount(amount), due=self._mpesa_format_amount(due), order=self.name,
             ))
+        amount = provider._mpesa_instalment_amount(amount, currency)
         provider._mpesa_check_amount(amount, currency)
         return amount
+
+    def _mpesa_instalment_note(self, amount):
+        """What a back-office request of `amount` says when one prompt cannot take it all, else None."""
+        self.ensure_one()
+        provider = self._mpesa_provider()
+        currency = self.currency_id
+        if not provider or currency.compare_amounts(amount or 0.0, provider._mpesa_max_amount()) <= 0:
+            return None
+        return self.env._(
+            "%(amount)s is above one prompt's %(maximum)s: this request asks %(asked)s; request again for"
+            " the rest.", amount=self._mpesa_format_amount(amount),
+            maximum=self._mpesa_format_amount(provider._mpesa_max_amount()),
+            asked=self._mpesa_format_amount(provider._mpesa_instalment_amount(amount, currency)),
+        )
 
     def action_mpesa_check_status(self):
         """Ask Daraja now where each pending M-Pesa prompt of the order stands, settle what it

@@ -4,12 +4,14 @@ portal's route starts the prompt, the simulator posts the till's result to the p
 M-Pesa's Transaction Status (asked by the RequestRefID) pays (docs/design.md, 15. Pay from the till)."""
 import json
 import uuid
+from unittest.mock import patch
 
 from odoo.exceptions import ValidationError
 from odoo.tests import Form, JsonRpcException, new_test_user, tagged
 from odoo.tools import mute_logger
 
 from odoo.addons.muchiri_mpesa import const
+from odoo.addons.muchiri_mpesa.daraja.client import DarajaClient
 from odoo.addons.muchiri_mpesa.daraja.simulator import B2B_RESULT
 
 from .common import DarajaDuringToursMixin, MpesaPaybillCommon
@@ -19,6 +21,10 @@ TILL_CANCELS = '600101'
 TILL_NEVER_ANSWERS = '600102'
 TILL_RESULT_LOST = '600103'
 TILL_REFUSED = '600104'
+
+
+class WorkerKilled(Exception):
+    """The Odoo worker dies here: nothing after this point runs."""
 
 
 @tagged('post_install', '-at_install')
@@ -106,6 +112,45 @@ class TestB2BTillPayments(MpesaPaybillCommon):
         self.assertEqual(row.transaction_ids, tx)
         self.assertTrue(tx.payment_id, "Odoo's post-processing made the payment")
         return row
+
+    def _kill_till_prompt(self, till, sent):
+        """A till prompt whose worker dies right after the request (`sent`) or just before it: its
+        committed attempt is all that is left (a test commits nothing, so nothing is rolled back)."""
+        with self.registry.test_lock:
+            self.distributor.mpesa_till_number = till
+            self.env.flush_all()
+        values = self._start_portal_payment()
+        tx = self._get_tx(values['reference'])
+        send = DarajaClient.b2b_checkout
+
+        def dies(client, **kwargs):
+            if sent:
+                send(client, **kwargs)
+            raise WorkerKilled()
+
+        killed = False
+        with self.registry.test_lock, patch.object(DarajaClient, 'b2b_checkout', dies):
+            try:  # Not assertRaises: it would roll back what the worker committed.
+                tx._mpesa_send_b2b_checkout(till)
+            except WorkerKilled:
+                killed = True
+            self.env.flush_all()
+            self.env.invalidate_all()
+        self.assertTrue(killed)
+        self.assertEqual((tx.state, tx.mpesa_b2b_till), ('draft', till))
+        self.assertTrue(tx.provider_reference and tx.mpesa_push_sent_at)
+        self.assertTrue(tx.mpesa_status_next_at, "Transaction Status was scheduled before the request left")
+        self.assertEqual(len(self.simulator.b2b_checkouts), int(sent))
+        return tx
+
+    def _status_due_now(self, tx, **values):
+        with self.registry.test_lock:
+            tx.write({'mpesa_status_next_at': tx.mpesa_push_sent_at, **values})  # B2B_RESULT_WAIT has passed.
+            self.env.flush_all()
+
+    def _done_till_payments(self):
+        self.quotation.invalidate_recordset()
+        return self.quotation.transaction_ids.filtered(lambda tx: tx.state == 'done')
 
     # === TESTS === #
 
@@ -196,6 +241,105 @@ class TestB2BTillPayments(MpesaPaybillCommon):
         request = self._status_requests()[-1]
         self.assertEqual(request.get('TransactionID') or '', '', "asked by the RequestRefID, not by a receipt")
         self.assertPaidFromTill(tx, TILL_RESULT_LOST)
+
+    def test_killed_prompt_whose_result_is_lost_is_booked_once_by_transaction_status(self):
+        tx = self._kill_till_prompt(TILL_RESULT_LOST, sent=True)
+        receipt = self.simulator.b2b_checkout(tx.provider_reference)['transactionId']
+        self._wait(lambda: receipt in {payment.receipt for payment in self.simulator.payments}, settle=False,
+                   message="the till paid")
+        with self.registry.test_lock:  # Past the cooldown: the till may still pay, no second prompt goes.
+            tx.mpesa_push_sent_at = tx.mpesa_push_sent_at.replace(year=2025)
+            self.env.flush_all()
+        again, answer = self._pay_from_till(TILL_RESULT_LOST)
+        self.assertIn("till prompt", answer['error'])
+        self.assertEqual(again.state, 'cancel')
+        self.assertEqual(len(self.simulator.b2b_checkouts), 1)
+        self._status_due_now(tx)
+        self._confirm_by_status()
+        self.assertEqual(self._status_requests()[-1].get('TransactionID') or '', '', "asked by the RequestRefID")
+        self.assertPaidFromTill(tx, TILL_RESULT_LOST)
+        self._run_initiator_job()
+        self.assertEqual(len(self._status_requests()), 1, "asked once")
+        self.assertEqual(self._done_till_payments(), tx, "booked once")
+        self.assertEqual(len(tx.payment_id), 1)
+
+    def test_killed_prompt_whose_result_comes_is_booked_once(self):
+        tx = self._kill_till_prompt(TILL_PAYS, sent=True)
+        self._wait_b2b_result(tx)
+        tx.invalidate_recordset()
+        self.assertEqual((tx.state, tx.mpesa_receipt_status), ('pending', 'unverified'), "the result finds it")
+        self.assertEqual(self._b2b_events(tx).state, 'processed')
+        self._confirm_by_status()
+        self.assertPaidFromTill(tx)
+        delivered = self.simulator.deliveries(B2B_RESULT, reference=tx.provider_reference)[0].body
+        self._post_b2b(json.loads(delivered) if isinstance(delivered, (str, bytes)) else delivered)
+        self._settle_callbacks()
+        self._run_initiator_job()
+        self.assertEqual(sorted(self._b2b_events(tx).mapped('state')), ['ignored', 'processed'])
+        self.assertEqual(len(self._status_requests()), 1)
+        self.assertEqual(self._done_till_payments(), tx, "booked once")
+
+    def test_killed_prompt_that_never_left_ends_and_frees_the_order(self):
+        tx = self._kill_till_prompt(TILL_PAYS, sent=False)
+        self._status_due_now(tx)
+        self._confirm_by_status()
+        tx.invalidate_recordset()
+        self.assertEqual(tx.state, 'pending', "Daraja knows no payment yet: the till may still answer")
+        self.assertIn("knows no payment", tx.mpesa_receipt_proof)
+        self.assertGreater(tx.mpesa_status_next_at, tx.mpesa_push_sent_at, "asked again later")
+        self._status_due_now(tx, mpesa_status_count=const.INITIATOR_MAX_CHECKS - 1)
+        self._confirm_by_status(results=2)
+        tx.invalidate_recordset()
+        self.assertEqual(tx.state, 'error')
+        self.assertIn(f"knows no payment from till {TILL_PAYS}", tx.state_message)
+        self.assertFalse(tx.mpesa_status_next_at)
+        self.assertFalse(tx.payment_id)
+        self.assertFalse(self.simulator.b2b_checkouts, "no prompt ever left")
+        self.quotation.invalidate_recordset()
+        self.assertTrue(self.quotation._mpesa_is_due())
+        again, answer = self._pay_from_till(TILL_PAYS)
+        self.assertEqual((answer, again.state), ({}, 'pending'), "the order may be paid again")
+
+    def test_odoos_refund_reverses_the_till_payment_once(self):
+        tx, _answer = self._pay_from_till()
+        self._wait_b2b_result(tx)
+        self._confirm_by_status()
+        row = self.assertPaidFromTill(tx)
+        with self.registry.test_lock:  # Odoo's Refund button of the payment, then its wizard's, as the accountant.
+            payment = tx.payment_id.with_user(self.accountant)
+            self.assertGreater(payment.amount_available_for_refund, 0, "Odoo offers the refund")
+            action = payment.action_refund_wizard()
+            wizard = self.env[action['res_model']].with_user(self.accountant).with_context(
+                active_id=payment.id, active_model='account.payment').create({})
+            wizard.action_refund()
+            self.env.invalidate_all()
+        refund = tx.child_transaction_ids.filtered(lambda child: child.operation == 'refund')
+        self.assertEqual(len(refund), 1)
+        self.assertEqual((refund.state, refund.amount), ('pending', -tx.amount))
+        [reversal] = [request for request in self.simulator.initiator_requests if request['api'] == 'reversal']
+        self.assertEqual(reversal['TransactionID'], tx.mpesa_receipt_number, "the till payment's own receipt")
+        self.assertEqual(reversal['ResultCode'], '0', "M-Pesa reverses a till's payment")
+        self.simulator.wait_for_deliveries('initiator_result', count=2, timeout=15)  # Its status, then the reversal.
+        self._run_initiator_job()
+        refund.invalidate_recordset()
+        self.assertEqual(refund.state, 'done', refund.state_message)
+        reversed_by = self.simulator.payment(tx.mpesa_receipt_number).reversed_by
+        self.assertTrue(reversed_by)
+        self.assertEqual(refund.mpesa_reversal_receipt, reversed_by)
+        self.assertEqual((refund.payment_id.payment_type, refund.payment_id.amount), ('outbound', tx.amount))
+        row.invalidate_recordset()
+        self.assertEqual((row.state, row.reversal_receipt), ('refunded', reversed_by))
+        body = self.simulator.deliveries('initiator_result')[-1].body
+        self._post_callback(json.loads(body) if isinstance(body, (str, bytes)) else body,
+                            route=const.LNM_ROUTES['reversal_result'], settle=False)
+        self._run_initiator_job()
+        tx.invalidate_recordset()
+        refunds = tx.child_transaction_ids.filtered(lambda child: child.operation == 'refund')
+        self.assertEqual(refunds, refund, "one refund")
+        self.assertEqual(len(refund.payment_id), 1, "refunded once")
+        self.assertEqual(len([r for r in self.simulator.initiator_requests if r['api'] == 'reversal']), 1)
+        self.quotation.invalidate_recordset()
+        self.assertEqual(self.quotation.mpesa_payment_status, 'refunded')
 
     def test_forged_success_on_the_secret_path_pays_nothing(self):
         tx, _answer = self._pay_from_till(TILL_NEVER_ANSWERS)
@@ -296,6 +440,37 @@ class TestB2BTillPayments(MpesaPaybillCommon):
         self._wait_b2b_result(tx)
         self._confirm_by_status()
         self.assertPaidFromTill(tx)
+
+    def test_back_office_till_request_asks_one_instalment_at_a_time(self):
+        salesman = new_test_user(self.env, login='mpesa_till_instalments', groups='sales_team.group_sale_salesman')
+        with self.registry.test_lock:
+            self.provider.maximum_amount = 0  # Odoo's own limit hides the provider: not M-Pesa's.
+            self.quotation.order_line[1:].unlink()
+            self.quotation.order_line.write({'product_uom_qty': 1, 'price_unit': 600000, 'tax_id': False})
+            self.quotation.user_id = salesman
+            self.env.flush_all()
+        self.assertEqual(self.quotation.amount_total, 600000)
+        kes = self.quotation._mpesa_format_amount
+        for due in (600000, 350000):
+            with self.registry.test_lock:
+                action = self.quotation.with_user(salesman).action_mpesa_request_payment()
+                with Form(self.env[action['res_model']].with_user(salesman).with_context(**action['context'])) as form:
+                    form.pay_from = 'till'
+                    self.assertEqual(form.amount, due)
+                result = form.record.action_send()
+                self.env.invalidate_all()
+            message = result['params']['message']
+            self.assertEqual(result['params']['type'], 'success', message)
+            self.assertIn(f"{kes(due)} is above one prompt's {kes(250000)}: this request asks {kes(250000)};"
+                          " request again for the rest.", message)
+            tx = self.quotation.transaction_ids.sudo().filtered(lambda t: t.state == 'pending')
+            self.assertEqual((tx.amount, tx.mpesa_b2b_till), (250000, TILL_PAYS))
+            self.assertEqual(int(float(self.simulator.b2b_checkout(tx.provider_reference)['amount'])), 250000)
+            self._wait_b2b_result(tx)
+            self._confirm_by_status(results=len(self._status_requests()) + 1)
+            self.assertPaidFromTill(tx)
+        self.quotation.invalidate_recordset()
+        self.assertEqual(self.quotation._mpesa_amount_due(), 100000, "the last request asks the rest")
 
     def test_portal_form_offers_the_till_beside_the_phone(self):
         self.distributor.mpesa_till_number = TILL_PAYS

@@ -6,7 +6,7 @@ from html import unescape
 
 from odoo.exceptions import ValidationError
 from odoo.fields import Command
-from odoo.tests import tagged
+from odoo.tests import Form, tagged
 from odoo.tools import mute_logger
 from odoo.tools.misc import file_open, formatLang
 
@@ -257,6 +257,64 @@ class TestPromptMaximum(InstalmentsCommon):
         self.provider.maximum_amount = usd_big / 2
         self.assertNotIn(self.provider, compatible(company, self.distributor.id, BIG, currency_id=self.currency_kes.id),
                          "Odoo hides the provider above its Maximum Amount")
+
+
+@tagged('post_install', '-at_install')
+class TestBackOfficeInstalments(InstalmentsCommon):
+    """The order's "Request M-Pesa payment" above what one prompt may ask: each request asks the
+    next instalment, and says so."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.quotation.user_id = cls.sale_user  # A salesman sees his own orders.
+
+    def _request(self, **values):
+        """The wizard as the order's button opens it (filled with `values`), then its Send button."""
+        with self.registry.test_lock:
+            action = self.quotation.with_user(self.sale_user).action_mpesa_request_payment()
+            with Form(self.env[action['res_model']].with_user(self.sale_user).with_context(**action['context'])) \
+                    as form:
+                for name, value in values.items():
+                    setattr(form, name, value)
+            wizard = form.record
+            result = wizard.action_send()
+            self.env.flush_all()
+        return wizard, result['params']
+
+    def test_each_request_asks_the_next_instalment(self):
+        txs = self.env['payment.transaction']
+        for number, (due, expected) in enumerate(((BIG, 250000), (350000, 250000), (100000, 100000)), start=1):
+            wizard, notification = self._request(phone=PHONE_SUCCESS)
+            self.assertEqual((wizard.amount_due, wizard.amount), (due, due), "it offers all that is due")
+            self.assertEqual(notification['type'], 'success', notification['message'])
+            tx = self.quotation.sudo().transaction_ids - txs
+            txs |= tx
+            self.assertEqual((tx.amount, tx.mpesa_requested_amount), (expected, expected), f"request {number}")
+            self.assertEqual(self.simulator.pushes[-1].amount, expected)
+            if number < 3:
+                note = (f"{self._kes(due)} is above one prompt's {self._kes(250000)}: this request asks"
+                        f" {self._kes(expected)}; request again for the rest.")
+                self.assertEqual(wizard.instalment_note.replace('\xa0', ' '), note, "the wizard says it first")
+                self.assertIn(note, notification['message'].replace('\xa0', ' '))
+            else:
+                self.assertFalse(wizard.instalment_note)
+                self.assertNotIn("request again", notification['message'])
+            self._wait_final(tx)
+            self.assertEqual(tx.state, 'done')
+        self.assertEqual(len(self.simulator.pushes), 3)
+        self.assertEqual(self.quotation._mpesa_amount_due(), 0)
+        self.assertEqual(self.quotation.mpesa_payment_status, 'paid')
+
+    def test_a_typed_amount_above_one_prompt_asks_the_first_instalment(self):
+        _wizard, notification = self._request(phone=PHONE_SUCCESS, amount=300000)
+        self.assertIn(f"{self._kes(300000)} is above one prompt's", notification['message'].replace('\xa0', ' '))
+        tx = self.quotation.sudo().transaction_ids
+        self.assertEqual(tx.amount, 250000)
+        self._wait_final(tx)
+        self.assertEqual(self.quotation._mpesa_amount_due(), 350000)
+        with self.assertRaisesRegex(ValidationError, "more than the"):
+            self._request(phone=PHONE_SUCCESS, amount=350001)
 
 
 @tagged('post_install', '-at_install')

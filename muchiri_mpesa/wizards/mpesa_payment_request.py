@@ -35,8 +35,10 @@ class MpesaPaymentRequest(models.TransientModel):
     amount = fields.Monetary(
         compute='_compute_amount', store=True, readonly=False, required=True,
         currency_field='currency_id',
-        help="Whole shillings are sent to M-Pesa; a fraction is rounded up.",
+        help="Whole shillings are sent to M-Pesa; a fraction is rounded up.  Above what one prompt may"
+             " ask, the request asks the first instalment; request again for the rest.",
     )
+    instalment_note = fields.Char(compute='_compute_instalment_note')
 
     @api.depends('sale_order_id')
     def _compute_partner_id(self):
@@ -74,6 +76,17 @@ class MpesaPaymentRequest(models.TransientModel):
         for wizard in self:
             wizard.amount = max(wizard.amount_due, 0.0)
 
+    @api.depends('sale_order_id', 'amount')
+    def _compute_instalment_note(self):
+        for wizard in self:
+            order = wizard.sale_order_id
+            wizard.instalment_note = (order and order._mpesa_instalment_note(wizard.amount)) or False
+
+    def _sent_message(self, message):
+        """The notification's text, with what was split off when one prompt could not take it all."""
+        note = self.sale_order_id._mpesa_instalment_note(self.amount)
+        return f"{note}  {message}" if note else message
+
     def action_send(self):
         """Send the prompt.  A refusal is noted in the order's chatter and shown.
 
@@ -98,11 +111,11 @@ class MpesaPaymentRequest(models.TransientModel):
             params = {
                 'type': 'success',
                 'title': self.env._("M-Pesa prompt sent"),
-                'message': self.env._(
+                'message': self._sent_message(self.env._(
                     "The customer confirms %(amount)s on %(phone)s with their M-Pesa PIN; the"
                     " order is updated when M-Pesa answers.",
                     amount=tx._mpesa_format_amount(tx.mpesa_requested_amount), phone=tx.mpesa_phone,
-                ),
+                )),
                 'sticky': False,
             }
         return {
@@ -118,11 +131,11 @@ class MpesaPaymentRequest(models.TransientModel):
         params = {
             'type': 'danger' if error else 'success',
             'title': self.env._("M-Pesa refused the payment request") if error else self.env._("M-Pesa prompt sent"),
-            'message': error or self.env._(
+            'message': error or self._sent_message(self.env._(
                 "The operator of till %(till)s confirms %(amount)s on M-Pesa's prompt; the order is updated"
                 " once M-Pesa confirms the payment.",
                 till=tx.mpesa_b2b_till, amount=tx._mpesa_format_amount(tx.mpesa_requested_amount),
-            ),
+            )),
             'sticky': bool(error),
         }
         return {
