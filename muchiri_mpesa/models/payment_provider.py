@@ -513,13 +513,14 @@ class PaymentProvider(models.Model):
         except daraja.DarajaAuthError as error:
             # Daraja's own words once (the client's message would repeat ours).
             said = ': '.join(part for part in (error.error_code, error.error_message) if part)
+            said = f", {said}" if said else ''  # Outside _(): Odoo's term extraction cannot read f-strings.
             raise UserError(self.env._(
                 "Daraja at %(url)s refused this consumer key and secret (HTTP %(status)s%(said)s)."
                 "  Copy them again from My Apps on developer.safaricom.co.ke, from the app that has"
                 " Lipa Na M-Pesa Online: the sandbox app's in test mode, the production app's when"
                 " enabled.",
                 url=self._mpesa_api_base_url(), status=error.http_status,
-                said=f", {said}" if said else '',
+                said=said,
             )) from error
         except daraja.DarajaConnectionError as error:
             raise UserError(self.env._(

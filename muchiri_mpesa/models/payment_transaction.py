@@ -1724,7 +1724,8 @@ class PaymentTransaction(models.Model):
         if reversal_id and not self.search_count([('mpesa_receipt_number', '=', reversal_id)]):
             values.update(mpesa_receipt_number=reversal_id, mpesa_receipt_status='confirmed')
         self.write(values)
-        message = self.env._("Reversed by M-Pesa%s.", f" ({reversal_id})" if reversal_id else '')
+        reversal = f" ({reversal_id})" if reversal_id else ''  # Outside _(): Odoo's extraction cannot read f-strings.
+        message = self.env._("Reversed by M-Pesa%s.", reversal)
         self._set_done(state_message=message)
         refunds = self + self._mpesa_refund_other_shares(message)
         source = self.source_transaction_id
