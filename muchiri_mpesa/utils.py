@@ -7,7 +7,10 @@ import re
 import threading
 from datetime import timezone
 
+from markupsafe import Markup
+
 from odoo import modules
+from odoo.tools.misc import format_amount
 
 from . import const, daraja
 
@@ -178,3 +181,17 @@ def commit(env):
 def alert_recipients(provider):
     """Active internal users of the provider's alert group: who gets M-Pesa's alerts and to-dos."""
     return provider.sudo().mpesa_alert_group_id.users.filtered(lambda user: user.active and not user.share)
+
+
+# === SENTENCES DISTRIBUTORS READ === #
+
+
+def strong(value):
+    """`value` in bold, escaped, as an argument of `env._()`: a Markup argument makes Odoo escape
+    the translation and the other arguments, so that the whole sentence is safe to t-out."""
+    return Markup('<strong>%s</strong>') % value
+
+
+def strong_amount(env, amount, currency):
+    """`amount` as Odoo's monetary widget writes it (in `env`'s language), in bold."""
+    return strong(format_amount(env, amount, currency))

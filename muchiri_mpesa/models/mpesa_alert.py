@@ -255,16 +255,18 @@ class MpesaAlert(models.Model):
         cancelled_note = self.env._(
             "  Prompts cancelled by the customer, not counted: %s.", cancelled,
         ) if cancelled else ''
+        # Formatted outside _(): Odoo's term extraction cannot read f-strings.
+        rounded_rate, exact_rate = f'{rate:.0f}', f'{rate:.1f}'
+        threshold = f'{provider.mpesa_alert_min_rate:g}'
         return [self._condition(
             'success_rate', provider,
-            name=self.env._("%(provider)s: success rate %(rate)s%%", provider=provider.name,
-                            rate=f'{rate:.0f}'),
+            name=self.env._("%(provider)s: success rate %(rate)s%%", provider=provider.name, rate=rounded_rate),
             message=self.env._(
                 "Only %(rate)s%% of the M-Pesa payments settled in the last %(window)s minutes"
                 " succeeded (%(succeeded)s of %(total)s), under the %(threshold)s%% threshold."
                 "%(cancelled)s\nFailures by result:\n%(lines)s",
-                rate=f'{rate:.1f}', window=provider.mpesa_alert_window, succeeded=succeeded,
-                total=total, threshold=f'{provider.mpesa_alert_min_rate:g}', cancelled=cancelled_note,
+                rate=exact_rate, window=provider.mpesa_alert_window, succeeded=succeeded,
+                total=total, threshold=threshold, cancelled=cancelled_note,
                 lines=_listed(self.env, lines),
             ),
             transactions=failures,
@@ -286,7 +288,8 @@ class MpesaAlert(models.Model):
                 "- %(reference)s: %(amount)s to %(phone)s%(orders)s, prompt sent %(age)s ago",
                 reference=tx.reference, amount=formatLang(self.env, tx.amount, currency_obj=tx.currency_id),
                 phone=tx.mpesa_phone or '-',  # Accountants read alerts: the full number.
-                orders=f" ({', '.join(tx.sale_order_ids.mapped('name'))})" if tx.sale_order_ids else '',
+                # No f-string inside _(): Odoo's term extraction cannot read one.
+                orders=' (' + ', '.join(tx.sale_order_ids.mapped('name')) + ')' if tx.sale_order_ids else '',
                 age=_format_age(self.env, (now - tx.mpesa_push_sent_at).total_seconds()),
             )
             for tx in txs

@@ -364,7 +364,8 @@ class MpesaLedger(models.Model):
         self.write(values)
         self._mpesa_note(self.env._(
             "Paid by M-Pesa prompt %(reference)s%(documents)s.", reference=tx.reference,
-            documents=f" ({', '.join(documents.mapped('name'))})" if documents else '',
+            # No f-string inside _(): Odoo's term extraction cannot read one.
+            documents=' (' + ', '.join(documents.mapped('name')) + ')' if documents else '',
         ), notes)
 
     def _mpesa_placed(self, state, note, documents, refund_amount):

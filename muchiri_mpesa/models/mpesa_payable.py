@@ -17,7 +17,7 @@ from decimal import Decimal
 from odoo import api, fields, models
 from odoo.exceptions import UserError
 from odoo.tools import SQL
-from odoo.tools.misc import formatLang
+from odoo.tools.misc import format_amount, formatLang
 
 from .. import daraja, utils
 
@@ -121,7 +121,8 @@ class MpesaPayable(models.AbstractModel):
         :return: {'provider', 'bank_account' (the company's res.partner.bank of the paybill or till),
                   'trx_code' ('PB' or 'BG'), 'business_number', 'account' (the document's number,
                   which the matcher reads first; none for a till), 'amount_due', 'qr_amount' (whole
-                  shillings, at most one M-Pesa payment)}
+                  shillings, at most one M-Pesa payment), 'limit_note' (the sentence saying so when
+                  the amount due is more, else False)}
         """
         self.ensure_one()
         provider = self._mpesa_provider()
@@ -133,6 +134,7 @@ class MpesaPayable(models.AbstractModel):
         if not utils.is_material(due) or not bank_account:
             return {}
         till = provider.mpesa_shortcode_type == 'till'
+        qr_amount = min(daraja.to_whole_shillings(Decimal(str(due))), daraja.DARAJA_MAX_AMOUNT)
         return {
             'provider': provider,
             'bank_account': bank_account,
@@ -140,7 +142,12 @@ class MpesaPayable(models.AbstractModel):
             'business_number': bank_account.acc_number,
             'account': False if till else self.name,
             'amount_due': due,
-            'qr_amount': min(daraja.to_whole_shillings(Decimal(str(due))), daraja.DARAJA_MAX_AMOUNT),
+            'qr_amount': qr_amount,
+            # More than one M-Pesa payment takes: the sentence saying so, in the reader's language.
+            'limit_note': self.currency_id.compare_amounts(due, qr_amount) > 0 and self.env._(
+                "One M-Pesa payment takes at most %(amount)s: pay the rest in further payments to the"
+                " same account.", amount=format_amount(self.env, qr_amount, self.currency_id),
+            ),
         }
 
     def _mpesa_qr_data_uri(self):

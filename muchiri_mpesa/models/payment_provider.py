@@ -24,7 +24,7 @@ from odoo.addons.payment import utils as payment_utils
 
 from .. import const, daraja
 from ..demo import mpesa_demo
-from ..utils import as_pem, aware, commit, kenya_text, reference_key
+from ..utils import as_pem, aware, commit, kenya_text, reference_key, strong, strong_amount
 from .mpesa_token import DatabaseTokenStore
 
 _logger = logging.getLogger(__name__)
@@ -513,13 +513,14 @@ class PaymentProvider(models.Model):
         except daraja.DarajaAuthError as error:
             # Daraja's own words once (the client's message would repeat ours).
             said = ': '.join(part for part in (error.error_code, error.error_message) if part)
+            said = f", {said}" if said else ''  # Outside _(): Odoo's term extraction cannot read f-strings.
             raise UserError(self.env._(
                 "Daraja at %(url)s refused this consumer key and secret (HTTP %(status)s%(said)s)."
                 "  Copy them again from My Apps on developer.safaricom.co.ke, from the app that has"
                 " Lipa Na M-Pesa Online: the sandbox app's in test mode, the production app's when"
                 " enabled.",
                 url=self._mpesa_api_base_url(), status=error.http_status,
-                said=f", {said}" if said else '',
+                said=said,
             )) from error
         except daraja.DarajaConnectionError as error:
             raise UserError(self.env._(
@@ -832,6 +833,43 @@ class PaymentProvider(models.Model):
             'prompts': max(1, -(-shillings // maximum)),
             'first': min(shillings, maximum),
         }
+
+    def _mpesa_amount_notes(self, amount, currency):
+        """What the payment form says before Pay for `amount`, whole sentences in the reader's
+        language (the amounts inside, in bold): the whole shillings the phone will ask, M-Pesa's
+        minimum, or the instalments it takes (docs/design.md, 5. Money rules).
+
+        :return: {'whole_shillings', 'below_minimum', 'instalments'}: Markup each, or None when
+                 there is nothing to say
+        :rtype: dict
+        """
+        self.ensure_one()
+        notes = dict.fromkeys(('whole_shillings', 'below_minimum', 'instalments'))
+        whole = amount and currency and -(-amount // 1)  # M-Pesa takes whole shillings, rounded up.
+        if not whole:
+            return notes
+        if currency.compare_amounts(whole, amount):
+            notes['whole_shillings'] = self.env._(
+                "M-Pesa takes whole shillings: your phone will ask %(amount)s.",
+                amount=strong_amount(self.env, whole, currency),
+            )
+        limits = self._mpesa_amount_limits(amount, currency)
+        if limits['below_minimum']:
+            notes['below_minimum'] = self.env._(
+                "M-Pesa takes at least %(minimum)s in one payment.",
+                minimum=strong_amount(self.env, limits['minimum'], currency),
+            )
+        elif limits['prompts'] > 1:
+            notes['instalments'] = self.env._(
+                "%(amount)s will be asked in %(prompts)s prompts of at most %(maximum)s: approve each"
+                " on your phone. This payment asks the first, %(first)s; then come back here for the"
+                " next one.",
+                amount=strong_amount(self.env, whole, currency),
+                prompts=strong(limits['prompts']),
+                maximum=strong_amount(self.env, limits['maximum'], currency),
+                first=strong_amount(self.env, limits['first'], currency),
+            )
+        return notes
 
     def _mpesa_client(self, transaction=None, session=None):
         """A Daraja client whose token is shared through the database and whose every HTTP exchange

@@ -28,13 +28,14 @@ from decimal import Decimal
 from urllib.parse import urlsplit
 
 import requests
+from markupsafe import Markup
 from psycopg2 import OperationalError
 from psycopg2.errors import LockNotAvailable
 
 from odoo import api, fields, models
 from odoo.exceptions import AccessError, UserError, ValidationError
 from odoo.fields import Command
-from odoo.tools.misc import formatLang, str2bool
+from odoo.tools.misc import format_amount, format_datetime, formatLang, str2bool
 
 from odoo.addons.payment import utils as payment_utils
 
@@ -411,7 +412,7 @@ class PaymentTransaction(models.Model):
             known = daraja.describe_api_error(error.error_code, error.error_message)
             if known:
                 return known.message
-        return self.env._("M-Pesa refused the payment request: %s", error)
+        return self.env._("M-Pesa refused the payment request: %(error)s", error=error)
 
     def _mpesa_check_no_prompt_waiting(self):
         """One prompt per order or invoice at a time, and none for a paid one.
@@ -443,12 +444,12 @@ class PaymentTransaction(models.Model):
         utils.lock_rows(documents, strength='UPDATE')
         if others.filtered(lambda tx: tx._mpesa_prompt_may_be_waiting()):
             raise ValidationError(self.env._(
-                "M-Pesa is still processing the previous prompt for %s.  Try again in a few minutes.",
-                ', '.join(documents.mapped('name')),
+                "M-Pesa is still processing the previous prompt for %(documents)s.  Try again in a few minutes.",
+                documents=', '.join(documents.mapped('name')),
             ))
         for document in documents:
             if not document._mpesa_is_due():
-                raise ValidationError(self.env._("%s is already paid.", document.name))
+                raise ValidationError(self.env._("%(document)s is already paid.", document=document.name))
 
     def _mpesa_other_prompts(self, documents):
         """The other prompts for `documents` that may still be on a phone; refuses at once while
@@ -495,8 +496,8 @@ class PaymentTransaction(models.Model):
             result = self._mpesa_settle_by_query()
         except daraja.DarajaError as error:
             raise ValidationError(self.env._(
-                "M-Pesa cannot tell yet what became of the previous prompt for this order (%s)."
-                "  Try again in a few minutes.", error,
+                "M-Pesa cannot tell yet what became of the previous prompt for this order (%(error)s)."
+                "  Try again in a few minutes.", error=error,
             )) from error
         if result is not None and result.outcome == PENDING:
             raise ValidationError(self.env._(
@@ -701,7 +702,7 @@ class PaymentTransaction(models.Model):
             self.write(settled)
             # Shown on the status page, so that the customer sees the M-Pesa receipt too.
             self._set_done(state_message=self.mpesa_receipt_number and self.env._(
-                "M-Pesa receipt %s", self.mpesa_receipt_number,
+                "M-Pesa receipt %(receipt)s", receipt=self.mpesa_receipt_number,
             ))
             self._mpesa_flag_overpaid_documents()
             if not self.sale_order_ids:  # An order's customer gets Odoo's own mail (confirmed, or paid).
@@ -1068,14 +1069,26 @@ class PaymentTransaction(models.Model):
             paid, due = document._mpesa_paid_amount(), document._mpesa_amount_due()
             if currency.compare_amounts(paid, 0) <= 0 or currency.compare_amounts(due, 0) <= 0:
                 continue
+            next_amount = self.provider_id._mpesa_instalment_amount(due, currency)
             lines.append({
                 'document': document,
                 'paid': paid,
                 'due': due,
                 'total': document.amount_total,
-                'next': self.provider_id._mpesa_instalment_amount(due, currency),
+                'next': next_amount,
                 # The button only where the page offers the payment form (Odoo's own rule).
                 'url': document._has_to_be_paid() and document.get_portal_url(),
+                # Whole sentences, so that a translation may put the amounts where its grammar does.
+                'status': self.env._(
+                    "%(document)s: paid %(paid)s of %(total)s; still to pay: %(due)s.",
+                    document=document.name,
+                    paid=utils.strong_amount(self.env, paid, currency),
+                    total=format_amount(self.env, document.amount_total, currency),
+                    due=utils.strong_amount(self.env, due, currency),
+                ),
+                'next_label': self.env._(
+                    "Pay the next prompt of %(amount)s", amount=format_amount(self.env, next_amount, currency),
+                ),
             })
         return lines
 
@@ -1421,7 +1434,7 @@ class PaymentTransaction(models.Model):
             'mpesa_paid_at': row.trans_time or fields.Datetime.now(),
             'mpesa_api_url': provider._mpesa_api_base_url(),  # Test mode or production: see _mpesa_client.
         })
-        tx._set_done(state_message=self.env._("M-Pesa receipt %s", row.name))
+        tx._set_done(state_message=self.env._("M-Pesa receipt %(receipt)s", receipt=row.name))
         if tx.mpesa_receipt_number and tx.mpesa_receipt_status == 'unverified':
             tx._mpesa_request_receipt_proof()  # Booked on the source check or a hand: Daraja's word still counts.
         return tx
@@ -1730,7 +1743,8 @@ class PaymentTransaction(models.Model):
         if reversal_id and not self.search_count([('mpesa_receipt_number', '=', reversal_id)]):
             values.update(mpesa_receipt_number=reversal_id, mpesa_receipt_status='confirmed')
         self.write(values)
-        message = self.env._("Reversed by M-Pesa%s.", f" ({reversal_id})" if reversal_id else '')
+        reversal = f" ({reversal_id})" if reversal_id else ''  # Outside _(): Odoo's extraction cannot read f-strings.
+        message = self.env._("Reversed by M-Pesa%s.", reversal)
         self._set_done(state_message=message)
         refunds = self + self._mpesa_refund_other_shares(message)
         source = self.source_transaction_id
@@ -1770,6 +1784,31 @@ class PaymentTransaction(models.Model):
         """This payment's done refund, if M-Pesa gave its money back (the status banner, the order)."""
         return self.child_transaction_ids.filtered(
             lambda tx: tx.operation == 'refund' and tx.state == 'done').sorted('id')[-1:]
+
+    def _mpesa_refunded_note(self):
+        """What the status banner says of this payment once M-Pesa gave its money back (its done
+        refund's amount, time and reversal receipt), or None.
+
+        :rtype: Markup | None
+        """
+        self.ensure_one()
+        refund = self._mpesa_done_refund()
+        if not refund:
+            return None
+        note = self.env._(
+            "This M-Pesa payment of %(amount)s was refunded to your M-Pesa account on %(date)s.",
+            amount=utils.strong_amount(self.env, -refund.amount, self.currency_id),
+            # As Odoo's datetime widget writes it: the reader's time zone and date format.
+            date=utils.strong(format_datetime(
+                self.env, refund.mpesa_paid_at or refund.last_state_change,
+                tz=self.env.context.get('tz'), dt_format=False,
+            )),
+        )
+        if refund.mpesa_reversal_receipt:
+            note += Markup(' ') + self.env._(
+                "M-Pesa reversal receipt: %(receipt)s.", receipt=utils.strong(refund.mpesa_reversal_receipt),
+            )
+        return note
 
     def _mpesa_set_refund_failed(self, code, description):
         """M-Pesa did not reverse: the plain meaning of its code.  The payment may be refunded
@@ -2391,7 +2430,7 @@ class PaymentTransaction(models.Model):
             'mpesa_status_next_at': False,
             'mpesa_outcome_unknown': False,
         })
-        self._set_done(state_message=self.env._("M-Pesa receipt %s", receipt))
+        self._set_done(state_message=self.env._("M-Pesa receipt %(receipt)s", receipt=receipt))
         self._mpesa_flag_overpaid_documents()
         self._mpesa_ledger_record_b2b()
         if claimed and claimed != receipt:

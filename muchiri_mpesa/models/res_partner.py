@@ -8,6 +8,7 @@ from odoo import api, fields, models
 from odoo.exceptions import ValidationError
 
 from .. import daraja
+from ..utils import strong
 
 # A till number as Daraja's B2B Express Checkout takes it (its primaryShortCode).
 TILL_NUMBER = re.compile(r'[0-9]{5,7}')
@@ -52,7 +53,7 @@ class ResPartner(models.Model):
         for partner in self.filtered('mpesa_till_number'):
             if not TILL_NUMBER.fullmatch(partner.mpesa_till_number):
                 raise ValidationError(self.env._(
-                    "An M-Pesa till number is 5 to 7 digits (got %s).", partner.mpesa_till_number))
+                    "An M-Pesa till number is 5 to 7 digits (got %(till)s).", till=partner.mpesa_till_number))
 
     # === BUSINESS METHODS === #
 
@@ -69,13 +70,19 @@ class ResPartner(models.Model):
         """`till` as M-Pesa takes it (its digits, spaces dropped), or a ValidationError saying why not."""
         text = ''.join(str(till or '').split())
         if not TILL_NUMBER.fullmatch(text):
-            raise ValidationError(self.env._("An M-Pesa till number is 5 to 7 digits (got %s).", till or '-'))
+            raise ValidationError(self.env._(
+                "An M-Pesa till number is 5 to 7 digits (got %(till)s).", till=till or '-'))
         return text
 
     def _mpesa_payment_till(self):
         """The till this contact pays from: its own, else its company's."""
         self.ensure_one()
         return self.mpesa_till_number or self.commercial_partner_id.mpesa_till_number or False
+
+    def _mpesa_pay_from_till_label(self):
+        """The payment form's choice to pay from this contact's till, the till number inside."""
+        self.ensure_one()
+        return self.env._("Pay from your till %(till)s", till=strong(self._mpesa_payment_till()))
 
 
 def _msisdn(number):

@@ -8,7 +8,7 @@ from odoo.exceptions import ValidationError
 from odoo.fields import Command
 from odoo.tests import Form, tagged
 from odoo.tools import mute_logger
-from odoo.tools.misc import file_open, formatLang
+from odoo.tools.misc import file_open, format_amount, formatLang
 
 from odoo.addons.muchiri_mpesa import daraja
 
@@ -183,6 +183,43 @@ class TestInstalments(InstalmentsCommon):
         self.assertTrue(limits['below_minimum'])
         limits = self.provider._mpesa_amount_limits(500000.2, self.currency_kes)
         self.assertEqual((limits['prompts'], limits['maximum'], limits['first']), (3, 250000, 250000))
+
+    def test_a_swahili_distributor_reads_the_instalments_in_swahili(self):
+        """The form's note, the status after a prompt and the till choice are whole Swahili
+        sentences with the amounts inside, as a translator wrote them (sw.po)."""
+        with self.registry.test_lock:
+            swahili = self.env['res.lang']._activate_lang('sw')
+            self.env['ir.module.module']._load_module_terms(['muchiri_mpesa'], ['sw'], overwrite=True)
+            # The portal speaks the languages of its website.
+            self.env['website'].search([]).language_ids |= swahili
+            self.distributor.write({'lang': 'sw', 'mpesa_till_number': '600100'})
+            self.provider.write({
+                'mpesa_initiator_name': self.simulator.initiator_name,
+                'mpesa_initiator_password': self.simulator.initiator_password,
+                'mpesa_initiator_certificate': self.simulator.certificate_pem,
+            })
+        order = self.quotation
+        first = self._pay_instalment()
+        self.assertEqual((first.state, first.amount), ('done', 250000))
+
+        def kes(amount):
+            return format_amount(self.env(context={'lang': 'sw'}), amount, self.currency_kes).replace('\xa0', ' ')
+
+        page = self._portal_page()
+        for sentence in (
+            f"{order.name}: umelipa {kes(250000)} kati ya {kes(BIG)}; kiasi kilichobaki: {kes(350000)}.",
+            f"[o_mpesa_next_prompt] Lipa awamu inayofuata ya {kes(250000)}",
+            f"[o_mpesa_instalments_note] Kiasi cha {kes(350000)} kitaombwa kwa maombi 2 ya M-Pesa, kila moja"
+            f" hadi {kes(250000)}: idhinisha kila ombi kwenye simu yako. Malipo haya ni ya awamu ya kwanza,"
+            f" {kes(250000)}; kisha rudi hapa kulipa awamu inayofuata.",
+            "Lipa kutoka till yako 600100",
+            "Lipa kwa simu",
+            "Nambari ya simu ya M-Pesa",
+            "Utapokea ombi la M-Pesa kwenye simu hii",
+        ):
+            self.assertIn(sentence, page)
+        for english in ("still to pay", "will be asked in", "Pay the next prompt", "Pay from your till"):
+            self.assertNotIn(english, page)
 
     def test_an_invoice_is_paid_in_instalments_too(self):
         invoice = self.env['account.move'].create({

@@ -7,7 +7,11 @@ import io
 import re
 import unittest
 
+import polib
+
 from odoo.tests import tagged
+from odoo.tools.misc import file_open, format_amount
+from odoo.tools.translate import trans_export
 
 from odoo.addons.muchiri_mpesa.daraja.simulator import C2B_CONFIRMATION, read_qr_content
 
@@ -19,6 +23,7 @@ try:
 except ImportError:  # requirements-dev.txt: a real decoder reads the code back, as a phone's camera does.
     zxingcpp = None
 
+PLACEHOLDER = re.compile(r'%\(\w+\)s')
 QR_SRC = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
@@ -165,8 +170,50 @@ class TestPaybillQr(MpesaLedgerCommon):
         self.distributor.lang = 'sw'
         invoice = self._invoice(600000.0)
         block = self._paybill_block(self._invoice_html(invoice))
+        most = format_amount(self.env(context={'lang': 'sw'}), 250000, self.currency_kes)
         for swahili in ("Lipa kwa M-Pesa", "Nambari ya akaunti:", "Kiasi:", "weka nambari ya biashara",
-                        "Au changanua msimbo wa QR", "Malipo moja ya M-Pesa ni hadi", "lipa kiasi kilichobaki",
+                        "Au changanua msimbo wa QR",
+                        # One sentence, the amount where the translation puts it.
+                        f"Malipo moja ya M-Pesa ni hadi {most}: lipa kiasi kilichobaki kwa malipo mengine"
+                        " kwenye akaunti hiyo hiyo.",
                         "Msimbo wa QR unaomba malipo ya kwanza."):
             self.assertIn(swahili, block)
         self.assertNotIn("Account number:", block)
+        self.assertNotIn("One M-Pesa payment", block)
+
+    def test_the_swahili_terms_are_the_ones_the_code_says(self):
+        """sw.po cannot rot: each of its terms is one Odoo extracts from the module today (views,
+        records, Python, JavaScript), from the place and of the kind it says (a Python term
+        without its `odoo-python` mark is never used); its placeholders are the term's own; it
+        loads without a warning; and what distributors read is all in it."""
+        exported = io.BytesIO()
+        trans_export(False, ['muchiri_mpesa'], exported, 'po', self.env.cr)
+        extracted = {entry.msgid: entry for entry in polib.pofile(exported.getvalue().decode())}
+        with file_open('muchiri_mpesa/i18n/sw.po') as po_file:
+            swahili = polib.pofile(po_file.read())
+        self.assertTrue(swahili)
+        stale = [entry.msgid for entry in swahili if entry.msgid not in extracted]
+        self.assertFalse(stale, "terms the code no longer says: drop them from sw.po")
+        for entry in swahili:
+            with self.subTest(msgid=entry.msgid[:60]):
+                source = extracted[entry.msgid]
+                self.assertLessEqual(set(entry.occurrences), set(source.occurrences), "where the term is")
+                self.assertEqual(entry.comment, source.comment, "the kind of the term")
+                self.assertTrue(entry.msgstr)
+                self.assertEqual(sorted(PLACEHOLDER.findall(entry.msgstr)), sorted(PLACEHOLDER.findall(entry.msgid)))
+        # What distributors read: the payment form, the status page, the paybill details, the mails.
+        read_by_distributors = re.compile(
+            r'arch_db:muchiri_mpesa\.(inline_form|state_header|state_header_instalments|paybill_details)$'
+            r'|^model:mail\.template,(subject|body_html):'
+            r'|^model_terms:payment\.provider,(pending|done|cancel)_msg:'
+            r'|^code:addons/muchiri_mpesa/static/src/js/payment_form\.js$')
+        translated = {entry.msgid for entry in swahili}
+        untranslated = [
+            msgid for msgid, source in extracted.items()
+            if msgid not in translated and re.search('[a-z]', msgid)
+            and any(read_by_distributors.search(place) for place, _line in source.occurrences)
+        ]
+        self.assertFalse(untranslated, "texts distributors read, missing from sw.po")
+        self.env['res.lang']._activate_lang('sw')
+        with self.assertNoLogs('odoo.tools.translate', level='WARNING'):
+            self.env['ir.module.module']._load_module_terms(['muchiri_mpesa'], ['sw'], overwrite=True)
