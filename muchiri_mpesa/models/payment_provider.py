@@ -850,7 +850,7 @@ class PaymentProvider(models.Model):
             return notes
         if currency.compare_amounts(whole, amount):
             notes['whole_shillings'] = self.env._(
-                "M-Pesa takes whole shillings: your phone will ask %(amount)s.",
+                "M-Pesa takes whole shillings: the prompt will ask %(amount)s.",
                 amount=strong_amount(self.env, whole, currency),
             )
         limits = self._mpesa_amount_limits(amount, currency)
@@ -862,7 +862,7 @@ class PaymentProvider(models.Model):
         elif limits['prompts'] > 1:
             notes['instalments'] = self.env._(
                 "%(amount)s will be asked in %(prompts)s prompts of at most %(maximum)s: approve each"
-                " on your phone. This payment asks the first, %(first)s; then come back here for the"
+                " one as it comes. This payment asks the first, %(first)s; then come back here for the"
                 " next one.",
                 amount=strong_amount(self.env, whole, currency),
                 prompts=strong(limits['prompts']),

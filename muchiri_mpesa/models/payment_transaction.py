@@ -2251,7 +2251,7 @@ class PaymentTransaction(models.Model):
         if self.state == 'draft' and self.mpesa_b2b_till and self.mpesa_push_sent_at and self.operation != 'refund':
             self._set_pending(state_message=self.env._(
                 "Daraja's answer to this till prompt was never recorded: M-Pesa's Transaction Status"
-                " tells whether till %s paid.", self.mpesa_b2b_till,
+                " tells whether till %(till)s paid.", till=self.mpesa_b2b_till,
             ))
 
     def _mpesa_send_b2b_checkout_or_refuse(self, till):

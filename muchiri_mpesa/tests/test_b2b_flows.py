@@ -176,6 +176,19 @@ class TestB2BTillPayments(MpesaPaybillCommon):
         self.assertEqual(self.quotation.state, 'sale', "the order is confirmed")
         self.assertEqual(self._unlisted(), unlisted, "a till's payment, not in Pull, is no gap with Safaricom")
 
+    def test_a_swahili_distributor_reads_the_till_prompt_in_swahili(self):
+        tx, _answer = self._pay_from_till()
+        self.env['res.lang']._activate_lang('sw')
+        self.env['ir.module.module']._load_module_terms(['muchiri_mpesa'], ['sw'], overwrite=True)
+        self.assertEqual(
+            tx.with_context(lang='sw')._mpesa_till_pending_message(),
+            f"Tumetuma ombi la M-Pesa kwa till yako {TILL_PAYS}: mhudumu wake aweke kitambulisho cha mhudumu"
+            " (operator ID) na PIN ili kukamilisha malipo.")
+        self.assertEqual(str(self.distributor.with_context(lang='sw')._mpesa_pay_from_till_label()),
+                         f"Lipa kutoka till yako <strong>{TILL_PAYS}</strong>")
+        self._wait_b2b_result(tx)
+        self._confirm_by_status()
+
     def test_till_pays_an_invoice(self):
         invoice = self._invoice(3000.0)
         tx, answer = self._pay_from_till(invoice=invoice)

@@ -162,7 +162,7 @@ class TestInstalments(InstalmentsCommon):
         page = self._portal_page()
         self.assertIn(
             f"[o_mpesa_instalments_note] {self._kes(BIG)} will be asked in 3 prompts of at most"
-            f" {self._kes(250000)}: approve each on your phone. This payment asks the first,"
+            f" {self._kes(250000)}: approve each one as it comes. This payment asks the first,"
             f" {self._kes(250000)}; then come back here for the next one.", page)
         self.assertFalse(self.quotation.transaction_ids, "only looked at")
 
@@ -210,7 +210,7 @@ class TestInstalments(InstalmentsCommon):
             f"{order.name}: umelipa {kes(250000)} kati ya {kes(BIG)}; kiasi kilichobaki: {kes(350000)}.",
             f"[o_mpesa_next_prompt] Lipa awamu inayofuata ya {kes(250000)}",
             f"[o_mpesa_instalments_note] Kiasi cha {kes(350000)} kitaombwa kwa maombi 2 ya M-Pesa, kila moja"
-            f" hadi {kes(250000)}: idhinisha kila ombi kwenye simu yako. Malipo haya ni ya awamu ya kwanza,"
+            f" hadi {kes(250000)}: idhinisha kila ombi linapofika. Malipo haya ni ya awamu ya kwanza,"
             f" {kes(250000)}; kisha rudi hapa kulipa awamu inayofuata.",
             "Lipa kutoka till yako 600100",
             "Lipa kwa simu",

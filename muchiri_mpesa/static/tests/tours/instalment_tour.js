@@ -17,7 +17,7 @@ registry.category("web_tour.tours").add("muchiri_mpesa_portal_instalment", {
             trigger:
                 "#modalaccept .o_mpesa_instalments_note:contains(600,000.00)" +
                 ":contains(will be asked in 3 prompts of at most 250,000.00)" +
-                ":contains(approve each on your phone)",
+                ":contains(approve each one as it comes)",
         },
         ...payWith("0708374149"),
         {
