@@ -707,7 +707,20 @@ class MpesaPaybillCommon(MpesaLedgerCommon):
 
 
 class DarajaDuringToursMixin:
-    """For the tour classes: Daraja's posts reach Odoo while the browser runs."""
+    """For the tour classes: the quotation is sent, Daraja answers slowly enough for the status
+    page to show the wait, and its posts reach Odoo while the browser runs."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        # As the salesperson does: the distributor then follows it and finds it in /my/quotes.
+        cls.quotation.action_quotation_sent()
+
+    def setUp(self):
+        super().setUp()
+        # Long enough for the status page to show the pending state before the callback comes,
+        # even when the first render of the page compiles its templates (about 1.5 s here).
+        self.patch(self.simulator.settings, 'callback_delay', 3.0)
 
     def check_test_cursor(self, operation):
         """Let Daraja's callbacks and results in while the browser runs.

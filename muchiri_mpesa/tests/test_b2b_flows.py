@@ -519,16 +519,10 @@ class TestTillTour(DarajaDuringToursMixin, MpesaPaybillCommon):
     """The distributor chooses the till in the portal's payment form, in a real browser: the tour
     is in static/tests/tours/portal_payment_tour.js."""
 
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.quotation.action_quotation_sent()
-
     def setUp(self):
         super().setUp()
         self._with_initiator()
         self.distributor.mpesa_till_number = TILL_PAYS
-        self.patch(self.simulator.settings, 'callback_delay', 3.0)  # The status page shows the wait first.
 
     def test_portal_pays_from_the_till(self):
         with self._settling_in_background(initiator=True):

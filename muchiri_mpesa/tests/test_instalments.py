@@ -388,15 +388,6 @@ class TestInstalmentTour(DarajaDuringToursMixin, InstalmentsCommon):
     """The distributor reads the prompts before Pay and pays one instalment, in a real browser:
     the tour is in static/tests/tours/instalment_tour.js."""
 
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.quotation.action_quotation_sent()
-
-    def setUp(self):
-        super().setUp()
-        self.patch(self.simulator.settings, 'callback_delay', 3.0)  # See TestPortalTour.
-
     def test_portal_pays_one_instalment(self):
         with self._settling_in_background():
             self.start_tour('/web/login', 'muchiri_mpesa_portal_instalment', timeout=120)

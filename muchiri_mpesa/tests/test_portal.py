@@ -234,18 +234,6 @@ class TestPortalTour(DarajaDuringToursMixin, MpesaCommon):
     """The distributor pays a quotation on the portal, in a real browser: the tours are in
     static/tests/tours/portal_payment_tour.js."""
 
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        # As the salesperson does: the distributor then follows it and finds it in /my/quotes.
-        cls.quotation.action_quotation_sent()
-
-    def setUp(self):
-        super().setUp()
-        # Long enough for the status page to show the pending state before the callback comes,
-        # even when the first render of the page compiles its templates (about 1.5 s here).
-        self.patch(self.simulator.settings, 'callback_delay', 3.0)
-
     def _order_txs(self):
         self.env.invalidate_all()
         return self.quotation.transaction_ids.sudo()
