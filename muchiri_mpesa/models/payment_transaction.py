@@ -527,6 +527,7 @@ class PaymentTransaction(models.Model):
         self.ensure_one()
         self._mpesa_lock()  # As a callback's settlement does.
         if self.mpesa_b2b_till:  # A till prompt has no STK Query: Transaction Status is asked now.
+            self._mpesa_resume_b2b_checkout()  # Its worker died before it recorded Daraja's answer.
             if self.state == 'pending' and self.provider_id._mpesa_has_initiator():
                 self._mpesa_ask_status_soon()
             return None

@@ -152,10 +152,11 @@ class SaleOrder(models.Model):
         return None
 
     def _mpesa_pending_transactions(self):
-        """The order's M-Pesa transactions (sudo) whose prompt waits for Daraja's final answer."""
+        """The order's M-Pesa transactions (sudo) whose prompt waits for Daraja's final answer (a
+        till prompt whose worker died before it recorded Daraja's answer included)."""
         self.ensure_one()
         return self.sudo().transaction_ids.filtered(
-            lambda tx: tx.provider_code == 'mpesa' and tx.state == 'pending' and tx.provider_reference
+            lambda tx: tx.provider_code == 'mpesa' and tx._mpesa_prompt_may_be_waiting()
         )
 
     def action_mpesa_request_payment(self):
@@ -318,7 +319,7 @@ class SaleOrder(models.Model):
         for tx in pending:
             # The row lock the callback takes: a callback or the cron handling it meanwhile waits.
             tx._mpesa_lock()
-            if tx.state != 'pending':
+            if not tx._mpesa_prompt_may_be_waiting():
                 note = self._mpesa_status_note(tx, None)  # Settled meanwhile.
             else:
                 try:
@@ -368,7 +369,9 @@ class SaleOrder(models.Model):
             return self.env._(
                 "M-Pesa has no final answer yet for the prompt of %(amount)s sent to %(phone)s"
                 " (CheckoutRequestID %(checkout)s): %(answer)s", **values,
-                answer=(result and result.result_desc) or self.env._("the customer has not answered."),
+                answer=(result and result.result_desc)
+                or (tx.mpesa_b2b_till and self.env._("M-Pesa's Transaction Status is asked now."))
+                or self.env._("the customer has not answered."),
             )
         states = dict(tx._fields['state']._description_selection(self.env))
         return self.env._(

@@ -6,6 +6,7 @@ import json
 import uuid
 from unittest.mock import patch
 
+from odoo import fields
 from odoo.exceptions import ValidationError
 from odoo.tests import Form, JsonRpcException, new_test_user, tagged
 from odoo.tools import mute_logger
@@ -290,6 +291,28 @@ class TestB2BTillPayments(MpesaPaybillCommon):
         self._run_initiator_job()
         self.assertEqual(sorted(self._b2b_events(tx).mapped('state')), ['ignored', 'processed'])
         self.assertEqual(len(self._status_requests()), 1)
+        self.assertEqual(self._done_till_payments(), tx, "booked once")
+
+    def test_check_status_asks_about_a_killed_prompt(self):
+        """The order's *Check M-Pesa status* button sees the till prompt whose worker died, and
+        asks Transaction Status now instead of saying nothing waits."""
+        tx = self._kill_till_prompt(TILL_RESULT_LOST, sent=True)
+        receipt = self.simulator.b2b_checkout(tx.provider_reference)['transactionId']
+        self._wait(lambda: receipt in {payment.receipt for payment in self.simulator.payments}, settle=False,
+                   message="the till's operator paid")
+        self.quotation.invalidate_recordset()
+        self.assertTrue(self.quotation.mpesa_has_pending_payment)
+        salesman = new_test_user(self.env, login='mpesa_killed_salesman', groups='sales_team.group_sale_salesman')
+        with self.registry.test_lock:
+            self.quotation.user_id = salesman  # A salesman sees his own orders.
+            action = self.quotation.with_user(salesman).action_mpesa_check_status()
+            self.env.flush_all()
+        self.assertIn("Transaction Status is asked now", action['params']['message'])
+        tx.invalidate_recordset()
+        self.assertEqual(tx.state, 'pending')
+        self.assertLessEqual(tx.mpesa_status_next_at, fields.Datetime.now(), "asked now")
+        self._confirm_by_status()
+        self.assertPaidFromTill(tx, TILL_RESULT_LOST)
         self.assertEqual(self._done_till_payments(), tx, "booked once")
 
     def test_killed_prompt_that_never_left_ends_and_frees_the_order(self):
