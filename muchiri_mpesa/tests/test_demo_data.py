@@ -115,9 +115,9 @@ class TestDemoData(TransactionCase):
         self.addCleanup(simulator.stop)
         url = simulator.base_url
         self.provider.write({'mpesa_initiator_name': False, 'mpesa_initiator_certificate': False})
-        contact = self.env.ref('muchiri_mpesa.demo_distributor_contact')
 
         self._load_demo(MPESA_DEMO_API_URL=url)
+        contact = self.env.ref('muchiri_mpesa.demo_distributor_contact')
         self.assertEqual(self.provider.mpesa_initiator_name, simulator.initiator_name)
         self.assertEqual(self.provider.mpesa_initiator_certificate, simulator.certificate_pem)
         self.assertEqual(contact._mpesa_payment_till(), '600100', "the company's till, one of the simulator's")
