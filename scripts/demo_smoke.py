@@ -66,7 +66,7 @@ def pay(base: str, db: str, timeout: float) -> int:
     ids = re.findall(r'/my/orders/(\d+)\?', quotes)
     if not ids:
         raise SmokeError("the distributor has no quotation in the portal")
-    order_id = int(ids[-1])  # The oldest listed: the first demo quotation.
+    order_id = min(int(order) for order in ids)  # The first demo quotation (maize): one prompt pays it all.
     page = session.get(f"{base}/my/orders/{order_id}", timeout=60).text
     form = r'<form[^>]*id="o_payment_form"[^>]*>'
     radio = r'<input[^>]*data-provider-code="mpesa"[^>]*>'

@@ -168,8 +168,11 @@ def run(base: str, db: str, chromium: str):
         login(browser, base, db, "wanjiku", "wanjiku")
         three_ways(browser, base)
         browser.open(f"{base}/my/quotes", "!!document.querySelector('.o_portal_my_doc_table')")
+        # The first demo quotation (the lowest id): one prompt pays it all.
         order_url = browser.js("[...document.querySelectorAll(\".o_portal_my_doc_table a[href^='/my/orders/']\")]"
-                               ".pop().getAttribute('href')")
+                               ".map(a => a.getAttribute('href'))"
+                               ".sort((a, b) => parseInt(a.split('/my/orders/')[1])"
+                               " - parseInt(b.split('/my/orders/')[1]))[0]")
         order_id = int(order_url.split("/my/orders/")[1].split("?")[0])
         browser.open(base + order_url, "!!document.querySelector('#o_sale_portal_paynow')")
         open_mpesa_form(browser)
