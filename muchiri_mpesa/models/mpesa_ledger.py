@@ -54,11 +54,14 @@ CONFIRMATIONS = [
     ('stk', "STK Query"),
     ('status', "Transaction Status"),
     ('pull', "Pull Transactions"),
+    ('statement', "The imported M-Pesa statement"),
     ('source', "Source check only"),
     ('hand', "An accountant, against the statement"),
 ]
 # Confirmations by Daraja itself: the receipts they confirm are verified receipts.
-DARAJA_CONFIRMATIONS = ('stk', 'status', 'pull')
+# The statement is the accountant's own record from Safaricom: as good as Daraja's word on the
+# receipt, its amount and the shortcode (docs/design.md, Money safety on every door).
+DARAJA_CONFIRMATIONS = ('stk', 'status', 'pull', 'statement')
 # What a source Daraja does not stand behind may add to a row another source recorded: shown to
 # accountants, read by no matching rule (see _mpesa_add_source).
 DISPLAY_FIELDS = ('payer_name', 'org_balance', 'third_party_id', 'msisdn')
@@ -95,6 +98,9 @@ class MpesaLedger(models.Model):
     source_stk = fields.Boolean(string="STK", readonly=True, help="An STK callback reported it.")
     source_c2b = fields.Boolean(string="C2B", readonly=True, help="A C2B confirmation reported it.")
     source_pull = fields.Boolean(string="Pull", readonly=True, help="Pull Transactions reported it.")
+    source_statement = fields.Boolean(
+        string="Statement", readonly=True, help="An imported M-Pesa statement lists it.",
+    )
     source_b2b = fields.Boolean(
         string="B2B", readonly=True,
         help="A till paid it after our B2B Express Checkout prompt (Transaction Status proved it).",
@@ -157,11 +163,12 @@ class MpesaLedger(models.Model):
 
     # === COMPUTE METHODS === #
 
-    @api.depends('source_stk', 'source_c2b', 'source_pull', 'source_b2b')
+    @api.depends('source_stk', 'source_c2b', 'source_pull', 'source_b2b', 'source_statement')
     def _compute_sources(self):
         for row in self:
             row.sources = ', '.join(label for flag, label in (
                 (row.source_stk, "STK"), (row.source_c2b, "C2B"), (row.source_pull, "Pull"), (row.source_b2b, "B2B"),
+                (row.source_statement, "Statement"),
             ) if flag)
 
     @api.depends('transaction_ids.payment_id')
@@ -185,7 +192,7 @@ class MpesaLedger(models.Model):
         row; when that row is invisible to this transaction's snapshot, PostgreSQL raises a
         serialization failure: the caller starts a fresh transaction and tries again.
 
-        :param str source: 'stk', 'c2b', 'pull' or 'b2b'
+        :param str source: 'stk', 'c2b', 'pull', 'b2b' or 'statement'
         :param dict values: what the source says of the payment (fields of this model)
         :param list notes: where a row this call creates gathers its chatter notes, for the caller
                            to post as one message (`_mpesa_post_notes`); posted at once without
