@@ -178,6 +178,9 @@ KEEP_WORKING_DAYS = 7
 # matching looks that far back for the prompt a reported payment may be (not a retention window).
 PROMPT_REPORTED_WITHIN_DAYS = 2
 
+# The match wizard of the exceptions queue proposes at most this many documents, best guess first.
+MATCH_PROPOSALS_LIMIT = 20
+
 # The STK ResultCodes of M-Pesa's own limits (4: the phone's daily limit, 8: an account's balance
 # limit): the status page says where the rest can be paid instead (docs/design.md, 5. Money rules).
 LIMIT_RESULT_CODES = ('4', '8')

@@ -79,13 +79,20 @@ class ResultCode:
     message: str
 
 
-PENDING_MESSAGE = "M-Pesa has not confirmed this payment yet."
+def _lt(text: str) -> str:
+    """Mark a sentence distributors read.  The Odoo addon's translation catalogue extracts it (Odoo reads the
+    ``_lt("...")`` calls of every Python file of the addon) and shows it in the reader's language; this layer
+    stays English and free of Odoo.  A literal only: a text built from variables would be extracted wrong."""
+    return text
 
-_MISCONFIGURED = (
+
+PENDING_MESSAGE = _lt("M-Pesa has not confirmed this payment yet.")
+
+_MISCONFIGURED = _lt(
     "The seller's M-Pesa paybill or till is not set up for this payment. No money was taken; "
     "please contact the seller."
 )
-_PUSH_ERROR = "M-Pesa could not send the prompt to the phone. No money was taken; try again."
+_PUSH_ERROR = _lt("M-Pesa could not send the prompt to the phone. No money was taken; try again.")
 
 
 def _failed(code: str, message: str) -> ResultCode:
@@ -95,49 +102,61 @@ def _failed(code: str, message: str) -> ResultCode:
 RESULT_CODES: dict[str, ResultCode] = {
     entry.code: entry
     for entry in (
-        ResultCode("0", Outcome.SUCCESS, "The M-Pesa payment was received."),
-        _failed("1", "The M-Pesa balance is too low for this payment."),
-        _failed("2", "The amount is below the M-Pesa minimum."),
-        _failed("3", "The amount is above the M-Pesa maximum for one payment."),
+        ResultCode("0", Outcome.SUCCESS, _lt("The M-Pesa payment was received.")),
+        _failed("1", _lt("The M-Pesa balance is too low for this payment.")),
+        _failed("2", _lt("The amount is below the M-Pesa minimum.")),
+        _failed("3", _lt("The amount is above the M-Pesa maximum for one payment.")),
         _failed(
             "4",
-            "This payment would take the phone over its M-Pesa daily limit (KES 500,000 a day). "
-            "No money was taken for it: pay the rest tomorrow, or another way, such as to the "
-            "seller's paybill.",
+            _lt(
+                "This payment would take the phone over its M-Pesa daily limit (KES 500,000 a day). "
+                "No money was taken for it: pay the rest tomorrow, or another way, such as to the "
+                "seller's paybill."
+            ),
         ),
         _failed(
             "8",
-            "This payment would take the M-Pesa account over its balance limit (KES 500,000). "
-            "No money was taken for it: pay the rest tomorrow, or another way, such as to the "
-            "seller's paybill.",
+            _lt(
+                "This payment would take the M-Pesa account over its balance limit (KES 500,000). "
+                "No money was taken for it: pay the rest tomorrow, or another way, such as to the "
+                "seller's paybill."
+            ),
         ),
         _failed(
             "17",
-            "M-Pesa refused a second payment of the same amount from this phone within 2 minutes. "
-            "Wait 2 minutes, then try again.",
+            _lt(
+                "M-Pesa refused a second payment of the same amount from this phone within 2 minutes. "
+                "Wait 2 minutes, then try again."
+            ),
         ),
-        _failed("26", "M-Pesa is busy. Try again in a few minutes."),
+        _failed("26", _lt("M-Pesa is busy. Try again in a few minutes.")),
         _failed(
             "1001",
-            "Another M-Pesa transaction is in progress on this phone. Complete it, then try again.",
+            _lt(
+                "Another M-Pesa transaction is in progress on this phone. Complete it, then try again."
+            ),
         ),
-        _failed("1019", "The M-Pesa prompt expired before it was answered."),
+        _failed("1019", _lt("The M-Pesa prompt expired before it was answered.")),
         _failed("1025", _PUSH_ERROR),
         _failed("9999", _PUSH_ERROR),
-        ResultCode("1032", Outcome.CANCELED, "You cancelled the M-Pesa prompt."),
+        ResultCode("1032", Outcome.CANCELED, _lt("You cancelled the M-Pesa prompt.")),
         _failed(
             "1037",
-            "The phone did not answer the M-Pesa prompt. Check that it is on and has network, "
-            "then try again.",
+            _lt(
+                "The phone did not answer the M-Pesa prompt. Check that it is on and has network, "
+                "then try again."
+            ),
         ),
-        _failed("2001", "The M-Pesa PIN entered was wrong."),
+        _failed("2001", _lt("The M-Pesa PIN entered was wrong.")),
         _failed("2028", _MISCONFIGURED),
         _failed("2029", _MISCONFIGURED),
         _failed("SFC_IC0003", _MISCONFIGURED),
         _failed(
             "8006",
-            "The M-Pesa account's security credential is locked. The account holder must contact "
-            "Safaricom.",
+            _lt(
+                "The M-Pesa account's security credential is locked. The account holder must contact "
+                "Safaricom."
+            ),
         ),
     )
 }
@@ -162,7 +181,7 @@ class ApiErrorCode:
 
 
 BEING_PROCESSED = "being processed"
-SUBSCRIBER_LOCKED_MESSAGE = (
+SUBSCRIBER_LOCKED_MESSAGE = _lt(
     "Another M-Pesa prompt is already waiting on this phone. Complete or cancel it, then try again."
 )
 
@@ -336,31 +355,38 @@ B2B_NO_NOMINATED_NUMBER_CODE = "4104"
 B2B_USSD_NETWORK_ERROR_CODE = "4201"
 B2B_USSD_ERROR_CODE = "4203"
 
-_B2B_NOTHING_TAKEN = "No money was taken from the till; try again."
-
 B2B_RESULT_CODES: dict[str, ResultCode] = {
     entry.code: entry
     for entry in (
-        ResultCode(REQUEST_ACCEPTED, Outcome.SUCCESS, "The M-Pesa payment from the till was received."),
-        ResultCode(B2B_CANCELLED_CODE, Outcome.CANCELED, "The till's operator cancelled the M-Pesa prompt."),
+        ResultCode(REQUEST_ACCEPTED, Outcome.SUCCESS, _lt("The M-Pesa payment from the till was received.")),
+        ResultCode(B2B_CANCELLED_CODE, Outcome.CANCELED, _lt("The till's operator cancelled the M-Pesa prompt.")),
         _failed(
             B2B_KYC_FAILED_CODE,
-            "M-Pesa refused the till: its KYC details are incomplete. The till's owner must update them with "
-            "Safaricom. No money was taken.",
+            _lt(
+                "M-Pesa refused the till: its KYC details are incomplete. The till's owner must update them with "
+                "Safaricom. No money was taken."
+            ),
         ),
         _failed(
             B2B_NO_NOMINATED_NUMBER_CODE,
-            "The till has no nominated phone number to receive the M-Pesa prompt. The till's owner must set one "
-            "under Organization Details on the M-Pesa web portal. No money was taken.",
+            _lt(
+                "The till has no nominated phone number to receive the M-Pesa prompt. The till's owner must set one "
+                "under Organization Details on the M-Pesa web portal. No money was taken."
+            ),
         ),
         _failed(
             B2B_USSD_NETWORK_ERROR_CODE,
-            "M-Pesa could not reach the phone of the till's operator (USSD network error). " + _B2B_NOTHING_TAKEN,
+            _lt(
+                "M-Pesa could not reach the phone of the till's operator (USSD network error). No money was taken "
+                "from the till; try again."
+            ),
         ),
         _failed(
             B2B_USSD_ERROR_CODE,
-            "M-Pesa could not show the prompt on the phone of the till's operator (USSD error). "
-            + _B2B_NOTHING_TAKEN,
+            _lt(
+                "M-Pesa could not show the prompt on the phone of the till's operator (USSD error). No money was "
+                "taken from the till; try again."
+            ),
         ),
     )
 }

@@ -683,7 +683,14 @@ class MpesaLedger(models.Model):
         state = self.env['muchiri.mpesa.matching']._mpesa_pay_documents(
             row, [document.sudo() for document in documents], row.note,
         )
-        row.transaction_ids._mpesa_post_process()  # The accountant sees the payments at once.
+        txs = row.transaction_ids.filtered(lambda tx: not tx.is_post_processed)
+        # An invoice's payment is posted now: the accountant sees it at once.  Confirming an order
+        # renders and mails its PDF, seconds the accountant would watch a frozen dialog for: Odoo's
+        # post-processing job does it at once, in the background.
+        on_orders = txs.filtered('sale_order_ids')
+        (txs - on_orders)._mpesa_post_process()
+        if on_orders:
+            self.env.ref('payment.cron_post_process_payment_tx')._trigger()
         self._mpesa_close_activities()
         return state
 
@@ -753,6 +760,13 @@ class MpesaLedger(models.Model):
             row.message_post(body=note, author_id=self.env.user.partner_id.id)
 
     # === TOOLING === #
+
+    def _message_compute_author(self, author_id=None, email_from=None, raise_on_email=True):
+        """What Safaricom posts is handled as the public user: its notes are the system's, signed
+        OdooBot, not "Public user"."""
+        if author_id is None and not email_from and self.env.user._is_public():
+            author_id = self.env['ir.model.data']._xmlid_to_res_id('base.partner_root')
+        return super()._message_compute_author(author_id, email_from, raise_on_email)
 
     def _mpesa_format(self, amount):
         return formatLang(self.env, amount, currency_obj=self.currency_id)

@@ -929,6 +929,14 @@ class PaymentTransaction(models.Model):
     def _mpesa_format_amount(self, amount):
         return formatLang(self.env, amount, currency_obj=self.currency_id)
 
+    def _mpesa_state_message(self):
+        """The status message in the reader's language.  The job that settles a payment writes it in
+        English; the catalogue's plain words (daraja/codes.py marks them) are terms of this addon,
+        translated where a distributor reads them: the status page and the mails."""
+        self.ensure_one()
+        message = self.state_message or self.mpesa_result_desc
+        return message and self.env._(message)  # pylint: disable=translation-not-lazy
+
     def _mpesa_result_text(self):
         """What the last M-Pesa answer means, in the catalogue's plain words with Daraja's code
         beside them (the order's tab, the alerts); Daraja's own wording only for a code the

@@ -9,6 +9,7 @@ from odoo import fields
 from odoo.exceptions import AccessError, ValidationError
 from odoo.fields import Command
 from odoo.tests import new_test_user, tagged
+from odoo.tools import is_html_empty
 
 from .common import PHONE_CALLBACK_LOST, PHONE_CANCELLED, PHONE_SUCCESS, MpesaCommon
 
@@ -104,6 +105,29 @@ class TestAccountingLoop(MpesaCommon):
         mails = self._mails_to_distributor(cancelled, since)
         self.assertEqual(len(mails), 1, "the addon's own mail, in the order's chatter")
         self.assertIn("not completed", mails.body)
+
+    def test_a_swahili_distributor_reads_why_a_payment_failed_in_swahili(self):
+        """M-Pesa's plain words for a result code are terms of the addon: the job writes them in
+        English, the distributor whose language is Swahili reads them in Swahili, in the mail and
+        on the status page; an English reader still reads English."""
+        with self.registry.test_lock:
+            self.env['res.lang']._activate_lang('sw')
+            self.env['ir.module.module']._load_module_terms(['muchiri_mpesa'], ['sw'], overwrite=True)
+            self.distributor.lang = 'sw'
+        order = self._order('order')
+        since = max(order.message_ids.ids or [0])
+        tx = self._pay(order, phone=PHONE_CANCELLED)
+        self.assertEqual(tx.state_message, "You cancelled the M-Pesa prompt.", "kept in English")
+        mails = self._mails_to_distributor(order, since)
+        self.assertEqual(len(mails), 1)
+        self.assertIn("Ulighairi ombi la M-Pesa.", mails.body)
+        self.assertNotIn("You cancelled", mails.body)
+        for lang, expected in (('sw', "Ulighairi ombi la M-Pesa."), ('en_US', "You cancelled the M-Pesa prompt.")):
+            with self.subTest(lang=lang):
+                banner = self.env['ir.qweb'].with_context(lang=lang)._render('payment.state_header', {
+                    'tx': tx.sudo(), 'is_html_empty': is_html_empty,
+                })
+                self.assertIn(expected, banner)
 
     def test_a_payment_settled_by_query_shows_its_receipt_pending(self):
         order = self._order('order')

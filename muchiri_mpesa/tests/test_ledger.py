@@ -8,7 +8,7 @@ from unittest.mock import patch
 from odoo import fields
 from odoo.exceptions import AccessError, UserError
 from odoo.fields import Command
-from odoo.tests import JsonRpcException, new_test_user, tagged
+from odoo.tests import JsonRpcException, RecordCapturer, new_test_user, tagged
 from odoo.tools import mute_logger
 
 from odoo.addons.muchiri_mpesa import daraja
@@ -17,7 +17,14 @@ from odoo.addons.muchiri_mpesa.daraja.simulator.c2b import LOST_CONFIRMATION
 from odoo.addons.muchiri_mpesa.daraja.simulator.pull import REPEAT_PAGE, WITH_REVERSALS
 from odoo.addons.muchiri_mpesa.utils import reference_key
 
-from .common import PHONE_CALLBACK_LOST, PHONE_SUCCESS, MpesaCommon, MpesaInitiatorCommon, MpesaLedgerCommon
+from .common import (
+    PAYER_PHONE,
+    PHONE_CALLBACK_LOST,
+    PHONE_SUCCESS,
+    MpesaCommon,
+    MpesaInitiatorCommon,
+    MpesaLedgerCommon,
+)
 
 
 def _run_pull(test):
@@ -241,6 +248,63 @@ class TestLedgerMatching(MpesaLedgerCommon):
         self.assertIn(self.accountant.name, row.message_ids.mapped('body')[0] + ''.join(row.message_ids.mapped('body')))
         with self.assertRaises(UserError, msg="matched once"):
             self._wizard('muchiri.mpesa.ledger.match', row, invoice_ids=[first.id]).action_match()
+
+    def test_the_match_wizard_proposes_documents_best_guess_first(self):
+        """The payer typed a wrong account but paid from the distributor's number: the wizard
+        proposes the distributor's open invoices (the one owing exactly the amount first), then
+        another customer's invoice owing that amount; nothing is ticked for the accountant."""
+        self._own_number()
+        other_customer = self.env['res.partner'].create({'name': "Wanjiru Traders"})
+        older, exact = self._invoice(1200), self._invoice(700)
+        stranger = self._invoice(700, partner=other_customer)
+        paid = self._invoice(700)
+        self._confirm(700, paid.name)
+        row = self._confirm(700, "NO-SUCH-DOC", phone=PAYER_PHONE)
+        self.assertEqual(row.state, 'unmatched', row.note)
+        wizard = self._wizard('muchiri.mpesa.ledger.match', row)
+        self.assertEqual(wizard.partner_id, self.distributor.commercial_partner_id, "the payer's number")
+        proposed = wizard.line_ids.sorted('sequence')
+        invoices = proposed.filtered('invoice_id')
+        self.assertEqual(proposed[0].invoice_id, exact, "the customer's, owing this amount")
+        self.assertEqual([line.invoice_id for line in invoices], [exact, older, stranger],
+                         "then the customer's, then another's owing this amount; the paid invoice not at all")
+        self.assertEqual(invoices.mapped('amount_due'), [700, 1200, 700])
+        self.assertEqual(proposed[0].partner_id, self.distributor.commercial_partner_id)
+        self.assertEqual(proposed[0].date, exact.invoice_date)
+        self.assertIn("owes this amount", proposed[0].reason)
+        self.assertFalse(any(proposed.mapped('selected')), "the accountant decides")
+        with self.assertRaises(UserError, msg="nothing ticked, nothing picked"):
+            wizard.action_match()
+        invoices[1].selected = True
+        action = wizard.action_match()
+        self.assertEqual(action['params']['next'], {'type': 'ir.actions.act_window_close'})
+        self.assertIn(row.name, action['params']['message'])
+        self.assertEqual((row.state, older.amount_residual, exact.amount_residual), ('partial', 500, 700))
+
+    def test_the_match_wizard_confirms_an_order_in_the_background(self):
+        """An order's confirmation renders and mails its PDF: Odoo's post-processing job does it
+        at once after the match, and the dialog closes without waiting for it."""
+        order = self.quotation.copy()
+        row = self._confirm(order.amount_total, "NO-SUCH-DOC")
+        wizard = self._wizard('muchiri.mpesa.ledger.match', row, partner_id=order.partner_id.id)
+        line = wizard.line_ids.filtered(lambda line: line.sale_order_id == order)
+        self.assertTrue(line, "the customer's open order is proposed")
+        line.selected = True
+        cron = self.env.ref('payment.cron_post_process_payment_tx')
+        with RecordCapturer(self.env['ir.cron.trigger'].sudo(), [('cron_id', '=', cron.id)]) as triggers:
+            action = wizard.action_match()
+        self.assertIn("background", action['params']['message'])
+        self.assertTrue(triggers.records, "the job is woken")
+        self.assertEqual(row.state, 'matched')
+        self.assertEqual(order.state, 'draft', "not confirmed inside the dialog's request")
+        row.transaction_ids._post_process()  # What the job runs (it commits: not inside a test).
+        self.assertEqual(order.state, 'sale')
+        self.assertEqual(row.payment_ids.amount, order.amount_total)
+
+    def test_the_ledger_chatter_is_signed_by_odoobot_not_the_public_user(self):
+        row = self._confirm(700, "NO-SUCH-DOC")
+        authors = row.message_ids.author_id
+        self.assertEqual(authors, self.env.ref('base.partner_root'), row.message_ids.mapped('body'))
 
     def test_the_queue_marks_not_ours_and_flags_refunds_with_a_reason(self):
         row = self._confirm(700, "wrong paybill")

@@ -181,6 +181,21 @@ class TestPaybillQr(MpesaLedgerCommon):
         self.assertNotIn("Account number:", block)
         self.assertNotIn("One M-Pesa payment", block)
 
+    def test_the_pot_is_the_one_odoo_exports(self):
+        """i18n/muchiri_mpesa.pot, the translators' template, cannot rot: it holds each term Odoo
+        extracts from the module today, and no other.  The demo's records are not the addon's
+        texts: they are left out (the pot is exported from a database without demo data)."""
+        def addon_terms(po):
+            return {entry.msgid for entry in po if entry.msgid and not all(
+                'muchiri_mpesa.demo_' in place for place, _line in entry.occurrences)}
+        exported = io.BytesIO()
+        trans_export(False, ['muchiri_mpesa'], exported, 'po', self.env.cr)
+        extracted = addon_terms(polib.pofile(exported.getvalue().decode()))
+        with file_open('muchiri_mpesa/i18n/muchiri_mpesa.pot') as pot_file:
+            shipped = addon_terms(polib.pofile(pot_file.read()))
+        self.assertFalse(sorted(extracted - shipped)[:5], "terms missing from the pot: export it again")
+        self.assertFalse(sorted(shipped - extracted)[:5], "terms the code no longer says: export the pot again")
+
     def test_the_swahili_terms_are_the_ones_the_code_says(self):
         """sw.po cannot rot: each of its terms is one Odoo extracts from the module today (views,
         records, Python, JavaScript), from the place and of the kind it says (a Python term
@@ -206,7 +221,9 @@ class TestPaybillQr(MpesaLedgerCommon):
             r'arch_db:muchiri_mpesa\.(inline_form|state_header|state_header_instalments|paybill_details)$'
             r'|^model:mail\.template,(subject|body_html):'
             r'|^model_terms:payment\.provider,(pending|done|cancel)_msg:'
-            r'|^code:addons/muchiri_mpesa/static/src/js/payment_form\.js$')
+            r'|^code:addons/muchiri_mpesa/static/src/js/payment_form\.js$'
+            # M-Pesa's result codes in plain words (the status page, the mails).
+            r'|^code:addons/muchiri_mpesa/daraja/codes\.py$')
         translated = {entry.msgid for entry in swahili}
         untranslated = [
             msgid for msgid, source in extracted.items()
