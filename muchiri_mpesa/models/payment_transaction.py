@@ -935,6 +935,9 @@ class PaymentTransaction(models.Model):
         translated where a distributor reads them: the status page and the mails."""
         self.ensure_one()
         message = self.state_message or self.mpesa_result_desc
+        receipt = self.mpesa_receipt_number
+        if receipt and message == f"M-Pesa receipt {receipt}":  # What the job writes when it is paid.
+            return self.env._("M-Pesa receipt %(receipt)s", receipt=receipt)
         return message and self.env._(message)  # pylint: disable=translation-not-lazy
 
     def _mpesa_result_text(self):

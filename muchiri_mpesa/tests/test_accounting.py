@@ -128,6 +128,12 @@ class TestAccountingLoop(MpesaCommon):
                     'tx': tx.sudo(), 'is_html_empty': is_html_empty,
                 })
                 self.assertIn(expected, banner)
+        paid = self._pay(self._order('order'))
+        self.assertEqual(paid.state, 'done')
+        banner = self.env['ir.qweb'].with_context(lang='sw')._render('payment.state_header', {
+            'tx': paid.sudo(), 'is_html_empty': is_html_empty,
+        })
+        self.assertIn(f"Risiti ya M-Pesa {paid.mpesa_receipt_number}", banner)
 
     def test_a_payment_settled_by_query_shows_its_receipt_pending(self):
         order = self._order('order')
