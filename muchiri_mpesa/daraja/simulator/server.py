@@ -15,7 +15,12 @@ Served at Daraja's paths (see each module) and, for tools that cannot call the P
   ``GET  /__sim__/certificate`` (the PEM certificate that encrypts SecurityCredentials),
   ``POST /__sim__/c2b-pay`` with ``{"amount": 100, "msisdn": "2547...", "bill_ref": "S00042"}``,
   ``POST /__sim__/age`` with ``{"receipt": "...", "hours": 49}``,
-  ``POST /__sim__/initiator-next`` with ``{"outcome": "no_result" | "queue_timeout", "count": 1}``.
+  ``POST /__sim__/initiator-next`` with ``{"outcome": "no_result" | "queue_timeout", "count": 1}``,
+  ``GET  /__sim__/statement?from=2026-12-07&to=2026-12-07`` (the paybill's organisation statement, CSV; see
+  ``statement``), ``POST /__sim__/sweep`` with ``{"amount": 5000}`` (a settlement to the bank),
+  ``GET  /__sim__/c2b/registrations?shortcode=174379`` (whether the C2B URLs are known).
+
+With ``state_file`` the state survives a restart (``persist``): registrations, certificate, receipts, balances.
 
 The OAuth, STK and C2B parts use the standard library only; the initiator APIs need ``cryptography`` (imported
 when first used, see ``keys``).
