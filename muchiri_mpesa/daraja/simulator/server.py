@@ -448,7 +448,7 @@ class DarajaSimulator:
         while not self._state.stop_event.wait(persist.SAVE_INTERVAL):
             try:
                 self.save_state()
-            except OSError as exc:  # a full disk must not stop the simulator: say it, try again
+            except (OSError, TypeError, ValueError) as exc:  # a full disk must not stop the simulator: say it
                 _logger.warning("Cannot write the simulator state file %s: %s", self.state_file, exc)
 
     def save_state(self) -> bool:
