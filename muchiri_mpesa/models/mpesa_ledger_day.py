@@ -162,6 +162,7 @@ class MpesaLedgerDay(models.Model):
 
     def action_open_gaps(self):
         """The day's receipts that a checked source lacks, or that only Pull or the statement reported."""
+        self.env['payment.provider']._mpesa_check_group('account.group_account_invoice')
         self.ensure_one()
         start = naive_utc(datetime.combine(self.day, time(0), daraja.KENYA_TZ))
         gaps = [[('source_stk', '=', False), ('source_c2b', '=', False), ('source_b2b', '=', False)]]
@@ -182,10 +183,11 @@ class MpesaLedgerDay(models.Model):
             ],
         }
 
-    @api.model
     def action_mpesa_sources_help(self):
         """Say, for each M-Pesa provider, which sources of Safaricom's side are off and how to
-        turn one on: a day is judged only against a source that runs."""
+        turn one on: a day is judged only against a source that runs.  The list's header button:
+        called on the selected days, or none; it is about every provider whatever they are."""
+        self.env['payment.provider']._mpesa_check_group('account.group_account_invoice')
         providers = self.env['payment.provider'].search([
             ('code', '=', const.PROVIDER_CODE), ('state', '!=', 'disabled'),
         ])
