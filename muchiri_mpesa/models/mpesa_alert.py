@@ -16,8 +16,9 @@ says what it is about and points to it, and the chatter records who was notified
 Result codes read as the catalogue's plain words with the code beside them ("The M-Pesa PIN
 entered was wrong (2001)"), never Daraja's raw wording; amounts in the currency's format.
 
-The ledger's conditions compare it with Safaricom's Pull Transactions per day (the
-muchiri.mpesa.ledger.day view) and watch the money that waits unmatched.
+The ledger's conditions compare it per day with the sources of Safaricom's side that run, Pull
+Transactions and the imported M-Pesa statement (the muchiri.mpesa.ledger.day view), and watch the
+money that waits unmatched.
 """
 import logging
 from collections import Counter
@@ -38,6 +39,8 @@ _logger = logging.getLogger(__name__)
 UNMATCHED_CALLBACK_DELAY = timedelta(minutes=5)
 # A day is compared once Pull has read past its end by this much (Safaricom lists late rows).
 DAY_SETTLED_AFTER = timedelta(hours=1)
+# An imported statement's gaps are alerts for this many days back.
+STATEMENT_GAP_DAYS = 31
 # Ledger money waiting unmatched this long is an alert.
 UNMATCHED_ALERT_DELAY = timedelta(minutes=15)
 
@@ -171,6 +174,8 @@ class MpesaAlert(models.Model):
         :return: the open alerts of the provider
         """
         now = fields.Datetime.now()
+        # A simulator restarted without its state file: the provider stops saying its URLs are registered.
+        provider._mpesa_simulator_forgot_c2b()
         conditions = [
             *self._watch_success_rate(provider, now),
             *self._watch_pending_callbacks(provider, now),
@@ -477,34 +482,52 @@ class MpesaAlert(models.Model):
         )]
 
     def _watch_ledger_gaps(self, provider, now):
-        """The days Pull has read past, within what Daraja keeps, whose figures differ: one alert."""
-        synced = provider.sudo().mpesa_pull_synced_until
-        if not synced:
-            return []
-        # The last day Pull read to its end, in Kenya time as M-Pesa statements are.
-        last_day = utils.kenya_time(synced - DAY_SETTLED_AFTER).date() - timedelta(days=1)
-        first_day = utils.kenya_time(now - daraja.PULL_WINDOW).date()
+        """The days a running source disagrees with the ledger: one alert.
+
+        A day is judged only against a source that runs (muchiri.mpesa.ledger.day): Pull where it
+        is registered, for the days it has read past within what Daraja keeps; an imported
+        statement for the days it covers, within STATEMENT_GAP_DAYS.  A statement gap is always
+        an alert (the statement is Safaricom's own record); a Pull gap only where Pull runs.
+        """
+        Day = self.env['muchiri.mpesa.ledger.day']
         self.env['muchiri.mpesa.ledger'].flush_model()  # The view reads the table.
-        days = self.env['muchiri.mpesa.ledger.day'].search([
-            ('provider_id', '=', provider.id), ('differs', '=', True),
-            ('day', '>=', first_day), ('day', '<=', last_day),
+        days = Day.search([
+            ('provider_id', '=', provider.id), ('statement_differs', '=', True),
+            ('day', '>=', utils.kenya_time(now).date() - timedelta(days=STATEMENT_GAP_DAYS)),
         ])
+        synced = provider.sudo().mpesa_pull_synced_until
+        if synced and provider.sudo().mpesa_pull_registered_at:
+            # The last day Pull read to its end, in Kenya time as M-Pesa statements are.
+            last_day = utils.kenya_time(synced - DAY_SETTLED_AFTER).date() - timedelta(days=1)
+            first_day = utils.kenya_time(now - daraja.PULL_WINDOW).date()
+            days |= Day.search([
+                ('provider_id', '=', provider.id), ('pull_differs', '=', True),
+                ('day', '>=', first_day), ('day', '<=', last_day),
+            ])
         if not days:
             return []
-        lines = [self.env._(
-            "- %(day)s: ledger %(ledger_count)s payments, %(ledger_amount)s; Safaricom %(pull_count)s,"
-            " %(pull_amount)s; %(unlisted)s not listed by Safaricom",
-            day=day.day, ledger_count=day.ledger_count, ledger_amount=day.ledger_amount,
-            pull_count=day.pull_count, pull_amount=day.pull_amount, unlisted=day.unlisted_count,
-        ) for day in days]
+        lines = []
+        for day in days.sorted('day', reverse=True):
+            if day.pull_differs:
+                lines.append(self.env._(
+                    "- %(day)s: ledger %(ledger_count)s payments, %(ledger_amount)s; Pull %(pull_count)s,"
+                    " %(pull_amount)s; %(unlisted)s not listed by Pull",
+                    day=day.day, ledger_count=day.ledger_count, ledger_amount=day.ledger_amount,
+                    pull_count=day.pull_count, pull_amount=day.pull_amount, unlisted=day.unlisted_count,
+                ))
+            if day.statement_differs:
+                lines.append(self.env._(
+                    "- %(day)s: %(unstated)s ledger payments are not on the imported M-Pesa statement",
+                    day=day.day, unstated=day.unstated_count,
+                ))
         return [self._condition(
             'ledger_gap', provider,
             name=self.env._("%(provider)s: the M-Pesa ledger differs from Safaricom on %(count)s days",
                             provider=provider.name, count=len(days)),
             message=self.env._(
-                "Safaricom's Pull Transactions does not list what the ledger holds.  Open M-Pesa >"
-                " Ledger per Day, then the payments not listed by Safaricom or flagged as conflicting,"
-                " and check them on the M-Pesa statement.\n%(lines)s", lines=_listed(self.env, lines),
+                "Safaricom's Pull Transactions or M-Pesa statement does not list what the ledger holds."
+                "  Open M-Pesa > Ledger per Day, then the day's receipts to check, and check them on the"
+                " M-Pesa statement.\n%(lines)s", lines=_listed(self.env, lines),
             ),
         )]
 

@@ -1419,6 +1419,43 @@ class PaymentProvider(models.Model):
         self.ensure_one()
         return self.code == 'mpesa' and not self._mpesa_till_payment_refusal()
 
+    # === BUSINESS METHODS - DARAJA SIMULATOR === #
+
+    def _mpesa_simulator_forgot_c2b(self):
+        """Whether the Daraja simulator this test provider talks to no longer knows the C2B URLs it
+        registered (a simulator restarted without its state file); if so the registration is
+        cleared, so that the provider stops saying "C2B URLs Registered" and asks for a new one.
+
+        Only a test provider with its own API URL can talk to a simulator; Safaricom has no such
+        question, so anything but the simulator's answer (GET /__sim__/c2b/registrations) tells
+        nothing and changes nothing.
+
+        :return: True when the simulator forgot the URLs
+        :rtype: bool
+        """
+        self.ensure_one()
+        provider = self.sudo()
+        if (provider.state != 'test' or not provider.mpesa_c2b_registered_at or not provider.mpesa_api_url
+                or self._mpesa_api_base_url() in (daraja.SANDBOX_URL, daraja.PRODUCTION_URL)):
+            return False
+        try:
+            answer = requests.get(
+                f'{self._mpesa_api_base_url()}/__sim__/c2b/registrations',
+                params={'shortcode': provider.mpesa_shortcode.strip()}, timeout=5,
+            )
+            known = answer.json().get('registered') if answer.status_code == 200 else None
+        except (requests.RequestException, ValueError, AttributeError):
+            return False
+        if known is not False:
+            return False
+        provider.write({
+            'mpesa_c2b_registered_at': False,
+            'mpesa_c2b_registration': self.env._(
+                "The Daraja simulator no longer knows these URLs (it restarted without its state file):"
+                " register them again."),
+        })
+        return True
+
 
 def _new_callback_secret():
     """A random path secret that holds none of the words Daraja refuses in a URL."""

@@ -47,6 +47,21 @@ class TestC2B(MpesaLedgerCommon):
         self.assertEqual(registered['ResponseType'], 'Completed')
         self.assertTrue(self.provider.mpesa_c2b_registered_at)
 
+    def test_a_simulator_that_forgot_the_urls_is_seen(self):
+        self.assertFalse(self.provider._mpesa_simulator_forgot_c2b(), "nothing registered, nothing to forget")
+        self._register()
+        self.assertFalse(self.provider._mpesa_simulator_forgot_c2b())
+        self.assertTrue(self.provider.mpesa_c2b_registered_at)
+        # A restart without its state file: the simulator's registrations are gone.
+        shortcode = self.provider.mpesa_shortcode
+        forgotten = self.simulator.c2b_registrations[shortcode]
+        with self.simulator._state.lock:
+            del self.simulator._state.c2b_urls[shortcode]
+        self.addCleanup(self.simulator._state.c2b_urls.__setitem__, shortcode, forgotten)
+        self.assertTrue(self.provider._mpesa_simulator_forgot_c2b())
+        self.assertFalse(self.provider.mpesa_c2b_registered_at)
+        self.assertIn("register them again", self.provider.mpesa_c2b_registration)
+
     def test_register_falls_back_to_v1(self):
         self._sim_setting(c2b_versions=('v1',))
         self._register()

@@ -2,7 +2,7 @@
 """The M-Pesa ledger: how paybill money is matched to documents, matching by hand, and Pull
 Transactions completing it.
 """
-from datetime import timedelta
+from datetime import datetime, time, timedelta
 from unittest.mock import patch
 
 from odoo import fields
@@ -15,7 +15,7 @@ from odoo.addons.muchiri_mpesa import daraja
 from odoo.addons.muchiri_mpesa.daraja.simulator import C2B_CONFIRMATION
 from odoo.addons.muchiri_mpesa.daraja.simulator.c2b import LOST_CONFIRMATION
 from odoo.addons.muchiri_mpesa.daraja.simulator.pull import REPEAT_PAGE, WITH_REVERSALS
-from odoo.addons.muchiri_mpesa.utils import reference_key
+from odoo.addons.muchiri_mpesa.utils import kenya_time, naive_utc, reference_key
 
 from .common import (
     PAYER_PHONE,
@@ -701,3 +701,64 @@ class TestPullReversal(MpesaInitiatorCommon):
         _run_pull(self)  # Listed again (the windows overlap): said once.
         listed = f"Pull Transactions lists {reversal}"
         self.assertEqual(len(noted.message_ids.filtered(lambda m: listed in (m.body or ''))), 1)
+
+
+@tagged('post_install', '-at_install')
+class TestLedgerDay(MpesaLedgerCommon):
+    """The gap report judges a day only against a source that runs: Pull where it is registered,
+    an imported statement for the time it covers."""
+
+    def _day(self, row):
+        with self.registry.test_lock:
+            self.env.flush_all()
+            self.env.invalidate_all()
+            return self.env['muchiri.mpesa.ledger.day'].search([
+                ('provider_id', '=', self.provider.id), ('day', '=', kenya_time(row.trans_time).date())])
+
+    def _at(self, row, moment, **values):
+        with self.registry.test_lock:
+            row.write({'trans_time': moment, **values})
+
+    def test_a_day_no_source_checks_is_not_checked(self):
+        row = self._confirm(250, "unknown account")
+        day = self._day(row)
+        self.assertEqual((day.state, day.differs, day.pull_checked, day.statement_checked),
+                         ('unchecked', False, False, False), "never red where nothing runs")
+        self.assertEqual((day.ledger_count, day.unlisted_count, day.unstated_count, day.unnotified_count),
+                         (1, 0, 0, 0))
+        self.assertFalse(day.checked_against)
+        self.assertFalse(self.env['muchiri.mpesa.alert']._watch_ledger_gaps(self.provider, fields.Datetime.now()))
+        message = self.env['muchiri.mpesa.ledger.day'].action_mpesa_sources_help()['params']['message']
+        self.assertIn("Pull Transactions is off", message)
+        self.assertIn("no M-Pesa statement is imported", message)
+
+    def test_a_statement_gap_is_an_alert_within_the_time_it_covers(self):
+        noon = naive_utc(datetime.combine(kenya_time(fields.Datetime.now()).date(), time(12), daraja.KENYA_TZ))
+        missing, listed, later = (self._confirm(amount, f"unknown {amount}") for amount in (400, 300, 500))
+        self._at(missing, noon - timedelta(minutes=3))
+        self._at(listed, noon - timedelta(minutes=2), source_statement=True)
+        self._at(later, noon - timedelta(minutes=1))  # After the statement's last row: not judged.
+        day = self._day(listed)
+        self.assertEqual((day.state, day.checked_against, day.pull_checked), ('differs', 'Statement', False))
+        self.assertEqual((day.ledger_count, day.statement_count, day.unstated_count), (3, 1, 1))
+        self.assertTrue(day.statement_differs)
+        self.assertEqual(day.statement_until, listed.trans_time)
+        gaps = self.env['muchiri.mpesa.ledger'].search(day.action_open_gaps()['domain'])
+        self.assertEqual(gaps, missing, "the receipt the statement lacks, not the one after it")
+
+        self.env['muchiri.mpesa.alert']._mpesa_raise_ledger_gaps(self.provider)
+        alert = self.env['muchiri.mpesa.alert'].search([('kind', '=', 'ledger_gap'), ('state', '=', 'open'),
+                                                        ('provider_id', '=', self.provider.id)])
+        self.assertEqual(len(alert), 1)
+        self.assertIn("not on the imported M-Pesa statement", alert.message)
+
+        self._at(missing, missing.trans_time, source_statement=True)  # The next statement lists it.
+        day = self._day(listed)
+        self.assertEqual((day.state, day.unstated_count), ('agrees', 0))
+
+    def test_a_receipt_only_the_statement_reported_is_not_notified(self):
+        row = self._confirm(700, "unknown 700")
+        self._at(row, row.trans_time, source_c2b=False, source_statement=True)
+        day = self._day(row)
+        self.assertEqual((day.state, day.unnotified_count, day.statement_count), ('agrees', 1, 1))
+        self.assertEqual(self.env['muchiri.mpesa.ledger'].search(day.action_open_gaps()['domain']), row)

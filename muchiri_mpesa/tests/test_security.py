@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from odoo import models
+from odoo import fields, models
 from odoo.exceptions import AccessError
 from odoo.fields import Command, Date
 from odoo.tests import JsonRpcException, tagged
@@ -1590,6 +1590,9 @@ class TestButtonsCheckTheirGroup(MpesaCommon):
         event = self.env['muchiri.mpesa.event'].sudo().create({'kind': 'stk_callback', 'provider_id': self.provider.id})
         ledger_row = self.env['muchiri.mpesa.ledger'].sudo()._mpesa_record(
             self.provider, 'TSTSEC0001', 'c2b', {'amount': 100.0})[0]
+        ledger_row.trans_time = fields.Datetime.now()
+        self.env.flush_all()
+        ledger_day = self.env['muchiri.mpesa.ledger.day'].search([('provider_id', '=', self.provider.id)], limit=1)
         return {
             'payment.provider': self.provider,
             'sale.order': self.quotation,
@@ -1597,6 +1600,7 @@ class TestButtonsCheckTheirGroup(MpesaCommon):
                 'move_type': 'out_invoice', 'partner_id': self.distributor.id,
             }),
             'muchiri.mpesa.ledger': ledger_row,
+            'muchiri.mpesa.ledger.day': ledger_day,
             'muchiri.mpesa.ledger.match': self.env['muchiri.mpesa.ledger.match'].create({'ledger_id': ledger_row.id}),
             'muchiri.mpesa.ledger.decide': self.env['muchiri.mpesa.ledger.decide'].create({
                 'ledger_id': ledger_row.id, 'reason': "Not ours",

@@ -64,16 +64,25 @@ Python helpers for tests (on a DarajaSimulator ``sim``):
   ``sim.initiator_requests``.
 - Dynamic QR: ``sim.qr_codes``, ``sim.pay_qr(content, msisdn) -> TransID`` (a phone scanning the code: a C2B
   payment with its RefNo); the image encodes ``qr_content(...)``, read back with ``read_qr_content``.
+- Statement (``statement``): ``sim.statement(start=None, end=None, newest_first=True)`` (the paybill's
+  organisation statement in the org portal's CSV: payments, their charges by ``PAYBILL_TARIFF``, reversals,
+  failed payments, sweeps; every wording in ``DETAILS`` / ``REASON_TYPES``), ``sim.sweep(amount)`` (a
+  settlement to the bank).
+- State file (``persist``): ``DarajaSimulator(state_file=PATH)`` / ``--state-file`` / ``DARAJA_SIM_STATE_FILE``
+  keeps registrations, the certificate and its key, receipts and balances across restarts; ``sim.save_state()``;
+  a file that is not a state file stops the start (``StateFileError``); ``sim.c2b_registration(shortcode)``.
 - Gateway: ``sim.fail_next``, ``sim.delay_next``, ``sim.expire_tokens()``, ``sim.requests_for(operation)``,
   ``sim.reset()``, ``sim.state()``.
 
-Control API for other processes: ``/__sim__/health``, ``state``, ``certificate`` (GET); ``expire-tokens``,
-``reset``, ``fail-next``, ``delay-next``, ``c2b-pay``, ``age``, ``initiator-next``, ``pull-next`` (POST, JSON).
+Control API for other processes: ``/__sim__/health``, ``state``, ``certificate``, ``statement?from=&to=``,
+``c2b/registrations?shortcode=`` (GET); ``expire-tokens``, ``reset``, ``fail-next``, ``delay-next``, ``c2b-pay``,
+``age``, ``initiator-next``, ``pull-next``, ``sweep`` (POST, JSON).
 """
 
 from .b2b import B2B_DEFAULT_SCENARIO, B2B_MAGIC_TILLS, B2BScenario, b2b_magic_tills_table, b2b_scenario_for
 from .c2b import C2B_MAGIC_NUMBERS
 from .listener import ACCEPTED, CallbackListener, ReceivedCallback
+from .persist import StateFileError
 from .qr import qr_content, read_qr_content
 from .scenarios import (
     ABOVE_MAXIMUM_SCENARIO,
@@ -138,10 +147,20 @@ from .state import (
     INITIATOR_TIMEOUT,
     STK_CALLBACK,
 )
+from .statement import (
+    ACCOUNT_TYPE,
+    DETAILS,
+    FAILED_STK_CODES,
+    PAYBILL_TARIFF,
+    REASON_TYPES,
+    STATEMENT_HEADER,
+    paybill_charge,
+)
 
 __all__ = [
     "ABOVE_MAXIMUM_SCENARIO",
     "ACCEPTED",
+    "ACCOUNT_TYPE",
     "B2B_CHECKOUT_PATH",
     "B2B_DEFAULT_SCENARIO",
     "B2B_MAGIC_TILLS",
@@ -170,6 +189,8 @@ __all__ = [
     "DEFAULT_TILL",
     "DEFAULT_VALIDATION_TIMEOUT",
     "DELIVERY_KINDS",
+    "DETAILS",
+    "FAILED_STK_CODES",
     "INITIATOR_RESULT",
     "INITIATOR_TIMEOUT",
     "INJECTABLE_ERRORS",
@@ -178,12 +199,15 @@ __all__ = [
     "MAGIC_REMARKS",
     "OAUTH_PATH",
     "PAYBILL",
+    "PAYBILL_TARIFF",
     "PULL_QUERY_PATH",
     "PULL_REGISTER_PATH",
     "QR_PATH",
+    "REASON_TYPES",
     "REVERSAL_PATH",
     "SANDBOX_PASSKEY",
     "SANDBOX_TEST_MSISDN",
+    "STATEMENT_HEADER",
     "STK_CALLBACK",
     "STK_PUSH_PATH",
     "STK_QUERY_PATH",
@@ -201,10 +225,12 @@ __all__ = [
     "RequestRecord",
     "ResultTiming",
     "Scenario",
+    "StateFileError",
     "StkTransaction",
     "b2b_magic_tills_table",
     "b2b_scenario_for",
     "magic_numbers_table",
+    "paybill_charge",
     "qr_content",
     "read_qr_content",
     "scenario_for",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,6 +14,7 @@ from types import FrameType
 from .b2b import b2b_magic_tills_table
 from .c2b import C2B_MAGIC_NUMBERS
 from .initiator import MAGIC_REMARKS
+from .persist import ENV_VAR, StateFileError
 from .scenarios import magic_numbers_table
 from .server import (
     DEFAULT_CALLBACK_DELAY,
@@ -207,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PULL_PAGE_SIZE,
         help="rows per Pull Transactions page (default: %(default)s)",
     )
+    parser.add_argument(
+        "--state-file",
+        default=os.environ.get(ENV_VAR) or None,
+        help="keep C2B / Pull registrations, the certificate and its key, receipts and balances across restarts "
+        f"in this JSON file (default: ${ENV_VAR}, else nothing is kept)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every HTTP line")
     return parser
@@ -243,9 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         c2b_validation_timeout=args.validation_timeout,
         c2b_msisdn_format=args.c2b_msisdn_format,
         pull_page_size=args.pull_page_size,
+        state_file=args.state_file,
     )
     try:
         simulator.start()
+    except StateFileError as exc:
+        print(f"Cannot start: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"Cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
@@ -270,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  shortcode / till      : {args.shortcode} / {args.till or '-'}\n"
         f"  callback delay        : {args.callback_delay} s, prompt timeout {args.prompt_timeout} s\n"
         f"  initiator / password  : {args.initiator_name} / {shown_password}\n"
+        f"  state file            : {args.state_file or '(none: a restart forgets everything)'}\n"
         f"Certificate for SecurityCredentials (also GET {simulator.base_url}/__sim__/certificate):\n"
         f"{certificate}"
         f"Magic phone numbers:\n{magic_numbers_table()}\n"

@@ -79,3 +79,25 @@ def encrypt_credential(identity: Identity, password: str) -> str:
 
     encrypted = identity.private_key.public_key().encrypt(password.encode("utf-8"), padding.PKCS1v15())
     return base64.b64encode(encrypted).decode("ascii")
+
+
+def identity_pems(identity: Identity) -> tuple[str, str]:
+    """(certificate PEM, private key PEM, unencrypted PKCS#8): what the state file keeps across restarts."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
+    key = identity.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return identity.certificate_pem, key.decode("ascii")
+
+
+def load_identity(certificate_pem: str, private_key_pem: str) -> Identity:
+    """The identity saved by ``identity_pems``; ValueError when the key does not match the certificate."""
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
+    key = serialization.load_pem_private_key(private_key_pem.encode("ascii"), password=None)
+    certificate = x509.load_pem_x509_certificate(certificate_pem.encode("ascii"))
+    if certificate.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
+        raise ValueError("the private key does not match the certificate")
+    return Identity(certificate_pem=certificate_pem, private_key=key)

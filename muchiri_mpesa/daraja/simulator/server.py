@@ -15,7 +15,12 @@ Served at Daraja's paths (see each module) and, for tools that cannot call the P
   ``GET  /__sim__/certificate`` (the PEM certificate that encrypts SecurityCredentials),
   ``POST /__sim__/c2b-pay`` with ``{"amount": 100, "msisdn": "2547...", "bill_ref": "S00042"}``,
   ``POST /__sim__/age`` with ``{"receipt": "...", "hours": 49}``,
-  ``POST /__sim__/initiator-next`` with ``{"outcome": "no_result" | "queue_timeout", "count": 1}``.
+  ``POST /__sim__/initiator-next`` with ``{"outcome": "no_result" | "queue_timeout", "count": 1}``,
+  ``GET  /__sim__/statement?from=2026-12-07&to=2026-12-07`` (the paybill's organisation statement, CSV; see
+  ``statement``), ``POST /__sim__/sweep`` with ``{"amount": 5000}`` (a settlement to the bank),
+  ``GET  /__sim__/c2b/registrations?shortcode=174379`` (whether the C2B URLs are known).
+
+With ``state_file`` the state survives a restart (``persist``): registrations, certificate, receipts, balances.
 
 The OAuth, STK and C2B parts use the standard library only; the initiator APIs need ``cryptography`` (imported
 when first used, see ``keys``).
@@ -32,6 +37,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
+from . import persist
 from .b2b import B2B_CHECKOUT_PATH, B2B_MAGIC_TILLS, B2BApi
 from .c2b import (
     C2B_MAGIC_NUMBERS,
@@ -50,7 +56,7 @@ from .initiator import (
     TRANSACTION_STATUS_PATH,
     InitiatorApi,
 )
-from .keys import encrypt_credential
+from .keys import encrypt_credential, identity_pems, load_identity
 from .oauth import OAUTH_PATH, OAuthApi
 from .pull import PULL_OUTCOMES, PULL_QUERY_PATH, PULL_REGISTER_PATH, PullApi
 from .qr import QR_PATH, QrApi
@@ -86,9 +92,21 @@ from .state import (
     SimState,
     StkTransaction,
     _monotonic,
+    _now_utc,
     _Refusal,
     _Response,
     _wall_time,
+)
+from .statement import (
+    ACCOUNT_TYPE,
+    DETAILS,
+    PAYBILL_TARIFF,
+    REASON_TYPES,
+    STATEMENT_HEADER,
+    parse_bound,
+    paybill_charge,
+    record_sweep,
+    statement_csv,
 )
 from .stk import (
     BEING_PROCESSED_MESSAGE,
@@ -100,6 +118,7 @@ from .stk import (
 )
 
 __all__ = [
+    "ACCOUNT_TYPE",
     "B2B_CHECKOUT_PATH",
     "B2B_MAGIC_TILLS",
     "BEING_PROCESSED_MESSAGE",
@@ -123,19 +142,23 @@ __all__ = [
     "DEFAULT_SHORTCODE",
     "DEFAULT_TILL",
     "DEFAULT_VALIDATION_TIMEOUT",
+    "DETAILS",
     "INJECTABLE_ERRORS",
     "KENYA_TZ",
     "MAGIC_REMARKS",
     "OAUTH_PATH",
     "OPERATIONS",
     "PAYBILL",
+    "PAYBILL_TARIFF",
     "PULL_QUERY_PATH",
     "PULL_REGISTER_PATH",
     "PUSH_ACCEPTED_DESC",
     "QR_PATH",
     "QUERY_ACCEPTED_DESC",
+    "REASON_TYPES",
     "REVERSAL_PATH",
     "SANDBOX_PASSKEY",
+    "STATEMENT_HEADER",
     "STK_PUSH_PATH",
     "STK_QUERY_PATH",
     "TILL",
@@ -146,8 +169,12 @@ __all__ = [
     "DarajaSimulator",
     "Payment",
     "RequestRecord",
+    "StateFileError",
     "StkTransaction",
+    "paybill_charge",
 ]
+
+StateFileError = persist.StateFileError
 
 _logger = logging.getLogger(__name__)
 
@@ -247,6 +274,7 @@ class DarajaSimulator:
         pull_page_size: int = DEFAULT_PULL_PAGE_SIZE,
         clock: Callable[[], float] | None = None,
         max_records: int = 10_000,
+        state_file: str | None = None,
     ) -> None:
         """
         :param callback_delay: seconds from an accepted push to the customer's answer (result known, callback sent)
@@ -277,6 +305,8 @@ class DarajaSimulator:
             "masked" ("254708***149") or "plain"
         :param pull_page_size: rows per Pull Transactions page
         :param clock: wall clock (seconds) for token expiry; default time.time, looked up at each call
+        :param state_file: keep the state across restarts in this JSON file (``persist``): loaded at start
+            (StateFileError when it is not a state file), written when it changed and at stop
         """
         if callback_delay < 0 or prompt_timeout < 0 or callback_timeout <= 0:
             raise ValueError("delays must be >= 0 and callback_timeout > 0")
@@ -339,12 +369,18 @@ class DarajaSimulator:
         self._httpd: _HttpServer | None = None
         self._serve_thread: threading.Thread | None = None
         self._scheduler_thread: threading.Thread | None = None
+        self.state_file = state_file
+        self._saver_thread: threading.Thread | None = None
+        self._saved_text: str | None = None
+        self._save_lock = threading.Lock()
 
     # -- life cycle --------------------------------------------------------------------------------------------
     def start(self) -> DarajaSimulator:
         if self._httpd is not None:
             raise RuntimeError("the Daraja simulator is already started")
         state = self._state
+        if self.state_file:
+            self._load_state_file(self.state_file)
         state.stopping = False
         state.stop_event.clear()
         self._httpd = _HttpServer((self.host, self._requested_port), self)
@@ -357,6 +393,9 @@ class DarajaSimulator:
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="daraja-sim-http", daemon=True
         )
         self._serve_thread.start()
+        if self.state_file:
+            self._saver_thread = threading.Thread(target=self._save_loop, name="daraja-sim-saver", daemon=True)
+            self._saver_thread.start()
         _logger.info("Daraja simulator listening on %s", self.base_url)
         return self
 
@@ -379,10 +418,52 @@ class DarajaSimulator:
             self._serve_thread.join()
         if self._scheduler_thread is not None:
             self._scheduler_thread.join()
+        if self._saver_thread is not None:
+            self._saver_thread.join()
         self._deliverer.close()
         self._httpd = None
-        self._serve_thread = self._scheduler_thread = None
+        self._serve_thread = self._scheduler_thread = self._saver_thread = None
+        if self.state_file:
+            self.save_state()
         _logger.info("Daraja simulator stopped")
+
+    # -- the state file (persist.py) ----------------------------------------------------------------------------
+    def _load_state_file(self, path: str) -> None:
+        data = persist.read(path)
+        if data is None:
+            _logger.info("No simulator state file at %s yet: a fresh start, saved there from now on", path)
+            return
+        persist.check(self._state, data, path)
+        pems = persist.restore(self._state, data)
+        if pems is not None:
+            try:
+                self._initiator._identity = load_identity(*pems)
+            except (ValueError, TypeError) as exc:
+                raise StateFileError(f"the certificate in the simulator state file {path} is unusable: {exc}") from None
+        self._saved_text = None
+        _logger.info("Simulator state loaded from %s: %d receipts, C2B URLs of %s", path, len(self._state.ledger),
+                     ", ".join(sorted(self._state.c2b_urls)) or "no shortcode")
+
+    def _save_loop(self) -> None:
+        while not self._state.stop_event.wait(persist.SAVE_INTERVAL):
+            try:
+                self.save_state()
+            except (OSError, TypeError, ValueError) as exc:  # a full disk must not stop the simulator: say it
+                _logger.warning("Cannot write the simulator state file %s: %s", self.state_file, exc)
+
+    def save_state(self) -> bool:
+        """Write the state file now when the state changed since the last write; True when written."""
+        if not self.state_file:
+            raise RuntimeError("this simulator has no state_file")
+        identity = self._initiator._identity
+        data = persist.snapshot(self._state, identity_pems(identity) if identity is not None else None)
+        text = json.dumps(data, indent=1, sort_keys=True)
+        with self._save_lock:
+            if text == self._saved_text:
+                return False
+            persist.write(self.state_file, text)
+            self._saved_text = text
+            return True
 
     def _cancel_scheduled(self) -> None:
         for delivery in self._state.deliveries:
@@ -698,6 +779,28 @@ class DarajaSimulator:
             payment.at -= timedelta(hours=float(hours))
             return copy.deepcopy(payment)
 
+    # -- the organisation statement (statement.py) --------------------------------------------------------------
+    def statement(self, start: str | None = None, end: str | None = None, *, newest_first: bool = True) -> str:
+        """The paybill's organisation statement as the org portal's CSV, between ``start`` and ``end`` (ISO dates
+        or datetimes, Kenya time when naive; a date ``end`` covers its day; None: unbounded); also at
+        GET /__sim__/statement?from=...&to=...&order=desc|asc."""
+        return statement_csv(self._state, self.settings.shortcode, parse_bound(start, end=False),
+                             parse_bound(end, end=True), newest_first=newest_first)
+
+    def sweep(self, amount: int) -> dict[str, Any]:
+        """Sweep ``amount`` shillings of the paybill's balance to the bank (a settlement row on the statement);
+        {"receipt", "amount", "at", "balance"}; ValueError above the balance.  Also POST /__sim__/sweep."""
+        return record_sweep(self._state, amount, _now_utc())
+
+    def c2b_registration(self, shortcode: str) -> dict[str, Any]:
+        """What GET /__sim__/c2b/registrations?shortcode=... answers: {"shortcode", "registered", and when
+        registered "ConfirmationURL", "ValidationURL", "ResponseType", "version"}, "persistent" (a state file
+        keeps it across restarts)."""
+        with self._state.lock:
+            urls = copy.deepcopy(self._state.c2b_urls.get(str(shortcode)))
+        return {"shortcode": str(shortcode), "registered": urls is not None, **(urls or {}),
+                "persistent": bool(self.state_file)}
+
     def reset(self) -> None:
         """Forget pushes, payments, callbacks, tokens, counters and injected errors (the server keeps running)."""
         with self._state.cond:
@@ -768,7 +871,7 @@ class DarajaSimulator:
         parsed = urllib.parse.urlsplit(target)
         path = parsed.path
         if path.startswith(CONTROL_PREFIX):
-            return self._control(method, path[len(CONTROL_PREFIX):], raw)
+            return self._control(method, path[len(CONTROL_PREFIX):], raw, parsed.query)
         key = (method, path.rstrip("/") or "/")
         route = self._routes.get(key)
         operation = "token" if key == ("GET", OAUTH_PATH) else route[0] if route else "unknown"
@@ -864,10 +967,12 @@ class DarajaSimulator:
         return body
 
     # -- control API (HTTP) -------------------------------------------------------------------------------------
-    def _control(self, method: str, action: str, raw: bytes) -> _Response:
+    def _control(self, method: str, action: str, raw: bytes, query: str = "") -> _Response:
         action = action.strip("/")
         if method == "GET" and action == "health":
             return _Response(200, {"status": "ok"})
+        if method == "GET" and action in ("statement", "c2b/registrations"):
+            return self._control_get(action, urllib.parse.parse_qs(query))
         if method == "GET" and action == "state":
             return _Response(200, self.state())
         if method == "POST" and action == "expire-tokens":
@@ -900,6 +1005,21 @@ class DarajaSimulator:
             return result
         return _Response(200, result if isinstance(result, dict) else {"queued": True})
 
+    def _control_get(self, action: str, params: dict[str, list[str]]) -> _Response:
+        def param(name: str) -> str | None:
+            return params[name][-1] if name in params else None
+
+        if action == "c2b/registrations":
+            shortcode = param("shortcode") or self.settings.shortcode
+            return _Response(200, self.c2b_registration(shortcode))
+        if (param("format") or "csv") != "csv" or (param("order") or "desc") not in ("asc", "desc"):
+            return _Response(400, {"error": "format must be csv; order asc or desc"})
+        try:
+            text = self.statement(param("from"), param("to"), newest_first=param("order") != "asc")
+        except ValueError as exc:
+            return _Response(400, {"error": str(exc)})
+        return _Response(200, text.encode("utf-8"), "text/csv; charset=utf-8")
+
     def _extra_controls(self) -> dict[tuple[str, str], Callable[[dict[str, Any]], Any]]:
         return {
             ("GET", "certificate"): lambda _: _Response(
@@ -912,6 +1032,7 @@ class DarajaSimulator:
                 )
             },
             ("POST", "initiator-next"): lambda o: self.initiator_next(str(o["outcome"]), int(o.get("count", 1))),
+            ("POST", "sweep"): lambda o: self.sweep(o["amount"]),
             ("POST", "pull-next"): lambda o: self.pull_next(str(o["outcome"]), int(o.get("count", 1))),
             ("POST", "age"): lambda o: {
                 "receipt": o["receipt"],

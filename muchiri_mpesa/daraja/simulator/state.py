@@ -345,6 +345,8 @@ class SimState:
         self.pull_outcomes: list[str] = []  # quirks of the next Pull queries (sim.pull_next)
         self.b2b_checkouts: dict[str, dict[str, Any]] = {}  # RequestRefID -> what became of a B2B checkout
         self.qr_codes: dict[str, dict[str, Any]] = {}  # Dynamic QR content -> its RequestID and payments
+        self.failures: dict[str, Payment] = {}  # failed STK payments (statement rows "Failed"), not in the ledger
+        self.sweeps: list[dict[str, Any]] = []  # sweeps of the paybill's balance to the bank (statement rows)
 
     # -- ids ----------------------------------------------------------------------------------------------------
     def request_id(self) -> str:
@@ -381,6 +383,11 @@ class SimState:
             self.ledger[payment.receipt] = payment
             if payment.source != "reversal":
                 self.balances[payment.shortcode] = self.balances.get(payment.shortcode, 0) + payment.amount
+
+    def record_failure(self, payment: Payment) -> None:
+        """A payment the customer confirmed and M-Pesa refused: a Failed statement row, no money, no ledger."""
+        with self.lock:
+            self.failures[payment.receipt] = payment
 
     def payment_of_request(self, originator: str, now: float | None = None) -> Payment | None:
         """The visible ledger entry made by the request ``originator`` (a B2B RequestRefID), if any."""

@@ -38,6 +38,7 @@ from .state import (
     check_whole_amount,
     text_of,
 )
+from .statement import FAILED_STK_CODES
 
 STK_PUSH_PATH = "/mpesa/stkpush/v1/processrequest"
 STK_QUERY_PATH = "/mpesa/stkpushquery/v1/query"
@@ -145,6 +146,13 @@ class StkApi:
                 f"{next(state.merchant_seq)}"
             )
             receipt = state.receipt(result_moment) if scenario.is_success else None
+            # A refusal the customer met after answering (no money, the wrong PIN): M-Pesa gives it a receipt too,
+            # listed as Failed on the organisation's statement (statement.py).
+            failed_receipt = (
+                state.receipt(result_moment)
+                if scenario.result_code in FAILED_STK_CODES and party_b == settings.shortcode
+                else None
+            )
             tx = StkTransaction(
                 checkout_request_id=checkout_id,
                 merchant_request_id=merchant_id,
@@ -175,6 +183,24 @@ class StkApi:
                 state.record_payment(
                     Payment(
                         receipt=receipt,
+                        source="stk",
+                        shortcode=party_b,
+                        business_shortcode=shortcode,
+                        transaction_type=str(transaction_type),
+                        amount=amount,
+                        msisdn=phone,
+                        bill_ref=account_reference,
+                        first_name="John",
+                        middle_name="",
+                        last_name="Doe",
+                        at=result_moment,
+                        visible_at=now + wait,
+                    )
+                )
+            if failed_receipt is not None:
+                state.record_failure(
+                    Payment(
+                        receipt=failed_receipt,
                         source="stk",
                         shortcode=party_b,
                         business_shortcode=shortcode,
