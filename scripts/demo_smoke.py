@@ -188,10 +188,14 @@ def check_setup(admin: Admin) -> None:
           f" chart), admin, {ACCOUNTANT_LOGIN} and {DISTRIBUTOR[0]} are on {TIMEZONE}")
 
 
-def pay_by_paybill(admin: Admin, sim_url: str, quotation: str, timeout: float, amount: int | None = None) -> None:
-    """A phone pays a demo quotation into the paybill, its number as the account number: the money
-    must reach Odoo's ledger (which the C2B URLs, registered with the simulator, make possible)."""
-    [order] = admin("sale.order", "read", [admin.ref("muchiri_mpesa", quotation)], fields=["name", "amount_total"])
+def pay_by_paybill(admin: Admin, sim_url: str, quotation: str | None, timeout: float, amount: int | None = None,
+                   until: str | None = None) -> None:
+    """A phone pays a demo quotation into the paybill, its number as the account number (or, without
+    a quotation, an account number that matches nothing): the money must reach Odoo's ledger (which
+    the C2B URLs, registered with the simulator, make possible), and its row the state `until`."""
+    order = {"name": "NO-SUCH-REF", "amount_total": 0}
+    if quotation:
+        [order] = admin("sale.order", "read", [admin.ref("muchiri_mpesa", quotation)], fields=["name", "amount_total"])
     amount = amount or math.ceil(order["amount_total"])  # M-Pesa moves whole shillings.
     answer = requests.post(f"{sim_url}/__sim__/c2b-pay", json={
         "amount": amount, "msisdn": MSISDN, "bill_ref": order["name"],
@@ -202,11 +206,13 @@ def pay_by_paybill(admin: Admin, sim_url: str, quotation: str, timeout: float, a
     deadline = time.monotonic() + timeout
     while True:
         rows = admin("muchiri.mpesa.ledger", "search_read", [("name", "=", receipt)], fields=["state", "amount"])
-        if rows or time.monotonic() > deadline:
+        if (rows and rows[0]["state"] == (until or rows[0]["state"])) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     if not rows:
         raise SmokeError(f"the paybill payment {receipt} never reached Odoo (C2B URLs not registered?)")
+    if until and rows[0]["state"] != until:
+        raise SmokeError(f"the paybill payment {receipt} is {rows[0]['state']}, not {until}")
     print(f"smoke: paybill payment {receipt} reached Odoo's ledger ({rows[0]['state']})")
 
 
@@ -264,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             rc = 0
             if args.sim_url:
                 pay_by_paybill(admin, args.sim_url.rstrip("/"), "demo_quotation_bulk", args.timeout, amount=1000)
+                # The banner's second command: money matched to nothing waits in the queue.
+                pay_by_paybill(admin, args.sim_url.rstrip("/"), None, 30, amount=1000, until="unmatched")
             if args.fresh_payment:
                 rc = pay(base, args.db, args.timeout, admin.ref("muchiri_mpesa", "demo_quotation_oil"))
             if rc == 0:
