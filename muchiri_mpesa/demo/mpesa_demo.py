@@ -30,6 +30,8 @@ DEMO_QUOTATIONS = [
     ('demo_quotation_sugar', [('demo_product_sugar', 1, 8326.12)]),
     ('demo_quotation_bulk', [('demo_product_sugar', 40, 8300.0), ('demo_product_oil', 20, 2350.0)]),
 ]
+# The products' prices in KES, for a company that keeps its books in KES (the demo's, scripts/demo).
+DEMO_PRICES_KES = {'demo_product_maize': 1500.0, 'demo_product_oil': 2350.0, 'demo_product_sugar': 8300.0}
 
 
 def demo_setting(env, variable, parameter, default):
@@ -93,12 +95,26 @@ def simulator_certificate(api_url):
     return pem if pem.startswith('-----BEGIN CERTIFICATE-----') else None
 
 
+def demo_vat(env):
+    """The sales tax of the demo's quotations: Kenya's VAT (the company's default sales tax) where
+    the company is Kenyan for tax (Kenya's chart of accounts, as scripts/demo makes it), else none,
+    so that the quotations' amounts stay the same on any other demo database."""
+    company = env.company
+    if company.account_fiscal_country_id.code != 'KE':
+        return env['account.tax']
+    return company.account_sale_tax_id
+
+
 def create_quotations(env):
     """The distributor's quotations, sent and ready to pay: created once, never reset (a paid
     one stays paid when the module is loaded again)."""
     IrModelData = env['ir.model.data']
     partner = env.ref('muchiri_mpesa.demo_distributor_contact')
     pricelist = env.ref('muchiri_mpesa.demo_pricelist_kes')
+    vat = demo_vat(env)
+    if env.company.currency_id == env.ref('base.KES'):
+        for product, price in DEMO_PRICES_KES.items():
+            env.ref(f'muchiri_mpesa.{product}').write({'list_price': price, 'taxes_id': [Command.set(vat.ids)]})
     for name, lines in DEMO_QUOTATIONS:
         if env.ref(f'muchiri_mpesa.{name}', raise_if_not_found=False):
             continue
@@ -113,7 +129,7 @@ def create_quotations(env):
                 'product_id': env.ref(f'muchiri_mpesa.{product}').id,
                 'product_uom_qty': quantity,
                 'price_unit': price,
-                'tax_id': [Command.clear()],
+                'tax_id': [Command.set(vat.ids)],
             }) for product, quantity, price in lines],
         })
         # Sent, with the distributor following it: listed under the portal's Quotations.

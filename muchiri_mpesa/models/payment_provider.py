@@ -548,8 +548,10 @@ class PaymentProvider(models.Model):
         else:
             self._mpesa_initiator()  # Raises if the password cannot be encrypted with the certificate.
             message = self.env._(
-                "%(message)s  The initiator %(name)s is set up (certificate: %(certificate)s); Daraja"
-                " checks its password at the first refund or receipt check.",
+                "%(message)s  The initiator %(name)s is set up: its certificate (%(certificate)s) is"
+                " valid and encrypts its password.  Not checked: the initiator's name and password,"
+                " which Daraja checks only at the first refund or receipt check (result 2001 then"
+                " means they are wrong).",
                 message=connected, name=self.sudo().mpesa_initiator_name,
                 certificate=self.sudo().mpesa_initiator_certificate_info,
             )

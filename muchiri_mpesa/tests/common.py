@@ -517,6 +517,7 @@ class MpesaInitiatorCommon(MpesaCommon):
             wizard = self.env[action['res_model']].with_user(user or self.accountant).with_context(
                 active_id=payment.id, active_model='account.payment').create({})
             self.assertEqual(wizard.support_refund, 'full_only')
+            self.assertEqual(wizard.provider_code, 'mpesa', "the form says M-Pesa reverses the whole payment")
             wizard.action_refund()
             self.env.invalidate_all()
         return self._refund_of(tx)

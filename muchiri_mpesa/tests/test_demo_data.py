@@ -6,7 +6,7 @@ from odoo.tests import TransactionCase, tagged
 from odoo.tools import convert_file
 
 from odoo.addons.muchiri_mpesa.daraja.simulator import DarajaSimulator
-from odoo.addons.muchiri_mpesa.demo.mpesa_demo import DEMO_QUOTATIONS
+from odoo.addons.muchiri_mpesa.demo.mpesa_demo import DEMO_QUOTATIONS, demo_vat
 
 DEMO_FILE = 'demo/mpesa_demo.xml'
 
@@ -128,6 +128,22 @@ class TestDemoData(TransactionCase):
         self._load_demo(MPESA_DEMO_API_URL=url)
         self.assertFalse(self.provider.mpesa_initiator_name, "nothing answered: no initiator")
         self.assertFalse(self.provider._mpesa_takes_till_payments())
+
+    def test_a_kenyan_company_quotes_with_its_vat(self):
+        """The demo's quotations carry Kenya's VAT where the company keeps Kenyan books (scripts/demo
+        makes it so), and no tax elsewhere, so that their amounts stay the same on any demo database."""
+        company = self.env.company
+        company.account_fiscal_country_id = self.env.ref('base.us')
+        self.assertFalse(demo_vat(self.env))
+        kenya = self.env.ref('base.ke')
+        company.account_fiscal_country_id = kenya
+        group = self.env['account.tax.group'].create({'name': "VAT", 'country_id': kenya.id, 'company_id': company.id})
+        vat = self.env['account.tax'].create({
+            'name': "VAT 16%", 'amount': 16.0, 'type_tax_use': 'sale', 'company_id': company.id,
+            'country_id': kenya.id, 'tax_group_id': group.id,
+        })
+        company.account_sale_tax_id = vat
+        self.assertEqual(demo_vat(self.env), vat)
 
     def test_never_touches_an_enabled_provider(self):
         self.provider.write({

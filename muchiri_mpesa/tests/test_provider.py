@@ -401,6 +401,8 @@ class TestInitiatorSetup(MpesaInitiatorCommon):
     def test_test_connection_says_whether_refunds_work(self):
         message = self.provider.action_mpesa_test_connection()['params']['message']
         self.assertIn('initiator testapi is set up', message)
+        self.assertIn("Not checked: the initiator's name and password", message,
+                      "Daraja checks them only at the first refund: say so")
         self.provider.mpesa_initiator_password = False
         message = self.provider.action_mpesa_test_connection()['params']['message']
         self.assertIn('Refunds and receipt checks are off', message)

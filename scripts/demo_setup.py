@@ -1,0 +1,138 @@
+"""The demo's own setup, shared by `scripts/demo` and `docker-compose.yml`: a Kenyan company, and the
+simulator's registrations made again at each start.
+
+  python3 scripts/demo_setup.py kenya-before --db mpesa_demo [--db-host ...]   # after `-i base`
+  python3 scripts/demo_setup.py kenya-after --db mpesa_demo [--db-host ...]    # after the addon
+  python3 scripts/demo_setup.py register --url http://127.0.0.1:8069 --db mpesa_demo [--wait 120]
+
+The demo database is made in three Odoo runs: `-i base`, then `kenya-before` makes the main company
+Kenyan (country, KES) before Accounting is installed, so that `-i l10n_ke` gives it Kenya's chart of
+accounts (VAT 16%) instead of the generic one, then `-i sale_management,muchiri_mpesa`; `kenya-after`
+puts every user on Nairobi's time, restates the currency rates against KES and archives the second
+company that l10n_ke's demo data makes (the demo is one Kenyan company).  The addon itself depends on
+no localization: these steps are the demo's, never the addon's.
+
+`register` runs at each start, once Odoo answers: it registers the demo provider's C2B URLs with the
+simulator (which forgets them when it restarts), so that a paybill payment reaches Odoo.
+
+Only the standard library, and psycopg2 (Odoo's own dependency) for the database steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import urllib.request
+import xmlrpc.client
+
+ADMIN = ("admin", "admin")
+TIMEZONE = "Africa/Nairobi"
+PROVIDER_XMLID = ("muchiri_mpesa", "payment_provider_mpesa")
+
+
+def connect(args):
+    import psycopg2  # noqa: PLC0415 - only the database steps need it
+
+    return psycopg2.connect(dbname=args.db, host=args.db_host, port=args.db_port, user=args.db_user,
+                            password=args.db_password)
+
+
+def kenya_before(args) -> int:
+    """The main company in Kenya, in KES: Accounting, installed next, gives it Kenya's chart."""
+    with connect(args) as cnx, cnx.cursor() as cr:
+        cr.execute("SELECT 1 FROM ir_module_module WHERE name = 'account' AND state = 'installed'")
+        if cr.fetchone():
+            print("demo setup: Accounting is installed already; the company stays as it is.")
+            return 0
+        cr.execute("UPDATE res_currency SET active = true WHERE name = 'KES'")
+        cr.execute("""
+            UPDATE res_partner SET country_id = (SELECT id FROM res_country WHERE code = 'KE'),
+                                   city = 'Nairobi', tz = %s
+             WHERE id = (SELECT partner_id FROM res_company WHERE id = 1)""", [TIMEZONE])
+        cr.execute("UPDATE res_company SET currency_id = (SELECT id FROM res_currency WHERE name = 'KES')"
+                   " WHERE id = 1")
+    print("demo setup: the company is in Kenya, in KES.")
+    return 0
+
+
+def kenya_after(args) -> int:
+    with connect(args) as cnx, cnx.cursor() as cr:
+        # l10n_ke's demo data makes a company of its own, "KE Company": the demo is one company.
+        cr.execute("""
+            SELECT res_id FROM ir_model_data WHERE module = 'base' AND name = 'demo_company_ke'
+               AND res_id <> 1""")
+        for (company_id,) in cr.fetchall():
+            cr.execute("DELETE FROM res_company_users_rel WHERE cid = %s", [company_id])
+            cr.execute("UPDATE res_company SET active = false WHERE id = %s", [company_id])
+        # Every user on Nairobi's time, as the M-Pesa messages and statements are.
+        cr.execute("UPDATE res_partner SET tz = %s WHERE id IN (SELECT partner_id FROM res_users)", [TIMEZONE])
+        # Odoo's demo rates are against USD: restate them against KES, the company's currency, so
+        # that KES itself is 1 (a rate of 129 on the company's own currency would mean nothing).
+        cr.execute("""
+            SELECT r.rate FROM res_currency_rate r JOIN res_currency c ON c.id = r.currency_id
+             WHERE c.name = 'KES' AND r.company_id = 1 ORDER BY r.name DESC LIMIT 1""")
+        kes_rate = float((cr.fetchone() or [1.0])[0] or 1.0)
+        if abs(kes_rate - 1.0) > 1e-9:
+            cr.execute("UPDATE res_currency_rate SET rate = rate / %s WHERE company_id = 1", [kes_rate])
+            cr.execute("""
+                DELETE FROM res_currency_rate WHERE company_id = 1
+                   AND currency_id = (SELECT id FROM res_currency WHERE name = 'KES')""")
+    print(f"demo setup: users on {TIMEZONE}, rates against KES, one company.")
+    return 0
+
+
+def register(args) -> int:
+    """Register the demo provider's C2B URLs with the simulator, through Odoo (as *Register C2B URLs*)."""
+    base = args.url.rstrip("/")
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/web/health", timeout=2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                print(f"demo setup: Odoo did not answer on {base}; C2B URLs not registered.", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    try:
+        uid = xmlrpc.client.ServerProxy(f"{base}/xmlrpc/2/common").authenticate(args.db, *ADMIN, {})
+        if not uid:
+            print("demo setup: admin / admin does not log in (password changed?); register the C2B URLs"
+                  " from the provider's form.", file=sys.stderr)
+            return 1
+        models = xmlrpc.client.ServerProxy(f"{base}/xmlrpc/2/object", allow_none=True)
+        rows = models.execute_kw(args.db, uid, ADMIN[1], "ir.model.data", "search_read",
+                                 [[("module", "=", PROVIDER_XMLID[0]), ("name", "=", PROVIDER_XMLID[1])]],
+                                 {"fields": ["res_id"]})
+        [provider] = models.execute_kw(args.db, uid, ADMIN[1], "payment.provider", "read",
+                                       [[rows[0]["res_id"]]], {"fields": ["state"]})
+        if provider["state"] != "test":
+            print("demo setup: the M-Pesa provider is not in test mode; its C2B URLs are left as they are.")
+            return 0
+        answer = models.execute_kw(args.db, uid, ADMIN[1], "payment.provider", "action_mpesa_c2b_register",
+                                   [[provider["id"]]])
+    except (OSError, xmlrpc.client.Error, IndexError, ValueError) as error:
+        print(f"demo setup: the C2B URLs were not registered: {error}", file=sys.stderr)
+        return 1
+    message = (answer or {}).get("params", {}).get("message", "")
+    print(f"demo setup: C2B URLs registered with the simulator. {message}".rstrip())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["kenya-before", "kenya-after", "register"])
+    parser.add_argument("--db", default="mpesa_demo")
+    parser.add_argument("--db-host", default="localhost")
+    parser.add_argument("--db-port", default="5432")
+    parser.add_argument("--db-user", default="odoo")
+    parser.add_argument("--db-password", default="odoo")
+    parser.add_argument("--url", default="http://127.0.0.1:8069", help="Odoo, for register")
+    parser.add_argument("--wait", type=float, default=120.0, help="seconds register waits for Odoo")
+    args = parser.parse_args(argv)
+    return {"kenya-before": kenya_before, "kenya-after": kenya_after, "register": register}[args.step](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
