@@ -8,7 +8,7 @@ simulator's registrations made again at each start.
 The demo database is made in three Odoo runs: `-i base`, then `kenya-before` makes the main company
 Kenyan (country, KES) before Accounting is installed, so that `-i l10n_ke` gives it Kenya's chart of
 accounts (VAT 16%) instead of the generic one, then `-i sale_management,muchiri_mpesa`; `kenya-after`
-puts every user on Nairobi's time, restates the currency rates against KES and archives the second
+puts every user on Nairobi's time, the distributor in Swahili, restates the currency rates against KES and archives the second
 company that l10n_ke's demo data makes (the demo is one Kenyan company).  The addon itself depends on
 no localization: these steps are the demo's, never the addon's.
 
@@ -28,6 +28,7 @@ import xmlrpc.client
 
 ADMIN = ("admin", "admin")
 TIMEZONE = "Africa/Nairobi"
+DISTRIBUTOR_LOGIN, DISTRIBUTOR_LANG = "wanjiku", "sw"
 PROVIDER_XMLID = ("muchiri_mpesa", "payment_provider_mpesa")
 
 
@@ -67,6 +68,13 @@ def kenya_after(args) -> int:
             cr.execute("UPDATE res_company SET active = false WHERE id = %s", [company_id])
         # Every user on Nairobi's time, as the M-Pesa messages and statements are.
         cr.execute("UPDATE res_partner SET tz = %s WHERE id IN (SELECT partner_id FROM res_users)", [TIMEZONE])
+        # The distributor reads Swahili (loaded with the addon): the portal's M-Pesa form, its
+        # status messages, the paybill details and the mails are in Swahili.
+        cr.execute("""
+            UPDATE res_partner SET lang = %s
+             WHERE id = (SELECT partner_id FROM res_users WHERE login = %s)
+               AND EXISTS (SELECT 1 FROM res_lang WHERE code = %s AND active)""",
+                   [DISTRIBUTOR_LANG, DISTRIBUTOR_LOGIN, DISTRIBUTOR_LANG])
         # Odoo's demo rates are against USD: restate them against KES, the company's currency, so
         # that KES itself is 1 (a rate of 129 on the company's own currency would mean nothing).
         cr.execute("""

@@ -77,6 +77,9 @@ def pay(base: str, db: str, timeout: float, order_id: int) -> int:
         raise SmokeError(f"the quotation {order_id} is not among the distributor's quotations (paid already?"
                          " use --reset)")
     page = session.get(f"{base}/my/orders/{order_id}", timeout=60).text
+    # The demo's distributor reads Swahili: the paybill details and the M-Pesa form say so.
+    if "Lipa kwa M-Pesa" not in page:
+        raise SmokeError(f"the quotation {order_id}'s page is not in Swahili for {DISTRIBUTOR[0]}")
     form = r'<form[^>]*id="o_payment_form"[^>]*>'
     radio = r'<input[^>]*data-provider-code="mpesa"[^>]*>'
     print(f"smoke: paying quotation {order_id} ({attribute(page, 'data-amount', form)} KES) as {DISTRIBUTOR[0]}")
@@ -180,12 +183,16 @@ def check_setup(admin: Admin) -> None:
     if company["currency_id"][1] != "KES":
         raise SmokeError(f"the company's currency is {company['currency_id'][1]}, not KES")
     users = admin("res.users", "search_read", [("login", "in", ["admin", ACCOUNTANT_LOGIN, DISTRIBUTOR[0]])],
-                  fields=["login", "tz"], context={"active_test": False})
+                  fields=["login", "tz", "lang"], context={"active_test": False})
     elsewhere = {user["login"]: user["tz"] for user in users if user["tz"] != TIMEZONE}
     if len(users) != 3 or elsewhere:
         raise SmokeError(f"users not on {TIMEZONE}: {elsewhere or 'some demo user is missing'}")
+    [distributor] = [user for user in users if user["login"] == DISTRIBUTOR[0]]
+    if distributor["lang"] != "sw":
+        raise SmokeError(f"{DISTRIBUTOR[0]} reads {distributor['lang']}, not Swahili")
     print(f"smoke: the Sales app is installed, the company keeps its books in KES ({company['chart_template']}"
-          f" chart), admin, {ACCOUNTANT_LOGIN} and {DISTRIBUTOR[0]} are on {TIMEZONE}")
+          f" chart), admin, {ACCOUNTANT_LOGIN} and {DISTRIBUTOR[0]} are on {TIMEZONE}, {DISTRIBUTOR[0]} reads"
+          " Swahili")
 
 
 def pay_by_paybill(admin: Admin, sim_url: str, quotation: str | None, timeout: float, amount: int | None = None,

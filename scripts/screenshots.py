@@ -5,8 +5,10 @@ docs/: the portal payment form with the phone, the "check your phone" page, the 
 order's M-Pesa tab, the M-Pesa analysis and the exchanges list.  Pays one demo quotation (the
 simulator's success number) on the way.  The three ways a distributor pays (a large quotation's
 form asking in instalments, the choice of the till, the paybill details and QR code on the
-quotation) go into the addon's static/description/, where the provider's form shows them.  Needs
-`chromium` and websocket-client.
+quotation) go into the addon's static/description/, where the provider's form shows them.  The
+demo's distributor reads Swahili: the pictures are taken in English, then a quotation's paybill
+details and M-Pesa form again in Swahili (portal-paybill-swahili.png, portal-swahili.png), and the distributor is left in
+Swahili.  Needs `chromium` and websocket-client.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import xmlrpc.client
 from pathlib import Path
 
 import websocket
@@ -161,10 +164,28 @@ def three_ways(browser: Browser, base: str):
     browser.shoot("portal-pay-from-till.png", folder=DESCRIPTION)
 
 
+def distributor_reads(base: str, db: str, lang: str):
+    """The demo distributor's language, set as the administrator."""
+    uid = xmlrpc.client.ServerProxy(f"{base}/xmlrpc/2/common").authenticate(db, "admin", "admin", {})
+    models = xmlrpc.client.ServerProxy(f"{base}/xmlrpc/2/object")
+    [user_id] = models.execute_kw(db, uid, "admin", "res.users", "search", [[("login", "=", "wanjiku")]])
+    models.execute_kw(db, uid, "admin", "res.users", "write", [[user_id], {"lang": lang}])
+
+
+def swahili(browser: Browser, base: str, order_url: str):
+    """A quotation as the Swahili-reading distributor sees it: the paybill details and the form."""
+    browser.open(base + order_url, "!!document.querySelector('#o_sale_portal_paynow')")
+    browser.js("document.querySelector('.o_mpesa_paybill').scrollIntoView({block: 'center'})")
+    browser.shoot("portal-paybill-swahili.png")
+    open_mpesa_form(browser)
+    browser.shoot("portal-swahili.png")
+
+
 def run(base: str, db: str, chromium: str):
     DOCS.mkdir(exist_ok=True)
     browser = Browser(chromium)
     try:
+        distributor_reads(base, db, "en_US")
         login(browser, base, db, "wanjiku", "wanjiku")
         three_ways(browser, base)
         browser.open(f"{base}/my/quotes", "!!document.querySelector('.o_portal_my_doc_table')")
@@ -174,6 +195,10 @@ def run(base: str, db: str, chromium: str):
                                ".sort((a, b) => parseInt(a.split('/my/orders/')[1])"
                                " - parseInt(b.split('/my/orders/')[1]))[0]")
         order_id = int(order_url.split("/my/orders/")[1].split("?")[0])
+        second_url = browser.js("[...document.querySelectorAll(\".o_portal_my_doc_table a[href^='/my/orders/']\")]"
+                                ".map(a => a.getAttribute('href'))"
+                                ".sort((a, b) => parseInt(a.split('/my/orders/')[1])"
+                                " - parseInt(b.split('/my/orders/')[1]))[1]")
         browser.open(base + order_url, "!!document.querySelector('#o_sale_portal_paynow')")
         open_mpesa_form(browser)
         browser.shoot("portal-payment-form.png")
@@ -189,6 +214,10 @@ def run(base: str, db: str, chromium: str):
                      timeout=60, what="the paid order")
         browser.shoot("portal-paid.png")
 
+        distributor_reads(base, db, "sw")
+        login(browser, base, db, "wanjiku", "wanjiku")
+        swahili(browser, base, second_url)
+
         login(browser, base, db, "admin", "admin")
         backend(browser, base, f"/odoo/sales/{order_id}",
                 "!!document.querySelector('.o_form_view')")
@@ -201,6 +230,7 @@ def run(base: str, db: str, chromium: str):
                 "!!document.querySelector('.o_list_view .o_data_row')")
         browser.shoot("mpesa-exchanges.png")
     finally:
+        distributor_reads(base, db, "sw")
         browser.close()
 
 
