@@ -127,6 +127,7 @@ from .stk import (
     timestamp_and_password,
     transaction_desc,
 )
+from .statement import STATEMENT_COLUMNS, StatementError, StatementRow, parse_statement
 from .tokens import AccessToken, MemoryTokenStore, TokenStore, token_cache_key
 from .urls import check_daraja_url
 
@@ -172,6 +173,7 @@ __all__ = [
     "RESPONSE_COMPLETED",
     "RESULT_CODES",
     "SANDBOX_URL",
+    "STATEMENT_COLUMNS",
     "TILL",
     "UNKNOWN_TRANSACTION_CODES",
     "AccessToken",
@@ -204,6 +206,8 @@ __all__ = [
     "QrCode",
     "ResultCode",
     "ShortcodeConfig",
+    "StatementError",
+    "StatementRow",
     "StkCallback",
     "StkPushResult",
     "StkQueryResult",
@@ -232,6 +236,7 @@ __all__ = [
     "parse_initiator_result",
     "parse_pull_rows",
     "parse_qr_answer",
+    "parse_statement",
     "parse_stk_callback",
     "phones_may_match",
     "pull_date",
