@@ -113,6 +113,7 @@ from .pull import (
     pull_date,
 )
 from .qr import QR_PATH, QR_TRX_CODES, QrCode, build_qr_payload, parse_qr_answer
+from .statement import STATEMENT_COLUMNS, StatementError, StatementRow, parse_statement
 from .stk import (
     KENYA_TZ,
     PAYBILL,
@@ -127,7 +128,6 @@ from .stk import (
     timestamp_and_password,
     transaction_desc,
 )
-from .statement import STATEMENT_COLUMNS, StatementError, StatementRow, parse_statement
 from .tokens import AccessToken, MemoryTokenStore, TokenStore, token_cache_key
 from .urls import check_daraja_url
 
