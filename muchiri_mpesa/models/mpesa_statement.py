@@ -236,10 +236,21 @@ class MpesaStatement(models.AbstractModel):
 
     @api.model
     def _mpesa_open_lines(self, journal):
-        return self.env['account.bank.statement.line'].sudo().search([
-            ('journal_id', '=', journal.id), ('mpesa_kind', 'in', ('payment', 'reversal')),
-            ('is_reconciled', '=', False),
-        ])
+        """The open paid-in lines of `journal` whose receipt has a payment now, and its open
+        reversal lines: what an earlier import could not reconcile and this one may.  Not every
+        open line: money waiting in the queue for weeks is not read again at each import."""
+        self.env.flush_all()
+        self.env.cr.execute(
+            """SELECT line.id FROM account_bank_statement_line line
+                WHERE line.journal_id = %(journal)s AND line.is_reconciled IS NOT TRUE
+                  AND (line.mpesa_kind = 'reversal' OR (line.mpesa_kind = 'payment' AND EXISTS (
+                       SELECT 1 FROM muchiri_mpesa_ledger row
+                         JOIN payment_transaction tx ON tx.mpesa_ledger_id = row.id
+                        WHERE row.company_id = line.company_id AND row.name = line.mpesa_receipt
+                          AND tx.state = 'done' AND tx.payment_id IS NOT NULL)))""",
+            {'journal': journal.id},
+        )
+        return self.env['account.bank.statement.line'].sudo().browse([line_id for (line_id,) in self.env.cr.fetchall()])
 
     @api.model
     def _mpesa_reconcile_lines(self, provider, lines):

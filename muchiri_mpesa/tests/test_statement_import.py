@@ -7,9 +7,12 @@ import csv
 import io
 from datetime import timedelta
 
+import psycopg2
+
 from odoo import fields
 from odoo.exceptions import AccessError, UserError
 from odoo.tests import tagged
+from odoo.tools import mute_logger
 
 from odoo.addons.muchiri_mpesa import utils
 
@@ -197,6 +200,16 @@ class TestStatementImport(MpesaPaybillCommon):
         self.assertFalse(line.is_reconciled, "open until its payment is made")
         self.assertIn("stay open", wizard.result)
 
+        # The accountant places it; the next import (any period) reconciles the line with its payment.
+        invoice = self._invoice(600)
+        with self.registry.test_lock:
+            row.with_user(self.accountant)._mpesa_match_by_hand([invoice])
+            self.env.invalidate_all()
+        again = self._import(self._csv(rows), 'statement.csv')
+        self.assertIn("1 lines of earlier imports reconciled now", again.result)
+        self.assertTrue(line.is_reconciled)
+        self.assertTrue(row.payment_ids.is_matched)
+
     def test_a_difference_says_how_much_and_which_row(self):
         when = utils.kenya_text(fields.Datetime.now())
         later = utils.kenya_text(fields.Datetime.now() + timedelta(minutes=1))
@@ -211,9 +224,21 @@ class TestStatementImport(MpesaPaybillCommon):
 
     def test_only_accounting_managers_import(self):
         data = self._csv([])
-        for user in (self.accountant, self.distributor_user if hasattr(self, 'distributor_user') else self.accountant):
-            with self.assertRaises(AccessError):
-                self._import(data, 'statement.csv', user=user)
+        with self.assertRaises(AccessError):  # An invoicing accountant, not an accounting manager.
+            self._import(data, 'statement.csv', user=self.accountant)
         with self.registry.test_lock, self.assertRaises(AccessError):
             self.env['muchiri.mpesa.statement'].with_user(self.accountant)._mpesa_import(
                 self.provider, data, 'statement.csv')
+
+    @mute_logger('odoo.sql_db')
+    def test_the_database_holds_one_line_per_receipt(self):
+        """Two imports at once that both passed the lock: the second fails whole, in the database."""
+        journal = self.provider.journal_id
+        values = {'journal_id': journal.id, 'payment_ref': "Pay Bill", 'amount': 100.0, 'mpesa_receipt': 'SLD0000001',
+                  'mpesa_statement_key': 'SLD0000001', 'mpesa_kind': 'payment'}
+        self.Line.create(values)
+        with self.assertRaises(psycopg2.errors.UniqueViolation), self.env.cr.savepoint():
+            self.Line.create(dict(values, amount=200.0))
+            self.env.flush_all()
+        # Its charge: a key of its own.
+        self.Line.create(dict(values, mpesa_statement_key='SLD0000001/charge', amount=-1.0))

@@ -13,14 +13,14 @@ class MpesaStatementImport(models.TransientModel):
     _description = "Import an M-Pesa statement"
 
     provider_id = fields.Many2one(
-        'payment.provider', string="Provider", required=True, domain="[('code', '=', 'mpesa')]",
+        'payment.provider', required=True, domain="[('code', '=', 'mpesa')]",
     )
     journal_id = fields.Many2one(related='provider_id.journal_id', string="M-Pesa Journal")
     statement_file = fields.Binary(
-        string="Statement File", help="The CSV or Excel (XLSX) file of the M-Pesa org portal.",
+        help="The CSV or Excel (XLSX) file of the M-Pesa org portal.",
     )
     filename = fields.Char()
-    statement_id = fields.Many2one('account.bank.statement', string="Statement", readonly=True)
+    statement_id = fields.Many2one('account.bank.statement', readonly=True)
     result = fields.Text(readonly=True)
 
     def action_import(self):
