@@ -242,3 +242,19 @@ class TestStatementImport(MpesaPaybillCommon):
             self.env.flush_all()
         # Its charge: a key of its own.
         self.Line.create(dict(values, mpesa_statement_key='SLD0000001/charge', amount=-1.0))
+
+    def test_a_claim_naming_another_account_is_not_confirmed_by_the_statement(self):
+        """A forged confirmation took a real receipt, naming another invoice: the statement's A/C No.
+        disagrees, so nothing is paid with it."""
+        wanted, other = self._invoice(700), self._invoice(700)
+        receipt = self._lost_payment(700, wanted.name)
+        row = self._confirm(700, other.name, receipt=receipt)
+        self.assertEqual(row.state, 'awaiting', row.note)
+        when = utils.kenya_text(fields.Datetime.now())
+        rows = [[receipt, when, when, "Pay Bill", "Completed", "700.00", "", "700.00", "", "Pay Bill Online",
+                 "2547****4149 - JOHN", "", wanted.name]]
+        self._import(self._csv(rows), 'statement.csv')
+        row.invalidate_recordset()
+        self.assertTrue(row.conflict)
+        self.assertFalse(row.transaction_ids, "nothing paid")
+        self.assertEqual((wanted.payment_state, other.payment_state), ('not_paid', 'not_paid'))
