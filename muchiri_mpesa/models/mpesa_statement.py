@@ -86,6 +86,10 @@ class MpesaStatement(models.AbstractModel):
             return any(wording in text for wording in wordings)
 
         if row.paid_in:
+            # What the payer typed (the account in Details) says nothing of what the row is.
+            details = row.details[:-len(daraja_account_of(row.details)) or None] if daraja_account_of(row.details) \
+                else row.details
+            text = f"{details} {row.reason_type}".lower()
             # Money in that is no customer's payment (a reversal of money out, a transfer between the
             # shortcode's own accounts) never becomes a ledger row: the accountant places it.
             if says(const.STATEMENT_REVERSAL_WORDINGS) or says(const.STATEMENT_SWEEP_WORDINGS):
