@@ -26,6 +26,7 @@ class AccountJournal(models.Model):
     def action_mpesa_import_statement(self):
         """The M-Pesa statement import of this journal's provider."""
         self.ensure_one()
+        self.env['payment.provider']._mpesa_check_group('account.group_account_manager')
         provider = self.env['payment.provider'].sudo().search([
             ('code', '=', const.PROVIDER_CODE), ('journal_id', '=', self.id),
         ], limit=1)

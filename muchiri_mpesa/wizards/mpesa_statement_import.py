@@ -43,6 +43,7 @@ class MpesaStatementImport(models.TransientModel):
 
     def action_open_statement_lines(self):
         self.ensure_one()
+        self.env['payment.provider']._mpesa_check_group('account.group_account_manager')
         return {
             'type': 'ir.actions.act_window',
             'name': self.statement_id.display_name,
