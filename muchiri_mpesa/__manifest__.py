@@ -30,6 +30,7 @@
         "data/payment_method_data.xml",
         "wizards/mpesa_ledger_match_views.xml",  # Its actions are buttons of the ledger's form.
         "wizards/mpesa_refund_extra_views.xml",
+        "wizards/mpesa_statement_import_views.xml",
         "views/mpesa_ledger_views.xml",
         # Refers to the inline form of payment_mpesa_templates.xml.
         "data/payment_provider_data.xml",

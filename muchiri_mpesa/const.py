@@ -188,3 +188,28 @@ LIMIT_RESULT_CODES = ('4', '8')
 # B2B Express Checkout (docs/design.md, 15. Pay from the till): a till prompt whose result has not come this many
 # seconds after it was started is asked about by Transaction Status (by its RequestRefID).
 B2B_RESULT_WAIT = 3 * 60
+
+# The M-Pesa organisation statement (docs/design.md, 16. The M-Pesa statement): what its Details
+# and Reason Type say of a row, compared in lower case as substrings.  Money out that is M-Pesa's
+# charge goes to the bank fees account; a sweep to the business's bank account to the liquidity
+# transfer account; a reversal to the refund it belongs to.
+STATEMENT_CHARGE_WORDINGS = (
+    'charge',  # "Pay Bill Charge", "Business Pay Bill Charge", "Business Buy Goods Charge", "Withdrawal Charge"
+    'transaction fee',
+    'tariff',
+)
+STATEMENT_SWEEP_WORDINGS = (
+    'organization settlement account to organization bank account',
+    'organisation settlement account to organisation bank account',
+    'funds transfer to',  # "Funds Transfer to Equity Bank"
+    'transfer to bank',
+    'withdraw funds to bank',
+    'withdrawal to bank',
+    'to organization bank account',
+    'settlement',  # Reason Type "Settlement", "Merchant to Organization Settlement"
+    'auto sweep',
+)
+STATEMENT_REVERSAL_WORDINGS = (
+    'reversal',  # "Reversal", "Pay Bill Reversal", "Reversal of ..."
+    'reverse',
+)

@@ -113,6 +113,7 @@ from .pull import (
     pull_date,
 )
 from .qr import QR_PATH, QR_TRX_CODES, QrCode, build_qr_payload, parse_qr_answer
+from .statement import STATEMENT_COLUMNS, StatementError, StatementRow, parse_statement
 from .stk import (
     KENYA_TZ,
     PAYBILL,
@@ -172,6 +173,7 @@ __all__ = [
     "RESPONSE_COMPLETED",
     "RESULT_CODES",
     "SANDBOX_URL",
+    "STATEMENT_COLUMNS",
     "TILL",
     "UNKNOWN_TRANSACTION_CODES",
     "AccessToken",
@@ -204,6 +206,8 @@ __all__ = [
     "QrCode",
     "ResultCode",
     "ShortcodeConfig",
+    "StatementError",
+    "StatementRow",
     "StkCallback",
     "StkPushResult",
     "StkQueryResult",
@@ -232,6 +236,7 @@ __all__ = [
     "parse_initiator_result",
     "parse_pull_rows",
     "parse_qr_answer",
+    "parse_statement",
     "parse_stk_callback",
     "phones_may_match",
     "pull_date",

@@ -1,5 +1,7 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 from . import (
+    account_bank_statement_line,
+    account_journal,
     ir_http,
     mpesa_alert,
     mpesa_event,
@@ -8,6 +10,7 @@ from . import (
     mpesa_matching,
     mpesa_payable,
     mpesa_report,
+    mpesa_statement,
     mpesa_token,
     payment_provider,
     payment_transaction,

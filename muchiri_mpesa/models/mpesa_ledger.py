@@ -269,6 +269,15 @@ class MpesaLedger(models.Model):
                     "Pull Transactions says receipt %(receipt)s was paid to account %(new)s, recorded as %(old)s:"
                     " check it on the M-Pesa statement.", receipt=self.name, new=account, old=self.bill_ref,
                 ))
+            elif source == 'statement' and account and self.bill_ref and not self.confirmation \
+                    and utils.reference_key(account) != utils.reference_key(self.bill_ref):
+                # The same for the imported statement (its A/C No.), against a claim nobody confirmed.
+                update['conflict'] = True
+                confirms = False
+                self._mpesa_ask_accountants(self.env._(
+                    "The M-Pesa statement says receipt %(receipt)s was paid to account %(new)s, recorded as"
+                    " %(old)s: check it.", receipt=self.name, new=account, old=self.bill_ref,
+                ))
         if source == 'pull' and amount is not None:
             update['pull_amount'] = amount
         if 'bill_ref' in update:

@@ -168,6 +168,33 @@ class PaymentProvider(models.Model):
         help="M-Pesa takes whole shillings, rounded up: the invoices of orders it pays get this cash"
              " rounding, so that the invoice total is what the phone was asked and nothing stays open.",
     )
+    mpesa_bank_fees_account_id = fields.Many2one(
+        'account.account', string="M-Pesa Charges Account", check_company=True,
+        domain="[('account_type', 'in', ('expense', 'expense_direct_cost'))]",
+        help="Where the M-Pesa statement's charges (Pay Bill Charge and the like) are booked.  Empty: the bank"
+             " fees account of the company's chart of accounts.",
+    )
+    # The last balance check of an imported M-Pesa statement (models/mpesa_statement.py): the
+    # journal's balance at the statement's last row against the statement's own Balance.
+    mpesa_statement_checked_at = fields.Datetime(
+        string="Statement Checked On", readonly=True, copy=False,
+        help="The time (of the statement's last row) of the last balance check.",
+    )
+    mpesa_statement_balance = fields.Float(
+        string="Balance per M-Pesa", digits=(16, 2), readonly=True, copy=False,
+        help="The Balance column of the last imported statement's last row.",
+    )
+    mpesa_statement_journal_balance = fields.Float(
+        string="Balance per Odoo", digits=(16, 2), readonly=True, copy=False,
+        help="The M-Pesa journal's balance at that row's time.",
+    )
+    mpesa_statement_difference = fields.Float(
+        string="Statement Difference", digits=(16, 2), readonly=True, copy=False,
+        help="Balance per M-Pesa minus balance per Odoo, at the last balance check: zero when they agree.",
+    )
+    mpesa_statement_check_note = fields.Text(
+        string="Statement Check", readonly=True, copy=False, help="What the last balance check found.",
+    )
     mpesa_invoice_on_payment = fields.Boolean(
         string="Invoice on Payment", groups='base.group_system',
         help="An order this provider's M-Pesa payment pays is invoiced, the invoice posted and"
@@ -1063,6 +1090,39 @@ class PaymentProvider(models.Model):
             'account_type': 'asset_current',
             'reconcile': True,
         })
+
+    def action_mpesa_import_statement(self):
+        """The M-Pesa statement import, for accounting managers."""
+        self.ensure_one()
+        self._mpesa_check_group('account.group_account_manager')
+        return {
+            'type': 'ir.actions.act_window',
+            'name': self.env._("Import M-Pesa statement"),
+            'res_model': 'muchiri.mpesa.statement.import',
+            'view_mode': 'form',
+            'target': 'new',
+            'context': {'default_provider_id': self.id},
+        }
+
+    def _mpesa_bank_fees_account(self):
+        """Where the M-Pesa statement's charges go: the provider's account, else the bank fees
+        account of the company's chart (Odoo's generic chart calls it expense_finance, Kenya's
+        ke5138 'Bank Charges'), else an expense account named so; empty when none is found (the
+        charges then stay open in the journal)."""
+        self.ensure_one()
+        if self.mpesa_bank_fees_account_id:
+            return self.mpesa_bank_fees_account_id
+        company = self.company_id
+        Account = self.env['account.account'].sudo().with_company(company)
+        ChartTemplate = self.env['account.chart.template'].with_company(company)
+        for xmlid in ('expense_finance', 'ke5138'):
+            account = ChartTemplate.ref(xmlid, raise_if_not_found=False)
+            if account and account._name == 'account.account':
+                return account
+        return Account.search([
+            *Account._check_company_domain(company), ('account_type', 'in', ('expense', 'expense_direct_cost')),
+            '|', ('name', 'ilike', "bank fee"), ('name', 'ilike', "bank charge"),
+        ], limit=1)
 
     def _mpesa_whole_shilling_rounding(self):
         company = self.company_id

@@ -15,5 +15,6 @@ from . import (
     test_provider,
     test_refund_flows,
     test_security,
+    test_statement_import,
     test_stk_flows,
 )

@@ -1619,6 +1619,10 @@ class TestButtonsCheckTheirGroup(MpesaCommon):
                 'company_id': self.quotation.company_id.id, 'currency_id': self.quotation.currency_id.id,
                 'amount': 100, 'journal_id': self.provider.journal_id.id,
             }),
+            'account.journal': self.provider.journal_id,
+            'muchiri.mpesa.statement.import': self.env['muchiri.mpesa.statement.import'].create({
+                'provider_id': self.provider.id,
+            }),
         }
 
     @mute_logger('odoo.http')

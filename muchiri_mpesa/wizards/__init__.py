@@ -5,5 +5,6 @@ from . import (
     mpesa_ledger_match,
     mpesa_payment_request,
     mpesa_refund_extra,
+    mpesa_statement_import,
     payment_refund_wizard,
 )
