@@ -90,9 +90,19 @@ class MpesaLedgerDay(models.Model):
         tools.drop_view_if_exists(self.env.cr, self._table)
         self.env.cr.execute(f"""
             CREATE OR REPLACE VIEW {self._table} AS (
-                WITH ledger AS (
+                WITH coverage AS (
+                    -- The time the imported statement lines of each provider's M-Pesa journal span
+                    -- (a provider's journal is the one of its payment method lines).
+                    SELECT pml.payment_provider_id AS provider_id, min(line.mpesa_completed_at) AS since,
+                           max(line.mpesa_completed_at) AS until
+                      FROM account_bank_statement_line line
+                      JOIN account_payment_method_line pml ON pml.journal_id = line.journal_id
+                     WHERE line.mpesa_statement_key IS NOT NULL AND pml.payment_provider_id IS NOT NULL
+                  GROUP BY pml.payment_provider_id
+                ), ledger AS (
                     SELECT l.id, l.provider_id, l.company_id, l.currency_id, l.amount, l.pull_amount,
                            l.trans_time, l.source_pull, l.source_statement,
+                           cov.since AS statement_since, cov.until AS statement_lines_until,
                            (l.source_stk OR l.source_c2b OR l.source_b2b) IS TRUE AS notified,
                            (l.trans_time AT TIME ZONE 'UTC' AT TIME ZONE 'Africa/Nairobi')::date AS day,
                            (p.mpesa_pull_registered_at IS NOT NULL
@@ -101,6 +111,7 @@ class MpesaLedgerDay(models.Model):
                             AND (l.source_pull OR l.source_b2b IS NOT TRUE)) IS TRUE AS pull_checks
                       FROM muchiri_mpesa_ledger l
                       JOIN payment_provider p ON p.id = l.provider_id
+                 LEFT JOIN coverage cov ON cov.provider_id = l.provider_id
                      WHERE l.trans_time IS NOT NULL
                 ), covered AS (
                     SELECT ledger.*, {self._statement_covered_until_sql()} AS statement_until
@@ -152,11 +163,12 @@ class MpesaLedgerDay(models.Model):
         """SQL, over a ledger row of the CTE ``ledger`` (provider_id, day, trans_time, ...): up to
         when an imported statement covers the row's day, NULL when none does.
 
-        Until the statement's own lines say their period, a day is covered up to its last receipt
-        the statement listed: a statement downloaded at noon does not judge the afternoon.
+        The imported statement lines of the provider's M-Pesa journal span a period (its first
+        row to its last): a row inside it is judged.  Rows a statement listed cover their day up to
+        the last of them too (a statement downloaded at noon does not judge the afternoon).
         """
-        return ("max(trans_time) FILTER (WHERE source_statement)"
-                " OVER (PARTITION BY provider_id, day)")
+        return ("GREATEST(CASE WHEN trans_time >= statement_since THEN statement_lines_until END,"
+                " max(trans_time) FILTER (WHERE source_statement) OVER (PARTITION BY provider_id, day))")
 
     # === ACTION METHODS === #
 

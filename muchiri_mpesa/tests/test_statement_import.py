@@ -8,15 +8,16 @@ import io
 from datetime import timedelta
 
 import psycopg2
+import requests
 
 from odoo import fields
 from odoo.exceptions import AccessError, UserError
 from odoo.tests import tagged
 from odoo.tools import mute_logger
 
-from odoo.addons.muchiri_mpesa import utils
+from odoo.addons.muchiri_mpesa import daraja, utils
 
-from .common import PHONE_SUCCESS, MpesaPaybillCommon
+from .common import PHONE_NO_FUNDS, PHONE_SUCCESS, MpesaPaybillCommon
 
 HEADER = ["Receipt No.", "Completion Time", "Initiation Time", "Details", "Transaction Status", "Paid In",
           "Withdrawn", "Balance", "Balance Confirmed", "Reason Type", "Other Party Info", "Linked Transaction ID",
@@ -173,6 +174,41 @@ class TestStatementImport(MpesaPaybillCommon):
     def test_a_day_of_xlsx_reconciles_every_payment_and_the_balance(self):
         rows = self._day()
         self.assertDayReconciled(self._import(self._xlsx(rows), 'statement.xlsx'))
+
+    def test_the_simulators_own_statement_reconciles_the_day(self):
+        """The same day, as the simulator's paybill statement lists it (GET /__sim__/statement, the
+        org portal's CSV over HTTP): its wordings, its charge rows (the payment's receipt), a failed
+        prompt, a sweep to the bank.  Imported as downloaded, every payment of the day leaves
+        *In Process*, the lost one is matched, and the journal's balance is M-Pesa's."""
+        since = utils.kenya_text(fields.Datetime.now() - timedelta(minutes=1))[:10]
+        self._day()
+        failed, _result = self._pay_from_portal(PHONE_NO_FUNDS, order=self.quotation.copy())
+        self._wait(lambda: self._result_known(failed), message="the customer's answer")
+        sweep = requests.post(f"{self.simulator.base_url}/__sim__/sweep", json={"amount": 1000}, timeout=10)
+        self.assertEqual(sweep.status_code, 200, sweep.text)
+        answer = requests.get(f"{self.simulator.base_url}/__sim__/statement", params={"from": since}, timeout=10)
+        self.assertEqual(answer.status_code, 200, answer.text)
+        statement_rows = daraja.parse_statement(answer.content, 'statement.csv')
+        last = max(statement_rows, key=lambda row: (row.completed_at, -row.line))
+
+        wizard = self._import(answer.content, 'statement.csv')
+        self.assertTrue(wizard.statement_id, wizard.result)
+        for payment in self.payments | self.refund_payment:
+            self.assertEqual(payment.state, 'paid', f"{payment.memo}: {wizard.result}")
+        lost = self._row(self.lost)
+        self.assertEqual((lost.source_statement, lost.confirmation), (True, 'statement'))
+        self.assertEqual(lost.state, 'matched', lost.note)
+        self.assertEqual(self.invoices[2].payment_state, 'paid')
+        kinds = wizard.statement_id.line_ids.mapped('mpesa_kind')
+        for kind in ('payment', 'charge', 'sweep', 'reversal'):
+            self.assertIn(kind, kinds, f"the simulator's {kind} wording is read: {wizard.result}")
+        self.assertTrue(any(row.status == "Failed" for row in statement_rows), "a failed row, left out")
+        self.assertAlmostEqual(self._journal_balance(), float(last.balance), places=2)
+        self.assertAlmostEqual(self.provider.mpesa_statement_difference, 0.0, places=2, msg=wizard.result)
+        line_count = self.Line.search_count([])
+        again = self._import(answer.content, 'statement.csv')
+        self.assertFalse(again.statement_id, again.result)
+        self.assertEqual(self.Line.search_count([]), line_count)
 
     def test_a_row_that_does_not_read_imports_nothing(self):
         invoice = self._invoice(700)
