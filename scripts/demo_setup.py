@@ -8,12 +8,13 @@ simulator's registrations made again at each start.
 The demo database is made in three Odoo runs: `-i base`, then `kenya-before` makes the main company
 Kenyan (country, KES) before Accounting is installed, so that `-i l10n_ke` gives it Kenya's chart of
 accounts (VAT 16%) instead of the generic one, then `-i sale_management,muchiri_mpesa`; `kenya-after`
-puts every user on Nairobi's time, the distributor in Swahili, restates the currency rates against KES and archives the second
-company that l10n_ke's demo data makes (the demo is one Kenyan company).  The addon itself depends on
-no localization: these steps are the demo's, never the addon's.
+puts every user on Nairobi's time and the distributor in Swahili, restates the currency rates
+against KES and archives the second company that l10n_ke's demo data makes (the demo is one Kenyan
+company).  The addon itself depends on no localization: these steps are the demo's, never the addon's.
 
 `register` runs at each start, once Odoo answers: it registers the demo provider's C2B URLs with the
-simulator (which forgets them when it restarts), so that a paybill payment reaches Odoo.
+simulator (whose state file may hold another run's port, or be gone), so that a paybill payment
+reaches Odoo.
 
 Only the standard library, and psycopg2 (Odoo's own dependency) for the database steps.
 """

@@ -7,8 +7,8 @@ simulator's success number) on the way.  The three ways a distributor pays (a la
 form asking in instalments, the choice of the till, the paybill details and QR code on the
 quotation) go into the addon's static/description/, where the provider's form shows them.  The
 demo's distributor reads Swahili: the pictures are taken in English, then a quotation's paybill
-details and M-Pesa form again in Swahili (portal-paybill-swahili.png, portal-swahili.png), and the distributor is left in
-Swahili.  Needs `chromium` and websocket-client.
+details and M-Pesa form again in Swahili (portal-paybill-swahili.png, portal-swahili.png), and the
+distributor is left in Swahili.  Needs `chromium` and websocket-client.
 """
 
 from __future__ import annotations
