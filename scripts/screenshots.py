@@ -111,7 +111,9 @@ class Browser:
 
 
 def login(browser: Browser, base: str, db: str, login_name: str, password: str):
-    browser.open(f"{base}/web/session/logout?redirect=/web/login%3Fdb%3D{db}")
+    # A fresh browser: no session, and no frontend_lang cookie, which Odoo sets at logout to the public
+    # user's language and then prefers to the user's own (the Swahili pictures would come out English).
+    browser.send("Network.clearBrowserCookies")
     browser.open(f"{base}/web/login?db={db}", "!!document.querySelector('.oe_login_form')")
     browser.js(f"""(() => {{
         const form = document.querySelector('.oe_login_form');
