@@ -1,6 +1,8 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
 from odoo import models
 
+from .. import const
+
 
 class AccountMove(models.Model):
     _name = 'account.move'
@@ -12,6 +14,21 @@ class AccountMove(models.Model):
         res = super().init()
         self._mpesa_create_reference_index("move_type = 'out_invoice'")
         return res
+
+    def _post(self, soft=True):
+        """Override of `sale` to also reconcile the invoice with M-Pesa payments the statement
+        already took out of *In Process*: `sale` attaches only payments in process, so a part-payment
+        reconciled with the M-Pesa statement before its order was invoiced would be asked again."""
+        posted = super()._post(soft)
+        for invoice in posted.filtered(lambda move: move.is_invoice(include_receipts=True)):
+            payments = invoice.transaction_ids.filtered(
+                lambda tx: tx.provider_code == const.PROVIDER_CODE
+            ).payment_id.filtered(lambda payment: payment.state == 'paid')
+            for line in payments.move_id.line_ids.filtered(
+                lambda line: line.account_type in ('asset_receivable', 'liability_payable') and not line.reconciled
+            ):
+                invoice.js_assign_outstanding_line(line.id)
+        return posted
 
     # === BUSINESS METHODS === #
 

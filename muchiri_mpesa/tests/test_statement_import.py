@@ -210,6 +210,30 @@ class TestStatementImport(MpesaPaybillCommon):
         self.assertFalse(again.statement_id, again.result)
         self.assertEqual(self.Line.search_count([]), line_count)
 
+    def test_a_part_payment_the_statement_reconciled_still_pays_the_order_s_invoice(self):
+        """The statement takes a part-payment out of *In Process* before its order is invoiced; the
+        invoice made when the rest is paid still counts it, and asks nothing more."""
+        self.env['ir.config_parameter'].sudo().set_param('sale.automatic_invoice', True)
+        order = self.quotation.copy()
+        part = self._pay(1000, order.name)
+        self._confirm_by_status(1)
+        self.assertEqual(self._row(part).state, 'partial')
+        when = utils.kenya_text(fields.Datetime.now())
+        rows = [[part, when, when, "Pay Bill", "Completed", "1,000.00", "", "11,000.00", "", "Pay Bill Online",
+                 "2547****4149 - JOHN", "", order.name]]
+        self._import(self._csv(rows), 'statement.csv')
+        self.assertEqual(self._row(part).payment_ids.state, 'paid', "reconciled with the statement")
+
+        self._pay(order.amount_total - 1000, order.name)
+        self._confirm_by_status(2)
+        order.invalidate_recordset()
+        self.assertEqual(order.state, 'sale')
+        invoice = order.invoice_ids
+        self.assertEqual(len(invoice), 1)
+        self.assertEqual(invoice.amount_residual, 0.0, "the part-payment counts on the invoice")
+        self.assertIn(invoice.payment_state, ('paid', 'in_payment'))
+        self.assertFalse(invoice._mpesa_paybill_details(), "nothing is asked again")
+
     def test_a_row_that_does_not_read_imports_nothing(self):
         invoice = self._invoice(700)
         lost = self._lost_payment(700, invoice.name)
