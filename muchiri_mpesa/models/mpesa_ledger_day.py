@@ -199,11 +199,14 @@ class MpesaLedgerDay(models.Model):
         """Say, for each M-Pesa provider, which sources of Safaricom's side are off and how to
         turn one on: a day is judged only against a source that runs.  The list's header button:
         called on the selected days, or none; it is about every provider whatever they are."""
-        self.env['payment.provider']._mpesa_check_group('account.group_account_invoice')
-        providers = self.env['payment.provider'].search([
+        Provider = self.env['payment.provider']
+        Provider._mpesa_check_group('account.group_account_invoice')
+        # An accountant may not read payment providers: what is said of them here is no secret.
+        providers = Provider.sudo().search([
             ('code', '=', const.PROVIDER_CODE), ('state', '!=', 'disabled'),
+            *Provider._check_company_domain(self.env.companies),
         ])
-        lines = [self._mpesa_sources_text(provider) for provider in providers.sudo()]
+        lines = [self._mpesa_sources_text(provider) for provider in providers]
         return {
             'type': 'ir.actions.client',
             'tag': 'display_notification',

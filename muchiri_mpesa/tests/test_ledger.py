@@ -301,6 +301,17 @@ class TestLedgerMatching(MpesaLedgerCommon):
         self.assertEqual(order.state, 'sale')
         self.assertEqual(row.payment_ids.amount, order.amount_total)
 
+    def test_the_match_wizard_does_not_promise_a_part_paid_order(self):
+        order = self.quotation.copy()
+        row = self._confirm(1000, "NO-SUCH-DOC")
+        wizard = self._wizard('muchiri.mpesa.ledger.match', row, sale_order_ids=[order.id])
+        message = wizard.action_match()['params']['message']
+        self.assertEqual(row.state, 'partial')
+        self.assertNotIn("confirmed and invoiced", message)
+        self.assertIn(f"not confirmed yet: {order.name}", message)
+        row.transaction_ids._post_process()
+        self.assertIn(order.state, ('draft', 'sent'), "the rest is due")
+
     def test_the_ledger_chatter_is_signed_by_odoobot_not_the_public_user(self):
         row = self._confirm(700, "NO-SUCH-DOC")
         authors = row.message_ids.author_id
@@ -728,9 +739,15 @@ class TestLedgerDay(MpesaLedgerCommon):
                          (1, 0, 0, 0))
         self.assertFalse(day.checked_against)
         self.assertFalse(self.env['muchiri.mpesa.alert']._watch_ledger_gaps(self.provider, fields.Datetime.now()))
-        message = self.env['muchiri.mpesa.ledger.day'].action_mpesa_sources_help()['params']['message']
+        # Asked by the accountant, who reconciles but may not read payment providers.
+        accountant = new_test_user(self.env, login='ledger_day_accountant',
+                                   groups='base.group_user,account.group_account_invoice')
+        Day = self.env['muchiri.mpesa.ledger.day'].with_user(accountant)
+        message = Day.action_mpesa_sources_help()['params']['message']
         self.assertIn("Pull Transactions is off", message)
         self.assertIn("no M-Pesa statement is imported", message)
+        with self.assertRaises(AccessError):
+            Day.with_user(self.distributor_user).action_mpesa_sources_help()
 
     def test_a_statement_gap_is_an_alert_within_the_time_it_covers(self):
         noon = naive_utc(datetime.combine(kenya_time(fields.Datetime.now()).date(), time(12), daraja.KENYA_TZ))

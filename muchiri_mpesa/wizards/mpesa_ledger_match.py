@@ -118,7 +118,7 @@ class MpesaLedgerMatch(models.TransientModel):
         Move, Order = self.env['account.move'], self.env['sale.order']
         if self.partner_id:
             customer = [('commercial_partner_id', '=', self.partner_id.commercial_partner_id.id)]
-            reason = self.env._("%s's", self.partner_id.commercial_partner_id.name)
+            reason = self.env._("customer %s", self.partner_id.commercial_partner_id.name)
             propose(Move.search([*invoice_domain, *customer], order='invoice_date_due, id', limit=limit),
                     CLUE_CUSTOMER, reason)
             propose(Order.search([*order_domain, ('partner_id.commercial_partner_id', '=', customer[0][2])],
@@ -145,8 +145,12 @@ class MpesaLedgerMatch(models.TransientModel):
         state = dict(row._fields['state']._description_selection(self.env))[row.sudo().state]
         message = self.env._("%(receipt)s: %(state)s, on %(documents)s.", receipt=row.name, state=state,
                              documents=', '.join(document.display_name for document in documents))
-        if any(document._name == 'sale.order' for document in documents):
+        orders = [document for document in documents if document._name == 'sale.order' and document.state != 'sale']
+        if any(not order._mpesa_is_due() for order in orders):
             message += ' ' + self.env._("Its orders are confirmed and invoiced in the background, in a few seconds.")
+        if due := [order for order in orders if order._mpesa_is_due()]:
+            message += ' ' + self.env._("Not paid in full, so not confirmed yet: %(orders)s.",
+                                        orders=', '.join(order.name for order in due))
         return {
             'type': 'ir.actions.client',
             'tag': 'display_notification',
