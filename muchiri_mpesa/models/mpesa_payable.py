@@ -120,9 +120,10 @@ class MpesaPayable(models.AbstractModel):
 
         :return: {'provider', 'bank_account' (the company's res.partner.bank of the paybill or till),
                   'trx_code' ('PB' or 'BG'), 'business_number', 'account' (the document's number,
-                  which the matcher reads first; none for a till), 'amount_due', 'qr_amount' (whole
-                  shillings, at most one M-Pesa payment), 'limit_note' (the sentence saying so when
-                  the amount due is more, else False)}
+                  which the matcher reads first; none for a till), 'amount_due', 'amount' (what to
+                  enter on the phone: the amount due up to a whole shilling, since a phone pays no
+                  cents), 'qr_amount' (the same, at most one M-Pesa payment), 'limit_note' (the
+                  sentence saying so when the amount due is more, else False)}
         """
         self.ensure_one()
         provider = self._mpesa_provider()
@@ -134,7 +135,8 @@ class MpesaPayable(models.AbstractModel):
         if not utils.is_material(due) or not bank_account:
             return {}
         till = provider.mpesa_shortcode_type == 'till'
-        qr_amount = min(daraja.to_whole_shillings(Decimal(str(due))), daraja.DARAJA_MAX_AMOUNT)
+        amount = daraja.to_whole_shillings(Decimal(str(due)))
+        qr_amount = min(amount, daraja.DARAJA_MAX_AMOUNT)
         return {
             'provider': provider,
             'bank_account': bank_account,
@@ -142,6 +144,7 @@ class MpesaPayable(models.AbstractModel):
             'business_number': bank_account.acc_number,
             'account': False if till else self.name,
             'amount_due': due,
+            'amount': amount,
             'qr_amount': qr_amount,
             # More than one M-Pesa payment takes: the sentence saying so, in the reader's language.
             'limit_note': self.currency_id.compare_amounts(due, qr_amount) > 0 and self.env._(

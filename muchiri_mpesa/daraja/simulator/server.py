@@ -661,8 +661,11 @@ class DarajaSimulator:
         simulator's threads: wait with ``wait_for_c2b`` or ``wait_for_deliveries(C2B_CONFIRMATION, ...)``.
         ``msisdn`` is 2547XXXXXXXX; C2B_MAGIC_NUMBERS choose lost / duplicate confirmations, a slow validation.
         """
-        if command_id not in (PAYBILL, TILL) or int(amount) < 1:
-            raise ValueError("command_id must be PAYBILL or TILL and amount >= 1")
+        if command_id not in (PAYBILL, TILL):
+            raise ValueError("command_id must be PAYBILL or TILL")
+        # A phone pays whole shillings: 9658.30 is refused, never paid as 9658.
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount != int(amount) or amount < 1:
+            raise ValueError(f"amount must be a whole number of shillings >= 1 (a phone pays no cents), not {amount!r}")
         return self._c2b.pay(int(amount), str(msisdn), bill_ref, command_id=command_id, first_name=first_name,
                              middle_name=middle_name, last_name=last_name)
 
@@ -1027,7 +1030,7 @@ class DarajaSimulator:
             ),
             ("POST", "c2b-pay"): lambda o: {
                 "TransID": self.c2b_pay(
-                    int(o["amount"]), str(o["msisdn"]), str(o.get("bill_ref", "")),
+                    o["amount"], str(o["msisdn"]), str(o.get("bill_ref", "")),
                     command_id=str(o.get("command_id", PAYBILL)),
                 )
             },
