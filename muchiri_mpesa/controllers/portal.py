@@ -1,5 +1,9 @@
 # Part of muchiri_mpesa. See LICENSE file for full copyright and licensing details.
+from odoo import http
+from odoo.http import request
+
 from odoo.addons.payment.controllers.portal import PaymentPortal
+from odoo.addons.web.controllers.home import Home
 
 
 class MpesaPaymentPortal(PaymentPortal):
@@ -13,3 +17,20 @@ class MpesaPaymentPortal(PaymentPortal):
         if tx_sudo.provider_code == 'mpesa':
             tx_sudo._mpesa_limit_to_instalment()
         return tx_sudo
+
+
+class MpesaHome(Home):
+
+    @http.route()
+    def web_login(self, *args, **kwargs):
+        """Override of `web`: a portal user's pages open in the user's own language.  Odoo keeps the
+        portal's language in the `frontend_lang` cookie, which the login page itself sets (to the
+        browser's language, or the last visitor's) and which then wins over the user's: a distributor
+        who reads Swahili would get the M-Pesa form, its messages and the paybill details in English.
+        The language switcher still changes it afterwards."""
+        response = super().web_login(*args, **kwargs)
+        if request.params.get('login_success') and request.session.uid:
+            user = request.env['res.users'].sudo().browse(request.session.uid)
+            if user.share and user.lang in request.env['res.lang']._get_frontend():
+                response.set_cookie('frontend_lang', user.lang)
+        return response
