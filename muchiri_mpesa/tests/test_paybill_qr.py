@@ -83,6 +83,14 @@ class TestPaybillQr(MpesaLedgerCommon):
         self.assertEqual(self._qr_content(block)['Amount'], 3500)
         self.assertEqual(len(self._qr_requests()), 2)
 
+    def test_the_amount_to_enter_is_whole_shillings(self):
+        # A phone pays no cents: the block asks what the push form asks, the amount due rounded up.
+        invoice = self._invoice(9658.30)
+        block = self._paybill_block(self._invoice_html(invoice))
+        self.assertIn('9,659.00', block)
+        self.assertNotIn('9,658.30', block)
+        self.assertEqual(self._qr_content(block)['Amount'], 9659)
+
     def test_paying_by_the_qr_code_pays_the_invoice(self):
         self.provider.action_mpesa_c2b_register()
         invoice = self._invoice(4500.0)
@@ -180,6 +188,24 @@ class TestPaybillQr(MpesaLedgerCommon):
             self.assertIn(swahili, block)
         self.assertNotIn("Account number:", block)
         self.assertNotIn("One M-Pesa payment", block)
+
+    def test_a_swahili_distributor_logs_in_to_swahili_whatever_the_browser_said(self):
+        # Odoo's login page sets the frontend_lang cookie (to an English browser's language), which then
+        # wins over the user's own: her M-Pesa form and paybill details would be English.
+        sw = self.env['res.lang']._activate_lang('sw')
+        self.env['ir.module.module']._load_module_terms(['muchiri_mpesa'], ['sw'], overwrite=True)
+        if 'website' in self.env:  # A shop's website serves only its own languages.
+            self.env['website'].search([]).language_ids |= sw
+        self.distributor.lang = 'sw'
+        self.quotation.action_quotation_sent()
+        page = self.url_open('/web/login').text
+        self.opener.cookies.set('frontend_lang', 'en_US', domain='127.0.0.1', path='/')  # An English browser.
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+        self.url_open('/web/login', data={'login': 'distributor', 'password': 'distributor', 'csrf_token': csrf})
+        self.assertEqual(self.opener.cookies.get('frontend_lang'), 'sw')
+        block = self._paybill_block(self.url_open(self.quotation.get_portal_url()).text)
+        self.assertIn("Lipa kwa M-Pesa", block)
+        self.assertNotIn("Pay with M-Pesa", block)
 
     def test_the_pot_is_the_one_odoo_exports(self):
         """i18n/muchiri_mpesa.pot, the translators' template, cannot rot: it holds each term Odoo
