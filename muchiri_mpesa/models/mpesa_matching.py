@@ -50,7 +50,8 @@ class MpesaMatching(models.AbstractModel):
             row.note = why
             return row.state
         return self._mpesa_pay_documents(row, documents, self.env._(
-            "Account %(account)s is %(document)s.", account=row.bill_ref, document=documents.display_name,
+            "The account number %(account)s names %(document)s.", account=row.bill_ref,
+            document=documents.display_name,
         ))
 
     # === RULE 1: OUR OWN PROMPTS === #

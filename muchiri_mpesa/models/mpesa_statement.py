@@ -408,8 +408,8 @@ class MpesaStatement(models.AbstractModel):
     @api.model
     def _mpesa_result_message(self, counts, check):
         lines = [self.env._(
-            "%(new)s rows imported: %(payment)s paid in (%(reconciled)s reconciled with their payments), %(charge)s"
-            " charges, %(sweep)s sweeps to the bank, %(reversal)s reversals, %(other)s other.",
+            "%(new)s rows imported: %(payment)s paid in, %(charge)s charges, %(sweep)s sweeps to the bank,"
+            " %(reversal)s reversals, %(other)s other; %(reconciled)s reconciled with Odoo's payments and refunds.",
             new=sum(counts[kind] for kind in ('payment', 'charge', 'sweep', 'reversal', 'other')),
             payment=counts['payment'], reconciled=counts['reconciled'], charge=counts['charge'],
             sweep=counts['sweep'], reversal=counts['reversal'], other=counts['other'])]
