@@ -14,7 +14,7 @@ company).  The addon itself depends on no localization: these steps are the demo
 
 `register` runs at each start, once Odoo answers: it registers the demo provider's C2B URLs with the
 simulator (whose state file may hold another run's port, or be gone), so that a paybill payment
-reaches Odoo.
+reaches Odoo, and gives the distributor an open invoice when she has none, to pay by paybill.
 
 Only the standard library, and psycopg2 (Odoo's own dependency) for the database steps.
 """
@@ -30,6 +30,10 @@ import xmlrpc.client
 ADMIN = ("admin", "admin")
 TIMEZONE = "Africa/Nairobi"
 DISTRIBUTOR_LOGIN, DISTRIBUTOR_LANG = "wanjiku", "sw"
+COMPANY_NAME = "Muchiri Wholesale Ltd"
+# The distributor's open invoice, made at each start when she has none, so that paying an invoice by
+# paybill needs no setup: two bags of sugar.
+INVOICE_PRODUCT, INVOICE_QUANTITY = ("muchiri_mpesa", "demo_product_sugar"), 2
 PROVIDER_XMLID = ("muchiri_mpesa", "payment_provider_mpesa")
 
 
@@ -50,11 +54,11 @@ def kenya_before(args) -> int:
         cr.execute("UPDATE res_currency SET active = true WHERE name = 'KES'")
         cr.execute("""
             UPDATE res_partner SET country_id = (SELECT id FROM res_country WHERE code = 'KE'),
-                                   city = 'Nairobi', tz = %s
-             WHERE id = (SELECT partner_id FROM res_company WHERE id = 1)""", [TIMEZONE])
-        cr.execute("UPDATE res_company SET currency_id = (SELECT id FROM res_currency WHERE name = 'KES')"
-                   " WHERE id = 1")
-    print("demo setup: the company is in Kenya, in KES.")
+                                   city = 'Nairobi', tz = %s, name = %s
+             WHERE id = (SELECT partner_id FROM res_company WHERE id = 1)""", [TIMEZONE, COMPANY_NAME])
+        cr.execute("UPDATE res_company SET currency_id = (SELECT id FROM res_currency WHERE name = 'KES'),"
+                   " name = %s WHERE id = 1", [COMPANY_NAME])
+    print(f"demo setup: the company is {COMPANY_NAME}, in Kenya, in KES.")
     return 0
 
 
@@ -126,7 +130,36 @@ def register(args) -> int:
         return 1
     message = (answer or {}).get("params", {}).get("message", "")
     print(f"demo setup: C2B URLs registered with the simulator. {message}".rstrip())
+    try:
+        open_invoice(models, args.db, uid)
+    except (OSError, xmlrpc.client.Error, IndexError, ValueError) as error:
+        print(f"demo setup: no open invoice for the distributor: {error}", file=sys.stderr)
     return 0
+
+
+def open_invoice(models, db: str, uid: int) -> None:
+    """An open invoice of the demo distributor, posted, to pay by paybill: made when she has none."""
+    def call(model, method, *args, **kwargs):
+        return models.execute_kw(db, uid, ADMIN[1], model, method, list(args), kwargs)
+
+    def xmlid(module, name):
+        [row] = call("ir.model.data", "search_read", [("module", "=", module), ("name", "=", name)],
+                     fields=["res_id"])
+        return row["res_id"]
+
+    found = call("account.move", "search_read", [
+        ("commercial_partner_id", "=", xmlid("muchiri_mpesa", "demo_distributor")),
+        ("move_type", "=", "out_invoice"), ("state", "=", "posted"),
+        ("payment_state", "in", ["not_paid", "partial"]),
+    ], fields=["name", "amount_residual"], limit=1)
+    if not found:
+        invoice_id = call("account.move", "create", {
+            "move_type": "out_invoice", "partner_id": xmlid("muchiri_mpesa", "demo_distributor_contact"),
+            "invoice_line_ids": [(0, 0, {"product_id": xmlid(*INVOICE_PRODUCT), "quantity": INVOICE_QUANTITY})],
+        })
+        call("account.move", "action_post", [invoice_id])
+        found = call("account.move", "read", [invoice_id], fields=["name", "amount_residual"])
+    print(f"demo setup: the distributor's open invoice {found[0]['name']} ({found[0]['amount_residual']:,.2f} due).")
 
 
 def main(argv: list[str] | None = None) -> int:

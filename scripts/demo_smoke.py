@@ -196,11 +196,12 @@ def check_setup(admin: Admin) -> None:
 
 
 def pay_by_paybill(admin: Admin, sim_url: str, quotation: str | None, timeout: float, amount: int | None = None,
-                   until: str | None = None) -> None:
+                   until: str | None = None, bill_ref: str = "NO-SUCH-REF") -> None:
     """A phone pays a demo quotation into the paybill, its number as the account number (or, without
-    a quotation, an account number that matches nothing): the money must reach Odoo's ledger (which
-    the C2B URLs, registered with the simulator, make possible), and its row the state `until`."""
-    order = {"name": "NO-SUCH-REF", "amount_total": 0}
+    a quotation, `bill_ref`: by default an account number that matches nothing): the money must reach
+    Odoo's ledger (which the C2B URLs, registered with the simulator, make possible), and its row the
+    state `until`."""
+    order = {"name": bill_ref, "amount_total": 0}
     if quotation:
         [order] = admin("sale.order", "read", [admin.ref("muchiri_mpesa", quotation)], fields=["name", "amount_total"])
     amount = amount or math.ceil(order["amount_total"])  # M-Pesa moves whole shillings.
@@ -221,6 +222,24 @@ def pay_by_paybill(admin: Admin, sim_url: str, quotation: str | None, timeout: f
     if until and rows[0]["state"] != until:
         raise SmokeError(f"the paybill payment {receipt} is {rows[0]['state']}, not {until}")
     print(f"smoke: paybill payment {receipt} reached Odoo's ledger ({rows[0]['state']})")
+
+
+def pay_open_invoice(admin: Admin, sim_url: str, timeout: float) -> None:
+    """The banner's invoice command: the distributor's open invoice (demo_setup.py register makes one
+    at each start), paid by paybill with its number and its amount due up to a whole shilling, is paid."""
+    invoices = admin("account.move", "search_read", [
+        ("commercial_partner_id", "=", admin.ref("muchiri_mpesa", "demo_distributor")),
+        ("move_type", "=", "out_invoice"), ("state", "=", "posted"), ("payment_state", "in", ["not_paid", "partial"]),
+    ], fields=["name", "amount_residual"], order="id", limit=1)
+    if not invoices:
+        raise SmokeError("the distributor has no open invoice to pay by paybill (demo_setup.py register)")
+    [invoice] = invoices
+    pay_by_paybill(admin, sim_url, None, timeout, amount=math.ceil(invoice["amount_residual"]),
+                   until="matched", bill_ref=invoice["name"])
+    [invoice] = admin("account.move", "read", [invoice["id"]], fields=["name", "payment_state"])
+    if invoice["payment_state"] not in ("paid", "in_payment"):
+        raise SmokeError(f"the invoice {invoice['name']} paid by paybill is {invoice['payment_state']}")
+    print(f"smoke: the invoice {invoice['name']} is paid")
 
 
 def refund(admin: Admin, timeout: float) -> None:
@@ -288,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             rc = pay(base, args.db, args.timeout, admin.ref("muchiri_mpesa", "demo_quotation_maize"))
             if rc == 0 and args.sim_url:
                 pay_by_paybill(admin, args.sim_url.rstrip("/"), "demo_quotation_sugar", args.timeout)
+                pay_open_invoice(admin, args.sim_url.rstrip("/"), args.timeout)
     except (SmokeError, requests.RequestException, xmlrpc.client.Error) as error:
         print(f"smoke: FAILED: {error}", file=sys.stderr)
         rc = 1
