@@ -234,6 +234,17 @@ class TestStatementImport(MpesaPaybillCommon):
         self.assertIn(invoice.payment_state, ('paid', 'in_payment'))
         self.assertFalse(invoice._mpesa_paybill_details(), "nothing is asked again")
 
+    def test_only_the_m_pesa_journal_imports_its_provider_s_statement(self):
+        journal = self.provider.journal_id
+        bank = self.env['account.journal'].create({
+            'name': "Equity Bank", 'type': 'bank', 'code': 'EQBNK', 'company_id': self.provider.company_id.id,
+        })
+        self.assertEqual((journal | bank).mapped('mpesa_statement_journal'), [True, False])
+        action = journal.with_user(self.manager).action_mpesa_import_statement()
+        self.assertEqual(action['context']['default_provider_id'], self.provider.id)
+        with self.assertRaisesRegex(UserError, "no M-Pesa provider's journal"):
+            bank.with_user(self.manager).action_mpesa_import_statement()
+
     def test_a_row_that_does_not_read_imports_nothing(self):
         invoice = self._invoice(700)
         lost = self._lost_payment(700, invoice.name)
