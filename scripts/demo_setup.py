@@ -151,13 +151,17 @@ def open_invoice(models, db: str, uid: int) -> None:
         ("commercial_partner_id", "=", xmlid("muchiri_mpesa", "demo_distributor")),
         ("move_type", "=", "out_invoice"), ("state", "=", "posted"),
         ("payment_state", "in", ["not_paid", "partial"]),
-    ], fields=["name", "amount_residual"], limit=1)
+    ], fields=["name", "amount_residual"], order="id", limit=1)
     if not found:
         invoice_id = call("account.move", "create", {
             "move_type": "out_invoice", "partner_id": xmlid("muchiri_mpesa", "demo_distributor_contact"),
             "invoice_line_ids": [(0, 0, {"product_id": xmlid(*INVOICE_PRODUCT), "quantity": INVOICE_QUANTITY})],
         })
-        call("account.move", "action_post", [invoice_id])
+        try:
+            call("account.move", "action_post", [invoice_id])
+        except xmlrpc.client.Error:
+            call("account.move", "unlink", [invoice_id])  # No draft left behind at each start.
+            raise
         found = call("account.move", "read", [invoice_id], fields=["name", "amount_residual"])
     print(f"demo setup: the distributor's open invoice {found[0]['name']} ({found[0]['amount_residual']:,.2f} due).")
 

@@ -236,7 +236,12 @@ def pay_open_invoice(admin: Admin, sim_url: str, timeout: float) -> None:
     [invoice] = invoices
     pay_by_paybill(admin, sim_url, None, timeout, amount=math.ceil(invoice["amount_residual"]),
                    until="matched", bill_ref=invoice["name"])
-    [invoice] = admin("account.move", "read", [invoice["id"]], fields=["name", "payment_state"])
+    deadline = time.monotonic() + timeout
+    while True:  # Booked at once, or by the post-processing job a moment later.
+        [invoice] = admin("account.move", "read", [invoice["id"]], fields=["name", "payment_state"])
+        if invoice["payment_state"] in ("paid", "in_payment") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     if invoice["payment_state"] not in ("paid", "in_payment"):
         raise SmokeError(f"the invoice {invoice['name']} paid by paybill is {invoice['payment_state']}")
     print(f"smoke: the invoice {invoice['name']} is paid")

@@ -274,9 +274,9 @@ def test_c2b_pay_control_endpoint(make_simulator, callback_listener, daraja_clie
         sim.c2b_pay(0, PHONE, "X")
     # A phone pays whole shillings: an amount with cents is refused and pays nothing, never cut to 9658.
     before = len(sim.c2b_payments)
-    for amount in (9658.30, "9658", True, None):
-        cents = requests.post(f"{sim.base_url}/__sim__/c2b-pay",
-                              json={"amount": amount, "msisdn": PHONE, "bill_ref": "X"}, timeout=5)
+    for amount in ("9658.30", '"9658"', "true", "null", "1e400", "NaN"):
+        cents = requests.post(f"{sim.base_url}/__sim__/c2b-pay", headers={"Content-Type": "application/json"},
+                              data=f'{{"amount": {amount}, "msisdn": "{PHONE}", "bill_ref": "X"}}', timeout=5)
         assert cents.status_code == 400 and "whole number of shillings" in cents.json()["error"], cents.text
     assert len(sim.c2b_payments) == before
     assert requests.post(f"{sim.base_url}/__sim__/c2b-pay", json={"amount": 9658.0, "msisdn": PHONE, "bill_ref": "X"},

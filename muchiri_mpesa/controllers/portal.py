@@ -32,5 +32,6 @@ class MpesaHome(Home):
         if request.params.get('login_success') and request.session.uid:
             user = request.env['res.users'].sudo().browse(request.session.uid)
             if user.share and user.lang in request.env['res.lang']._get_frontend():
-                response.set_cookie('frontend_lang', user.lang)
+                # Through the future response, after any cookie Odoo's routing sets on this request.
+                request.future_response.set_cookie('frontend_lang', user.lang)
         return response

@@ -22,8 +22,11 @@ class AccountMove(models.Model):
         posted = super()._post(soft)
         for invoice in posted.filtered(lambda move: move.is_invoice(include_receipts=True)):
             payments = invoice.transaction_ids.filtered(
-                lambda tx: tx.provider_code == const.PROVIDER_CODE
-            ).payment_id.filtered(lambda payment: payment.state == 'paid')
+                lambda tx: tx.provider_code == const.PROVIDER_CODE and tx.operation != 'refund'
+                # A payment M-Pesa reversed is no money for the invoice, whatever its lines say.
+                and not tx.child_transaction_ids.filtered(lambda child: child.operation == 'refund'
+                                                          and child.state == 'done')
+            ).payment_id.filtered(lambda payment: payment.state == 'paid' and payment.payment_type == 'inbound')
             for line in payments.move_id.line_ids.filtered(
                 lambda line: line.account_type in ('asset_receivable', 'liability_payable') and not line.reconciled
             ):

@@ -198,7 +198,8 @@ class MpesaLedgerDay(models.Model):
     def action_mpesa_sources_help(self):
         """Say, for each M-Pesa provider, which sources of Safaricom's side are off and how to
         turn one on: a day is judged only against a source that runs.  The list's header button:
-        called on the selected days, or none; it is about every provider whatever they are."""
+        called on the selected days, or none; it is about every provider of the user's companies,
+        whatever days are selected."""
         Provider = self.env['payment.provider']
         Provider._mpesa_check_group('account.group_account_invoice')
         # An accountant may not read payment providers: what is said of them here is no secret.

@@ -307,8 +307,8 @@ class TestLedgerMatching(MpesaLedgerCommon):
         wizard = self._wizard('muchiri.mpesa.ledger.match', row, sale_order_ids=[order.id])
         message = wizard.action_match()['params']['message']
         self.assertEqual(row.state, 'partial')
-        self.assertNotIn("confirmed and invoiced", message)
-        self.assertIn(f"not confirmed yet: {order.name}", message)
+        self.assertNotIn("in the background", message)
+        self.assertIn(f"Not paid enough to be confirmed yet: {order.name}", message)
         row.transaction_ids._post_process()
         self.assertIn(order.state, ('draft', 'sent'), "the rest is due")
 

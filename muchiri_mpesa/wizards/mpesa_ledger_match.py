@@ -145,12 +145,18 @@ class MpesaLedgerMatch(models.TransientModel):
         state = dict(row._fields['state']._description_selection(self.env))[row.sudo().state]
         message = self.env._("%(receipt)s: %(state)s, on %(documents)s.", receipt=row.name, state=state,
                              documents=', '.join(document.display_name for document in documents))
-        orders = [document for document in documents if document._name == 'sale.order' and document.state != 'sale']
-        if any(not order._mpesa_is_due() for order in orders):
-            message += ' ' + self.env._("Its orders are confirmed and invoiced in the background, in a few seconds.")
-        if due := [order for order in orders if order._mpesa_is_due()]:
-            message += ' ' + self.env._("Not paid in full, so not confirmed yet: %(orders)s.",
-                                        orders=', '.join(order.name for order in due))
+        # Odoo confirms a quotation once its prepayment is paid (Odoo's own rule, not the amount due).
+        quotations = self.env['sale.order'].concat(*(
+            document for document in documents if document._name == 'sale.order' and document.state in ('draft', 'sent')
+        ))
+        quotations.invalidate_recordset(['amount_paid'])
+        reached = quotations.filtered(lambda order: order._is_confirmation_amount_reached())
+        if reached:
+            message += ' ' + self.env._("%(orders)s: confirmed in the background, in a few seconds.",
+                                        orders=', '.join(reached.mapped('name')))
+        if quotations - reached:
+            message += ' ' + self.env._("Not paid enough to be confirmed yet: %(orders)s.",
+                                        orders=', '.join((quotations - reached).mapped('name')))
         return {
             'type': 'ir.actions.client',
             'tag': 'display_notification',

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -664,7 +665,8 @@ class DarajaSimulator:
         if command_id not in (PAYBILL, TILL):
             raise ValueError("command_id must be PAYBILL or TILL")
         # A phone pays whole shillings: 9658.30 is refused, never paid as 9658.
-        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount != int(amount) or amount < 1:
+        if (isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount)
+                or amount != int(amount) or amount < 1):
             raise ValueError(f"amount must be a whole number of shillings >= 1 (a phone pays no cents), not {amount!r}")
         return self._c2b.pay(int(amount), str(msisdn), bill_ref, command_id=command_id, first_name=first_name,
                              middle_name=middle_name, last_name=last_name)
