@@ -19,7 +19,8 @@ scenario, then ``concurrency: N passed, M failed``; the exit status is non-zero 
 Scenarios: 1 token refresh by 8 workers; 2 a push while the token refreshes; 2b (extra) 4 pushes while the
 token refreshes; 3 a double click; 4 two transactions of one order pushed at once; 5 a success callback and
 its settlement run against the reconciliation cron; 6 duplicate callbacks and two settlement runs at once;
-7 (extra) the order saved while its push is at Daraja.
+7 (extra) the order saved while its push is at Daraja; 8 two refunds at once; 9 the status page's poll and
+Odoo's post-processing job on one paid prompt.
 The kill -9 scenarios run a real prefork Odoo (tests/odoo_prefork.py: 2 HTTP workers, 1 cron worker) on the
 same database and talk to it over HTTP: K1 a burst of duplicated callbacks during which an HTTP worker is
 killed in the middle of a request (the master respawns it; the callers retry as Daraja does), then the cron
@@ -738,6 +739,62 @@ class Harness:
         c.fact(f"{self.rounds} rounds, all done once with Daraja's receipt and one payment; settled by "
                f"{dict(settled_by)}; callback events {dict(states)}; STK queries per round {dict(queries)}; "
                f"replays: {self.sites(replays)}; slowest worker {slowest:.2f} s")
+
+    def s9_poll_vs_post_processing_job(self, c: Checks) -> None:
+        """A paid prompt, its callback settled: the status page's poll and Odoo's post-processing job (which
+        the callback woke) post-process it at once.  One confirms and invoices the order; the other leaves it
+        (no second confirmation into a serialization failure, which Odoo logs at ERROR)."""
+        replays, done_by, slowest = Counter(), Counter(), 0.0
+        mark = len(self.capture.records)
+
+        def poll(env, tx_id):  # PaymentPostProcessing.poll_status, as the public user, on the sudo transaction.
+            tx = env["payment.transaction"].sudo().browse(tx_id)
+            if not tx.is_post_processed:
+                tx._post_process()
+            return "poll" if tx.is_post_processed else "-"
+
+        def job(env, tx_id):  # ir.cron._run_job of payment.cron_post_process_payment_tx, on this transaction.
+            tx = env["payment.transaction"].browse(tx_id)
+            tx._cron_post_process()
+            env.cr.commit()
+            return "job" if tx.is_post_processed else "-"
+
+        for i in range(self.rounds):
+            prompt = self.paid_prompt(f"S9R{i}", due=False)
+            with self.env() as env:
+                self.controller_callback(env, prompt.body)
+            with self.env() as env:
+                self.cron_settle(env)
+            with self.env() as env:
+                tx = env["payment.transaction"].browse(prompt.tx_id)
+                c.expect(tx.state == "done" and not tx.is_post_processed,
+                         f"round {i}: not a paid, unprocessed prompt ({tx.state}, {tx.is_post_processed})")
+            lag = [0.0, 0.0, 0.005, 0.005, 0.02, 0.02, 0.05, 0.05, 0.1, 0.1][i % 10]
+            slots = self.race(f"s9r{i}", [
+                Job("poll", functools.partial(poll, tx_id=prompt.tx_id), delay=0.0 if i % 2 else lag),
+                Job("job", functools.partial(job, tx_id=prompt.tx_id), mode="cron", public=False,
+                    delay=lag if i % 2 else 0.0),
+            ])
+            self.replays(slots, replays)
+            slowest = max([slowest] + [slot.elapsed for slot in slots.values()])
+            errors = self.worker_errors(slots)
+            c.expect(not errors, f"round {i}: worker errors:\n" + "\n".join(errors))
+            done_by.update(slot.value for slot in slots.values() if slot.value and slot.value != "-")
+            with self.env() as env:
+                tx = env["payment.transaction"].browse(prompt.tx_id)
+                order = env["sale.order"].browse(prompt.order_id)
+                payments = env["account.payment"].search_count([("payment_transaction_id", "=", tx.id)])
+                c.expect(tx.is_post_processed, f"round {i}: not post-processed")
+                c.expect(order.state == "sale", f"round {i}: the order is {order.state}")
+                c.expect(self.confirmations(env, tx) == 1, f"round {i}: confirmed {self.confirmations(env, tx)} times")
+                c.expect(payments == 1, f"round {i}: {payments} account.payment (expected 1)")
+                c.expect(len(order.invoice_ids) <= 1, f"round {i}: {len(order.invoice_ids)} invoices")
+        serialization = [record for record in self.capture.since(mark)
+                         if record.levelno >= logging.ERROR and expected_sql_error(record)]
+        c.expect(not serialization, f"{len(serialization)} serialization failures logged at ERROR: the two"
+                                    " post-processed the same payment")
+        c.fact(f"{self.rounds} rounds, each order confirmed once with one payment; post-processed by {dict(done_by)};"
+               f" replays: {self.sites(replays)}; slowest worker {slowest:.2f} s")
 
     def s6_duplicate_callbacks(self, c: Checks) -> None:
         state_sets, replays, slowest = Counter(), Counter(), 0.0
@@ -1612,6 +1669,8 @@ def main() -> int:
             ("6", "duplicate success callbacks racing", harness.s6_duplicate_callbacks),
             ("7", "extra: the order is saved while its push is at Daraja", harness.s7_order_edited_during_push),
             ("8", "two refunds of one M-Pesa payment at once (Reversal API)", harness.s8_double_refund),
+            ("9", "the status page's poll vs Odoo's post-processing job on one paid prompt",
+             harness.s9_poll_vs_post_processing_job),
             ("K1", "kill -9 of an HTTP worker, then of the cron worker, during a burst of duplicated callbacks",
              harness.k1_kill_during_callbacks),
             ("K2", "kill -9 of the worker of a portal push while Daraja holds its answer (prefork Odoo)",

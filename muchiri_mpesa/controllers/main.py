@@ -129,8 +129,14 @@ class MpesaPaymentPostProcessing(PaymentPostProcessing):
     @http.route()
     def poll_status(self, **kwargs):
         """Override of `payment` to bring the status check of a late M-Pesa prompt forward while
-        the distributor watches its status page."""
+        the distributor watches its status page, and to keep the page waiting while another worker
+        post-processes the payment."""
         monitored_tx = self._get_monitored_transaction()
         if monitored_tx.provider_code == 'mpesa':
             monitored_tx._mpesa_expedite_status_check()
-        return super().poll_status(**kwargs)
+        values = super().poll_status(**kwargs)
+        if monitored_tx.provider_code == 'mpesa' and values['state'] == 'done' and not monitored_tx.is_post_processed:
+            # Odoo's job is confirming the order right now (`_post_process`): the page asks again
+            # in a moment rather than land on a quotation not confirmed yet.
+            values['state'] = 'pending'
+        return values

@@ -1028,12 +1028,19 @@ class PaymentTransaction(models.Model):
         invoices of the orders M-Pesa paid with *Invoice on Payment* go to the customer, as Odoo's
         Automatic Invoice sends its own."""
         mpesa_pending = self.filtered(lambda tx: tx.provider_code == 'mpesa' and tx.state == 'pending')
-        res = super(PaymentTransaction, self - mpesa_pending)._post_process()
-        self._mpesa_to_invoice_on_payment()._send_invoice()
+        # The status page's poll and Odoo's job (woken by the callback) both post-process a paid
+        # prompt: the first to lock it does; the other leaves it, rather than confirming and invoicing
+        # the order again into a serialization failure (an ERROR in the log, a replayed request).
+        mpesa_done = self.filtered(lambda tx: tx.provider_code == 'mpesa' and tx.state == 'done'
+                                   and not tx.is_post_processed)
+        busy = mpesa_done - utils.lock_rows(mpesa_done, how='skip')
+        processed = self - mpesa_pending - busy
+        res = super(PaymentTransaction, processed)._post_process()
+        processed._mpesa_to_invoice_on_payment()._send_invoice()
         # A done M-Pesa refund's payment (made by `account_payment`) is reconciled with the payment
         # it reverses, and the documents it was refunded for no longer ask for it.
-        for refund in self.filtered(lambda tx: tx.provider_code == 'mpesa' and tx.operation == 'refund'
-                                    and tx.state == 'done'):
+        for refund in processed.filtered(lambda tx: tx.provider_code == 'mpesa' and tx.operation == 'refund'
+                                         and tx.state == 'done'):
             try:
                 with self.env.cr.savepoint():
                     refund._mpesa_reconcile_refund_payment()
