@@ -21,7 +21,7 @@ from datetime import datetime, time, timedelta
 from odoo import api, fields, models, tools
 
 from .. import const, daraja
-from ..utils import naive_utc
+from ..utils import kenya_time, naive_utc
 
 DAY_STATES = [
     ('unchecked', "Not Checked"),
@@ -79,6 +79,15 @@ class MpesaLedgerDay(models.Model):
         help="Payments only Pull or the statement reported: their callback or confirmation never came.",
     )
     differs = fields.Boolean(readonly=True)
+    balance_checked = fields.Boolean(
+        compute='_compute_balance_difference',
+        help="The last M-Pesa statement import checked the M-Pesa journal's balance on this day.",
+    )
+    balance_difference = fields.Monetary(
+        compute='_compute_balance_difference',
+        help="At the last imported statement's last row: M-Pesa's balance minus the M-Pesa journal's (zero when"
+             " they agree; the provider's Statement Check says which rows explain it).",
+    )
 
     # === CRUD METHODS === #
 
@@ -169,6 +178,15 @@ class MpesaLedgerDay(models.Model):
         """
         return ("GREATEST(CASE WHEN trans_time >= statement_since THEN statement_lines_until END,"
                 " max(trans_time) FILTER (WHERE source_statement) OVER (PARTITION BY provider_id, day))")
+
+    # === COMPUTE METHODS === #
+
+    def _compute_balance_difference(self):
+        for day in self:
+            provider = day.provider_id.sudo()  # An accountant may not read payment providers.
+            checked_at = provider.mpesa_statement_checked_at
+            day.balance_checked = bool(checked_at) and kenya_time(checked_at).date() == day.day
+            day.balance_difference = provider.mpesa_statement_difference if day.balance_checked else 0.0
 
     # === ACTION METHODS === #
 

@@ -12,7 +12,7 @@ import requests
 
 from odoo import fields
 from odoo.exceptions import AccessError, UserError
-from odoo.tests import tagged
+from odoo.tests import new_test_user, tagged
 from odoo.tools import mute_logger
 
 from odoo.addons.muchiri_mpesa import daraja, utils
@@ -292,6 +292,28 @@ class TestStatementImport(MpesaPaybillCommon):
         self.assertAlmostEqual(self.provider.mpesa_statement_difference, -80.0, places=2)
         self.assertIn("apart", wizard.result)
         self.assertIn("SLC0000002", wizard.result, "the row where the statement's balance jumps")
+
+    def test_the_day_of_a_balance_check_shows_its_difference(self):
+        invoice = self._invoice(700)
+        lost = self._lost_payment(700, invoice.name)
+        paid = utils.kenya_text(fields.Datetime.now() - timedelta(minutes=2))
+        charged = utils.kenya_text(fields.Datetime.now() - timedelta(minutes=1))
+        rows = [[lost, paid, paid, "Pay Bill", "Completed", "700.00", "", "10,700.00", "", "Pay Bill Online",
+                 "2547****4149 - JOHN", "", invoice.name],
+                # Its balance jumps: 10,690.00 after a charge of 10 on 10,700.00.
+                ["SLC0000003", charged, charged, "Business Pay Bill Charge", "Completed", "", "10.00", "10,600.00",
+                 "", "Business Pay Bill Charge", "", "", ""]]
+        self._import(self._csv(rows), 'statement.csv')
+        self.assertAlmostEqual(self.provider.mpesa_statement_difference, -90.0, places=2)
+        accountant = new_test_user(self.env, login='balance_day_accountant',
+                                   groups='base.group_user,account.group_account_invoice')
+        days = self.env['muchiri.mpesa.ledger.day'].with_user(accountant).search([
+            ('provider_id', '=', self.provider.id),
+        ])
+        checked = days.filtered('balance_checked')
+        self.assertEqual(checked.day, utils.kenya_time(self.provider.mpesa_statement_checked_at).date())
+        self.assertAlmostEqual(checked.balance_difference, -90.0, places=2, msg="the daily report shows it")
+        self.assertFalse(any((days - checked).mapped('balance_difference')))
 
     def test_only_accounting_managers_import(self):
         data = self._csv([])
