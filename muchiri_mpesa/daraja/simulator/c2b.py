@@ -46,6 +46,7 @@ from .state import (
     optional_text,
 )
 
+C2B_MAX_AMOUNT = 250_000  # What one phone payment may move.
 C2B_REGISTER_V1_PATH = "/mpesa/c2b/v1/registerurl"
 C2B_REGISTER_V2_PATH = "/mpesa/c2b/v2/registerurl"
 C2B_SIMULATE_PATH = "/mpesa/c2b/v1/simulate"
@@ -137,7 +138,7 @@ class C2BApi:
         if shortcode != expected:
             raise _invalid("ShortCode")
         amount = check_whole_amount(body)
-        if amount > 250_000:
+        if amount > C2B_MAX_AMOUNT:
             raise _invalid("Amount")
         msisdn = check_msisdn(body, "Msisdn")
         bill_ref = optional_text(body, "BillRefNumber", 20)

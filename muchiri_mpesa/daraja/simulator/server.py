@@ -42,6 +42,7 @@ from . import persist
 from .b2b import B2B_CHECKOUT_PATH, B2B_MAGIC_TILLS, B2BApi
 from .c2b import (
     C2B_MAGIC_NUMBERS,
+    C2B_MAX_AMOUNT,
     C2B_REGISTER_V1_PATH,
     C2B_REGISTER_V2_PATH,
     C2B_SIMULATE_PATH,
@@ -664,10 +665,11 @@ class DarajaSimulator:
         """
         if command_id not in (PAYBILL, TILL):
             raise ValueError("command_id must be PAYBILL or TILL")
-        # A phone pays whole shillings: 9658.30 is refused, never paid as 9658.
+        # A phone pays whole shillings, at most C2B_MAX_AMOUNT: 9658.30 is refused, never paid as 9658.
         if (isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount)
-                or amount != int(amount) or amount < 1):
-            raise ValueError(f"amount must be a whole number of shillings >= 1 (a phone pays no cents), not {amount!r}")
+                or amount != int(amount) or not 1 <= amount <= C2B_MAX_AMOUNT):
+            raise ValueError(f"amount must be a whole number of shillings from 1 to {C2B_MAX_AMOUNT:,}"
+                             f" (a phone pays no cents), not {amount!r}")
         return self._c2b.pay(int(amount), str(msisdn), bill_ref, command_id=command_id, first_name=first_name,
                              middle_name=middle_name, last_name=last_name)
 
